@@ -1,0 +1,76 @@
+"""The speaker table: a codec id and a speaker vector for every speaker in the training data.
+
+A speaker's vector is the mean x-vector (speaker-encoder output) of its reference clips. It fills
+the speaker slot of every training sequence of that speaker, and at export it is written into
+that speaker's row of the talker's codec embedding, which is where generate_custom_voice reads it.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from qwen_tts.core.models.modeling_qwen3_tts import mel_spectrogram
+
+import audio_io
+
+# Upstream's fine-tuning script puts its one speaker at codec id 3000; new speakers count up from
+# there, skipping ids the model already uses. Ids 2048.. are never generated (generate() suppresses
+# them), so a speaker row is only ever read as the speaker slot.
+FIRST_NEW_SPEAKER_ID = 3000
+# At most this many distinct reference clips are averaged per speaker (the first ones in data
+# order): a stable mean, and a bounded cost when the speaker encoder trains.
+MAX_REFERENCE_CLIPS = 16
+# The mel settings of Qwen3TTSForConditionalGeneration.extract_speaker_embedding (qwen_tts 0.1.1).
+MEL_SETTINGS = dict(n_fft=1024, num_mels=128, hop_size=256, win_size=1024, fmin=0, fmax=12000)
+
+
+@dataclass
+class Speaker:
+    name: str                  # lower-cased, as generate() looks it up
+    codec_id: int
+    reference_audio: list = field(default_factory=list)
+
+
+def assign_speakers(clips: list, talker_config) -> list:
+    """One Speaker per distinct clip speaker, in order of first appearance, each with a free codec id."""
+    taken = set((talker_config.spk_id or {}).values())
+    taken |= set((talker_config.codec_language_id or {}).values())
+    taken |= {talker_config.codec_pad_id, talker_config.codec_bos_id, talker_config.codec_eos_token_id,
+              talker_config.codec_think_id, talker_config.codec_nothink_id,
+              talker_config.codec_think_bos_id, talker_config.codec_think_eos_id}
+    speakers = {}
+    next_id = FIRST_NEW_SPEAKER_ID
+    for clip in clips:
+        speaker = speakers.get(clip.speaker)
+        if speaker is None:
+            while next_id in taken:
+                next_id += 1
+            if next_id >= talker_config.vocab_size:
+                raise ValueError(f"no free codec id left for speaker {clip.speaker!r}")
+            speaker = speakers[clip.speaker] = Speaker(clip.speaker, next_id)
+            taken.add(next_id)
+        if clip.ref_audio not in speaker.reference_audio and len(speaker.reference_audio) < MAX_REFERENCE_CLIPS:
+            speaker.reference_audio.append(clip.ref_audio)
+    return list(speakers.values())
+
+
+def reference_mel(path: Path, sample_rate: int) -> torch.Tensor:
+    """[1, frames, mels] log-mel of a reference clip, as qwen_tts computes it for the speaker encoder."""
+    waveform = torch.from_numpy(audio_io.load_mono(path, sample_rate)).clamp(-1.0, 1.0)
+    mel = mel_spectrogram(waveform.unsqueeze(0), sampling_rate=sample_rate, **MEL_SETTINGS)
+    return mel.transpose(1, 2)
+
+
+def reference_mels(speakers: list, sample_rate: int) -> list:
+    """Per speaker, the list of its reference mels."""
+    return [[reference_mel(path, sample_rate) for path in speaker.reference_audio] for speaker in speakers]
+
+
+def speaker_vectors(speaker_encoder, mels: list) -> torch.Tensor:
+    """[speakers, hidden]: each speaker's mean x-vector over its reference mels."""
+    parameter = next(speaker_encoder.parameters())
+    vectors = []
+    for speaker_mels in mels:
+        xvectors = [speaker_encoder(mel.to(parameter.device, parameter.dtype)) for mel in speaker_mels]
+        vectors.append(torch.cat(xvectors).mean(dim=0))
+    return torch.stack(vectors)

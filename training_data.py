@@ -1,0 +1,306 @@
+"""Training data: reading and checking the codes JSONL, the dataset, and the order of batches.
+
+A row of the JSONL (the output of prepare_codes.py, or of the reference prepare_data.py):
+    {"text": "...", "audio_codes": [[16 ints], ...], "ref_audio": "ref.wav",
+     "audio": "clip.wav" (optional), "speaker": "name" (optional), "language": "auto" (optional)}
+
+Every problem is reported as `file:line: field: problem`. Bad rows are skipped and summarised,
+unless more than `max_bad_fraction` of the rows are bad, or `strict` is set: then reading stops
+with the report, before any GPU work.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import audio_io
+from sequence_layout import (AUTO_LANGUAGE, SpecialIds, build_example, check_prompt_ids, example_length,
+                             num_targets, prompt_ids)
+
+FRAMES_PER_SECOND = 12.5
+
+
+@dataclass
+class Clip:
+    """One usable training row."""
+
+    source: str           # "file:line", for messages
+    text: str
+    codes: np.ndarray     # [frames, groups] int16
+    ref_audio: Path
+    speaker: str          # lower-cased: generation looks speakers up lower-cased
+    language: str         # lower-cased
+    prompt: list = None   # token ids, filled by tokenize()
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.codes)
+
+
+class DataError(Exception):
+    """The data cannot be trained on; the message lists every problem found."""
+
+
+def resolve_path(value: str, jsonl_dir: Path) -> Path:
+    """A path from the JSONL: as given if it exists from here, else relative to the JSONL's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return jsonl_dir / path
+
+
+class ClipReader:
+    """Checks rows one by one; remembers which reference files were already found readable."""
+
+    def __init__(self, ids: SpecialIds, default_speaker: str = None, check_audio: bool = True):
+        self.ids = ids
+        self.default_speaker = default_speaker
+        self.check_audio = check_audio
+        self.languages = set(ids.supported_languages())
+        self.readable = {}
+
+    def row_problems(self, row, jsonl_dir: Path) -> tuple:
+        """(Clip or None, [(field, problem)])."""
+        if not isinstance(row, dict):
+            return None, [("(row)", "is not a JSON object")]
+        problems = []
+        text = row.get("text")
+        if not isinstance(text, str):
+            problems.append(("text", "missing" if text is None else "is not a string"))
+        elif not text.strip():
+            problems.append(("text", "is empty"))
+
+        codes = self.codes_array(row.get("audio_codes"), problems)
+
+        ref_audio = row.get("ref_audio")
+        ref_path = None
+        if not isinstance(ref_audio, str) or not ref_audio:
+            problems.append(("ref_audio", "missing" if ref_audio is None else "is not a path"))
+        else:
+            ref_path = resolve_path(ref_audio, jsonl_dir)
+            problem = self.audio_problem(ref_path)
+            if problem:
+                problems.append(("ref_audio", f"{ref_audio}: {problem}"))
+
+        language = row.get("language", AUTO_LANGUAGE)
+        if not isinstance(language, str) or language.lower() not in self.languages:
+            problems.append(("language", f"{language!r} is not one of {sorted(self.languages)}"))
+
+        speaker = row.get("speaker", self.default_speaker)
+        if speaker is None:
+            problems.append(("speaker", "missing, and no --speaker_name was given"))
+        elif not isinstance(speaker, str) or not speaker.strip():
+            problems.append(("speaker", "is not a name"))
+
+        if problems:
+            return None, problems
+        clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
+                    speaker=speaker.strip().lower(), language=language.lower())
+        return clip, []
+
+    def codes_array(self, codes, problems: list):
+        if codes is None:
+            problems.append(("audio_codes", "missing"))
+            return None
+        try:
+            array = np.asarray(codes)
+        except ValueError:
+            problems.append(("audio_codes", "frames have different numbers of codes"))
+            return None
+        groups = self.ids.num_code_groups
+        if array.ndim != 2 or array.shape[1] != groups:
+            problems.append(("audio_codes", f"must be a list of frames of {groups} codes, got shape {array.shape}"))
+        elif array.shape[0] == 0:
+            problems.append(("audio_codes", "has no frames"))
+        elif not np.issubdtype(array.dtype, np.integer):
+            problems.append(("audio_codes", "codes must be integers"))
+        elif array.min() < 0 or array.max() >= self.ids.codebook_size:
+            problems.append(("audio_codes", f"codes must lie in [0, {self.ids.codebook_size}), "
+                                            f"found {array.min()}..{array.max()}"))
+        else:
+            return array.astype(np.int16)
+        return None
+
+    def audio_problem(self, path: Path):
+        if path not in self.readable:
+            if not path.exists():
+                self.readable[path] = "file not found"
+            elif not self.check_audio:
+                self.readable[path] = None
+            else:
+                try:
+                    self.readable[path] = None if audio_io.duration_seconds(path) > 0 else "holds no audio"
+                except Exception as error:  # soundfile raises several types for unreadable files
+                    self.readable[path] = f"unreadable ({error})"
+        return self.readable[path]
+
+
+def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict: bool = False,
+               max_bad_fraction: float = 0.01, log=print) -> list:
+    """Read and check a codes JSONL. Returns the good clips; raises DataError when it must stop."""
+    jsonl_path = Path(jsonl_path)
+    if not jsonl_path.is_file():
+        raise DataError(f"{jsonl_path}: file not found")
+    reader = ClipReader(ids, default_speaker)
+    clips, problems, rows = [], [], 0
+    with open(jsonl_path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            rows += 1
+            source = f"{jsonl_path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                row_problems, clip = [("(json)", f"not valid JSON ({error.msg} at column {error.colno})")], None
+            else:
+                clip, row_problems = reader.row_problems(row, jsonl_path.parent)
+            if row_problems:
+                problems += [f"{source}: {field}: {problem}" for field, problem in row_problems]
+                if strict:
+                    raise DataError("\n".join(problems) + "\n(stopped at the first bad row: --strict)")
+                continue
+            clip.source = source
+            clips.append(clip)
+    if rows == 0:
+        raise DataError(f"{jsonl_path}: no rows")
+    bad_rows = rows - len(clips)
+    if bad_rows:
+        report = format_problems(problems)
+        if not clips or bad_rows / rows > max_bad_fraction:
+            raise DataError(
+                f"{report}\n{bad_rows} of {rows} rows in {jsonl_path} are bad, more than the "
+                f"{max_bad_fraction:.1%} allowed (--max_bad_fraction). Fix them or raise the limit."
+            )
+        log(f"{report}\nskipping {bad_rows} bad rows of {rows} in {jsonl_path}")
+    return clips
+
+
+def format_problems(problems: list, limit: int = 50) -> str:
+    shown = problems[:limit]
+    more = f"\n... and {len(problems) - limit} more problems" if len(problems) > limit else ""
+    return "\n".join(shown) + more
+
+
+def tokenize(clips: list, processor, config) -> list:
+    """Fill each clip's prompt ids; drop (and report) clips whose text cannot be laid out."""
+    kept, problems = [], []
+    for clip in clips:
+        ids = prompt_ids(processor, clip.text)
+        try:
+            check_prompt_ids(ids, config.im_start_token_id, config.im_end_token_id)
+        except ValueError as error:
+            problems.append(f"{clip.source}: text: {error}")
+            continue
+        clip.prompt = ids
+        kept.append(clip)
+    if problems:
+        print(format_problems(problems))
+    return kept
+
+
+def apply_length_limits(clips: list, max_audio_seconds: float = None, max_text_tokens: int = None,
+                        log=print) -> list:
+    """Drop clips longer than the limits, saying how many and why."""
+    too_long_audio = too_long_text = 0
+    kept = []
+    for clip in clips:
+        if max_audio_seconds and clip.num_frames > max_audio_seconds * FRAMES_PER_SECOND:
+            too_long_audio += 1
+        elif max_text_tokens and len(clip.prompt) > max_text_tokens:
+            too_long_text += 1
+        else:
+            kept.append(clip)
+    if too_long_audio:
+        log(f"dropped {too_long_audio} clips longer than {max_audio_seconds} s (--max_audio_seconds)")
+    if too_long_text:
+        log(f"dropped {too_long_text} clips whose prompt exceeds {max_text_tokens} tokens (--max_text_tokens)")
+    if not kept:
+        raise DataError("no clips left after the length limits")
+    return kept
+
+
+def split_off_eval(clips: list, fraction: float, seed: int) -> tuple:
+    """(train, eval): a seeded random `fraction` of the clips (at least one) held out for eval."""
+    order = np.random.default_rng(seed).permutation(len(clips))
+    count = max(1, round(fraction * len(clips)))
+    if count >= len(clips):
+        raise DataError(f"--eval_split {fraction} leaves no training clips")
+    held_out = set(order[:count].tolist())
+    return ([clip for i, clip in enumerate(clips) if i not in held_out],
+            [clip for i, clip in enumerate(clips) if i in held_out])
+
+
+def file_fingerprint(path) -> tuple:
+    """(line count, sha256 prefix) of a file, for the run log."""
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+    return lines, digest.hexdigest()[:16]
+
+
+class TalkerDataset(torch.utils.data.Dataset):
+    def __init__(self, clips: list, ids: SpecialIds, speaker_index: dict):
+        self.clips = clips
+        self.ids = ids
+        self.speaker_index = speaker_index
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        clip = self.clips[index]
+        return build_example(self.ids, clip.prompt, clip.codes.astype(np.int64), clip.language,
+                             self.speaker_index[clip.speaker])
+
+    def length(self, index) -> int:
+        clip = self.clips[index]
+        return example_length(self.ids, len(clip.prompt), clip.num_frames, clip.language)
+
+    def targets(self, indices) -> tuple:
+        """(group-0 targets, code-predictor targets) in these clips together."""
+        counts = [num_targets(self.clips[i].num_frames, self.ids.num_code_groups) for i in indices]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+@dataclass
+class EpochPlan:
+    """Which clips go into which micro-batch, for every optimizer step of one epoch.
+
+    Each step's clips (batch x accumulation x processes of them) are fixed before they are split
+    into micro-batches, so 8x1, 4x2 and 2x4 see the same clips in each step.
+    """
+
+    steps: list             # per step: the list of all its clip indices, across processes
+    micro_batches: list     # per step: this process's micro-batches (lists of clip indices)
+    dropped: int            # clips left out because they could not fill a step on every process
+
+
+def plan_epoch(dataset: TalkerDataset, batch_size: int, accumulation: int, num_processes: int,
+               process_index: int, seed: int, epoch: int, group_by_length: bool = True) -> EpochPlan:
+    clips_per_step = batch_size * accumulation * num_processes
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset)).tolist()
+    if group_by_length:
+        # Sort within large random chunks so micro-batches hold clips of similar length (little
+        # padding), then shuffle the steps so the order stays random.
+        chunk = clips_per_step * 64
+        order = [i for start in range(0, len(order), chunk)
+                 for i in sorted(order[start:start + chunk], key=dataset.length, reverse=True)]
+    steps = [order[start:start + clips_per_step] for start in range(0, len(order), clips_per_step)]
+    dropped = 0
+    if num_processes > 1 and len(steps[-1]) < batch_size * num_processes:
+        dropped = len(steps.pop())  # too few to give every process a micro-batch
+    if group_by_length:
+        steps = [steps[i] for i in np.random.default_rng([seed, epoch, 1]).permutation(len(steps))]
+    micro_batches = []
+    for step in steps:
+        batches = [step[start:start + batch_size] for start in range(0, len(step), batch_size)]
+        micro_batches.append(batches[process_index::num_processes])
+    return EpochPlan(steps=steps, micro_batches=micro_batches, dropped=dropped)
+

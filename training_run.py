@@ -1,0 +1,217 @@
+"""One training run's state and actions: an optimizer step, logging, eval, saving a checkpoint.
+
+The loop itself is in sft_12hz_chatterbox.py; it calls these once per optimizer step.
+"""
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import checkpoint
+from sequence_layout import collate
+from training_data import file_fingerprint
+
+
+class Run:
+    def __init__(self, args, accelerator, train_module, optimizer, scheduler, speaker_table, output_dir, progress):
+        self.args = args
+        self.accelerator = accelerator
+        self.train_module = train_module
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.speaker_table = speaker_table
+        self.output_dir = output_dir
+        self.progress = progress
+        self.device = accelerator.device
+        self.last_checkpoint = None
+        self.last_lr = float("nan")
+        self.reset_interval()
+
+    def reset_interval(self):
+        """Sums over the steps since the last log line, kept on the device until logged."""
+        self.interval_loss_sums = torch.zeros(2, device=self.device)
+        self.interval_targets = [0, 0]
+        self.interval_clips = 0
+        self.interval_start = time.perf_counter()
+        self.last_grad_norm = float("nan")
+
+    def optimizer_step(self, batches, step_targets, stop_asked: bool) -> bool:
+        """Forward and backward over this process's micro-batches of one step, then one update.
+
+        Each loss is divided by the number of its targets in the whole step (all micro-batches, all
+        processes), so the summed gradients equal those of one big batch. Returns whether a stop
+        was asked on any process.
+        """
+        codec0_targets, sub_targets = step_targets
+        weight = self.args.sub_talker_loss_weight
+        # DDP averages gradients over processes; the losses are already global sums over targets.
+        scale = self.accelerator.num_processes
+        step_sums = torch.zeros(2, device=self.device)
+        for index, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            last = index == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_module):
+                out = self.train_module(batch)
+                loss = out.codec0_loss_sum / codec0_targets + weight * out.sub_talker_loss_sum / sub_targets
+                self.accelerator.backward(loss * scale)
+            step_sums += torch.stack([out.codec0_loss_sum.detach(), out.sub_talker_loss_sum.detach()])
+
+        parameters = [p for p in self.train_module.parameters() if p.requires_grad]
+        grad_norm = self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf"))
+        # One host sync per step: is the update finite, and did any process get a stop signal?
+        status = torch.stack([grad_norm.detach().float() + step_sums.sum(), torch.tensor(float(stop_asked), device=self.device)])
+        if self.accelerator.num_processes > 1:
+            status = self.accelerator.reduce(status, "sum")
+        finite, stop = math.isfinite(status[0].item()), status[1].item() > 0
+
+        progress = self.progress
+        progress.step += 1
+        if finite:
+            self.optimizer.step()
+            progress.nonfinite_in_a_row = 0
+            self.interval_loss_sums += step_sums
+            self.interval_targets[0] += codec0_targets
+            self.interval_targets[1] += sub_targets
+            self.last_grad_norm = grad_norm
+        else:
+            progress.nonfinite_in_a_row += 1
+            self.accelerator.print(f"\nstep {progress.step}: non-finite loss or gradient; update skipped")
+            if progress.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+                last = self.last_checkpoint or "none yet"
+                raise SystemExit(f"error: {progress.nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                                 f"gradient; stopping. Last good checkpoint: {last}. Try a lower --lr.")
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.interval_clips += self.args.batch_size * len(batches)  # this process's share, approximately
+        return stop
+
+    def postfix(self) -> str:
+        return f"lr {self.last_lr:.2e}"
+
+    def log_training(self):
+        codec0_targets, sub_targets = self.interval_targets
+        if not codec0_targets:
+            return
+        sums = self.interval_loss_sums
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, "sum")
+        seconds = time.perf_counter() - self.interval_start
+        codec0, sub = (sums[0] / codec0_targets).item(), (sums[1] / sub_targets).item()
+        values = {
+            "train/loss": codec0 + self.args.sub_talker_loss_weight * sub,
+            "train/codec0_loss": codec0,
+            "train/sub_talker_loss": sub,
+            "train/lr": self.last_lr,
+            "train/grad_norm": float(self.last_grad_norm),
+            "train/samples_per_second": self.interval_clips * self.accelerator.num_processes / seconds,
+        }
+        if self.device.type == "cuda":
+            values["train/gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.report(values)
+        self.reset_interval()
+
+    def evaluate(self, eval_set):
+        """Mean eval loss per target, group 0 and code predictor separately, over the whole eval set."""
+        module = self.train_module
+        module.eval()
+        order = sorted(range(len(eval_set)), key=eval_set.length)
+        batches = [order[i:i + self.args.batch_size] for i in range(0, len(order), self.args.batch_size)]
+        mine = batches[self.accelerator.process_index::self.accelerator.num_processes]
+        sums = torch.zeros(4, device=self.device)
+        with torch.no_grad():
+            for indices in mine:
+                batch = collate([eval_set[i] for i in indices]).to(self.device)
+                out = module(batch)
+                sums += torch.tensor([0.0, 0.0, batch.num_codec0_targets, batch.num_sub_talker_targets], device=self.device)
+                sums[:2] += torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum])
+        module.train()
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, "sum")
+        codec0, sub = (sums[0] / sums[2]).item(), (sums[1] / sums[3]).item()
+        loss = codec0 + self.args.sub_talker_loss_weight * sub
+        progress = self.progress
+        if progress.best_eval_loss is None or loss < progress.best_eval_loss:
+            progress.best_eval_loss, progress.best_eval_step = loss, progress.step
+        self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/sub_talker_loss": sub})
+
+    def report(self, values: dict):
+        step = self.progress.step
+        self.accelerator.log(values, step=step)
+        self.progress.log_history.append(dict(step=step, **{k: round(v, 6) for k, v in values.items()}))
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()))
+
+    def save(self, name: str):
+        """Write checkpoint `name` (an inference-ready folder plus the training state), atomically."""
+        accelerator, progress = self.accelerator, self.progress
+        final = self.output_dir / name
+        partial = checkpoint.partial_path(final)
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(self.train_module)  # every process takes part (FSDP)
+        module = accelerator.unwrap_model(self.train_module)
+        with torch.no_grad():
+            vectors = module.speaker_vectors().float()
+        if accelerator.is_main_process:
+            self.check_disk_space(name)
+            shutil.rmtree(partial, ignore_errors=True)
+            model_state = {key[len("model."):]: value for key, value in state_dict.items() if key.startswith("model.")}
+            checkpoint.export_model(model_state, Path(self.args.init_model_path), partial, self.speaker_table,
+                                    vectors, dtype=getattr(torch, self.args.save_dtype))
+        del state_dict
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial / checkpoint.TRAINING_STATE_DIR))
+        if accelerator.is_main_process:
+            checkpoint.save_speaker_vectors(partial / checkpoint.TRAINING_STATE_DIR, vectors)
+            if progress.best_eval_step == progress.step:
+                progress.best_checkpoint = name
+            checkpoint.write_trainer_state(partial, progress, self.trainer_state_extra(name))
+            checkpoint.publish(partial, final)
+            if self.args.save_total_limit:
+                protect = {progress.best_checkpoint} if progress.best_checkpoint else set()
+                for folder in checkpoint.remove_old_checkpoints(self.output_dir, self.args.save_total_limit, protect):
+                    tqdm.write(f"removed old checkpoint {folder}")
+            tqdm.write(f"saved {final}")
+        self.last_checkpoint = final
+        accelerator.wait_for_everyone()
+
+    def trainer_state_extra(self, name: str) -> dict:
+        flags = {k: v for k, v in vars(self.args).items() if k != "versions"}
+        return dict(
+            checkpoint=name,
+            flags=flags,
+            versions=getattr(self.args, "versions", {}),
+            num_processes=self.accelerator.num_processes,
+            train_data_sha256=file_fingerprint(self.args.train_jsonl)[1],
+            speakers=[dict(name=s.name, codec_id=s.codec_id, reference_audio=[str(p) for p in s.reference_audio])
+                      for s in self.speaker_table],
+        )
+
+    def check_disk_space(self, name: str):
+        module = self.accelerator.unwrap_model(self.train_module)
+        parameters = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        export_bytes = 2 if self.args.save_dtype == "bfloat16" else 4
+        needed = parameters * (export_bytes + 4) + trainable * 8  # export, fp32 weights, AdamW moments
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.output_dir).free
+        if free < needed * 1.05:
+            raise SystemExit(
+                f"error: not enough disk space in {self.output_dir} to save {name}: it needs about "
+                f"{needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free. Last saved checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Free space and resume with --resume_from_checkpoint latest."
+            )
+
+    def finish(self):
+        self.accelerator.end_training()
+        if self.last_checkpoint is not None:
+            speaker = self.speaker_table[0].name
+            self.accelerator.print(
+                f"\nDone. The fine-tuned model is {self.last_checkpoint}. Hear it:\n"
+                f"  python infer_test.py --model_path {self.last_checkpoint} --speaker {speaker}"
+            )
