@@ -385,8 +385,11 @@ def write_model_dir(out_dir, size: str = "tiny", seed: int = 0) -> Path:
     config_dict = model_config(size)
     config_dict["assistant_token_id"] = write_text_tokenizer(out_dir)
     torch.manual_seed(seed)
-    model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**config_dict))
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    # Random initialisation of a full-size model is much faster on a GPU, when there is one.
+    with torch.device("cuda" if torch.cuda.is_available() and size not in ("tiny", "tiny-0.6b") else "cpu"):
+        model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**config_dict))
+    state = {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    del model
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     # Written as plain JSON: Qwen3TTSConfig.save_pretrained output does not load back.
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))

@@ -1,0 +1,258 @@
+"""Training speed and memory of the trainer's own code path, on a random model of a real shape.
+
+    python bench.py --size 1.7b --batch_size 4 --gradient_accumulation_steps 2 --steps 30
+    python bench.py --size tiny --device cpu --steps 3          # what CI runs
+
+Builds a random Qwen3-TTS of the published shape (tiny_model.py), synthetic coded clips with a
+realistic length mix (2-15 s, text at ~15 characters a second), then runs the trainer's setup
+and optimizer steps (sft_12hz_chatterbox.py, training_run.py) and times them after warm-up.
+Prints a table and writes every figure as JSON.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import sft_12hz_chatterbox as sft
+import tiny_model
+from checkpoint import TrainingProgress
+from sequence_layout import SpecialIds
+from training_run import Run
+
+FRAMES_PER_SECOND = 12.5
+CHARACTERS_PER_SECOND = 15
+WORDS = ("the quick brown fox jumps over lazy dog she sells sea shells by shore one two three four five "
+         "hello world voice speech model train sound clear bright morning evening river mountain").split()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny", choices=sorted(tiny_model.SIZES))
+    parser.add_argument("--work_dir", default="bench_out", help="model, data and results go here (model reused)")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--clip_seconds", type=float, default=0,
+                        help="every clip this long; 0 = a mix of 2-15 s")
+    parser.add_argument("--clips", type=int, default=512, help="synthetic clips in the data set")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--trainer_flags", default="",
+                        help="extra sft_12hz_chatterbox.py flags, e.g. '--attn_implementation eager'")
+    parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_SIZE.json)")
+    parser.add_argument("--compile_mode", default=None,
+                        help="experiment: torch.compile mode for the layers (e.g. reduce-overhead) instead of the default")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after timing, profile this many more steps and print the busiest kernels")
+    return parser.parse_args(argv)
+
+
+def synthetic_data(folder: Path, clips: int, clip_seconds: float, seed: int = 0) -> Path:
+    """A codes JSONL of random codes with plausible text lengths, and one reference clip."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = folder / "reference.wav"
+    sf.write(reference, tiny_model.synthetic_voice(3.0, 24000, 140.0, rng), 24000)
+    rows = []
+    for _ in range(clips):
+        seconds = clip_seconds or float(rng.uniform(2.0, 15.0))
+        frames = int(seconds * FRAMES_PER_SECOND)
+        text = ""
+        while len(text) < seconds * CHARACTERS_PER_SECOND:
+            text += rng.choice(WORDS) + " "
+        rows.append(dict(text=text.strip().capitalize() + ".", language="auto", speaker="bench",
+                         ref_audio=str(reference.resolve()),
+                         audio_codes=rng.integers(0, tiny_model.CODEBOOK_SIZE, (frames, 16)).tolist()))
+    path = folder / f"codes_{clips}_{clip_seconds or 'mix'}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def matmul_peak_tflops(device) -> float:
+    """Measured bf16 matrix-product rate: the ceiling MFU is taken against."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def matmul_parameters(module) -> int:
+    """Weights of the linear layers (embedding lookups do no multiply-adds)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+class FlopCounter:
+    """Training FLOPs of a micro-batch: 3x the forward (forward + backward), useful tokens only.
+
+    Forward per token: 2 x (linear weights the token passes through); attention adds
+    2 x 2 x layers x width x (positions before it) for scores and the weighted sum.
+    """
+
+    def __init__(self, model):
+        talker, predictor = model.talker, model.talker.code_predictor
+        config = model.config.talker_config
+        self.talker_linear = (matmul_parameters(talker.model) + matmul_parameters(talker.text_projection))
+        self.codec_head = talker.codec_head.weight.numel()
+        self.talker_attention = config.num_hidden_layers * config.num_attention_heads * config.head_dim
+        cp_config = config.code_predictor_config
+        heads = predictor.lm_head
+        self.predictor_linear = (matmul_parameters(predictor.model) + matmul_parameters(predictor.small_to_mtp_projection)
+                                 + heads[0].weight.numel())  # each position goes through one head
+        self.predictor_attention = cp_config.num_hidden_layers * cp_config.num_attention_heads * cp_config.head_dim
+        self.groups = config.num_code_groups
+
+    def micro_batch(self, batch) -> dict:
+        lengths = batch.lengths.double()
+        talker_tokens = lengths.sum().item()
+        frames = batch.target_codes.shape[0]
+        forward = 2 * self.talker_linear * talker_tokens + 2 * self.codec_head * batch.num_codec0_targets
+        forward += 2 * self.talker_attention * (lengths * (lengths + 1)).sum().item()  # causal: T(T+1)/2 pairs x 4
+        predictor_tokens = frames * self.groups
+        forward += 2 * self.predictor_linear * predictor_tokens
+        forward += 2 * self.predictor_attention * frames * self.groups * (self.groups + 1)
+        padded = batch.lengths.shape[0] * batch.is_real.shape[1]
+        return dict(flops=3 * forward, talker_tokens=talker_tokens, padded_tokens=padded,
+                    predictor_tokens=predictor_tokens, frames=frames)
+
+
+def profile_steps(run, plan, loader, train_set, steps, work: Path, device):
+    """Profile some optimizer steps: print the kernels that take the most device time, save a trace."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for step in steps:
+            batches = [next(loader) for _ in plan.micro_batches[step]]
+            run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=30))
+    if device.type == "cuda":
+        busy = sum(e.device_time_total for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"profiled {len(steps)} steps: wall {wall:.3f} s, kernels {busy / 1e6:.3f} s "
+              f"(GPU busy {busy / 1e6 / wall:.0%} of the wall time, counting overlap once per kernel)")
+    profiler.export_chrome_trace(str(work / "trace.json"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work = Path(args.work_dir)
+    model_dir = work / f"model_{args.size}"
+    if not (model_dir / "model.safetensors").exists():
+        started = time.perf_counter()
+        tiny_model.write_model_dir(model_dir, args.size)
+        print(f"built {args.size} model in {time.perf_counter() - started:.0f} s")
+    data = synthetic_data(work / "data", args.clips, args.clip_seconds)
+
+    flags = ["--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(work / "run"),
+             "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
+             "--freeze_speaker_encoder", "--report_to", "none", "--overwrite_output_dir"]
+    if device.type == "cpu":
+        flags += ["--mixed_precision", "no", "--num_workers", "0"]
+    trainer_args = sft.check_args(sft.parse_args(flags + args.trainer_flags.split()))
+    if args.compile_mode:
+        def compile_layers(model):
+            for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+                layer.compile(dynamic=True, mode=args.compile_mode)
+        sft.compile_layers = compile_layers
+
+    started = time.perf_counter()
+    accelerator = sft.make_accelerator(trainer_args)
+    tts = sft.load_base_model(trainer_args)
+    ids = SpecialIds.from_config(tts.model.config)
+    train_set, _, speaker_table = sft.load_datasets(trainer_args, ids, tts.processor, tts.model.config, accelerator)
+    module = sft.make_training_model(tts.model, speaker_table, trainer_args, accelerator, None)
+    counter = FlopCounter(tts.model)
+    optimizer = sft.make_optimizer(module, trainer_args, accelerator)
+    total = args.warmup + args.steps + args.profile
+    scheduler = sft.get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=0, num_training_steps=total)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    run = Run(trainer_args, accelerator, module, optimizer, scheduler, speaker_table, work / "run",
+              TrainingProgress(seed=trainer_args.seed))
+    setup_seconds = time.perf_counter() - started
+
+    plan = sft.plan_for(train_set, trainer_args, accelerator, epoch=0)
+    if len(plan.steps) < total:
+        raise SystemExit(f"--clips {args.clips} give only {len(plan.steps)} steps; need {total}")
+    loader = iter(sft.micro_batch_loader(train_set, plan, 0, trainer_args, accelerator))
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, clips=0)
+    loop_start = time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            synchronize()
+            timed_start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        batches = [next(loader) for _ in plan.micro_batches[step]]
+        if step >= args.warmup:
+            for batch in batches:
+                for key, value in counter.micro_batch(batch).items():
+                    timed[key] += value
+            timed["clips"] += len(plan.steps[step])
+        run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
+        if step == 0:
+            synchronize()
+            first_step_seconds = time.perf_counter() - loop_start
+    synchronize()
+    seconds = time.perf_counter() - timed_start
+    if args.profile:
+        profile_steps(run, plan, loader, train_set, range(args.warmup + args.steps, total), work, device)
+
+    peak = matmul_peak_tflops(device)
+    model_tflops = timed["flops"] / seconds / 1e12
+    result = dict(
+        size=args.size, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        clip_seconds=args.clip_seconds or "2-15", mixed_precision=trainer_args.mixed_precision,
+        attn_implementation=trainer_args.attn_implementation, trainer_flags=args.trainer_flags,
+        compile_mode=args.compile_mode or "default" if trainer_args.torch_compile != "no" else "none",
+        timed_steps=args.steps,
+        samples_per_second=timed["clips"] / seconds,
+        audio_hours_per_hour=timed["frames"] / FRAMES_PER_SECOND / seconds,
+        talker_tokens_per_second=timed["talker_tokens"] / seconds,
+        code_predictor_tokens_per_second=timed["predictor_tokens"] / seconds,
+        model_tflops_per_second=model_tflops,
+        tflop_per_sample=timed["flops"] / timed["clips"] / 1e12,
+        measured_peak_tflops=peak,
+        mfu=model_tflops / peak if math.isfinite(peak) else float("nan"),
+        padding_waste=1 - timed["talker_tokens"] / timed["padded_tokens"],
+        setup_seconds=setup_seconds,
+        time_to_first_step_seconds=first_step_seconds,
+        peak_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
+        peak_memory_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else float("nan"),
+    )
+    out = Path(args.json or work / f"bench_{args.size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    width = max(map(len, result))
+    print("\n".join(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}"
+                    for key, value in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()

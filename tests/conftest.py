@@ -1,0 +1,45 @@
+"""Session fixtures: the tiny model folder and a small coded dataset, built once per test run."""
+
+import os
+
+import pytest
+
+from helpers import read_jsonl, write_jsonl
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Qwen3-TTS Base model folder, 1.7B-shaped."""
+    import tiny_model
+
+    return tiny_model.write_model_dir(tmp_path_factory.mktemp("tiny") / "base", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_06b(tmp_path_factory):
+    """A tiny random model shaped like 0.6B: the text width differs from the talker width."""
+    import tiny_model
+
+    return tiny_model.write_model_dir(tmp_path_factory.mktemp("tiny06") / "base", size="tiny-0.6b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def coded_clips(tmp_path_factory, tiny_model):
+    """Eight synthetic clips of two speakers (auto and English), coded by prepare_codes.py."""
+    import prepare_codes
+    import tiny_model as tiny
+
+    folder = tmp_path_factory.mktemp("clips")
+    raw = tiny.write_synthetic_clips(folder, count=8, seed=0, speakers=("alice", "bob"), languages=("auto", "english"))
+    coded = folder / "train_with_codes.jsonl"
+    prepare_codes.main(["--tokenizer_model_path", str(tiny_model / "speech_tokenizer"), "--input_jsonl", str(raw),
+                        "--output_jsonl", str(coded), "--batch_size", "4", "--device", "cpu"])
+    return coded
+
+
+@pytest.fixture
+def one_clip_jsonl(coded_clips, tmp_path):
+    """A file holding one clip, for single-clip experiments."""
+    return write_jsonl(tmp_path / "one.jsonl", read_jsonl(coded_clips)[:1])

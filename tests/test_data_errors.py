@@ -1,0 +1,104 @@
+"""Bad training data is named by file, line and field, before any training starts."""
+
+import json
+
+import pytest
+
+from helpers import read_jsonl, train
+from sequence_layout import SpecialIds
+from training_data import DataError, read_clips
+
+
+class Config:
+    """The few config fields read_clips needs, as in the published 1.7B config."""
+
+    tts_pad_token_id, tts_bos_token_id, tts_eos_token_id = 151671, 151672, 151673
+
+    class talker_config:
+        codec_pad_id, codec_bos_id, codec_eos_token_id = 2148, 2149, 2150
+        codec_think_id, codec_nothink_id, codec_think_bos_id, codec_think_eos_id = 2154, 2155, 2156, 2157
+        codec_language_id = {"english": 2050, "chinese": 2055}
+        num_code_groups = 16
+
+        class code_predictor_config:
+            vocab_size = 2048
+
+
+IDS = SpecialIds.from_config(Config)
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def good_row(coded_clips):
+    return read_jsonl(coded_clips)[0]
+
+
+def test_each_bad_field_is_reported_with_file_line_and_field(good_row, tmp_path):
+    def variant(**changes):
+        row = dict(good_row)
+        for key, value in changes.items():
+            if value is None:
+                row.pop(key, None)
+            else:
+                row[key] = value
+        return json.dumps(row)
+
+    lines = [
+        variant(),                                          # 1 good
+        "{not json",                                        # 2
+        variant(text=None),                                 # 3
+        variant(text="   "),                                # 4
+        variant(audio_codes=[[1] * 15] * 4),                # 5 wrong group count
+        variant(audio_codes=[[1] * 16, [1] * 15]),          # 6 ragged
+        variant(audio_codes=[[5000] * 16] * 3),             # 7 outside the codebook
+        variant(audio_codes=[]),                            # 8 no frames
+        variant(ref_audio=str(tmp_path / "missing.wav")),   # 9
+        variant(language="klingon"),                        # 10
+        variant(speaker=None),                              # 11 no speaker and no default
+        "[1, 2, 3]",                                        # 12 not an object
+    ]
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS)
+    report = str(raised.value)
+    expected = {2: "(json)", 3: "text", 4: "text", 5: "audio_codes", 6: "audio_codes", 7: "audio_codes",
+                8: "audio_codes", 9: "ref_audio", 10: "language", 11: "speaker", 12: "(row)"}
+    for line, field in expected.items():
+        assert f"{path}:{line}: {field}: " in report, f"line {line} ({field}) not reported:\n{report}"
+    assert f"{path}:1:" not in report
+    assert "11 of 12 rows" in report
+
+
+def test_a_few_bad_rows_are_skipped_and_no_good_row_is_lost(good_row, tmp_path):
+    lines = [json.dumps(dict(good_row, text=f"clip {i}")) for i in range(199)] + ["{broken"]
+    messages = []
+    clips = read_clips(write_lines(tmp_path / "mostly_good.jsonl", lines), IDS, log=messages.append,
+                       max_bad_fraction=0.01)
+    assert [clip.text for clip in clips] == [f"clip {i}" for i in range(199)]
+    assert "mostly_good.jsonl:200: (json)" in messages[0] and "skipping 1 bad rows of 200" in messages[0]
+
+
+def test_strict_stops_at_the_first_bad_row(good_row, tmp_path):
+    lines = [json.dumps(good_row)] * 300 + [json.dumps(dict(good_row, language="elvish")), "{broken"]
+    with pytest.raises(DataError) as raised:
+        read_clips(write_lines(tmp_path / "data.jsonl", lines), IDS, strict=True)
+    assert "data.jsonl:301: language:" in str(raised.value) and ":302:" not in str(raised.value)
+
+
+def test_default_speaker_name_and_language_case(good_row, tmp_path):
+    row = {key: value for key, value in good_row.items() if key != "speaker"}
+    clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(dict(row, language="English"))]), IDS,
+                       default_speaker="My_Voice")
+    assert (clips[0].speaker, clips[0].language) == ("my_voice", "english")
+
+
+def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(good_row), json.dumps(dict(good_row, audio_codes="x"))])
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, path, tmp_path / "out")
+    assert "bad.jsonl:2: audio_codes:" in str(raised.value)
+    assert not (tmp_path / "out").exists()
