@@ -119,7 +119,7 @@ class FlopCounter:
     def micro_batch(self, batch) -> dict:
         lengths = batch.lengths.double()
         talker_tokens = lengths.sum().item()
-        frames = batch.target_codes.shape[0]
+        frames = int(batch.num_frames)
         forward = 2 * self.talker_linear * talker_tokens + 2 * self.codec_head * batch.num_codec0_targets
         forward += 2 * self.talker_attention * (lengths * (lengths + 1)).sum().item()  # causal: T(T+1)/2 pairs x 4
         predictor_tokens = frames * self.groups

@@ -201,7 +201,9 @@ class TalkerBatch:
     codec0_targets: torch.Tensor    # [M] the ids they predict (frame codes, then codec_eos)
     predicting_positions: torch.Tensor  # [F] flat positions whose hidden state feeds the code predictor
     target_codes: torch.Tensor    # [F, G] codes of the frame each of those positions predicts
+    sub_talker_labels: torch.Tensor  # [F, G-1] groups 1.. of those frames; IGNORE_INDEX on padding frames
     lengths: torch.Tensor         # [B]
+    num_frames: torch.Tensor      # [] real frames (F counts padding frames too)
 
     @property
     def num_codec0_targets(self) -> int:
@@ -209,7 +211,7 @@ class TalkerBatch:
 
     @property
     def num_sub_talker_targets(self) -> int:
-        return self.target_codes.shape[0] * (self.target_codes.shape[1] - 1)
+        return int(self.num_frames) * (self.target_codes.shape[1] - 1)
 
     def to(self, device) -> "TalkerBatch":
         return TalkerBatch(**{name: value.to(device, non_blocking=True) for name, value in vars(self).items()})
@@ -218,9 +220,15 @@ class TalkerBatch:
         return TalkerBatch(**{name: value.pin_memory() for name, value in vars(self).items()})
 
 
+# Batches are padded to a multiple of this many positions: aligned shapes suit the matrix units, and
+# torch.compile then needs one graph for every length instead of one for aligned and one for not.
+PAD_TO_MULTIPLE_OF = 8
+
+
 def collate(examples: list) -> TalkerBatch:
     batch_size = len(examples)
-    max_length = max(example.length for example in examples)
+    longest = max(example.length for example in examples)
+    max_length = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
     num_groups = examples[0].frame_codes.shape[1]
 
     def padded(field, fill, dtype, extra=()):
@@ -238,6 +246,14 @@ def collate(examples: list) -> TalkerBatch:
         codec0_positions.append(row * max_length + targets)
         codec0_targets.append(example.codec0_labels[targets])
         predicting_positions.append(row * max_length + example.predicting_positions)
+    # The code predictor's batch is padded the same way, with frames that carry no target.
+    target_codes = np.concatenate([example.frame_codes[example.first_frame:] for example in examples])
+    num_frames = len(target_codes)
+    padding = -num_frames % PAD_TO_MULTIPLE_OF
+    predicting_positions.append(np.zeros(padding, dtype=np.int64))
+    target_codes = np.concatenate([target_codes, np.zeros((padding, num_groups), dtype=np.int64)])
+    sub_talker_labels = target_codes[:, 1:].copy()
+    sub_talker_labels[num_frames:] = IGNORE_INDEX
     return TalkerBatch(
         text_ids=padded("text_ids", 0, np.int64),
         codec_ids=padded("codec_ids", 0, np.int64),
@@ -250,8 +266,8 @@ def collate(examples: list) -> TalkerBatch:
         codec0_positions=torch.from_numpy(np.concatenate(codec0_positions)),
         codec0_targets=torch.from_numpy(np.concatenate(codec0_targets)),
         predicting_positions=torch.from_numpy(np.concatenate(predicting_positions)),
-        target_codes=torch.from_numpy(np.concatenate([
-            example.frame_codes[example.first_frame:] for example in examples
-        ])),
+        target_codes=torch.from_numpy(target_codes),
+        sub_talker_labels=torch.from_numpy(sub_talker_labels),
         lengths=torch.from_numpy(lengths),
+        num_frames=torch.tensor(num_frames),
     )

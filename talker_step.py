@@ -21,7 +21,7 @@ class TalkerStepOutput:
     codec0_loss_sum: torch.Tensor   # summed cross-entropy of group 0 (frames and codec_eos)
     sub_talker_loss_sum: torch.Tensor  # summed cross-entropy of groups 1..15
     codec0_logits: torch.Tensor     # [M, vocab] at every predicting position, batch-major
-    sub_talker_logits: torch.Tensor  # [F, groups-1, codebook] for every predicted frame
+    sub_talker_logits: torch.Tensor  # [F, groups-1, codebook] for every predicted frame (and padding frames)
 
 
 class TalkerTrainingModel(nn.Module):
@@ -75,7 +75,7 @@ class TalkerTrainingModel(nn.Module):
 
         sub_talker_logits = self.sub_talker_logits(hidden[batch.predicting_positions], batch.target_codes)
         sub_talker_loss_sum = F.cross_entropy(
-            sub_talker_logits.flatten(0, 1).float(), batch.target_codes[:, 1:].flatten(), reduction="sum"
+            sub_talker_logits.flatten(0, 1).float(), batch.sub_talker_labels.flatten(), reduction="sum"
         )
         return TalkerStepOutput(codec0_loss_sum, sub_talker_loss_sum, codec0_logits, sub_talker_logits)
 
