@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -29,8 +29,8 @@ from checkpoint import TrainingProgress
 from sequence_layout import SpecialIds, collate
 from speakers import assign_speakers, reference_mels, speaker_vectors
 from talker_step import TalkerTrainingModel
-from training_data import (DataError, TalkerDataset, apply_length_limits, file_fingerprint,
-                           plan_epoch, read_clips, split_off_eval, tokenize)
+from training_data import (DataError, TalkerDataset, apply_length_limits, file_fingerprint, make_prompter,
+                           plan_epoch, read_clips, split_off_eval)
 from training_run import Run
 
 LR_SCHEDULERS = ["linear", "cosine", "constant_with_warmup"]
@@ -193,7 +193,8 @@ def main(argv=None):
                 progress.epoch += 1
                 progress.steps_done_in_epoch = 0
                 run.save(f"checkpoint-epoch-{progress.epoch - 1}")
-            elif last_step or stop_asked or (args.save_steps and step % args.save_steps == 0):
+            elif last_step or stop_asked or (args.save_steps and step % args.save_steps == 0 and
+                                             not progress.nonfinite_in_a_row):  # keep the last good one
                 run.save(f"checkpoint-step-{step}")
             if stop_asked:
                 bar.close()
@@ -261,7 +262,8 @@ def log_run_header(args, accelerator):
                     accelerate=accelerate.__version__, qwen_tts=getattr(qwen_tts, "__version__", package_version("qwen-tts")))
     lines, digest = file_fingerprint(args.train_jsonl)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"device: {accelerator.device}, processes: {accelerator.num_processes}, mixed precision: {args.mixed_precision}")
+    print(f"device: {accelerator.device}, processes: {accelerator.num_processes} "
+          f"({accelerator.distributed_type.value}), mixed precision: {args.mixed_precision}")
     print("flags: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
     print(f"train data: {args.train_jsonl}: {lines} lines, sha256 {digest}")
     args.versions = versions
@@ -292,9 +294,9 @@ def load_datasets(args, ids, processor, config, accelerator):
     """Checked, tokenized, length-limited train (and eval) datasets, and the speaker table."""
     def read(path):
         try:
-            clips = read_clips(path, ids, args.speaker_name, strict=args.strict,
-                               max_bad_fraction=args.max_bad_fraction, log=accelerator.print)
-            clips = tokenize(clips, processor, config)
+            clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
+                               log=accelerator.print, prompter=make_prompter(processor, config),
+                               max_positions=config.talker_config.max_position_embeddings)
             return apply_length_limits(clips, args.max_audio_seconds, args.max_text_tokens, log=accelerator.print)
         except DataError as error:
             raise SystemExit(f"error: the training data cannot be used:\n{error}")
@@ -325,6 +327,8 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
         else:
             with torch.no_grad():
                 vectors = speaker_vectors(model.speaker_encoder, mels)
+        # Every process must fill the speaker slot with the same vector: take process 0's.
+        vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
         return TalkerTrainingModel(model, speaker_vectors=vectors)
     return TalkerTrainingModel(model, reference_mels=mels)
 

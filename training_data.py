@@ -34,7 +34,7 @@ class Clip:
     ref_audio: Path
     speaker: str          # lower-cased: generation looks speakers up lower-cased
     language: str         # lower-cased
-    prompt: list = None   # token ids, filled by tokenize()
+    prompt: list = None   # token ids of the prompt, when read with a prompter
 
     @property
     def num_frames(self) -> int:
@@ -53,12 +53,28 @@ def resolve_path(value: str, jsonl_dir: Path) -> Path:
     return jsonl_dir / path
 
 
-class ClipReader:
-    """Checks rows one by one; remembers which reference files were already found readable."""
+def make_prompter(processor, config):
+    """text -> prompt ids, tokenized exactly as generate_custom_voice does; ValueError when unusable."""
+    def prompter(text: str) -> list:
+        ids = prompt_ids(processor, text)
+        check_prompt_ids(ids, config.im_start_token_id, config.im_end_token_id)
+        return ids
+    return prompter
 
-    def __init__(self, ids: SpecialIds, default_speaker: str = None, check_audio: bool = True):
+
+class ClipReader:
+    """Checks rows one by one; remembers which reference files were already found readable.
+
+    With a `prompter` (see make_prompter) the text is tokenized too, and a clip longer than
+    `max_positions` (the talker's position limit) is a problem of its row.
+    """
+
+    def __init__(self, ids: SpecialIds, default_speaker: str = None, prompter=None, max_positions: int = None,
+                 check_audio: bool = True):
         self.ids = ids
         self.default_speaker = default_speaker
+        self.prompter = prompter
+        self.max_positions = max_positions
         self.check_audio = check_audio
         self.languages = set(ids.supported_languages())
         self.readable = {}
@@ -100,6 +116,15 @@ class ClipReader:
             return None, problems
         clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
                     speaker=speaker.strip().lower(), language=language.lower())
+        if self.prompter is not None:
+            try:
+                clip.prompt = self.prompter(text)
+            except ValueError as error:
+                return None, [("text", str(error))]
+            positions = example_length(self.ids, len(clip.prompt), clip.num_frames, clip.language)
+            if self.max_positions and positions > self.max_positions:
+                return None, [("text", f"text and audio need {positions} positions; the model takes "
+                                       f"{self.max_positions}")]
         return clip, []
 
     def codes_array(self, codes, problems: list):
@@ -140,12 +165,12 @@ class ClipReader:
 
 
 def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict: bool = False,
-               max_bad_fraction: float = 0.01, log=print) -> list:
+               max_bad_fraction: float = 0.01, log=print, prompter=None, max_positions: int = None) -> list:
     """Read and check a codes JSONL. Returns the good clips; raises DataError when it must stop."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise DataError(f"{jsonl_path}: file not found")
-    reader = ClipReader(ids, default_speaker)
+    reader = ClipReader(ids, default_speaker, prompter, max_positions)
     clips, problems, rows = [], [], 0
     with open(jsonl_path, encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
@@ -184,23 +209,6 @@ def format_problems(problems: list, limit: int = 50) -> str:
     shown = problems[:limit]
     more = f"\n... and {len(problems) - limit} more problems" if len(problems) > limit else ""
     return "\n".join(shown) + more
-
-
-def tokenize(clips: list, processor, config) -> list:
-    """Fill each clip's prompt ids; drop (and report) clips whose text cannot be laid out."""
-    kept, problems = [], []
-    for clip in clips:
-        ids = prompt_ids(processor, clip.text)
-        try:
-            check_prompt_ids(ids, config.im_start_token_id, config.im_end_token_id)
-        except ValueError as error:
-            problems.append(f"{clip.source}: text: {error}")
-            continue
-        clip.prompt = ids
-        kept.append(clip)
-    if problems:
-        print(format_problems(problems))
-    return kept
 
 
 def apply_length_limits(clips: list, max_audio_seconds: float = None, max_text_tokens: int = None,

@@ -15,7 +15,7 @@ from helpers import forced_generation_logits
 from sequence_layout import SpecialIds, collate
 from speakers import assign_speakers, reference_mels, speaker_vectors
 from talker_step import TalkerTrainingModel
-from training_data import TalkerDataset, read_clips, tokenize
+from training_data import TalkerDataset, make_prompter, read_clips
 
 TOLERANCE = 1e-4
 
@@ -24,7 +24,7 @@ def test_training_logits_equal_generation_logits(tiny_model, coded_clips, tmp_pa
     tts = Qwen3TTSModel.from_pretrained(str(tiny_model), dtype=torch.float32)
     model, config = tts.model, tts.model.config
     ids = SpecialIds.from_config(config)
-    clips = tokenize(read_clips(coded_clips, ids), tts.processor, config)
+    clips = read_clips(coded_clips, ids, prompter=make_prompter(tts.processor, config))
     alice = next(c for c in clips if c.speaker == "alice" and c.language == "auto")
     bob = next(c for c in clips if c.speaker == "bob" and c.language == "english")
     assert alice.num_frames != bob.num_frames  # so the batch is padded
@@ -62,7 +62,7 @@ def test_a_shifted_layout_would_be_caught(tiny_model, coded_clips):
     tts = Qwen3TTSModel.from_pretrained(str(tiny_model), dtype=torch.float32)
     model, config = tts.model, tts.model.config
     ids = SpecialIds.from_config(config)
-    clip = tokenize(read_clips(coded_clips, ids), tts.processor, config)[0]
+    clip = read_clips(coded_clips, ids, prompter=make_prompter(tts.processor, config))[0]
     table = assign_speakers([clip], config.talker_config)
     with torch.no_grad():
         vectors = speaker_vectors(model.speaker_encoder, reference_mels(table, 24000))

@@ -1,0 +1,57 @@
+"""Two processes give the result of one process with the same clips per step, and write one checkpoint.
+
+The processes are started with torch.distributed.run, which is what `accelerate launch
+--multi_gpu` runs on GPUs; on CPU they talk through gloo. (accelerate enables FSDP only on GPUs,
+so accelerate_configs/fsdp.yaml is not exercised here.)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+from helpers import ROOT, train
+
+FLAGS = dict(num_epochs=2, lr=1e-3, warmup_steps=1, num_workers=0, report_to="none", logging_steps=1,
+             freeze_speaker_encoder=True, save_steps=0)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model, coded_clips, tmp_path_factory):
+    """One process: 2 clips a micro-batch x 2 accumulation = 4 clips a step."""
+    output = tmp_path_factory.mktemp("one") / "out"
+    return train(tiny_model, coded_clips, output, batch_size=2, gradient_accumulation_steps=2, **FLAGS)
+
+
+def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, one_process_run, tmp_path):
+    # Two processes: 2 clips each x 1 accumulation = the same 4 clips a step.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft_12hz_chatterbox.py",
+               "--init_model_path", str(tiny_model), "--train_jsonl", str(coded_clips),
+               "--output_model_path", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "1"]
+    for name, value in FLAGS.items():
+        command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 per process x 1 accumulation x 2 processes = 4 clips per step" in result.stdout
+    assert "processes: 2 (MULTI_CPU)" in result.stdout
+    assert result.stdout.count("step 1:") == 1  # only the main process logs
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
+
+    one = load_file(one_process_run / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
+    assert checkpoint.read_trainer_state(tmp_path / "two" / "checkpoint-epoch-1")["num_processes"] == 2
+    base = load_file(tiny_model / "model.safetensors")
+    trained = [name for name in one if not torch.equal(one[name], base[name.removeprefix("model.")].float())]
+    assert trained  # the comparison is between trained weights, not two copies of the base
+    exported_one = load_file(one_process_run / "checkpoint-epoch-1" / checkpoint.MODEL_WEIGHTS)
+    exported_two = load_file(tmp_path / "two" / "checkpoint-epoch-1" / checkpoint.MODEL_WEIGHTS)
+    assert exported_one.keys() == exported_two.keys()
+    assert all(torch.allclose(exported_one[n].float(), exported_two[n].float(), rtol=1e-2, atol=1e-3) for n in exported_one)
