@@ -1,12 +1,12 @@
 """The talker's input layout: which vector sits at which position, and which positions are targets.
 
 This module is the only place that knows the special ids and the order of the prefix. It mirrors
-`Qwen3TTSForConditionalGeneration.generate` in qwen_tts 0.1.1 with `non_streaming_mode=True`
-(the default of `generate_custom_voice`). Every position's input is the sum of a text-track
-vector and a codec-track vector:
+`Qwen3TTSForConditionalGeneration.generate` in qwen_tts 0.1.1. Every position's input is the sum
+of a text-track vector and a codec-track vector. With `non_streaming_mode=True` (the default of
+`generate_custom_voice`) the whole text comes before the audio:
 
     positions       text track                    codec track
-    role (3)        <|im_start|> assistant \\n      -
+    role (3)        <|im_start|> assistant \n      -
     prefix (P)      tts_pad x (P-1), tts_bos      [nothink, think_bos, think_eos] or
                                                   [think, think_bos, <language>, think_eos],
                                                   then the speaker vector, then codec_pad
@@ -14,10 +14,18 @@ vector and a codec-track vector:
     codec_bos       tts_pad                       codec_bos
     frame k         tts_pad                       sum of the 16 code embeddings of frame k
 
-Targets: the position holding codec_bos predicts group 0 of frame 0; frame k's position predicts
-group 0 of frame k+1; the last frame's position predicts codec_eos. The code predictor makes
-groups 1..15 of a frame from the talker's hidden state at the position that predicted the
-frame's group 0.
+With `non_streaming_mode=False` ("streaming") the text is fed alongside the audio: the first text
+id sits on the codec_bos position, and frame k's position carries the (k+1)-th remaining text id
+(then tts_eos, then tts_pad once the text is used up):
+
+    role (3), prefix (P)   as above
+    codec_bos              first text id                 codec_bos
+    frame k                text id k+1 / tts_eos / tts_pad   sum of the 16 code embeddings of frame k
+
+Targets, in both layouts: the position holding codec_bos predicts group 0 of frame 0; frame k's
+position predicts group 0 of frame k+1; the last frame's position predicts codec_eos. The code
+predictor makes groups 1..15 of a frame from the talker's hidden state at the position that
+predicted the frame's group 0.
 """
 
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ from qwen_tts.inference.qwen3_tts_model import Qwen3TTSModel
 ROLE_LENGTH = 3
 PROMPT_SUFFIX_LENGTH = 5
 AUTO_LANGUAGE = "auto"
+NON_STREAMING, STREAMING = "non_streaming", "streaming"  # generate(non_streaming_mode=True / False)
 IGNORE_INDEX = -100  # label of positions that predict nothing (torch cross_entropy's default)
 
 
@@ -126,10 +135,13 @@ class TalkerExample:
         return np.arange(self.codec_bos, self.codec_bos + self.num_frames)
 
 
-def example_length(ids: SpecialIds, prompt_length: int, num_frames: int, language: str) -> int:
+def example_length(ids: SpecialIds, prompt_length: int, num_frames: int, language: str,
+                   layout: str = NON_STREAMING) -> int:
     """Number of positions build_example() lays out; known without building the example."""
-    text_length = prompt_length - ROLE_LENGTH - PROMPT_SUFFIX_LENGTH
     prefix_length = len(ids.codec_prefix(language)) + 2  # control ids, speaker slot, codec_pad
+    if layout == STREAMING:
+        return ROLE_LENGTH + prefix_length + 1 + num_frames  # + codec_bos
+    text_length = prompt_length - ROLE_LENGTH - PROMPT_SUFFIX_LENGTH
     return ROLE_LENGTH + prefix_length + text_length + 1 + 1 + num_frames  # + tts_eos, codec_bos
 
 
@@ -139,7 +151,7 @@ def num_targets(num_frames: int, num_code_groups: int) -> tuple:
 
 
 def build_example(ids: SpecialIds, prompt: list, codes: np.ndarray, language: str,
-                  speaker_index: int) -> TalkerExample:
+                  speaker_index: int, layout: str = NON_STREAMING) -> TalkerExample:
     """Lay out one clip: `prompt` from prompt_ids(), `codes` [frames, groups]."""
     role = list(prompt[:ROLE_LENGTH])
     text = list(prompt[ROLE_LENGTH:-PROMPT_SUFFIX_LENGTH])
@@ -151,11 +163,17 @@ def build_example(ids: SpecialIds, prompt: list, codes: np.ndarray, language: st
     prefix_text = [ids.tts_pad] * (len(prefix_codec) - 1) + [ids.tts_bos]
     speaker_slot = ROLE_LENGTH + len(codec_prefix)
 
-    text_track = role + prefix_text + text + [ids.tts_eos] + [ids.tts_pad] * (1 + num_frames)
-    codec_bos = ROLE_LENGTH + len(prefix_codec) + len(text) + 1
+    if layout == NON_STREAMING:
+        text_track = role + prefix_text + text + [ids.tts_eos] + [ids.tts_pad] * (1 + num_frames)
+        codec_bos = ROLE_LENGTH + len(prefix_codec) + len(text) + 1
+    else:
+        # The text rides along the frames; whatever does not fit before the last frame is never read.
+        trailing = (text[1:] + [ids.tts_eos] + [ids.tts_pad] * num_frames)[:num_frames]
+        text_track = role + prefix_text + text[:1] + trailing
+        codec_bos = ROLE_LENGTH + len(prefix_codec)
     first_frame = codec_bos + 1
     length = first_frame + num_frames
-    assert len(text_track) == length == example_length(ids, len(prompt), num_frames, language)
+    assert len(text_track) == length == example_length(ids, len(prompt), num_frames, language, layout)
 
     codec_ids = np.zeros(length, dtype=np.int64)
     codec_ids[ROLE_LENGTH:speaker_slot + 2] = prefix_codec

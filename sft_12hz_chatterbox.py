@@ -26,7 +26,7 @@ from transformers import get_scheduler
 
 import checkpoint
 from checkpoint import TrainingProgress
-from sequence_layout import SpecialIds, collate
+from sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
 from speakers import assign_speakers, reference_mels, speaker_vectors
 from talker_step import TalkerTrainingModel
 from training_data import (DataError, TalkerDataset, apply_length_limits, file_fingerprint, make_prompter,
@@ -74,6 +74,10 @@ def parse_args(argv=None):
     optim.add_argument("--train_text_embedding", action="store_true",
                        help="also train the 151936-row text embedding table (about 4 GB more GPU memory on 1.7B); "
                             "off by default: a new voice needs no new word vectors, and text_projection still trains")
+    optim.add_argument("--text_layout", default="non_streaming", choices=["non_streaming", "streaming", "both"],
+                       help="how the text sits beside the audio in training, as generate_custom_voice's "
+                            "non_streaming_mode=True (default) or False lays it out; 'both' trains every clip "
+                            "in both layouts (twice the steps), so either mode speaks well")
     optim.add_argument("--seed", type=int, default=42, help="data order and any randomness")
 
     run = parser.add_argument_group("run")
@@ -307,8 +311,9 @@ def load_datasets(args, ids, processor, config, accelerator):
         train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
     speaker_table = assign_speakers(train_clips + (eval_clips or []), config.talker_config)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}
-    train_set = TalkerDataset(train_clips, ids, speaker_index)
-    eval_set = TalkerDataset(eval_clips, ids, speaker_index) if eval_clips else None
+    layouts = [NON_STREAMING, STREAMING] if args.text_layout == "both" else [args.text_layout]
+    train_set = TalkerDataset(train_clips, ids, speaker_index, layouts)
+    eval_set = TalkerDataset(eval_clips, ids, speaker_index, layouts) if eval_clips else None
     return train_set, eval_set, speaker_table
 
 
@@ -396,7 +401,7 @@ def resume_or_start(args, accelerator, resume_dir, output_dir):
 
 # Flags that decide which clips go into which step: a resume with other values would not continue
 # the same run.
-DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length")
+DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout")
 
 
 def check_resume_flags(args, state, accelerator):
@@ -429,7 +434,8 @@ def print_banner(run, train_set, eval_set, steps_per_epoch, total_steps, resume_
     plan = plan_for(train_set, args, accelerator, epoch=0)
     lines = [
         "***** Running training *****",
-        f"  clips: {len(train_set)} train" + (f", {len(eval_set)} eval" if eval_set else ", no eval data"),
+        f"  clips: {len(train_set.clips)} train" + (f", {len(eval_set.clips)} eval" if eval_set else ", no eval data")
+        + f"; text layout {args.text_layout}" + (" (each clip in both: twice the examples)" if len(train_set.layouts) > 1 else ""),
         "  speakers: " + ", ".join(f"{s.name} (codec id {s.codec_id}, {len(s.reference_audio)} reference clips)"
                                     for s in run.speaker_table),
         f"  batch: {args.batch_size} per process x {args.gradient_accumulation_steps} accumulation x "

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import audio_io
-from sequence_layout import (AUTO_LANGUAGE, SpecialIds, build_example, check_prompt_ids, example_length,
-                             num_targets, prompt_ids)
+from sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, SpecialIds, build_example, check_prompt_ids,
+                             example_length, num_targets, prompt_ids)
 
 FRAMES_PER_SECOND = 12.5
 
@@ -254,26 +254,33 @@ def file_fingerprint(path) -> tuple:
 
 
 class TalkerDataset(torch.utils.data.Dataset):
-    def __init__(self, clips: list, ids: SpecialIds, speaker_index: dict):
+    """Clips laid out for the talker. With several layouts, every clip appears once in each:
+    index i is clip i % len(clips) in layout i // len(clips)."""
+
+    def __init__(self, clips: list, ids: SpecialIds, speaker_index: dict, layouts=(NON_STREAMING,)):
         self.clips = clips
         self.ids = ids
         self.speaker_index = speaker_index
+        self.layouts = tuple(layouts)
 
     def __len__(self):
-        return len(self.clips)
+        return len(self.clips) * len(self.layouts)
+
+    def clip_and_layout(self, index) -> tuple:
+        return self.clips[index % len(self.clips)], self.layouts[index // len(self.clips)]
 
     def __getitem__(self, index):
-        clip = self.clips[index]
+        clip, layout = self.clip_and_layout(index)
         return build_example(self.ids, clip.prompt, clip.codes.astype(np.int64), clip.language,
-                             self.speaker_index[clip.speaker])
+                             self.speaker_index[clip.speaker], layout)
 
     def length(self, index) -> int:
-        clip = self.clips[index]
-        return example_length(self.ids, len(clip.prompt), clip.num_frames, clip.language)
+        clip, layout = self.clip_and_layout(index)
+        return example_length(self.ids, len(clip.prompt), clip.num_frames, clip.language, layout)
 
     def targets(self, indices) -> tuple:
-        """(group-0 targets, code-predictor targets) in these clips together."""
-        counts = [num_targets(self.clips[i].num_frames, self.ids.num_code_groups) for i in indices]
+        """(group-0 targets, code-predictor targets) in these examples together."""
+        counts = [num_targets(self.clip_and_layout(i)[0].num_frames, self.ids.num_code_groups) for i in indices]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 

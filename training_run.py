@@ -29,7 +29,9 @@ class Run:
         self.progress = progress
         self.device = accelerator.device
         self.last_checkpoint = None
-        self.last_lr = float("nan")
+        self.last_lr = self.last_loss = float("nan")
+        self.started = time.perf_counter()
+        self.start_step = progress.step
         self.reset_interval()
 
     def reset_interval(self):
@@ -63,11 +65,15 @@ class Run:
 
         parameters = [p for p in self.train_module.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf"))
-        # One host sync per step: is the update finite, and did any process get a stop signal?
-        status = torch.stack([grad_norm.detach().float() + step_sums.sum(), torch.tensor(float(stop_asked), device=self.device)])
+        # One host sync per step: is the update finite, did any process get a stop signal, and the
+        # step's loss for the progress bar.
+        status = torch.cat([torch.stack([grad_norm.detach().float() + step_sums.sum(),
+                                         torch.tensor(float(stop_asked), device=self.device)]), step_sums])
         if self.accelerator.num_processes > 1:
             status = self.accelerator.reduce(status, "sum")
-        finite, stop = math.isfinite(status[0].item()), status[1].item() > 0
+        health, stop, codec0_sum, sub_sum = status.tolist()
+        finite, stop = math.isfinite(health), stop > 0
+        self.last_loss = codec0_sum / codec0_targets + weight * sub_sum / sub_targets
 
         progress = self.progress
         progress.step += 1
@@ -92,7 +98,7 @@ class Run:
         return stop
 
     def postfix(self) -> str:
-        return f"lr {self.last_lr:.2e}"
+        return f"loss {self.last_loss:.3f}, lr {self.last_lr:.2e}"
 
     def log_training(self):
         codec0_targets, sub_targets = self.interval_targets
@@ -208,10 +214,49 @@ class Run:
             )
 
     def finish(self):
+        """End trackers, draw the loss curve, and print a one-screen summary."""
         self.accelerator.end_training()
+        if not self.accelerator.is_main_process:
+            return
+        history, progress = self.progress.log_history, self.progress
+        plot_losses(history, self.output_dir / "loss_curve.png")
+        train = [e for e in history if "train/loss" in e]
+        evals = [e for e in history if "eval/loss" in e]
+        minutes = (time.perf_counter() - self.started) / 60
+        lines = ["***** Training finished *****",
+                 f"  steps: {progress.step} ({progress.step - self.start_step} in this run, {minutes:.1f} min)"]
+        if train:
+            lines.append(f"  train loss: {train[0]['train/loss']:.4f} at step {train[0]['step']} -> "
+                         f"{train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
+        if evals:
+            lines.append(f"  eval loss: {evals[-1]['eval/loss']:.4f} (best {progress.best_eval_loss:.4f} at step "
+                         f"{progress.best_eval_step}" + (f", {progress.best_checkpoint})" if progress.best_checkpoint else ")"))
+        if self.device.type == "cuda":
+            lines.append(f"  peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated")
+        lines.append(f"  loss curve: {self.output_dir / 'loss_curve.png'}")
         if self.last_checkpoint is not None:
-            speaker = self.speaker_table[0].name
-            self.accelerator.print(
-                f"\nDone. The fine-tuned model is {self.last_checkpoint}. Hear it:\n"
-                f"  python infer_test.py --model_path {self.last_checkpoint} --speaker {speaker}"
-            )
+            lines += [f"  model: {self.last_checkpoint}",
+                      f"  hear it: python infer_test.py --model_path {self.last_checkpoint} --speaker {self.speaker_table[0].name}"]
+        print("\n".join(lines))
+
+
+def plot_losses(history: list, path: Path) -> None:
+    """Train and eval loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for key, label in [("train/loss", "train"), ("eval/loss", "eval")]:
+        points = [(entry["step"], entry[key]) for entry in history if key in entry]
+        if points:
+            axes.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (group 0 + weighted code predictor)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,18 +1,20 @@
 """The core check: training sees, position by position, what generation sees.
 
-For a padded batch of two speakers (one clip in auto language, one in English), the training
+For a padded batch of two speakers (one clip in auto language, one in English), in both text
+layouts (generate's non_streaming_mode True and False), the training
 forward's group-0 logits and code-predictor logits must equal the logits that the stock
 `Qwen3TTSForConditionalGeneration.generate` computes step by step when forced along the same codes,
 on the exported checkpoint reloaded through `Qwen3TTSModel.from_pretrained`.
 """
 
 import numpy as np
+import pytest
 import torch
 from qwen_tts import Qwen3TTSModel
 
 import checkpoint
 from helpers import forced_generation_logits
-from sequence_layout import SpecialIds, collate
+from sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
 from speakers import assign_speakers, reference_mels, speaker_vectors
 from talker_step import TalkerTrainingModel
 from training_data import TalkerDataset, make_prompter, read_clips
@@ -20,7 +22,8 @@ from training_data import TalkerDataset, make_prompter, read_clips
 TOLERANCE = 1e-4
 
 
-def test_training_logits_equal_generation_logits(tiny_model, coded_clips, tmp_path):
+@pytest.mark.parametrize("layout", [NON_STREAMING, STREAMING])
+def test_training_logits_equal_generation_logits(tiny_model, coded_clips, tmp_path, layout):
     tts = Qwen3TTSModel.from_pretrained(str(tiny_model), dtype=torch.float32)
     model, config = tts.model, tts.model.config
     ids = SpecialIds.from_config(config)
@@ -31,7 +34,7 @@ def test_training_logits_equal_generation_logits(tiny_model, coded_clips, tmp_pa
     table = assign_speakers([alice, bob], config.talker_config)
     with torch.no_grad():
         vectors = speaker_vectors(model.speaker_encoder, reference_mels(table, 24000))
-    dataset = TalkerDataset([alice, bob], ids, {s.name: i for i, s in enumerate(table)})
+    dataset = TalkerDataset([alice, bob], ids, {s.name: i for i, s in enumerate(table)}, layouts=[layout])
     batch = collate([dataset[0], dataset[1]])
 
     training = TalkerTrainingModel(model, speaker_vectors=vectors).eval()
@@ -46,7 +49,8 @@ def test_training_logits_equal_generation_logits(tiny_model, coded_clips, tmp_pa
     for clip in (alice, bob):
         frames = clip.num_frames
         codes = clip.codes.astype(np.int64)
-        gen_codec0, gen_sub = forced_generation_logits(reloaded, clip.prompt, clip.language, clip.speaker, codes)
+        gen_codec0, gen_sub = forced_generation_logits(reloaded, clip.prompt, clip.language, clip.speaker, codes,
+                                                       non_streaming_mode=layout == NON_STREAMING)
         train_codec0 = out.codec0_logits[codec0_row:codec0_row + frames + 1]
         train_sub = out.sub_talker_logits[frame_row:frame_row + frames]
         codec0_row, frame_row = codec0_row + frames + 1, frame_row + frames
