@@ -4,6 +4,7 @@
         config.json                      the base config; tts_model_type custom_voice, spk_id, spk_is_dialect
         model.safetensors                talker weights (bf16 by default), speaker rows filled in
         speaker_encoder.safetensors      the speaker encoder, kept for speaker-similarity checks
+        adapter/                         with LoRA: the adapter alone (the model above has it merged)
         generation_config.json, tokenizer files, speech_tokenizer/   copied from the base model
         trainer_state.json               progress, flags, versions, speakers (readable)
         training_state/                  accelerate state: fp32 weights, optimizer, scheduler, RNG
@@ -29,7 +30,7 @@ SPEAKER_VECTORS = "speaker_vectors.safetensors"
 PARTIAL_SUFFIX = ".partial"
 # Base-model files that are not copied: they are rewritten, or they are another run's state.
 NOT_COPIED = {"config.json", MODEL_WEIGHTS, SPEAKER_ENCODER_WEIGHTS, TRAINER_STATE, TRAINING_STATE_DIR,
-              "model.safetensors.index.json"}
+              "model.safetensors.index.json", "adapter"}
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import checkpoint
+import lora
 from checkpoint import TrainingProgress
 from sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
 from speakers import assign_speakers, reference_mels, speaker_vectors
@@ -74,6 +75,14 @@ def parse_args(argv=None):
     optim.add_argument("--train_text_embedding", action="store_true",
                        help="also train the 151936-row text embedding table (about 4 GB more GPU memory on 1.7B); "
                             "off by default: a new voice needs no new word vectors, and text_projection still trains")
+    lora_group = parser.add_argument_group("LoRA (train small adapters instead of every weight)")
+    lora_group.add_argument("--lora_rank", type=int, default=0,
+                            help="rank of LoRA adapters on the linear layers; 0 = full fine-tuning. 16-64 suit a voice")
+    lora_group.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default 2 x rank)")
+    lora_group.add_argument("--lora_dropout", type=float, default=0.0)
+    lora_group.add_argument("--lora_target_modules", default=None,
+                            help="comma-separated linear layer names to adapt (default: every attention and MLP "
+                                 "projection of the talker and code predictor)")
     optim.add_argument("--text_layout", default="non_streaming", choices=["non_streaming", "streaming", "both"],
                        help="how the text sits beside the audio in training, as generate_custom_voice's "
                             "non_streaming_mode=True (default) or False lays it out; 'both' trains every clip "
@@ -321,12 +330,15 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
     """The module accelerate trains, with the speaker encoder frozen or not."""
     mels = reference_mels(speaker_table, config_sample_rate(model))
     model.train()
-    if not args.train_text_embedding:
-        model.talker.get_text_embeddings().requires_grad_(False)
+    lora_config = None
+    if args.lora_rank:
+        lora_config = lora.add_adapters(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank,
+                                        args.lora_dropout, args.lora_target_modules or lora.DEFAULT_TARGET_MODULES)
+    model.talker.get_text_embeddings().requires_grad_(args.train_text_embedding)
+    model.speaker_encoder.requires_grad_(not args.freeze_speaker_encoder)
     if args.torch_compile == "yes" or (args.torch_compile == "auto" and accelerator.device.type == "cuda"):
         compile_layers(model)
     if args.freeze_speaker_encoder:
-        model.speaker_encoder.requires_grad_(False)
         if resume_dir is not None:
             vectors = checkpoint.load_speaker_vectors(resume_dir / checkpoint.TRAINING_STATE_DIR)
         else:
@@ -334,8 +346,11 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
                 vectors = speaker_vectors(model.speaker_encoder, mels)
         # Every process must fill the speaker slot with the same vector: take process 0's.
         vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
-        return TalkerTrainingModel(model, speaker_vectors=vectors)
-    return TalkerTrainingModel(model, reference_mels=mels)
+        module = TalkerTrainingModel(model, speaker_vectors=vectors)
+    else:
+        module = TalkerTrainingModel(model, reference_mels=mels)
+    module.lora_config = lora_config  # the checkpoint export merges the adapters with it
+    return module
 
 
 def compile_layers(model):
@@ -443,7 +458,8 @@ def print_banner(run, train_set, eval_set, steps_per_epoch, total_steps, resume_
         f"  steps: {steps_per_epoch} per epoch x {args.num_epochs} epochs -> {total_steps} optimizer steps, "
         f"{args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr {args.lr}",
         f"  parameters: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen "
-        f"(speaker encoder {'frozen' if args.freeze_speaker_encoder else 'trained'}, "
+        + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
+        + f"speaker encoder {'frozen' if args.freeze_speaker_encoder else 'trained'}, "
         f"text embedding {'trained' if args.train_text_embedding else 'frozen'})",
         f"  precision: weights and AdamW state fp32, compute {'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}",
         f"  checkpoints: {run.output_dir}/checkpoint-epoch-N" + (f" and every {args.save_steps} steps" if args.save_steps else ""),

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 import checkpoint
+import lora
 from sequence_layout import collate
 from training_data import file_fingerprint
 
@@ -167,6 +168,9 @@ class Run:
             self.check_disk_space(name)
             shutil.rmtree(partial, ignore_errors=True)
             model_state = {key[len("model."):]: value for key, value in state_dict.items() if key.startswith("model.")}
+            if module.lora_config is not None:
+                lora.save_adapter(model_state, module.lora_config, partial / "adapter")
+                model_state = lora.merged_state_dict(model_state, module.lora_config)
             checkpoint.export_model(model_state, Path(self.args.init_model_path), partial, self.speaker_table,
                                     vectors, dtype=getattr(torch, self.args.save_dtype))
         del state_dict

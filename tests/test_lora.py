@@ -1,0 +1,58 @@
+"""LoRA: only the adapters train; the checkpoint holds the merged model, which stock qwen_tts loads
+and which computes what the adapted model computed; the adapter alone loads back with peft."""
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from qwen_tts import Qwen3TTSModel
+from safetensors.torch import load_file
+
+import checkpoint
+import lora
+from helpers import train
+from sequence_layout import SpecialIds, collate
+from talker_step import TalkerTrainingModel
+from training_data import TalkerDataset, make_prompter, read_clips
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model_and_the_adapter(tiny_model, coded_clips, tmp_path, capsys):
+    output = train(tiny_model, coded_clips, tmp_path / "out", lora_rank=4, lr=5e-3, batch_size=4, num_epochs=2,
+                   save_dtype="float32")
+    assert "LoRA rank 4 adapters" in capsys.readouterr().out
+    folder = output / "checkpoint-epoch-1"
+
+    # Weights that no adapter touches stay exactly the base's; adapted ones have changed.
+    base = load_file(tiny_model / "model.safetensors")
+    merged = load_file(folder / checkpoint.MODEL_WEIGHTS)
+    untouched = "talker.model.layers.0.input_layernorm.weight"
+    adapted = "talker.model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[untouched], base[untouched].float())
+    assert not torch.allclose(merged[adapted], base[adapted].float())
+
+    # The merged checkpoint (stock loader) computes what base + adapter (peft) computes.
+    tts = Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.float32)
+    adapted_tts = Qwen3TTSModel.from_pretrained(str(tiny_model), dtype=torch.float32)
+    inject_adapter_in_model(LoraConfig.from_pretrained(str(folder / "adapter")), adapted_tts.model.talker)
+    result = set_peft_model_state_dict(adapted_tts.model.talker, load_file(folder / "adapter" / "adapter_model.safetensors"))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if ".lora_" in k]
+
+    ids = SpecialIds.from_config(tts.model.config)
+    clips = read_clips(coded_clips, ids, prompter=make_prompter(tts.processor, tts.model.config))[:3]
+    speakers = {name: index for index, name in enumerate(sorted({c.speaker for c in clips}))}
+    batch = collate([TalkerDataset(clips, ids, speakers)[i] for i in range(len(clips))])
+    vectors = torch.randn(len(speakers), tts.model.config.talker_config.hidden_size)
+    with torch.no_grad():
+        from_merged = TalkerTrainingModel(tts.model, speaker_vectors=vectors).eval()(batch)
+        from_adapter = TalkerTrainingModel(adapted_tts.model, speaker_vectors=vectors).eval()(batch)
+    assert torch.allclose(from_merged.codec0_logits, from_adapter.codec0_logits, atol=1e-4)
+    assert torch.allclose(from_merged.sub_talker_logits, from_adapter.sub_talker_logits, atol=1e-4)
+
+
+def test_merging_is_w_plus_scaled_b_a():
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"])
+    weight, a, b = torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
+    state = {"talker.x.q_proj.base_layer.weight": weight, "talker.x.q_proj.lora_A.default.weight": a,
+             "talker.x.q_proj.lora_B.default.weight": b, "talker.y.bias": torch.ones(3)}
+    merged = lora.merged_state_dict(state, config)
+    assert merged.keys() == {"talker.x.q_proj.weight", "talker.y.bias"}
+    assert torch.allclose(merged["talker.x.q_proj.weight"], weight + 3.0 * b @ a)
