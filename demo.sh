@@ -21,7 +21,7 @@ $PYTHON sft_12hz_chatterbox.py --init_model_path "$RUN/base_model" \
   --batch_size 4 --lr 2e-3 --num_epochs 5 --gradient_accumulation_steps 2 --warmup_steps 5 \
   --freeze_speaker_encoder --logging_steps 6 --save_total_limit 2 --num_workers 0
 
-echo "== 4. reload and speak"
+echo "== 4. reload, speak and check (a tiny random model speaks noise: the checks report, not gate)"
 $PYTHON infer_test.py --model_path "$RUN/output/checkpoint-epoch-4" --speaker demo_speaker \
-  --out_dir "$RUN/speech" --max_new_tokens 100
+  --out_dir "$RUN/speech" --max_new_tokens 100 --greedy --report_only
 echo "demo finished: listen to $RUN/speech/*.wav"

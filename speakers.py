@@ -8,6 +8,7 @@ that speaker's row of the talker's codec embedding, which is where generate_cust
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from qwen_tts.core.models.modeling_qwen3_tts import mel_spectrogram
 
@@ -56,8 +57,13 @@ def assign_speakers(clips: list, talker_config) -> list:
 
 def reference_mel(path: Path, sample_rate: int) -> torch.Tensor:
     """[1, frames, mels] log-mel of a reference clip, as qwen_tts computes it for the speaker encoder."""
-    waveform = torch.from_numpy(audio_io.load_mono(path, sample_rate)).clamp(-1.0, 1.0)
-    mel = mel_spectrogram(waveform.unsqueeze(0), sampling_rate=sample_rate, **MEL_SETTINGS)
+    return waveform_mel(audio_io.load_mono(path, sample_rate), sample_rate)
+
+
+def waveform_mel(waveform: np.ndarray, sample_rate: int) -> torch.Tensor:
+    """[1, frames, mels] log-mel of a mono waveform already at `sample_rate`, as for reference_mel."""
+    samples = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).clamp(-1.0, 1.0)
+    mel = mel_spectrogram(samples.unsqueeze(0), sampling_rate=sample_rate, **MEL_SETTINGS)
     return mel.transpose(1, 2)
 
 

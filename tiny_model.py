@@ -359,20 +359,35 @@ def write_speech_tokenizer(out_dir: Path, size: str, seed: int) -> None:
     config_dict = speech_tokenizer_config(size)
     torch.manual_seed(seed)
     model = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**config_dict))
-    # Random codebooks: Mimi's codebook keeps running sums; make them a usable codebook.
-    for name, buffer in model.named_buffers():
-        if name.endswith("cluster_usage"):
-            buffer.fill_(1.0)
-        elif name.endswith("embed_sum"):
-            buffer.normal_(0.0, 1.0)
-        elif name.endswith("initialized"):
-            buffer.fill_(1.0)
+    # Codebooks are stored as running sums (encoder: buffers, decoder: parameters) that start at
+    # zero, which would make every code decode to silence; give them random vectors instead.
+    with torch.no_grad():
+        for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
+            if name.endswith(("embed_sum", "embedding_sum")):
+                tensor.normal_(0.0, 1.0)
+            elif name.endswith(("cluster_usage", "initialized")):
+                tensor.fill_(1.0)
+        if size == "tiny":
+            make_decoder_audible(model.decoder)
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
     (out_dir / "preprocessor_config.json").write_text(json.dumps(SPEECH_TOKENIZER_PREPROCESSOR, indent=2))
+
+
+def make_decoder_audible(decoder, target_std: float = 0.1) -> None:
+    """Random decoder weights at the usual 0.02 scale shrink the signal ~10x a layer, so the tiny
+    decoder would output silence. Use PyTorch's fan-in initialisation for its convolutions, then
+    scale the last one so decoded random codes come out at a speech-like level."""
+    convolutions = [m for m in decoder.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    for convolution in convolutions:
+        convolution.reset_parameters()
+    codes = torch.randint(0, decoder.config.codebook_size, (1, decoder.config.num_quantizers, 25),
+                          generator=torch.Generator().manual_seed(0))
+    std = decoder(codes).std().item()
+    convolutions[-1].weight.mul_(target_std / max(std, 1e-12))
 
 
 def write_model_dir(out_dir, size: str = "tiny", seed: int = 0) -> Path:

@@ -1,0 +1,279 @@
+"""infer_test.py: each check passes a good case and catches its planted failure, on arrays and end to end.
+
+The tiny model speaks noise, so the end-to-end cases plant what they need: generation is forced
+along a training clip's codes (then codec_eos), and the speech decoder is replaced by a stand-in
+voice (or silence) of the clip's length at the speaker's pitch.
+"""
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import infer_test
+import tiny_model
+from helpers import forced_heads, read_jsonl, run_script, train, write_jsonl
+from infer_test import Thresholds
+
+ALICE_PITCH_HZ = 110.0  # tiny_model.write_synthetic_clips voices its first speaker at 110 Hz
+RATE = tiny_model.SAMPLE_RATE
+
+
+def voice(seconds=1.0, seed=0):
+    return tiny_model.synthetic_voice(seconds, RATE, ALICE_PITCH_HZ, np.random.default_rng(seed))
+
+
+def failed_checks(wav, frames=12, cap=100, training_rate=None):
+    sentence = infer_test.describe_sentence(("alice", 0, "Hello there."), wav, RATE, frames, cap, 1.0, training_rate)
+    return {failure.check: failure for failure in infer_test.sentence_failures(sentence, Thresholds())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on arrays
+# ---------------------------------------------------------------------------------------------
+
+def test_audio_checks_pass_a_voice_and_catch_silence_clipping_and_nan():
+    good = voice()
+    assert failed_checks(good) == {}
+
+    silent = failed_checks(np.zeros(RATE, np.float32))
+    assert silent.keys() == {"rms", "silence"}
+    assert silent["rms"].value == infer_test.DBFS_FLOOR and "80.0 dB below" in silent["rms"].message
+
+    gap = good.copy()
+    gap[int(0.3 * RATE):] = 0  # loud enough overall, but 70% of it is silence
+    assert failed_checks(gap).keys() == {"silence"}
+    assert failed_checks(gap)["silence"].value == pytest.approx(0.7, abs=0.05)
+
+    clipped = failed_checks(np.clip(good * 8, -1, 1))
+    assert clipped.keys() == {"clipping"} and clipped["clipping"].value > 0.1
+
+    broken = good.copy()
+    broken[100] = np.nan
+    assert failed_checks(broken).keys() == {"finite"}
+
+
+def test_stop_check_reads_the_frame_count_generation_returns():
+    # A run that never stops comes back with max_new_tokens - 1 frames (see stopped_before_cap).
+    assert failed_checks(voice(), frames=39, cap=40).keys() == {"stop"}
+    assert failed_checks(voice(), frames=38, cap=40) == {}
+
+
+def test_a_sentence_cut_short_or_drawn_out_fails_on_its_own():
+    # "Hello there." is 12 characters: 12 chars/s in the 1 s voice
+    assert failed_checks(voice(), training_rate=6.0) == {}  # 2x: left to the speaker's overall rate check
+    assert failed_checks(voice(), training_rate=3.0)["sentence_rate"].value == pytest.approx(4.0, rel=1e-3)
+    assert "0.25x" in failed_checks(voice(), training_rate=48.0)["sentence_rate"].message
+
+
+def summary(rate_ratio=1.0, similarity=0.9, cer=None):
+    """A speaker's summary of one 1 s sentence of 20 characters, the training rate set to give `rate_ratio`."""
+    sentences = [dict(text="x" * 20, seconds=1.0, speaker_similarity=similarity, cer=cer)]
+    return infer_test.summarize_speaker("alice", sentences, {"alice": 20.0 / rate_ratio} if rate_ratio else None)
+
+
+def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
+    def failures(**values):
+        return {f.check: f for f in infer_test.speaker_failures(summary(**values), Thresholds())}
+
+    assert failures() == {}
+    assert failures(rate_ratio=1.4, similarity=0.6, cer=0.1) == {}
+    assert "speaks 2.00x the training rate (20.0 vs 10.0 chars/s;" in failures(rate_ratio=2.0)["rate"].message
+    assert failures(rate_ratio=0.5)["rate"].value == 0.5
+    assert failures(rate_ratio=None) == {}  # no training rate: main() reports the check as skipped
+    assert failures(similarity=0.3)["speaker_similarity"].limit == Thresholds.min_speaker_similarity
+    assert "could not be measured" in failures(similarity=None)["speaker_similarity"].message
+    assert failures(cer=0.5)["cer"].value == 0.5
+
+
+def test_training_rate_per_speaker_from_codes_rows(tmp_path):
+    frames = [[0] * 16]
+    rows = [dict(text="a" * 20, audio_codes=frames * 25, speaker="Alice"),   # 20 chars in 2 s
+            dict(text="b" * 10, audio_codes=frames * 25, speaker="alice"),   # 10 chars in 2 s
+            dict(text="c" * 30, audio_codes=frames * 50)]                     # 30 chars in 4 s, default speaker
+    rates = infer_test.training_rates(write_jsonl(tmp_path / "codes.jsonl", rows), default_speaker="Bob")
+    assert rates == pytest.approx({"alice": 7.5, "bob": 7.5, infer_test.ALL_SPEAKERS: 7.5})
+    summary_file = tmp_path / "summary.json"
+    summary = dict(characters_per_second=12.5, speakers=dict(Alice=dict(characters_per_second=10)))
+    summary_file.write_text(json.dumps(summary))
+    assert infer_test.summary_rate(summary_file) == {infer_test.ALL_SPEAKERS: 12.5, "alice": 10.0}
+
+
+def test_character_error_rate():
+    assert infer_test.character_error_rate("Hello, world!", "hello world") == 0
+    assert infer_test.character_error_rate("abcd", "abxd") == 0.25
+    assert infer_test.character_error_rate("abcd", "") == 1
+    assert infer_test.character_error_rate("你好，世界。", "你好世") == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# The speaker encoder and the checkpoint
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, coded_clips, tmp_path_factory):
+    return train(tiny_model, coded_clips, tmp_path_factory.mktemp("infer") / "out", batch_size=4) / "checkpoint-epoch-0"
+
+
+@pytest.fixture(scope="module")
+def alice_clip(coded_clips):
+    """alice's shortest clip: generation forced along it is quick."""
+    return min((row for row in read_jsonl(coded_clips) if row["speaker"] == "alice"),
+               key=lambda row: len(row["audio_codes"]))
+
+
+def test_speaker_similarity_scores_the_reference_audio_and_rejects_a_wrong_vector(trained, tiny_model, tmp_path):
+    tts = infer_test.load_model(trained, "cpu")
+    config, state = tts.model.config, json.loads((trained / "trainer_state.json").read_text())
+    alice = infer_test.checkpoint_speaker_vectors(tts, ["alice"], state, trained)["alice"]
+    reference, rate = sf.read(state["speakers"][0]["reference_audio"][0], dtype="float32")
+    encoder, source = infer_test.load_speaker_encoder(config, trained, None, "cpu")
+    assert source.endswith("speaker_encoder.safetensors")
+    # No encoder file beside the weights: it comes from the base model instead (the same frozen weights).
+    from_base, source = infer_test.load_speaker_encoder(config, tmp_path, tiny_model, "cpu")
+    assert source.endswith("model.safetensors")
+
+    own = infer_test.speaker_similarity(encoder, 24000, reference, rate, alice)
+    assert own > 0.99  # the row holds this clip's x-vector, stored in bf16
+    assert infer_test.speaker_similarity(from_base, 24000, reference, rate, alice) == pytest.approx(own, abs=1e-6)
+    wrong = torch.randn(alice.shape, generator=torch.Generator().manual_seed(0))
+    low = infer_test.speaker_similarity(encoder, 24000, reference, rate, wrong)
+    assert low < Thresholds.min_speaker_similarity
+
+
+# ---------------------------------------------------------------------------------------------
+# The command, end to end
+# ---------------------------------------------------------------------------------------------
+
+def stand_in_voice(pitch_hz, silent=False):
+    """A speech decoder that answers codes with a voice (or silence) of their length (1920 samples a frame)."""
+    def decode(encoded):
+        rng = np.random.default_rng(1)
+        voices = [tiny_model.synthetic_voice(len(item["audio_codes"]) / 12.5, RATE, pitch_hz, rng)
+                  for item in encoded]
+        return [np.zeros_like(voice) if silent else voice for voice in voices], RATE
+    return decode
+
+
+def run_checker(monkeypatch, checkpoint_dir, out_dir, argv, codes, voiced=True, speaker_row=None, transcript=None):
+    """infer_test.main(argv) with the checkpoint's generation forced along `codes`; (exit code, report).
+
+    voiced: a stand-in voice, else stand-in silence, instead of the tiny decoder; speaker_row: written over alice's row;
+    transcript: what a stand-in speech recognizer hears (then --asr_model is given)."""
+    real_load = infer_test.load_model
+    if transcript is not None:
+        monkeypatch.setattr(infer_test, "load_asr", lambda path, device: lambda wav, sample_rate: transcript)
+        argv = [*argv, "--asr_model", str(out_dir.parent)]
+    with contextlib.ExitStack() as stack:
+        def load(path, device):
+            tts = real_load(path, device)
+            if path == checkpoint_dir:
+                eos = tts.model.config.talker_config.codec_eos_token_id
+                stack.enter_context(forced_heads(tts.model, np.asarray(codes), eos))
+                tts.model.speech_tokenizer.decode = stand_in_voice(ALICE_PITCH_HZ, silent=not voiced)
+                if speaker_row is not None:
+                    with torch.no_grad():
+                        alice_id = tts.model.config.talker_config.spk_id["alice"]
+                        tts.model.talker.get_input_embeddings().weight[alice_id] = speaker_row
+            return tts
+        monkeypatch.setattr(infer_test, "load_model", load)
+        try:
+            infer_test.main(["--model_path", str(checkpoint_dir), "--out_dir", str(out_dir), "--greedy", *argv])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, json.loads((out_dir / "report.json").read_text())
+
+
+@pytest.mark.parametrize("non_streaming_mode", ["true", "false"])
+def test_a_good_checkpoint_passes(trained, alice_clip, monkeypatch, tmp_path, capsys, non_streaming_mode):
+    frames = len(alice_clip["audio_codes"])
+    extra = ["--compare_base"] if non_streaming_mode == "false" else []
+    code, report = run_checker(monkeypatch, trained, tmp_path / "check", [
+        "--speaker", "alice", "--text", alice_clip["text"], "--language", alice_clip["language"],
+        "--train_jsonl", str(write_jsonl(tmp_path / "clip.jsonl", [alice_clip])),
+        "--max_new_tokens", str(frames + 4), "--non_streaming_mode", non_streaming_mode, *extra],
+        alice_clip["audio_codes"])
+
+    assert code == 0, report["failures"]
+    assert report["passed"] and report["failures"] == []
+    assert report["checks"] == dict.fromkeys(infer_test.CHECKS, "passed") | {"cer": "skipped"}
+    assert report["skipped"] == {"cer": "no --asr_model given"}
+    assert report["non_streaming_mode"] == (non_streaming_mode == "true")
+    sentence = report["sentences"][0]
+    assert sentence["frames"] == frames and sentence["stopped"]
+    assert sentence["rate_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert sentence["speaker_similarity"] > 0.99
+    assert sf.info(sentence["wav"]).frames == pytest.approx(frames * 1920, abs=1)
+    if extra:  # the base model speaks the tiny decoder's noise: the gain is measured, not judged
+        assert report["speakers"][0]["similarity_gain"] is not None
+        assert (tmp_path / "check" / "base" / "alice_00.wav").is_file()
+    printed = capsys.readouterr().out
+    assert "PASSED" in printed and "skipped cer: no --asr_model given" in printed
+
+
+@pytest.mark.parametrize("planted, expected", [
+    ("silent output", {"rms", "silence"}),
+    ("runs to max_new_tokens", {"stop"}),
+    ("speaking rate 2x off", {"rate"}),
+    ("wrong speaker vector", {"speaker_similarity"}),
+    ("unintelligible speech", {"cer"}),
+])
+def test_each_check_catches_its_planted_failure(trained, alice_clip, monkeypatch, tmp_path, planted, expected):
+    codes = np.asarray(alice_clip["audio_codes"])
+    frames = len(codes)
+    cap, plant = frames + 4, {}
+    training_data = ["--train_jsonl", str(write_jsonl(tmp_path / "clip.jsonl", [alice_clip]))]
+    if planted == "silent output":
+        plant["voiced"] = False
+    elif planted == "runs to max_new_tokens":
+        codes, cap = np.concatenate([codes, codes]), frames + 3  # codec_eos would come after the cap
+    elif planted == "speaking rate 2x off":
+        summary_file = tmp_path / "summary.json"  # the training data spoke at half the generated rate
+        summary_file.write_text(json.dumps(dict(characters_per_second=len(alice_clip["text"]) / (frames / 12.5) / 2)))
+        training_data = ["--data_summary", str(summary_file)]
+    elif planted == "wrong speaker vector":
+        width = json.loads((trained / "config.json").read_text())["talker_config"]["hidden_size"]
+        plant["speaker_row"] = torch.randn(width, generator=torch.Generator().manual_seed(0))
+    elif planted == "unintelligible speech":
+        plant["transcript"] = alice_clip["text"][: len(alice_clip["text"]) // 2]  # the second half is not heard
+    code, report = run_checker(monkeypatch, trained, tmp_path / "check", [
+        "--speaker", "alice", "--text", alice_clip["text"], "--language", alice_clip["language"],
+        "--max_new_tokens", str(cap), *training_data], codes, **plant)
+
+    assert code == 1
+    assert {f["check"] for f in report["failures"]} == expected
+    assert {check for check, result in report["checks"].items() if result == "failed"} == expected
+    failure = report["failures"][0]
+    if planted == "runs to max_new_tokens":
+        assert failure["value"] == frames + 2 and (failure["speaker"], failure["sentence"]) == ("alice", 0)
+    elif planted == "speaking rate 2x off":
+        assert failure["value"] == pytest.approx(2.0, abs=1e-3) and "speaks 2.00x" in failure["message"]
+        assert failure["sentence"] is None  # a check of the speaker's sentences together
+    elif planted == "wrong speaker vector":
+        assert failure["value"] < Thresholds.min_speaker_similarity
+    elif planted == "unintelligible speech":
+        assert failure["value"] == pytest.approx(0.5, abs=0.1) and report["sentences"][0]["transcript"]
+
+
+def test_the_command_line_exits_1_on_a_failing_check(trained, tmp_path):
+    """The real script in a child process, on the checkpoint as it is: barely trained, it does not stop."""
+    out = tmp_path / "check"
+    result = run_script("infer_test.py", "--model_path", trained, "--out_dir", out, "--speaker", "bob",
+                        "--text", "Hello.", "--greedy", "--max_new_tokens", "4", check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "stop" in {f["check"] for f in report["failures"]}
+    assert "FAIL stop (bob #0): no codec_eos within max_new_tokens 4" in result.stdout
+
+
+def test_problems_that_stop_the_check_exit_2(trained, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(trained), "--asr_model", str(tmp_path / "nowhere")])
+    assert stopped.value.code == 2
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(trained), "--speaker", "carol", "--out_dir", str(tmp_path)])
+    assert stopped.value.code == 2
