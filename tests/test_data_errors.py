@@ -6,7 +6,7 @@ import pytest
 
 from helpers import read_jsonl, train
 from sequence_layout import SpecialIds
-from training_data import DataError, read_clips
+from training_data import DataError, apply_length_limits, read_clips
 
 
 class Config:
@@ -102,3 +102,41 @@ def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_
         train(tiny_model, path, tmp_path / "out")
     assert "bad.jsonl:2: audio_codes:" in str(raised.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_length_limits_drop_and_count_long_clips(good_row, tmp_path):
+    frames = len(good_row["audio_codes"])
+    long_row = dict(good_row, audio_codes=good_row["audio_codes"] * 3)
+    clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(good_row), json.dumps(long_row)]), IDS,
+                       prompter=lambda text: list(range(20)))
+    messages = []
+    kept = apply_length_limits(clips, max_audio_seconds=(frames + 1) / 12.5, max_text_tokens=0, log=messages.append)
+    assert len(kept) == 1 and kept[0].num_frames == frames
+    assert messages == [f"dropped 1 clips longer than {(frames + 1) / 12.5} s (--max_audio_seconds)"]
+    messages.clear()
+    assert apply_length_limits(clips, max_audio_seconds=0, max_text_tokens=25, log=messages.append) == clips
+    with pytest.raises(DataError):
+        apply_length_limits(clips, max_audio_seconds=0, max_text_tokens=10, log=messages.append)
+
+
+def test_a_clip_longer_than_the_model_takes_is_named(good_row, tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(good_row)] * 3 + [json.dumps(dict(good_row, text="x" * 500))])
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS, prompter=lambda text: [0] * (len(text) + 8), max_positions=300)
+    assert f"{path}:4: text: text and audio need" in str(raised.value) and "the model takes 300" in str(raised.value)
+
+
+def test_reference_audio_at_any_rate_and_channel_count_is_used(good_row, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from speakers import reference_mel
+
+    mono, rate = sf.read(good_row["ref_audio"], dtype="float32")
+    stereo_48k = np.repeat(np.interp(np.arange(len(mono) * 2) / 2, np.arange(len(mono)), mono)[:, None], 2, axis=1)
+    sf.write(tmp_path / "ref_48k_stereo.flac", stereo_48k, 48000)
+    clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(dict(good_row, ref_audio=str(tmp_path / "ref_48k_stereo.flac")))]), IDS)
+    original, resampled = reference_mel(good_row["ref_audio"], 24000), reference_mel(clips[0].ref_audio, 24000)
+    assert abs(original.shape[1] - resampled.shape[1]) <= 1
+    frames = min(original.shape[1], resampled.shape[1])
+    assert (original[:, :frames] - resampled[:, :frames]).abs().mean() < 0.5  # log-mel: same audio, resampled

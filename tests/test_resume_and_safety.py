@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -176,3 +177,20 @@ def test_resume_reads_no_pickled_code(tiny_model, twelve_clips, tmp_path, monkey
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
     train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest", max_steps=3, **RUN)
     assert calls and all(flag is True for flag in calls)
+
+
+def test_sigkill_while_saving_never_shows_a_half_written_checkpoint(tiny_model, twelve_clips, tmp_path):
+    output = tmp_path / "out"
+    process = subprocess.Popen(trainer_command(tiny_model, twelve_clips, output), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(output.glob(".checkpoint-step-3" + checkpoint.PARTIAL_SUFFIX)):  # the third save is under way
+        assert process.poll() is None and time.monotonic() < deadline, "the trainer never reached its third save"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    visible = sorted(p.name for p in output.glob("checkpoint-*"))
+    assert visible
+    assert visible == sorted(p.name for p in checkpoint.list_checkpoints(output))  # each visible one is complete
+    train(tiny_model, twelve_clips, output, resume_from_checkpoint="latest", **RUN)
+    assert checkpoint.latest_checkpoint(output).name == "checkpoint-epoch-1"
