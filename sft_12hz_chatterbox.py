@@ -75,6 +75,12 @@ def parse_args(argv=None):
     optim.add_argument("--train_text_embedding", action="store_true",
                        help="also train the 151936-row text embedding table (about 4 GB more GPU memory on 1.7B); "
                             "off by default: a new voice needs no new word vectors, and text_projection still trains")
+    optim.add_argument("--text_layout", default="non_streaming", choices=["non_streaming", "streaming", "both"],
+                       help="how the text sits beside the audio in training, as generate_custom_voice's "
+                            "non_streaming_mode=True (default) or False lays it out; 'both' trains every clip "
+                            "in both layouts (twice the steps), so either mode speaks well")
+    optim.add_argument("--seed", type=int, default=42, help="data order and any randomness")
+
     lora_group = parser.add_argument_group("LoRA (train small adapters instead of every weight)")
     lora_group.add_argument("--lora_rank", type=int, default=0,
                             help="rank of LoRA adapters on the linear layers; 0 = full fine-tuning. 16-64 suit a voice")
@@ -83,11 +89,6 @@ def parse_args(argv=None):
     lora_group.add_argument("--lora_target_modules", default=None,
                             help="comma-separated linear layer names to adapt (default: every attention and MLP "
                                  "projection of the talker and code predictor)")
-    optim.add_argument("--text_layout", default="non_streaming", choices=["non_streaming", "streaming", "both"],
-                       help="how the text sits beside the audio in training, as generate_custom_voice's "
-                            "non_streaming_mode=True (default) or False lays it out; 'both' trains every clip "
-                            "in both layouts (twice the steps), so either mode speaks well")
-    optim.add_argument("--seed", type=int, default=42, help="data order and any randomness")
 
     run = parser.add_argument_group("run")
     run.add_argument("--mixed_precision", default="auto", choices=["auto", "bf16", "no"],

@@ -63,45 +63,37 @@ NUM_CODE_GROUPS = 16
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 Hz
 
-# Widths per preset. Everything not listed is the same for every size.
+# Widths per preset. Everything not listed is the same for every size. The 0.6B shapes differ from
+# the 1.7B ones in the talker only: it is narrower than the text embedding, and as wide as the
+# code predictor (so no projection sits between them).
+TINY_CODE_PREDICTOR = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16)
+FULL_CODE_PREDICTOR = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=5, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128)
+TINY_SPEAKER_ENCODER = dict(enc_channels=[32, 32, 32, 32, 96], enc_attention_channels=16, enc_res2net_scale=4,
+                            enc_se_channels=16)
 SIZES = {
     "tiny": dict(
         talker=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
                     num_key_value_heads=1, head_dim=16, text_hidden_size=48, mrope_section=[4, 2, 2]),
-        code_predictor=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-        speaker_encoder=dict(enc_channels=[32, 32, 32, 32, 96], enc_attention_channels=16,
-                             enc_res2net_scale=4, enc_se_channels=16),
-        tts_model_size="1b7",
+        code_predictor=TINY_CODE_PREDICTOR, speaker_encoder=TINY_SPEAKER_ENCODER, tts_model_size="1b7",
         speech_tokenizer="tiny",
     ),
     "tiny-0.6b": dict(
         talker=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=16, text_hidden_size=48, mrope_section=[4, 2, 2]),
-        code_predictor=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-        speaker_encoder=dict(enc_channels=[32, 32, 32, 32, 96], enc_attention_channels=16,
-                             enc_res2net_scale=4, enc_se_channels=16),
-        tts_model_size="0b6",
+        code_predictor=TINY_CODE_PREDICTOR, speaker_encoder=TINY_SPEAKER_ENCODER, tts_model_size="0b6",
         speech_tokenizer="tiny",
     ),
     "1.7b": dict(
         talker=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                     num_key_value_heads=8, head_dim=128, text_hidden_size=2048, mrope_section=[24, 20, 20]),
-        code_predictor=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=5,
-                            num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-        speaker_encoder=dict(),
-        tts_model_size="1b7",
-        speech_tokenizer="full",
+        code_predictor=FULL_CODE_PREDICTOR, speaker_encoder={}, tts_model_size="1b7", speech_tokenizer="full",
     ),
     "0.6b": dict(
         talker=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                     num_key_value_heads=8, head_dim=128, text_hidden_size=2048, mrope_section=[24, 20, 20]),
-        code_predictor=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=5,
-                            num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-        speaker_encoder=dict(),
-        tts_model_size="0b6",
-        speech_tokenizer="full",
+        code_predictor=FULL_CODE_PREDICTOR, speaker_encoder={}, tts_model_size="0b6", speech_tokenizer="full",
     ),
 }
 
