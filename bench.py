@@ -23,9 +23,9 @@ import sft_12hz_chatterbox as sft
 import tiny_model
 from checkpoint import TrainingProgress
 from sequence_layout import SpecialIds
+from training_data import FRAMES_PER_SECOND
 from training_run import Run
 
-FRAMES_PER_SECOND = 12.5
 CHARACTERS_PER_SECOND = 15
 WORDS = ("the quick brown fox jumps over lazy dog she sells sea shells by shore one two three four five "
          "hello world voice speech model train sound clear bright morning evening river mountain").split()

@@ -29,7 +29,7 @@ import torch
 
 import checkpoint
 from speakers import MEL_SETTINGS, speaker_vectors, waveform_mel
-from training_data import FRAMES_PER_SECOND
+from training_data import FRAMES_PER_SECOND, SpeakingRates
 
 # Built-in test sentences: a statement, a pangram-like line, a short question and a long request.
 SENTENCES = {
@@ -70,7 +70,7 @@ SILENT_WINDOW_SECONDS = 0.05
 SILENT_WINDOW_DBFS = -50.0   # a 50 ms window quieter than this is silence (pauses, not soft consonants)
 CLIP_LEVEL = 0.99            # samples at or above this magnitude count as clipped
 DBFS_FLOOR = -120.0          # reported for digital silence instead of -inf
-ALL_SPEAKERS = "*"           # key of the whole training set's rate
+ALL_SPEAKERS = SpeakingRates.ALL  # key of the whole training set's rate
 ENCODER_PREFIX = "speaker_encoder."
 
 
@@ -182,28 +182,21 @@ def speaker_similarity(encoder, encoder_rate: int, wav: np.ndarray, sample_rate:
 # ---------------------------------------------------------------------------------------------
 
 def training_rates(jsonl_path: Path, default_speaker: str = None) -> dict:
-    """Characters per second of a codes JSONL: {speaker: rate, ALL_SPEAKERS: rate of all rows}.
-
-    Characters are the text as written (spaces and punctuation included), counted the same way
-    for the generated sentences; seconds are frames / 12.5."""
-    totals = {}
+    """Speaking rates of a codes JSONL: {speaker: rate, ALL_SPEAKERS: rate of all rows} (see SpeakingRates)."""
+    rates = SpeakingRates()
     with open(jsonl_path, encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                characters, seconds = len(row["text"]), len(row["audio_codes"]) / FRAMES_PER_SECOND
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                rates.add(row["text"], len(row["audio_codes"]), row.get("speaker") or default_speaker)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 stop(f"{jsonl_path}:{line_number}: not a codes row with text and audio_codes ({error})")
-            speaker = row.get("speaker") or default_speaker
-            for key in {ALL_SPEAKERS, str(speaker).strip().lower() if speaker else ALL_SPEAKERS}:
-                total = totals.setdefault(key, [0, 0.0])
-                total[0] += characters
-                total[1] += seconds
-    if ALL_SPEAKERS not in totals or totals[ALL_SPEAKERS][1] <= 0:
+    result = rates.rates()
+    if ALL_SPEAKERS not in result:
         stop(f"{jsonl_path}: no rows with audio")
-    return {key: characters / seconds for key, (characters, seconds) in totals.items() if seconds > 0}
+    return result
 
 
 def summary_rate(path: Path) -> dict:

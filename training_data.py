@@ -24,6 +24,25 @@ from sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, SpecialIds, build_exa
 FRAMES_PER_SECOND = 12.5
 
 
+class SpeakingRates:
+    """Characters of text (as written: spaces and punctuation count) per second of audio, per speaker
+    and over all clips. prepare_codes reports it; infer_test compares generated speech against it."""
+
+    ALL = "*"  # key of the rate over every clip
+
+    def __init__(self):
+        self.totals = {}  # key -> [characters, seconds]
+
+    def add(self, text: str, frames: int, speaker: str = None) -> None:
+        for key in {self.ALL, speaker.strip().lower() if speaker else self.ALL}:
+            total = self.totals.setdefault(key, [0, 0.0])
+            total[0] += len(text)
+            total[1] += frames / FRAMES_PER_SECOND
+
+    def rates(self) -> dict:
+        return {key: characters / seconds for key, (characters, seconds) in self.totals.items() if seconds > 0}
+
+
 @dataclass
 class Clip:
     """One usable training row."""
@@ -152,15 +171,11 @@ class ClipReader:
 
     def audio_problem(self, path: Path):
         if path not in self.readable:
-            if not path.exists():
-                self.readable[path] = "file not found"
-            elif not self.check_audio:
-                self.readable[path] = None
+            if not self.check_audio:
+                self.readable[path] = None if path.exists() else "file not found"
             else:
-                try:
-                    self.readable[path] = None if audio_io.duration_seconds(path) > 0 else "holds no audio"
-                except Exception as error:  # soundfile raises several types for unreadable files
-                    self.readable[path] = f"unreadable ({error})"
+                _, problem = audio_io.probe(path)
+                self.readable[path] = problem[1] if problem else None
         return self.readable[path]
 
 

@@ -40,7 +40,8 @@ def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, 
     assert "2 per process x 1 accumulation x 2 processes = 4 clips per step" in result.stdout
     assert "processes: 2 (MULTI_CPU)" in result.stdout
     assert result.stdout.count("step 1:") == 1  # only the main process logs
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
+    assert not list((tmp_path / "two").glob(".*"))  # no partial or duplicate folders
 
     one = load_file(one_process_run / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")

@@ -30,5 +30,6 @@ def test_the_demo_runs_the_whole_pipeline(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo finished" in result.stdout
     wavs = sorted((tmp_path / "demo" / "speech").glob("*.wav"))
-    assert len(wavs) == 3 and all(w.stat().st_size > 1000 for w in wavs)
+    assert len(wavs) == 4 and all(w.stat().st_size > 1000 for w in wavs)  # the built-in English sentences
+    assert (tmp_path / "demo" / "speech" / "report.json").is_file()
     assert (tmp_path / "demo" / "output" / "checkpoint-epoch-4" / "model.safetensors").is_file()

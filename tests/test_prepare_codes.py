@@ -1,0 +1,373 @@
+"""prepare_codes.py on the tiny speech tokenizer: every input layout, bad audio of each kind, a kill
+and a rerun, sharding and merging. Clips are under a second, so each run encodes in a second or two."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import audio_io
+import prepare_codes
+from dataset_layouts import detect_layout
+from helpers import ROOT, read_jsonl, run_script, write_jsonl
+from tiny_model import synthetic_voice
+
+CODEBOOK_SIZE = 2048
+NUM_CODE_GROUPS = 16
+
+
+@pytest.fixture(scope="module")
+def speech_tokenizer(tiny_model):
+    return tiny_model / "speech_tokenizer"
+
+
+def voice(seconds: float, rate: int = 24000, seed: int = 0) -> np.ndarray:
+    return synthetic_voice(seconds, rate, 140.0, np.random.default_rng(seed))
+
+
+def write_audio(path, samples, rate, **options):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples, rate, **options)
+    return path
+
+
+def prepare(speech_tokenizer, input_path, output, *flags):
+    """prepare_codes.main in this process, on CPU; returns the summary."""
+    return prepare_codes.main(["--tokenizer_model_path", str(speech_tokenizer), "--input", str(input_path),
+                               "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "1",
+                               *map(str, flags)])
+
+
+def rejects_by_source(output) -> dict:
+    return {reject["source"]: reject["reason"] for reject in read_jsonl(f"{output}.rejects.jsonl")}
+
+
+def expected_frames(seconds: float) -> int:
+    return math.ceil(round(seconds * 12.5, 6))
+
+
+def check_codes(row, seconds: float):
+    codes = np.array(row["audio_codes"])
+    assert codes.shape == (expected_frames(seconds), NUM_CODE_GROUPS)
+    assert codes.min() >= 0 and codes.max() < CODEBOOK_SIZE
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio reading
+# ---------------------------------------------------------------------------------------------
+
+def test_stereo_48k_and_8k_come_out_mono_at_24k(tmp_path):
+    t48, t8, t24 = (np.arange(int(0.5 * rate)) / rate for rate in (48000, 8000, 24000))
+    tone48, tone8 = np.sin(2 * np.pi * 440 * t48), np.sin(2 * np.pi * 200 * t8)
+    stereo = write_audio(tmp_path / "stereo.flac", 0.5 * np.stack([tone48, 0.5 * tone48], axis=1), 48000)
+    narrow = write_audio(tmp_path / "narrow.wav", 0.5 * tone8, 8000)
+
+    decoded = audio_io.decode(stereo, 24000)
+    assert decoded.samples.dtype == np.float32 and decoded.samples.shape == (12000,)
+    # mean of the channels, resampled: the same tone at 24 kHz (the ends carry the filter's edge)
+    np.testing.assert_allclose(decoded.samples[200:-200], 0.375 * np.sin(2 * np.pi * 440 * t24)[200:-200], atol=2e-3)
+    upsampled = audio_io.load_mono(narrow, 24000)
+    np.testing.assert_allclose(upsampled[200:-200], 0.5 * np.sin(2 * np.pi * 200 * t24)[200:-200], atol=2e-3)
+    assert decoded.clipped_fraction == 0 and -20 < decoded.level_dbfs < -5
+
+
+def test_clipping_and_silence_are_measured(tmp_path):
+    loud = write_audio(tmp_path / "loud.wav", np.clip(4 * voice(0.5), -1, 1), 24000, subtype="PCM_16")
+    silent = write_audio(tmp_path / "silent.wav", np.zeros(12000), 24000)
+    assert audio_io.decode(loud, 24000).clipped_fraction > 0.05
+    assert audio_io.decode(silent, 24000).level_dbfs == -math.inf
+
+
+def test_layout_detection(tmp_path):
+    (tmp_path / "ljs" / "wavs").mkdir(parents=True)
+    (tmp_path / "ljs" / "metadata.csv").write_text("a|b\n")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "raw.jsonl").write_text("")
+    assert detect_layout(tmp_path / "ljs") == ("ljspeech", tmp_path / "ljs" / "metadata.csv")
+    assert detect_layout(tmp_path / "ljs" / "metadata.csv")[0] == "ljspeech"
+    assert detect_layout(tmp_path / "clips") == ("folder", tmp_path / "clips")
+    assert detect_layout(tmp_path / "raw.jsonl") == ("jsonl", tmp_path / "raw.jsonl")
+    with pytest.raises(SystemExit, match="no such file"):
+        detect_layout(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input layouts, with every kind of bad row
+# ---------------------------------------------------------------------------------------------
+
+def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_audio(data / "stereo48k.flac", np.stack([voice(0.8, 48000, 1), 0.5 * voice(0.8, 48000, 1)], axis=1), 48000)
+    write_audio(data / "narrow8k.wav", voice(0.7, 8000, 2), 8000)
+    write_audio(data / "vorbis.ogg", voice(0.6, 24000, 3), 24000)
+    write_audio(data / "clipped.wav", np.clip(4 * voice(0.6, 24000, 4), -1, 1), 24000, subtype="PCM_16")
+    write_audio(data / "ref.wav", voice(2.0, 24000, 5), 24000)
+    write_audio(data / "silent.wav", np.zeros(24000), 24000)
+    write_audio(data / "hiss.wav", 1e-4 * np.random.default_rng(6).standard_normal(24000), 24000)
+    write_audio(data / "forty_seconds.wav", voice(40.0, 8000, 7), 8000)
+    write_audio(data / "blip.wav", voice(0.2, 24000, 8), 24000)
+    write_audio(data / "no_samples.wav", np.zeros(0), 24000)
+    (data / "corrupt.wav").write_bytes(np.random.default_rng(9).bytes(5000))
+    (data / "empty.wav").write_bytes(b"")
+    lines = [
+        dict(audio="stereo48k.flac", text="Stereo at forty-eight.", ref_audio="ref.wav", speaker="alice"),  # 1
+        dict(audio="narrow8k.wav", text="Eight kilohertz.", language="english"),                             # 2
+        dict(audio="vorbis.ogg", text="  Vorbis.  "),                                                          # 3
+        dict(audio="clipped.wav", text="Too loud."),                                                           # 4
+        dict(audio="silent.wav", text="Nothing."),                                                             # 5
+        dict(audio="hiss.wav", text="Only hiss."),                                                             # 6
+        dict(audio="forty_seconds.wav", text="A very long read."),                                             # 7
+        dict(audio="blip.wav", text="Hm."),                                                                    # 8
+        dict(audio="no_samples.wav", text="Empty wav."),                                                       # 9
+        dict(audio="corrupt.wav", text="Random bytes."),                                                       # 10
+        dict(audio="empty.wav", text="Zero bytes."),                                                           # 11
+        dict(audio="vorbis.ogg"),                                                                              # 12
+        dict(audio="vorbis.ogg", text="   "),                                                                  # 13
+        dict(audio="not_there.wav", text="Missing file."),                                                     # 14
+        dict(audio="vorbis.ogg", text="Bad reference.", ref_audio="not_there.wav"),                            # 15
+        dict(audio="vorbis.ogg", text="Bad speaker.", speaker=7),                                              # 16
+    ]
+    raw = data / "raw.jsonl"
+    raw.write_text("".join(json.dumps(line) + "\n" for line in lines) + "{not json\n")          # 17
+    output = tmp_path / "out" / "train.jsonl"
+
+    summary = prepare(speech_tokenizer, raw, output, "--ref_audio", data / "ref.wav", "--speaker", "narrator",
+                      "--batch_size", 2)
+
+    rows = read_jsonl(output)
+    assert [row["source"] for row in rows] == [f"{raw}:{n}" for n in (1, 2, 3, 4)]  # input order
+    for row, seconds in zip(rows, (0.8, 0.7, 0.6, 0.6)):
+        check_codes(row, seconds)
+        assert os.path.isabs(row["audio"]) and os.path.isabs(row["ref_audio"])
+    assert rows[0]["ref_audio"] == str(data / "ref.wav") and rows[0]["speaker"] == "alice"
+    assert rows[1]["speaker"] == "narrator" and rows[1]["language"] == "english" and "language" not in rows[0]
+    assert rows[2]["text"] == "Vorbis."
+    assert rows[3]["clipped_fraction"] > 0.05 and "clipped_fraction" not in rows[0]
+
+    expected = {7: "too_long", 8: "too_short", 9: "empty_audio", 10: "unreadable_audio", 11: "unreadable_audio",
+                12: "missing_transcript", 13: "empty_transcript", 14: "missing_audio", 15: "bad_ref_audio",
+                16: "bad_row", 17: "bad_row", 5: "silent", 6: "silent"}
+    assert rejects_by_source(output) == {f"{raw}:{n}": reason for n, reason in expected.items()}
+    rejects = read_jsonl(f"{output}.rejects.jsonl")
+    assert [reject["source"] for reject in rejects] == sorted((r["source"] for r in rejects),
+                                                              key=lambda s: int(s.rsplit(":", 1)[1]))
+    assert next(r for r in rejects if r["source"] == f"{raw}:17")["input"] == "{not json"
+    assert f"{raw}:13: text: is empty" in capsys.readouterr().err
+
+    assert summary == json.loads((output.parent / "train.jsonl.summary.json").read_text())
+    assert summary["clips"] == 4 and summary["rejected"] == 13 and summary["clipped_clips"] == 1
+    assert summary["rejects_by_reason"]["silent"] == 2 and summary["rejects_by_reason"]["unreadable_audio"] == 2
+    assert sum(summary["duration_histogram"].values()) == 4 and summary["duration_histogram"]["0-1 s"] == 4
+    seconds = sum(len(row["audio_codes"]) for row in rows) / 12.5
+    assert summary["characters_per_second"] == pytest.approx(sum(len(r["text"]) for r in rows) / seconds, abs=1e-3)
+    assert summary["speakers"]["alice"]["clips"] == 1 and summary["speakers"]["narrator"]["clips"] == 3
+    assert summary["throughput"]["encoded_clips"] == 4 and summary["throughput"]["audio_seconds_per_wall_second"] > 0
+    assert not (output.parent / "train.jsonl.partial").exists()
+
+
+def test_ljspeech_layout(speech_tokenizer, tmp_path):
+    ljs = tmp_path / "LJSpeech"
+    for clip_id, seconds in (("LJ001", 0.6), ("LJ003", 0.7), ("LJ004", 0.6), ("LJ005", 0.6)):
+        write_audio(ljs / "wavs" / f"{clip_id}.wav", voice(seconds, 22050, len(clip_id)), 22050)
+    write_audio(ljs / "wavs" / "LJ002.flac", voice(0.8, 22050, 2), 22050)
+    ref = write_audio(tmp_path / "ref.wav", voice(2.0, 24000, 9), 24000)
+    (ljs / "metadata.csv").write_text(
+        'LJ001|Raw "text" 1869.|Raw "text" eighteen sixty-nine.\n'
+        "LJ002|Only raw text.\n"
+        "LJ003|Raw text, no normalized.|\n"
+        "\n"
+        "LJ004|\n"
+        "LJ005\n"
+        "LJ006|Its audio is missing.|Its audio is missing.\n")
+    output = tmp_path / "ljs.jsonl"
+
+    summary = prepare(speech_tokenizer, ljs, output, "--ref_audio", ref, "--speaker", "Linda", "--language", "english")
+
+    rows = read_jsonl(output)
+    metadata = ljs / "metadata.csv"
+    assert [row["text"] for row in rows] == ['Raw "text" eighteen sixty-nine.', "Only raw text.",
+                                             "Raw text, no normalized."]
+    assert [row["audio"] for row in rows] == [str(ljs / "wavs" / name)
+                                              for name in ("LJ001.wav", "LJ002.flac", "LJ003.wav")]
+    for row, seconds in zip(rows, (0.6, 0.8, 0.7)):
+        check_codes(row, seconds)
+        assert (row["ref_audio"], row["speaker"], row["language"]) == (str(ref), "Linda", "english")
+    assert rejects_by_source(output) == {f"{metadata}:5": "empty_transcript", f"{metadata}:6": "missing_transcript",
+                                         f"{metadata}:7": "missing_audio"}
+    assert list(summary["speakers"]) == ["linda"]  # grouped as the trainer does and summary["clips"] == 3
+
+
+def test_folder_layout_with_txt_and_lab_transcripts(speech_tokenizer, tmp_path):
+    clips = tmp_path / "clips"
+    write_audio(clips / "a.wav", voice(0.6, 24000, 1), 24000)
+    (clips / "a.txt").write_text("First line,\nsecond line.\n")
+    write_audio(clips / "sub" / "b.flac", voice(0.7, 44100, 2), 44100)
+    (clips / "sub" / "b.lab").write_text("From a lab file.")
+    write_audio(clips / "c.wav", voice(0.6, 24000, 3), 24000)
+    write_audio(clips / "d.wav", voice(0.6, 24000, 4), 24000)
+    (clips / "d.txt").write_text("\n")
+    (clips / "notes.md").write_text("not audio")
+    output = tmp_path / "folder.jsonl"
+
+    prepare(speech_tokenizer, clips, output)
+
+    rows = read_jsonl(output)
+    assert [(row["source"], row["text"]) for row in rows] == [(str(clips / "a.wav"), "First line, second line."),
+                                                              (str(clips / "sub" / "b.flac"), "From a lab file.")]
+    assert all(row["ref_audio"] == row["audio"] for row in rows)  # no --ref_audio: each clip is its own
+    check_codes(rows[1], 0.7)
+    assert rejects_by_source(output) == {str(clips / "c.wav"): "missing_transcript",
+                                         str(clips / "d.wav"): "empty_transcript"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill and rerun, shards: all compared with one uninterrupted run
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_set(tmp_path_factory):
+    """Nine short clips of two speakers at three rates, a silent clip (the longest: in the first batch, so
+    a rejected line is written before the kill) and a row whose audio is missing."""
+    folder = tmp_path_factory.mktemp("clip_set")
+    rows = [dict(audio="silent.wav", text="Silence.", speaker="bob")]
+    write_audio(folder / "silent.wav", np.zeros(int(1.2 * 24000)), 24000)
+    for index in range(9):
+        rate = (24000, 44100, 16000)[index % 3]
+        name = f"clip_{index}.wav"
+        write_audio(folder / name, voice(0.55 + 0.05 * index, rate, index), rate)
+        rows.append(dict(audio=name, text=f"Sentence number {index}.", speaker=("alice", "bob")[index % 2]))
+        if index == 4:
+            rows.append(dict(audio="missing.wav", text="No audio."))
+    return write_jsonl(folder / "raw.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def reference_run(speech_tokenizer, clip_set, tmp_path_factory):
+    output = tmp_path_factory.mktemp("reference") / "train.jsonl"
+    prepare(speech_tokenizer, clip_set, output, "--batch_size", 2)
+    return output
+
+
+@pytest.fixture(scope="module")
+def killed_partial(speech_tokenizer, clip_set, tmp_path_factory):
+    """The progress file of a run SIGKILLed after its second batch (a child process, as a user runs it)."""
+    output = tmp_path_factory.mktemp("killed") / "train.jsonl"
+    result = run_script(ROOT / "prepare_codes.py", "--tokenizer_model_path", speech_tokenizer, "--input", clip_set,
+                        "--output_jsonl", output, "--device", "cpu", "--batch_size", 2, check=False, timeout=180,
+                        env=dict(os.environ, **{prepare_codes.KILL_HOOK: "2"}))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert not output.exists()
+    partial = output.with_name("train.jsonl.partial")
+    assert len(partial.read_text().splitlines()) == 1 + 4  # settings, then two batches of two
+    return partial
+
+
+def copy_partial(partial, output):
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return shutil.copy(partial, output.with_name(output.name + ".partial"))
+
+
+def assert_same_dataset(output, reference):
+    rows = read_jsonl(output)
+    assert rows == read_jsonl(reference)
+    assert len({row["source"] for row in rows}) == len(rows)
+    assert read_jsonl(f"{output}.rejects.jsonl") == read_jsonl(f"{reference}.rejects.jsonl")
+    summary, expected = (json.loads(Path(f"{path}.summary.json").read_text()) for path in (output, reference))
+    for key in ("clips", "hours", "characters_per_second", "speakers", "duration_histogram", "rejects_by_reason"):
+        assert summary[key] == expected[key], key
+
+
+def test_rerun_after_kill_finishes_the_same_dataset(speech_tokenizer, clip_set, reference_run, killed_partial,
+                                                    tmp_path):
+    output = tmp_path / "train.jsonl"
+    copy_partial(killed_partial, output)
+    done = [json.loads(line) for line in killed_partial.read_text().splitlines()[1:]]
+    assert any("rejected" in entry for entry in done)
+
+    # Another batch size on the rerun: a clip's codes do not depend on its batch.
+    summary = prepare(speech_tokenizer, clip_set, output, "--batch_size", 3)
+
+    assert_same_dataset(output, reference_run)
+    assert summary["throughput"]["encoded_clips"] == 9 - sum("kept" in entry for entry in done)
+    assert not output.with_name("train.jsonl.partial").exists()
+
+
+def test_half_written_last_line_is_cut_and_redone(speech_tokenizer, clip_set, reference_run, killed_partial,
+                                                   tmp_path, capsys):
+    output = tmp_path / "train.jsonl"
+    partial = copy_partial(killed_partial, output)
+    last = partial.read_text().splitlines()[-1]
+    with open(partial, "a") as handle:
+        handle.write(last[: len(last) // 2])  # a kill in the middle of a write
+
+    prepare(speech_tokenizer, clip_set, output, "--batch_size", 2)
+
+    assert "cut off a half-written last line" in capsys.readouterr().out
+    assert_same_dataset(output, reference_run)
+
+
+def test_rerun_with_other_settings_or_input_is_refused(speech_tokenizer, clip_set, killed_partial, tmp_path):
+    output = tmp_path / "train.jsonl"
+    copy_partial(killed_partial, output)
+    with pytest.raises(SystemExit, match=r"--max_seconds 30.0 \(now 20.0\)"):
+        prepare(speech_tokenizer, clip_set, output, "--max_seconds", 20)
+
+    # The same input file name, other rows: the done rows no longer match.
+    changed = clip_set.with_name("changed.jsonl")
+    changed.write_text(clip_set.read_text().replace("Sentence number", "Sentence"))
+    partial = output.with_name("train.jsonl.partial")
+    first, *rest = partial.read_text().splitlines(keepends=True)
+    settings = json.loads(first)
+    settings["settings"]["input"] = str(changed)
+    partial.write_text(json.dumps(settings) + "\n" + "".join(rest))
+    with pytest.raises(SystemExit, match="the input changed"):
+        prepare(speech_tokenizer, changed, output)
+
+
+def test_rerun_of_a_complete_output_does_nothing(speech_tokenizer, clip_set, reference_run, capsys):
+    before = reference_run.stat().st_mtime_ns
+    prepare(speech_tokenizer, clip_set, reference_run, "--batch_size", 2)
+    assert "already complete" in capsys.readouterr().out
+    assert reference_run.stat().st_mtime_ns == before
+
+
+def test_shards_merge_into_the_same_dataset(speech_tokenizer, clip_set, reference_run, tmp_path):
+    output = tmp_path / "train.jsonl"
+    for index in range(2):
+        prepare(speech_tokenizer, clip_set, output, "--shard_index", index, "--num_shards", 2, "--batch_size", 2)
+    shards = [read_jsonl(tmp_path / f"train.shard-{index}-of-2.jsonl") for index in range(2)]
+    assert shards[0] and shards[1] and not output.exists()
+
+    summary = prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(output)])
+
+    assert_same_dataset(output, reference_run)
+    assert summary["settings"]["num_shards"] == 2
+    assert summary["throughput"]["encoded_clips"] == 9
+
+
+def test_merge_refuses_incomplete_shards(tmp_path):
+    with pytest.raises(SystemExit, match="shard-1-of-2"):
+        prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(tmp_path / "train.jsonl")])
+
+
+def test_launcher_ranks_are_shards_and_rank_0_merges(speech_tokenizer, clip_set, reference_run, tmp_path):
+    """As under `accelerate launch`: WORLD_SIZE and RANK set, no shard flags."""
+    output = tmp_path / "train.jsonl"
+    command = [sys.executable, str(ROOT / "prepare_codes.py"), "--tokenizer_model_path", str(speech_tokenizer),
+               "--input", str(clip_set), "--output_jsonl", str(output), "--device", "cpu", "--batch_size", "2",
+               "--num_workers", "0"]
+    ranks = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(2)]
+    logs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], logs
+    assert_same_dataset(output, reference_run)
