@@ -293,10 +293,17 @@ class TalkerDataset(torch.utils.data.Dataset):
         clip, layout = self.clip_and_layout(index)
         return example_length(self.ids, len(clip.prompt), clip.num_frames, clip.language, layout)
 
-    def targets(self, indices) -> tuple:
-        """(group-0 targets, code-predictor targets) in these examples together."""
+    def targets(self, indices) -> "StepTargets":
+        """What one optimizer step over these examples (all processes' share) predicts."""
         counts = [num_targets(self.clip_and_layout(i)[0].num_frames, self.ids.num_code_groups) for i in indices]
-        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        return StepTargets(sum(c[0] for c in counts), sum(c[1] for c in counts), len(indices))
+
+
+@dataclass(frozen=True)
+class StepTargets:
+    codec0: int        # group-0 targets: every frame and each clip's codec_eos
+    sub_talker: int    # code-predictor targets: groups 1.. of every frame
+    clips: int
 
 
 @dataclass

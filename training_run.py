@@ -50,7 +50,7 @@ class Run:
         processes), so the summed gradients equal those of one big batch. Returns whether a stop
         was asked on any process.
         """
-        codec0_targets, sub_targets = step_targets
+        codec0_targets, sub_targets = step_targets.codec0, step_targets.sub_talker
         weight = self.args.sub_talker_loss_weight
         # DDP averages gradients over processes; the losses are already global sums over targets.
         scale = self.accelerator.num_processes
@@ -95,7 +95,7 @@ class Run:
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.interval_clips += self.args.batch_size * len(batches)  # this process's share, approximately
+        self.interval_clips += step_targets.clips
         return stop
 
     def postfix(self) -> str:
@@ -116,7 +116,7 @@ class Run:
             "train/sub_talker_loss": sub,
             "train/lr": self.last_lr,
             "train/grad_norm": float(self.last_grad_norm),
-            "train/samples_per_second": self.interval_clips * self.accelerator.num_processes / seconds,
+            "train/samples_per_second": self.interval_clips / seconds,
         }
         if self.device.type == "cuda":
             values["train/gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
