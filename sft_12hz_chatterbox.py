@@ -174,14 +174,15 @@ def main(argv=None):
     train_set, eval_set, speaker_table = load_datasets(args, ids, tts.processor, config, accelerator)
     train_module = make_training_model(model, speaker_table, args, accelerator, resume_dir)
     optimizer = make_optimizer(train_module, args, accelerator)
-    steps_per_epoch = len(plan_for(train_set, args, accelerator, epoch=0).steps)
+    first_plan = plan_for(train_set, args, accelerator, epoch=0)
+    steps_per_epoch = len(first_plan.steps)
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.num_epochs)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
     progress = resume_or_start(args, accelerator, resume_dir, output_dir)
     run = Run(args, accelerator, train_module, optimizer, scheduler, speaker_table, output_dir, progress)
-    print_banner(run, train_set, eval_set, steps_per_epoch, total_steps, resume_dir)
+    print_banner(run, train_set, eval_set, first_plan, total_steps, resume_dir)
 
     # The loop. One iteration is one optimizer step over batch x accumulation x processes clips.
     stop_request = StopRequest()
@@ -329,7 +330,6 @@ def load_datasets(args, ids, processor, config, accelerator):
 
 def make_training_model(model, speaker_table, args, accelerator, resume_dir):
     """The module accelerate trains, with the speaker encoder frozen or not."""
-    mels = reference_mels(speaker_table, config_sample_rate(model))
     model.train()
     lora_config = None
     if args.lora_rank:
@@ -344,12 +344,12 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
             vectors = checkpoint.load_speaker_vectors(resume_dir / checkpoint.TRAINING_STATE_DIR)
         else:
             with torch.no_grad():
-                vectors = speaker_vectors(model.speaker_encoder, mels)
+                vectors = speaker_vectors(model.speaker_encoder, reference_mels(speaker_table, config_sample_rate(model)))
         # Every process must fill the speaker slot with the same vector: take process 0's.
         vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
         module = TalkerTrainingModel(model, speaker_vectors=vectors)
     else:
-        module = TalkerTrainingModel(model, reference_mels=mels)
+        module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, config_sample_rate(model)))
     module.lora_config = lora_config  # the checkpoint export merges the adapters with it
     return module
 
@@ -441,13 +441,13 @@ def tracker_config(args):
     return {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
 
 
-def print_banner(run, train_set, eval_set, steps_per_epoch, total_steps, resume_dir):
+def print_banner(run, train_set, eval_set, plan, total_steps, resume_dir):
     """Say what will happen before step 1."""
     args, accelerator = run.args, run.accelerator
     module = accelerator.unwrap_model(run.train_module)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    plan = plan_for(train_set, args, accelerator, epoch=0)
+    steps_per_epoch = len(plan.steps)
     lines = [
         "***** Running training *****",
         f"  clips: {len(train_set.clips)} train" + (f", {len(eval_set.clips)} eval" if eval_set else ", no eval data")

@@ -133,10 +133,11 @@ class Run:
         sums = torch.zeros(4, device=self.device)
         with torch.no_grad():
             for indices in mine:
-                batch = collate([eval_set[i] for i in indices]).to(self.device)
-                out = module(batch)
-                sums += torch.tensor([0.0, 0.0, batch.num_codec0_targets, batch.num_sub_talker_targets], device=self.device)
-                sums[:2] += torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum])
+                out = module(collate([eval_set[i] for i in indices]).to(self.device))
+                targets = eval_set.targets(indices)
+                sums += torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum,
+                                     torch.tensor(float(targets.codec0), device=self.device),
+                                     torch.tensor(float(targets.sub_talker), device=self.device)])
         module.train()
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, "sum")
