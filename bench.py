@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--clips", type=int, default=512, help="synthetic clips in the data set")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--trainer_flags", default="",
-                        help="extra sft_12hz_chatterbox.py flags, e.g. '--attn_implementation eager'")
+                        help="extra sft_12hz_chatterbox.py flags, written --trainer_flags=\"--low_memory --lora_rank 16\"")
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_SIZE.json)")
     parser.add_argument("--compile_mode", default=None,
                         help="experiment: torch.compile mode for the layers (e.g. reduce-overhead) instead of the default")
@@ -169,11 +169,12 @@ def main(argv=None):
     if device.type == "cpu":
         flags += ["--mixed_precision", "no", "--num_workers", "0"]
     trainer_args = sft.check_args(sft.parse_args(flags + args.trainer_flags.split()))
-    if args.compile_mode:
+    if args.compile_mode:  # an experiment: the trainer's compiled regions with another torch.compile mode
         def compile_layers(model):
             for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
                 layer.compile(dynamic=True, mode=args.compile_mode)
         sft.compile_layers = compile_layers
+        sft.compile_model = lambda module: module.compile(dynamic=True, mode=args.compile_mode)
 
     started = time.perf_counter()
     accelerator = sft.make_accelerator(trainer_args)
@@ -229,7 +230,10 @@ def main(argv=None):
         batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         clip_seconds=args.clip_seconds or "2-15", mixed_precision=trainer_args.mixed_precision,
         attn_implementation=trainer_args.attn_implementation, trainer_flags=args.trainer_flags,
-        compile_mode=args.compile_mode or "default" if trainer_args.torch_compile != "no" else "none",
+        torch_compile=sft.compile_choice(trainer_args, accelerator),
+        compile_mode=args.compile_mode or "default",
+        low_memory=trainer_args.low_memory, gradient_checkpointing=trainer_args.gradient_checkpointing,
+        lora_rank=trainer_args.lora_rank,
         timed_steps=args.steps,
         samples_per_second=timed["clips"] / seconds,
         audio_hours_per_hour=timed["frames"] / FRAMES_PER_SECOND / seconds,

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import checkpoint
 import lora
+from bf16_adamw import StochasticRoundingAdamW
 from checkpoint import TrainingProgress
 from sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
 from speakers import assign_speakers, reference_mels, speaker_vectors
@@ -80,6 +81,13 @@ def parse_args(argv=None):
                             "non_streaming_mode=True (default) or False lays it out; 'both' trains every clip "
                             "in both layouts (twice the steps), so either mode speaks well")
     optim.add_argument("--seed", type=int, default=42, help="data order and any randomness")
+    optim.add_argument("--low_memory", action="store_true",
+                       help="bf16 weights and AdamW moments, updates rounded stochastically so small steps are "
+                            "not lost (bf16_adamw.py): about half the memory of the default fp32 weights and "
+                            "moments; 1.7B fits a 24 GB GPU")
+    optim.add_argument("--gradient_checkpointing", action="store_true",
+                       help="recompute each layer's activations in the backward pass instead of storing them: "
+                            "less memory for long clips or large batches, ~30%% more compute")
 
     lora_group = parser.add_argument_group("LoRA (train small adapters instead of every weight)")
     lora_group.add_argument("--lora_rank", type=int, default=0,
@@ -95,9 +103,11 @@ def parse_args(argv=None):
                      help="auto: bf16 autocast on a GPU that supports it (weights and AdamW state stay fp32), "
                           "fp32 otherwise")
     run.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
-    run.add_argument("--torch_compile", default="auto", choices=["auto", "yes", "no"],
-                     help="compile each transformer layer with torch.compile (fewer, fused kernels); auto = on a "
-                          "GPU. The first step then takes a minute or two longer")
+    run.add_argument("--torch_compile", default="auto", choices=["auto", "model", "layers", "no"],
+                     help="torch.compile the training forward: 'model' = the whole forward as one graph (fused "
+                          "kernels, little Python per step: fastest), 'layers' = each transformer layer apart "
+                          "(compiles faster). auto = model on a GPU, except under FSDP (no). The first steps "
+                          "take a minute or two longer while it compiles")
     run.add_argument("--logging_steps", type=int, default=10, help="log losses every this many optimizer steps")
     run.add_argument("--save_steps", type=int, default=4000,
                      help="write checkpoint-step-N every this many steps (0 = only per epoch)")
@@ -291,10 +301,11 @@ def package_version(name: str) -> str:
 
 
 def load_base_model(args):
-    """The base model through the same loader a user's download goes through; fp32 master weights."""
+    """The base model through the same loader a user's download goes through; fp32 master weights
+    (bf16 with --low_memory)."""
     from qwen_tts import Qwen3TTSModel
 
-    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.float32,
+    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
                                         attn_implementation=args.attn_implementation)
     if tts.model.speaker_encoder is None:
         raise SystemExit(
@@ -337,7 +348,11 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
                                         args.lora_dropout, args.lora_target_modules or lora.DEFAULT_TARGET_MODULES)
     model.talker.get_text_embeddings().requires_grad_(args.train_text_embedding)
     model.speaker_encoder.requires_grad_(not args.freeze_speaker_encoder)
-    if args.torch_compile == "yes" or (args.torch_compile == "auto" and accelerator.device.type == "cuda"):
+    if args.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
+        model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    compile_how = compile_choice(args, accelerator)
+    if compile_how == "layers":
         compile_layers(model)
     if args.freeze_speaker_encoder:
         if resume_dir is not None:
@@ -351,7 +366,29 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
     else:
         module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, config_sample_rate(model)))
     module.lora_config = lora_config  # the checkpoint export merges the adapters with it
+    if compile_how == "model":
+        compile_model(module)
     return module
+
+
+def compile_choice(args, accelerator) -> str:
+    """What --torch_compile means on this machine: model, layers or no."""
+    if args.torch_compile != "auto":
+        return args.torch_compile
+    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.FSDP:
+        return "no"  # CPU: compiling costs more than it saves; FSDP: its hooks run between the layers
+    return "model"
+
+
+def compile_model(module):
+    """torch.compile the whole training forward (embeddings, both transformers, heads, losses) as one graph.
+
+    The forward has no graph breaks (tests/test_compiled_forward.py checks this), so each micro-batch
+    is one compiled call forward and one backward, with a few thousand fused kernels and almost no
+    Python in between: the per-layer Python overhead is what made the step host-bound. Lengths are
+    dynamic (and padded to multiples of 8), so one graph serves every batch shape.
+    """
+    module.compile(dynamic=True)
 
 
 def compile_layers(model):
@@ -369,14 +406,17 @@ def config_sample_rate(model) -> int:
 
 
 def make_optimizer(train_module, args, accelerator):
-    """AdamW on fp32 weights; no decay on norms and biases; fused on CUDA."""
+    """AdamW: on fp32 weights and fused on CUDA, or on bf16 weights with --low_memory; no decay on
+    norms and biases."""
     decay, no_decay = [], []
     for parameter in train_module.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                             fused=accelerator.device.type == "cuda")
+    on_gpu = accelerator.device.type == "cuda"
+    if args.low_memory:
+        return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, compile=on_gpu)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 
 
 def plan_for(dataset, args, accelerator, epoch):
@@ -415,15 +455,16 @@ def resume_or_start(args, accelerator, resume_dir, output_dir):
     return checkpoint.progress_from_state(state)
 
 
-# Flags that decide which clips go into which step: a resume with other values would not continue
-# the same run.
+# Flags that decide which clips go into which step, or what the saved state holds: a resume with
+# other values would not continue the same run.
 DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout")
+STATE_FLAGS = ("low_memory", "lora_rank")
 
 
 def check_resume_flags(args, state, accelerator):
     saved = state["flags"]
     problems = [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
-                for name in DATA_ORDER_FLAGS if saved.get(name) != getattr(args, name)]
+                for name in DATA_ORDER_FLAGS + STATE_FLAGS if saved.get(name, False) != getattr(args, name)]
     if state.get("num_processes") != accelerator.num_processes:
         problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with "
                         f"{state.get('num_processes')}")
@@ -462,7 +503,11 @@ def print_banner(run, train_set, eval_set, plan, total_steps, resume_dir):
         + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
         + f"speaker encoder {'frozen' if args.freeze_speaker_encoder else 'trained'}, "
         f"text embedding {'trained' if args.train_text_embedding else 'frozen'})",
-        f"  precision: weights and AdamW state fp32, compute {'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}",
+        "  precision: " + ("weights, gradients and AdamW moments bf16, stochastic rounding (--low_memory)"
+                           if args.low_memory else "weights and AdamW state fp32")
+        + f", compute {'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        + f", torch.compile: {compile_choice(args, accelerator)}",
         f"  checkpoints: {run.output_dir}/checkpoint-epoch-N" + (f" and every {args.save_steps} steps" if args.save_steps else ""),
     ]
     if plan.dropped:

@@ -66,6 +66,8 @@ class Run:
 
         parameters = [p for p in self.train_module.parameters() if p.requires_grad]
         grad_norm = self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a distributed tensor
+            grad_norm = grad_norm.full_tensor()
         # One host sync per step: is the update finite, did any process get a stop signal, and the
         # step's loss for the progress bar.
         status = torch.cat([torch.stack([grad_norm.detach().float() + step_sums.sum(),
@@ -118,8 +120,9 @@ class Run:
             "train/grad_norm": float(self.last_grad_norm),
             "train/samples_per_second": self.interval_clips / seconds,
         }
-        if self.device.type == "cuda":
-            values["train/gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.device.type == "cuda":  # the largest over the processes: the GPU that runs out first
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=self.device)
+            values["train/gpu_memory_peak_gb"] = self.accelerator.gather(peak).max().item()
         self.report(values)
         self.reset_interval()
 
@@ -208,7 +211,8 @@ class Run:
         parameters = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         export_bytes = 2 if self.args.save_dtype == "bfloat16" else 4
-        needed = parameters * (export_bytes + 4) + trainable * 8  # export, fp32 weights, AdamW moments
+        weight_bytes = 2 if self.args.low_memory else 4
+        needed = parameters * (export_bytes + weight_bytes) + trainable * 2 * weight_bytes  # export, weights, moments
         self.output_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.output_dir).free
         if free < needed * 1.05:

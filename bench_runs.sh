@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The runs behind the GPU tables in README_CHATTERBOX_STYLE.md, by name (the case list at the end):
+#
+#   bash bench_runs.sh RESULTS_DIR 1.7b_compile_model 1.7b_low_memory codes     # one GPU
+#   bash bench_runs.sh RESULTS_DIR multi_gpu                                    # two GPUs of one machine
+#
+# Every run appends one JSON line to RESULTS_DIR/results.jsonl and its output to
+# RESULTS_DIR/log.txt; a run that fails or passes BENCH_TIMEOUT seconds is logged and skipped.
+set -u
+results=${1:?usage: bash bench_runs.sh RESULTS_DIR GROUP...}
+shift
+mkdir -p "$results"
+python=${PYTHON:-python3}
+limit=${BENCH_TIMEOUT:-400}
+ten_seconds=(--clip_seconds 10 --warmup 6 --steps 15)
+
+note() { echo "=== $(date +%T) $*" | tee -a "$results/log.txt"; }
+
+bench() {  # bench NAME bench.py-flags...: one bench.py run, its JSON appended to results.jsonl
+  local name=$1
+  shift
+  note "$name: bench.py $*"
+  if timeout "$limit" "$python" bench.py --json "$results/$name.json" "$@" >>"$results/log.txt" 2>&1; then
+    "$python" -c 'import json, sys; r = json.load(open(sys.argv[1])); r["name"] = sys.argv[2]; print(json.dumps(r))' \
+      "$results/$name.json" "$name" | tee -a "$results/results.jsonl"
+  else
+    note "$name failed or timed out"
+  fi
+  rm -f "$results/$name.json"
+}
+
+codes_throughput() {  # prepare_codes.py on 1000 synthetic 44.1 kHz clips of 2-15 s, full-size random tokenizer
+  note "codes: building data"
+  "$python" - <<'EOF' >>"$results/log.txt" 2>&1
+import json
+from pathlib import Path
+import numpy as np, soundfile as sf
+import tiny_model
+work = Path("bench_out/codes"); (work / "wavs").mkdir(parents=True, exist_ok=True)
+tiny_model.write_speech_tokenizer(work / "tokenizer", "full", 0)
+rng, rows = np.random.default_rng(0), []
+for index in range(1000):
+    path = work / "wavs" / f"{index:05d}.wav"
+    sf.write(path, tiny_model.synthetic_voice(rng.uniform(2, 15), 44100, 120.0, rng), 44100, subtype="PCM_16")
+    rows.append(dict(audio=str(path.resolve()), text=tiny_model.DEMO_SENTENCES[index % 8]))
+(work / "raw.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+EOF
+  for batch in 16 64; do
+    note "codes: prepare_codes.py --batch_size $batch"
+    rm -f bench_out/codes/train*.jsonl*
+    timeout "$limit" "$python" prepare_codes.py --tokenizer_model_path bench_out/codes/tokenizer \
+      --input bench_out/codes/raw.jsonl --output_jsonl bench_out/codes/train.jsonl --device cuda \
+      --batch_size "$batch" --num_workers 8 >>"$results/log.txt" 2>&1 || note "codes failed"
+    "$python" -c 'import json, sys; s = json.load(open("bench_out/codes/train.jsonl.summary.json"))
+print(json.dumps(dict(name="codes_batch_" + sys.argv[1], **s["throughput"])))' "$batch" | tee -a "$results/results.jsonl"
+  done
+}
+
+multi_gpu() {  # the trainer CLI: 1 process (4 x 2) vs DDP and FSDP on 2 GPUs (4 x 1 each): 8 clips a step
+  local steps=${MULTI_GPU_STEPS:-30} data
+  [ -f bench_out/model_1.7b/model.safetensors ] ||
+    "$python" -c "import tiny_model; tiny_model.write_model_dir('bench_out/model_1.7b', '1.7b')"
+  data=$("$python" -c "import bench; from pathlib import Path; print(bench.synthetic_data(Path('bench_out/data'), 512, 10))" 2>/dev/null | tail -n 1)
+  local common=(sft_12hz_chatterbox.py --init_model_path bench_out/model_1.7b --train_jsonl "$data" --max_steps "$steps"
+                --warmup_steps 5 --logging_steps 1 --save_steps 0 --report_to none --freeze_speaker_encoder
+                --overwrite_output_dir)
+  for run in one ddp fsdp; do
+    note "multi_gpu: $run"
+    case $run in
+      one) CUDA_VISIBLE_DEVICES=0 timeout "$limit" "$python" "${common[@]}" --output_model_path bench_out/mg_one \
+             --batch_size 4 --gradient_accumulation_steps 2 >>"$results/log.txt" 2>&1 ;;
+      *) timeout "$limit" "$python" -m accelerate.commands.launch --config_file "accelerate_configs/$run.yaml" --num_processes 2 "${common[@]}" \
+           --output_model_path "bench_out/mg_$run" --batch_size 4 --gradient_accumulation_steps 1 >>"$results/log.txt" 2>&1 ;;
+    esac || note "multi_gpu $run failed"
+    cp "bench_out/mg_$run/checkpoint-step-$steps/trainer_state.json" "$results/trainer_state_$run.json" 2>/dev/null
+    rm -rf "bench_out/mg_$run"  # ~25 GB of training state each
+  done
+  "$python" - "$results" <<'EOF' | tee -a "$results/results.jsonl"
+import json, statistics, sys
+from pathlib import Path
+runs = {}
+for run in ("one", "ddp", "fsdp"):
+    path = Path(sys.argv[1]) / f"trainer_state_{run}.json"
+    if path.exists():
+        runs[run] = [e for e in json.loads(path.read_text())["log_history"] if "train/loss" in e]
+for run, history in runs.items():
+    losses = [e["train/loss"] for e in history]
+    speed = statistics.median(e["train/samples_per_second"] for e in history[len(history) // 2:])
+    row = dict(name=f"multi_gpu_{run}", steps=len(losses), samples_per_second=round(speed, 2),
+               gpu_memory_peak_gb=history[-1].get("train/gpu_memory_peak_gb"), losses=losses)
+    if run != "one" and "one" in runs:
+        reference = [e["train/loss"] for e in runs["one"]]
+        row["max_loss_difference_vs_one_process"] = max(abs(a - b) for a, b in zip(losses, reference))
+    print(json.dumps(row))
+EOF
+}
+
+for name in "$@"; do
+  case $name in
+    # 1.7B, batch 4 x 2, 10 s clips (the issue's setting) by compile choice
+    1.7b_compile_model) bench "$name" --size 1.7b "${ten_seconds[@]}" ;;
+    1.7b_compile_layers) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--torch_compile layers" ;;
+    1.7b_eager) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--torch_compile no" ;;
+    1.7b_reduce_overhead) bench "$name" --size 1.7b "${ten_seconds[@]}" --compile_mode reduce-overhead ;;
+    # the same update as 4 x 2 (exact accumulation) with half the launches per clip; the 2-15 s mix
+    1.7b_batch8x1) bench "$name" --size 1.7b "${ten_seconds[@]}" --batch_size 8 --gradient_accumulation_steps 1 ;;
+    1.7b_mix_2_15s) bench "$name" --size 1.7b --warmup 10 --steps 20 --clips 1024 ;;
+    # memory: --low_memory, gradient checkpointing, LoRA
+    1.7b_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory" ;;
+    1.7b_low_memory_checkpointing) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory --gradient_checkpointing" ;;
+    1.7b_lora16) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16" ;;
+    1.7b_lora16_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16 --low_memory" ;;
+    0.6b_compile_model) bench "$name" --size 0.6b "${ten_seconds[@]}" ;;
+    0.6b_low_memory) bench "$name" --size 0.6b "${ten_seconds[@]}" --trainer_flags="--low_memory" ;;
+    tiny_cpu) bench "$name" --size tiny --device cpu --steps 2 --warmup 1 ;;  # checks this script anywhere
+    codes) codes_throughput ;;
+    multi_gpu) multi_gpu ;;
+    *) note "unknown run $name" ;;
+  esac
+done

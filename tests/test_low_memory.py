@@ -1,0 +1,95 @@
+"""--low_memory: bf16 weights and AdamW moments with stochastic rounding still train like fp32 AdamW;
+--gradient_checkpointing changes memory, not the gradient."""
+
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+import sft_12hz_chatterbox as sft
+from bf16_adamw import StochasticRoundingAdamW, round_to_bf16_stochastically
+from helpers import train
+from sequence_layout import SpecialIds
+
+
+def test_stochastic_rounding_is_exact_on_average():
+    torch.manual_seed(0)
+    between = torch.full((200_000,), 1 + 2**-10)  # a quarter of the way from bf16 1.0 to the next, 1 + 2**-7
+    rounded = round_to_bf16_stochastically(between)
+    assert set(rounded.float().unique().tolist()) == {1.0, 1 + 2**-7}
+    assert abs(rounded.float().mean().item() - (1 + 2**-10)) < 2e-5
+    assert torch.equal(between.to(torch.bfloat16).float(), torch.ones(1).expand(200_000))  # nearest loses it all
+    exact = torch.tensor([0.5, -3.0, 1 + 2**-7, -(1 + 2**-7), 0.0])
+    assert torch.equal(round_to_bf16_stochastically(exact).float(), exact)  # representable values stay put
+
+
+def run_optimizer(optimizer_class, weight, gradients, **options):
+    weight = torch.nn.Parameter(weight.clone())
+    optimizer = optimizer_class([weight], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, **options)
+    for gradient in gradients:
+        weight.grad = gradient.to(weight.dtype)
+        optimizer.step()
+    return weight.detach().float()
+
+
+def test_update_is_torch_adamw_and_small_bf16_steps_are_not_lost():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32)
+    gradients = [torch.randn(64, 32) for _ in range(5)]
+    # fp32 weights: no rounding, so the update must be AdamW's to float precision.
+    ours = run_optimizer(StochasticRoundingAdamW, weight, gradients)
+    reference = run_optimizer(torch.optim.AdamW, weight, gradients)
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+    # bf16 weights near 1 move by ~1e-3 a step, a quarter of a bf16 step (2**-7 / 2): 300 steps of
+    # constant gradient move them ~0.3 as in fp32; round-to-nearest would leave them where they are.
+    start = torch.ones(4096)
+    steady = [torch.ones(4096)] * 300
+    fp32 = run_optimizer(torch.optim.AdamW, start, steady)
+    bf16 = run_optimizer(StochasticRoundingAdamW, start.to(torch.bfloat16), steady)
+    assert (1 - fp32).mean() > 0.25
+    assert abs(bf16.mean() - fp32.mean()) < 0.01 * (1 - fp32).mean()
+
+
+def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model, coded_clips, tmp_path, capsys):
+    def losses(output):
+        history = checkpoint.read_trainer_state(output / "checkpoint-epoch-2")["log_history"]
+        return [entry["train/loss"] for entry in history if "train/loss" in entry]
+
+    flags = dict(batch_size=4, num_epochs=3, lr=3e-3, save_steps=0)
+    output = train(tiny_model, coded_clips, tmp_path / "out", low_memory=True, **flags)
+    assert "weights, gradients and AdamW moments bf16" in capsys.readouterr().out
+    full_precision = losses(train(tiny_model, coded_clips, tmp_path / "fp32", **flags))
+    low_memory = losses(output)
+    assert len(low_memory) == 6 and low_memory[-1] < 0.92 * low_memory[0]
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(low_memory, full_precision)), (low_memory, full_precision)
+    folder = output / "checkpoint-epoch-2"
+    state = load_file(folder / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    assert {tensor.dtype for tensor in state.values()} == {torch.bfloat16}  # the training weights are bf16
+
+    try:
+        train(tiny_model, coded_clips, output, batch_size=4, num_epochs=4, resume_from_checkpoint="latest")
+        raise AssertionError("a full-precision resume of a --low_memory run was accepted")
+    except SystemExit as error:
+        assert "--low_memory is False but the checkpoint was made with True" in str(error)
+
+
+def gradients_of_one_batch(model_dir, data, out_dir, *extra):
+    args = sft.check_args(sft.parse_args([
+        "--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(out_dir),
+        "--batch_size", "4", "--num_workers", "0", "--report_to", "none", "--freeze_speaker_encoder", *extra]))
+    accelerator = sft.make_accelerator(args)
+    tts = sft.load_base_model(args)
+    train_set, _, table = sft.load_datasets(args, SpecialIds.from_config(tts.model.config), tts.processor,
+                                            tts.model.config, accelerator)
+    module = sft.make_training_model(tts.model, table, args, accelerator, None)
+    batch = next(iter(sft.micro_batch_loader(train_set, sft.plan_for(train_set, args, accelerator, 0), 0, args, accelerator)))
+    out = module(batch)
+    (out.codec0_loss_sum + out.sub_talker_loss_sum).backward()
+    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_model, coded_clips, tmp_path):
+    plain = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "a")
+    checkpointed = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "b", "--gradient_checkpointing")
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7) for name in plain)
