@@ -47,7 +47,7 @@ def parse_args(argv=None):
                         help="extra sft_12hz_chatterbox.py flags, written --trainer_flags=\"--low_memory --lora_rank 16\"")
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_SIZE.json)")
     parser.add_argument("--compile_mode", default=None,
-                        help="experiment: torch.compile mode for the layers (e.g. reduce-overhead) instead of the default")
+                        help="experiment: torch.compile mode of the compiled regions (e.g. reduce-overhead) instead of the default")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps and print the busiest kernels")
     return parser.parse_args(argv)
@@ -170,11 +170,7 @@ def main(argv=None):
         flags += ["--mixed_precision", "no", "--num_workers", "0"]
     trainer_args = sft.check_args(sft.parse_args(flags + args.trainer_flags.split()))
     if args.compile_mode:  # an experiment: the trainer's compiled regions with another torch.compile mode
-        def compile_layers(model):
-            for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-                layer.compile(dynamic=True, mode=args.compile_mode)
-        sft.compile_layers = compile_layers
-        sft.compile_model = lambda module: module.compile(dynamic=True, mode=args.compile_mode)
+        sft.COMPILE_OPTIONS["mode"] = args.compile_mode
 
     started = time.perf_counter()
     accelerator = sft.make_accelerator(trainer_args)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The runs behind the GPU tables in README_CHATTERBOX_STYLE.md, by name (the case list at the end):
 #
-#   bash bench_runs.sh RESULTS_DIR 1.7b_compile_model 1.7b_low_memory codes     # one GPU
+#   bash bench_runs.sh RESULTS_DIR 1.7b_default 1.7b_low_memory codes    # one GPU
 #   bash bench_runs.sh RESULTS_DIR multi_gpu                                    # two GPUs of one machine
 #
 # Every run appends one JSON line to RESULTS_DIR/results.jsonl and its output to
 # RESULTS_DIR/log.txt; a run that fails or passes BENCH_TIMEOUT seconds is logged and skipped.
+# Models and data are built under BENCH_WORK_DIR (default bench_out) and reused.
 set -u
 results=${1:?usage: bash bench_runs.sh RESULTS_DIR GROUP...}
 shift
@@ -20,7 +21,9 @@ bench() {  # bench NAME bench.py-flags...: one bench.py run, its JSON appended t
   local name=$1
   shift
   note "$name: bench.py $*"
-  if timeout "$limit" "$python" bench.py --json "$results/$name.json" "$@" >>"$results/log.txt" 2>&1; then
+  timeout "$limit" "$python" bench.py --work_dir "${BENCH_WORK_DIR:-bench_out}" --json "$results/$name.json" "$@" \
+    >>"$results/log.txt" 2>&1
+  if [ -f "$results/$name.json" ]; then  # written last: the run finished (even if its exit then hung)
     "$python" -c 'import json, sys; r = json.load(open(sys.argv[1])); r["name"] = sys.argv[2]; print(json.dumps(r))' \
       "$results/$name.json" "$name" | tee -a "$results/results.jsonl"
   else
@@ -29,7 +32,7 @@ bench() {  # bench NAME bench.py-flags...: one bench.py run, its JSON appended t
   rm -f "$results/$name.json"
 }
 
-codes_throughput() {  # prepare_codes.py on 1000 synthetic 44.1 kHz clips of 2-15 s, full-size random tokenizer
+codes_throughput() {  # prepare_codes.py on 800 synthetic 44.1 kHz clips of 2-15 s, full-size random tokenizer
   note "codes: building data"
   "$python" - <<'EOF' >>"$results/log.txt" 2>&1
 import json
@@ -39,13 +42,13 @@ import tiny_model
 work = Path("bench_out/codes"); (work / "wavs").mkdir(parents=True, exist_ok=True)
 tiny_model.write_speech_tokenizer(work / "tokenizer", "full", 0)
 rng, rows = np.random.default_rng(0), []
-for index in range(1000):
+for index in range(800):
     path = work / "wavs" / f"{index:05d}.wav"
     sf.write(path, tiny_model.synthetic_voice(rng.uniform(2, 15), 44100, 120.0, rng), 44100, subtype="PCM_16")
     rows.append(dict(audio=str(path.resolve()), text=tiny_model.DEMO_SENTENCES[index % 8]))
 (work / "raw.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 EOF
-  for batch in 16 64; do
+  for batch in 32; do
     note "codes: prepare_codes.py --batch_size $batch"
     rm -f bench_out/codes/train*.jsonl*
     timeout "$limit" "$python" prepare_codes.py --tokenizer_model_path bench_out/codes/tokenizer \
@@ -64,7 +67,7 @@ multi_gpu() {  # the trainer CLI: 1 process (4 x 2) vs DDP and FSDP on 2 GPUs (4
   local common=(sft_12hz_chatterbox.py --init_model_path bench_out/model_1.7b --train_jsonl "$data" --max_steps "$steps"
                 --warmup_steps 5 --logging_steps 1 --save_steps 0 --report_to none --freeze_speaker_encoder
                 --overwrite_output_dir)
-  for run in one ddp fsdp; do
+  for run in ${MULTI_GPU_RUNS:-one ddp fsdp}; do
     note "multi_gpu: $run"
     case $run in
       one) CUDA_VISIBLE_DEVICES=0 timeout "$limit" "$python" "${common[@]}" --output_model_path bench_out/mg_one \
@@ -98,8 +101,7 @@ EOF
 for name in "$@"; do
   case $name in
     # 1.7B, batch 4 x 2, 10 s clips (the issue's setting) by compile choice
-    1.7b_compile_model) bench "$name" --size 1.7b "${ten_seconds[@]}" ;;
-    1.7b_compile_layers) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--torch_compile layers" ;;
+    1.7b_default) bench "$name" --size 1.7b "${ten_seconds[@]}" ;;  # --torch_compile auto: layers
     1.7b_eager) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--torch_compile no" ;;
     1.7b_reduce_overhead) bench "$name" --size 1.7b "${ten_seconds[@]}" --compile_mode reduce-overhead ;;
     # the same update as 4 x 2 (exact accumulation) with half the launches per clip; the 2-15 s mix
@@ -110,7 +112,7 @@ for name in "$@"; do
     1.7b_low_memory_checkpointing) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory --gradient_checkpointing" ;;
     1.7b_lora16) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16" ;;
     1.7b_lora16_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16 --low_memory" ;;
-    0.6b_compile_model) bench "$name" --size 0.6b "${ten_seconds[@]}" ;;
+    0.6b_default) bench "$name" --size 0.6b "${ten_seconds[@]}" ;;
     0.6b_low_memory) bench "$name" --size 0.6b "${ten_seconds[@]}" --trainer_flags="--low_memory" ;;
     tiny_cpu) bench "$name" --size tiny --device cpu --steps 2 --warmup 1 ;;  # checks this script anywhere
     codes) codes_throughput ;;

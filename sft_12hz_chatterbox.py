@@ -36,6 +36,7 @@ from training_data import (DataError, TalkerDataset, apply_length_limits, file_f
 from training_run import Run
 
 LR_SCHEDULERS = ["linear", "cosine", "constant_with_warmup"]
+COMPILE_OPTIONS = dict(dynamic=True)  # lengths vary from batch to batch (padded to multiples of 8)
 
 
 def parse_args(argv=None):
@@ -103,11 +104,9 @@ def parse_args(argv=None):
                      help="auto: bf16 autocast on a GPU that supports it (weights and AdamW state stay fp32), "
                           "fp32 otherwise")
     run.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
-    run.add_argument("--torch_compile", default="auto", choices=["auto", "model", "layers", "no"],
-                     help="torch.compile the training forward: 'model' = the whole forward as one graph (fused "
-                          "kernels, little Python per step: fastest), 'layers' = each transformer layer apart "
-                          "(compiles faster). auto = model on a GPU, except under FSDP (no). The first steps "
-                          "take a minute or two longer while it compiles")
+    run.add_argument("--torch_compile", default="auto", choices=["auto", "layers", "no"],
+                     help="torch.compile each transformer layer (fused kernels, less Python a step); auto = "
+                          "layers on a GPU, except under FSDP (no). The first steps take about a minute longer")
     run.add_argument("--logging_steps", type=int, default=10, help="log losses every this many optimizer steps")
     run.add_argument("--save_steps", type=int, default=4000,
                      help="write checkpoint-step-N every this many steps (0 = only per epoch)")
@@ -351,8 +350,7 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
         model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    compile_how = compile_choice(args, accelerator)
-    if compile_how == "layers":
+    if compile_choice(args, accelerator) == "layers":
         compile_layers(model)
     if args.freeze_speaker_encoder:
         if resume_dir is not None:
@@ -366,29 +364,16 @@ def make_training_model(model, speaker_table, args, accelerator, resume_dir):
     else:
         module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, config_sample_rate(model)))
     module.lora_config = lora_config  # the checkpoint export merges the adapters with it
-    if compile_how == "model":
-        compile_model(module)
     return module
 
 
 def compile_choice(args, accelerator) -> str:
-    """What --torch_compile means on this machine: model, layers or no."""
+    """What --torch_compile means on this machine: layers or no."""
     if args.torch_compile != "auto":
         return args.torch_compile
     if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.FSDP:
-        return "no"  # CPU: compiling costs more than it saves; FSDP: its hooks run between the layers
-    return "model"
-
-
-def compile_model(module):
-    """torch.compile the whole training forward (embeddings, both transformers, heads, losses) as one graph.
-
-    The forward has no graph breaks (tests/test_compiled_forward.py checks this), so each micro-batch
-    is one compiled call forward and one backward, with a few thousand fused kernels and almost no
-    Python in between: the per-layer Python overhead is what made the step host-bound. Lengths are
-    dynamic (and padded to multiples of 8), so one graph serves every batch shape.
-    """
-    module.compile(dynamic=True)
+        return "no"  # CPU: compiling costs more than it saves; FSDP: its hooks run around the layers
+    return "layers"
 
 
 def compile_layers(model):
@@ -398,7 +383,7 @@ def compile_layers(model):
     reuse it; the rest of the forward stays eager.
     """
     for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-        layer.compile(dynamic=True)
+        layer.compile(**COMPILE_OPTIONS)
 
 
 def config_sample_rate(model) -> int:
@@ -430,6 +415,9 @@ def micro_batch_loader(dataset, plan, steps_done, args, accelerator):
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.num_workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=False,
+        # Its own random stream: a loader drawn from the global one would shift the stream that
+        # --low_memory's stochastic rounding uses, and a resumed run would no longer match.
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
 

@@ -24,6 +24,11 @@ class TalkerStepOutput:
     sub_talker_logits: torch.Tensor  # [F, groups-1, codebook] for every predicted frame (and padding frames)
 
 
+# FSDP finds the forward's output tensors through pytree to hook the backward (where it gathers the
+# sharded weights again); an unregistered dataclass would hide them.
+torch.utils._pytree.register_dataclass(TalkerStepOutput)
+
+
 class TalkerTrainingModel(nn.Module):
     """The talker and code predictor of `model`, and what fills each sequence's speaker slot.
 

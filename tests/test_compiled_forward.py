@@ -1,6 +1,6 @@
-"""The training forward compiles as one graph (what makes `--torch_compile model` fast), and the
-compiled forward and backward compute what eager mode computes, for batches of different lengths
-without recompiling.
+"""`--torch_compile layers` (the GPU default): all talker layers share one compiled graph, all code
+predictor layers another, and the compiled forward and backward compute what eager mode computes,
+for batches of different lengths without recompiling.
 
 The real GPU compiler (inductor) needs CUDA to pay off and a C++ toolchain on CPU, so the
 numerical check uses the `aot_eager` backend: the same captured forward and backward graphs,
@@ -9,7 +9,9 @@ run by eager kernels.
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import sft_12hz_chatterbox as sft
 from sequence_layout import SpecialIds, collate
 from talker_step import TalkerTrainingModel
 from training_data import TalkerDataset, make_prompter, read_clips
@@ -41,6 +43,7 @@ def losses_and_gradients(module, batch):
 
 
 def test_training_forward_has_no_graph_break(model_and_batches):
+    """The whole forward traces as one graph: it can be compiled whole (see bench_notes.md)."""
     model, vectors, batches = model_and_batches
     module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
     explanation = torch._dynamo.explain(module.forward)(batches[0])
@@ -48,17 +51,23 @@ def test_training_forward_has_no_graph_break(model_and_batches):
     assert explanation.graph_count == 1
 
 
-def test_compiled_step_matches_eager_for_any_length(model_and_batches):
+def test_compiled_layers_match_eager_for_any_length(model_and_batches, monkeypatch):
     model, vectors, batches = model_and_batches
     module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
     eager = [losses_and_gradients(module, batch) for batch in batches]
 
     torch._dynamo.reset()
-    module.compile(dynamic=True, backend="aot_eager")
+    counters.clear()
+    monkeypatch.setitem(sft.COMPILE_OPTIONS, "backend", "aot_eager")
+    sft.compile_layers(model)
     compiled = [losses_and_gradients(module, batches[0])]
-    with torch._dynamo.config.patch(error_on_recompile=True):  # the other length reuses the graph
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the other length reuses the graphs
         compiled.append(losses_and_gradients(module, batches[1]))
+    assert counters["stats"]["unique_graphs"] == 2  # one for every talker layer, one for every code predictor layer
+    assert not counters["graph_break"]
     torch._dynamo.reset()
+    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+        layer._compiled_call_impl = None  # leave the shared model eager
 
     for (codec0, sub, grads), (codec0_c, sub_c, grads_c) in zip(eager, compiled):
         assert torch.allclose(codec0, codec0_c, rtol=1e-5) and torch.allclose(sub, sub_c, rtol=1e-5)

@@ -93,3 +93,17 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model, coded_clips,
     checkpointed = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "b", "--gradient_checkpointing")
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7) for name in plain)
+
+
+def test_low_memory_resume_is_bit_identical(tiny_model, coded_clips, tmp_path):
+    """The bf16 moments and the rounding's random stream are saved and restored with the checkpoint."""
+    flags = dict(low_memory=True, batch_size=2, num_epochs=2, save_steps=1, lr=1e-3, warmup_steps=1)
+    whole = train(tiny_model, coded_clips, tmp_path / "whole", **flags)
+    resumed = train(tiny_model, coded_clips, tmp_path / "resumed", resume_from_checkpoint=whole / "checkpoint-step-3",
+                    **flags)
+    expected = load_file(whole / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    got = load_file(resumed / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    start = load_file(whole / "checkpoint-step-3" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert not all(torch.equal(expected[name], start[name]) for name in expected)  # the resumed steps did train
