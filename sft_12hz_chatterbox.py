@@ -400,6 +400,9 @@ def make_optimizer(train_module, args, accelerator):
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     on_gpu = accelerator.device.type == "cuda"
     if args.low_memory:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise SystemExit("error: --low_memory works on one GPU or with DDP, not with FSDP (which shards "
+                             "the memory itself); drop one of them")
         return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, compile=on_gpu)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 

@@ -121,7 +121,7 @@ class Run:
             "train/samples_per_second": self.interval_clips / seconds,
         }
         if self.device.type == "cuda":  # the largest over the processes: the GPU that runs out first
-            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=self.device)
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 1e9], device=self.device)
             values["train/gpu_memory_peak_gb"] = self.accelerator.gather(peak).max().item()
         self.report(values)
         self.reset_interval()
