@@ -74,3 +74,24 @@ def test_compiled_layers_match_eager_for_any_length(model_and_batches, monkeypat
         assert grads.keys() == grads_c.keys() and len(grads) > 50
         for name in grads:
             assert torch.allclose(grads[name], grads_c[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_gradient_checkpointing_inside_compiled_layers_gives_the_eager_gradient(model_and_batches, monkeypatch):
+    """--gradient_checkpointing with the GPU default: each compiled layer is recomputed in the backward."""
+    model, vectors, batches = model_and_batches
+    module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
+    _, _, eager = losses_and_gradients(module, batches[1])
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(sft.COMPILE_OPTIONS, "backend", "aot_eager")
+    model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    sft.compile_layers(model)
+    try:
+        _, _, checkpointed = losses_and_gradients(module, batches[1])
+    finally:
+        model.talker.gradient_checkpointing_disable()
+        torch._dynamo.reset()
+        for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+            layer._compiled_call_impl = None
+    assert eager.keys() == checkpointed.keys()
+    assert all(torch.allclose(eager[name], checkpointed[name], rtol=1e-4, atol=1e-6) for name in eager)

@@ -82,15 +82,19 @@ def gradients_of_one_batch(model_dir, data, out_dir, *extra):
     train_set, _, table = sft.load_datasets(args, SpecialIds.from_config(tts.model.config), tts.processor,
                                             tts.model.config, accelerator)
     module = sft.make_training_model(tts.model, table, args, accelerator, None)
+    layer_calls = []
+    tts.model.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
     batch = next(iter(sft.micro_batch_loader(train_set, sft.plan_for(train_set, args, accelerator, 0), 0, args, accelerator)))
     out = module(batch)
     (out.codec0_loss_sum + out.sub_talker_loss_sum).backward()
-    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}, len(layer_calls)
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_model, coded_clips, tmp_path):
-    plain = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "a")
-    checkpointed = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "b", "--gradient_checkpointing")
+    plain, plain_calls = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "a")
+    checkpointed, checkpointed_calls = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "b",
+                                                              "--gradient_checkpointing")
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the layer really is recomputed in the backward
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7) for name in plain)
 
