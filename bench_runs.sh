@@ -107,6 +107,9 @@ for name in "$@"; do
     # the same update as 4 x 2 (exact accumulation) with half the launches per clip; the 2-15 s mix
     1.7b_batch8x1) bench "$name" --size 1.7b "${ten_seconds[@]}" --batch_size 8 --gradient_accumulation_steps 1 ;;
     1.7b_mix_2_15s) bench "$name" --size 1.7b --warmup 10 --steps 20 --clips 1024 ;;
+    # where a step's time goes (busiest kernels and GPU busy share, in log.txt): 4 x 2 against 8 x 1
+    1.7b_profile_4x2) bench "$name" --size 1.7b "${ten_seconds[@]}" --profile 2 ;;
+    1.7b_profile_8x1) bench "$name" --size 1.7b "${ten_seconds[@]}" --profile 2 --batch_size 8 --gradient_accumulation_steps 1 ;;
     # memory: --low_memory, gradient checkpointing, LoRA
     1.7b_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory" ;;
     1.7b_low_memory_checkpointing) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory --gradient_checkpointing" ;;
