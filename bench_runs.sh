@@ -6,7 +6,8 @@
 #
 # Every run appends one JSON line to RESULTS_DIR/results.jsonl and its output to
 # RESULTS_DIR/log.txt; a run that fails or passes BENCH_TIMEOUT seconds is logged and skipped.
-# Models and data are built under BENCH_WORK_DIR (default bench_out) and reused.
+# bench.py builds its models and data under BENCH_WORK_DIR (default bench_out) and reuses them;
+# codes and multi_gpu work in bench_out. The trainer saves on SIGTERM, so `timeout -k` also kills.
 set -u
 results=${1:?usage: bash bench_runs.sh RESULTS_DIR GROUP...}
 shift
@@ -21,7 +22,7 @@ bench() {  # bench NAME bench.py-flags...: one bench.py run, its JSON appended t
   local name=$1
   shift
   note "$name: bench.py $*"
-  timeout "$limit" "$python" bench.py --work_dir "${BENCH_WORK_DIR:-bench_out}" --json "$results/$name.json" "$@" \
+  timeout -k 60 "$limit" "$python" bench.py --work_dir "${BENCH_WORK_DIR:-bench_out}" --json "$results/$name.json" "$@" \
     >>"$results/log.txt" 2>&1
   if [ -f "$results/$name.json" ]; then  # written last: the run finished (even if its exit then hung)
     "$python" -c 'import json, sys; r = json.load(open(sys.argv[1])); r["name"] = sys.argv[2]; print(json.dumps(r))' \
@@ -51,10 +52,11 @@ EOF
   for batch in 32; do
     note "codes: prepare_codes.py --batch_size $batch"
     rm -f bench_out/codes/train*.jsonl*
-    timeout "$limit" "$python" prepare_codes.py --tokenizer_model_path bench_out/codes/tokenizer \
+    timeout -k 60 "$limit" "$python" prepare_codes.py --tokenizer_model_path bench_out/codes/tokenizer \
       --input bench_out/codes/raw.jsonl --output_jsonl bench_out/codes/train.jsonl --device cuda \
       --batch_size "$batch" --num_workers 8 >>"$results/log.txt" 2>&1 || note "codes failed"
-    "$python" -c 'import json, sys; s = json.load(open("bench_out/codes/train.jsonl.summary.json"))
+    [ -f bench_out/codes/train.jsonl.summary.json ] &&
+      "$python" -c 'import json, sys; s = json.load(open("bench_out/codes/train.jsonl.summary.json"))
 print(json.dumps(dict(name="codes_batch_" + sys.argv[1], **s["throughput"])))' "$batch" | tee -a "$results/results.jsonl"
   done
 }
@@ -70,9 +72,9 @@ multi_gpu() {  # the trainer CLI: 1 process (4 x 2) vs DDP and FSDP on 2 GPUs (4
   for run in ${MULTI_GPU_RUNS:-one ddp fsdp}; do
     note "multi_gpu: $run"
     case $run in
-      one) CUDA_VISIBLE_DEVICES=0 timeout "$limit" "$python" "${common[@]}" --output_model_path bench_out/mg_one \
+      one) CUDA_VISIBLE_DEVICES=0 timeout -k 60 "$limit" "$python" "${common[@]}" --output_model_path bench_out/mg_one \
              --batch_size 4 --gradient_accumulation_steps 2 >>"$results/log.txt" 2>&1 ;;
-      *) timeout "$limit" "$python" -m accelerate.commands.launch --config_file "accelerate_configs/$run.yaml" --num_processes 2 "${common[@]}" \
+      *) timeout -k 60 "$limit" "$python" -m accelerate.commands.launch --config_file "accelerate_configs/$run.yaml" --num_processes 2 "${common[@]}" \
            --output_model_path "bench_out/mg_$run" --batch_size 4 --gradient_accumulation_steps 1 >>"$results/log.txt" 2>&1 ;;
     esac || note "multi_gpu $run failed"
     cp "bench_out/mg_$run/checkpoint-step-$steps/trainer_state.json" "$results/trainer_state_$run.json" 2>/dev/null

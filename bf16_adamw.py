@@ -21,9 +21,11 @@ def round_to_bf16_stochastically(values: torch.Tensor) -> torch.Tensor:
     and dropping the low 16 bits rounds the magnitude up exactly when the noise exceeds the
     dropped bits' complement, i.e. with probability (dropped bits) / 2^16.
     """
-    bits = values.float().view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    values = values.float()
+    noise = torch.randint_like(values, 0, 1 << 16, dtype=torch.int32)
+    rounded = ((values.view(torch.int32) + noise) & -65536).view(torch.float32)
+    # A NaN's bit pattern can wrap around to a number when the noise is added: keep it a NaN.
+    return torch.where(values.isnan(), values, rounded).to(torch.bfloat16)
 
 
 def store(target: torch.Tensor, values: torch.Tensor) -> None:
@@ -55,12 +57,17 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) for weights of any dtype;
     moments are kept in the weight's dtype, and bf16 results are rounded stochastically.
 
+    The rounding noise of a step depends only on (seed, parameter group, step), not on whatever
+    else drew random numbers before: every data-parallel process draws the same noise, so their
+    weights stay identical, and a resumed run draws what the uninterrupted run drew.
+
     On CUDA the per-tensor update is compiled into one fused kernel (all tensors are flattened, so
     one dynamic-shape graph serves them all).
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, compile=False):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0, compile=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
         self.update = torch.compile(adamw_update, dynamic=True) if compile else adamw_update
 
     @torch.no_grad()
@@ -69,24 +76,35 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper_by_device = {}
-            for weight in group["params"]:
-                if weight.grad is None:
-                    continue
+        for group_index, group in enumerate(self.param_groups):
+            weights = [weight for weight in group["params"] if weight.grad is not None]
+            if not weights:
+                continue
+            for weight in weights:
                 state = self.state[weight]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(weight)
                     state["exp_avg_sq"] = torch.zeros_like(weight)
                 state["step"] += 1
-                step = state["step"]
-                key = (weight.device, step)
-                if key not in hyper_by_device:  # one small host-to-device copy per group and step
-                    hyper_by_device[key] = torch.tensor(
-                        [group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                         1 - beta1 ** step, 1 - beta2 ** step], dtype=torch.float32).to(weight.device, non_blocking=True)
-                self.update(weight.view(-1), weight.grad.view(-1), state["exp_avg"].view(-1),
-                            state["exp_avg_sq"].view(-1), hyper_by_device[key])
+            beta1, beta2 = group["betas"]
+            hyper_by_key = {}
+            # Seed the rounding from (seed, group, step), in a forked stream that leaves the global one as it was.
+            devices = sorted({weight.device for weight in weights}, key=str)
+            gpus = [device for device in devices if device.type == "cuda"]
+            seed = hash((self.seed, group_index, self.state[weights[0]]["step"])) % 2**63
+            with torch.random.fork_rng(devices=gpus):
+                torch.random.default_generator.manual_seed(seed)
+                for device in gpus:
+                    torch.cuda.default_generators[device.index].manual_seed(seed)
+                for weight in weights:
+                    state = self.state[weight]
+                    step = state["step"]
+                    key = (weight.device, step)
+                    if key not in hyper_by_key:  # one small host-to-device copy per group and step
+                        hyper_by_key[key] = torch.tensor(
+                            [group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                             1 - beta1 ** step, 1 - beta2 ** step], dtype=torch.float32).to(weight.device)
+                    self.update(weight.view(-1), weight.grad.view(-1), state["exp_avg"].view(-1),
+                                state["exp_avg_sq"].view(-1), hyper_by_key[key])
         return loss

@@ -101,7 +101,7 @@ def parse_args(argv=None):
 
     run = parser.add_argument_group("run")
     run.add_argument("--mixed_precision", default="auto", choices=["auto", "bf16", "no"],
-                     help="auto: bf16 autocast on a GPU that supports it (weights and AdamW state stay fp32), "
+                     help="auto: bf16 autocast on a GPU that supports it (weights and AdamW state stay fp32 unless --low_memory), "
                           "fp32 otherwise")
     run.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     run.add_argument("--torch_compile", default="auto", choices=["auto", "layers", "no"],
@@ -403,7 +403,8 @@ def make_optimizer(train_module, args, accelerator):
         if accelerator.distributed_type == DistributedType.FSDP:
             raise SystemExit("error: --low_memory works on one GPU or with DDP, not with FSDP (which shards "
                              "the memory itself); drop one of them")
-        return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, compile=on_gpu)
+        return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
+                                       compile=on_gpu)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 
 
@@ -418,8 +419,8 @@ def micro_batch_loader(dataset, plan, steps_done, args, accelerator):
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.num_workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=False,
-        # Its own random stream: a loader drawn from the global one would shift the stream that
-        # --low_memory's stochastic rounding uses, and a resumed run would no longer match.
+        # Its own random stream: creating a loader draws a seed, which would otherwise shift the
+        # global stream (dropout's) between a resumed run and the uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed),
     )
 

@@ -1,6 +1,9 @@
 """--low_memory: bf16 weights and AdamW moments with stochastic rounding still train like fp32 AdamW;
 --gradient_checkpointing changes memory, not the gradient."""
 
+import shutil
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,13 +16,16 @@ from sequence_layout import SpecialIds
 
 def test_stochastic_rounding_is_exact_on_average():
     torch.manual_seed(0)
-    between = torch.full((200_000,), 1 + 2**-10)  # a quarter of the way from bf16 1.0 to the next, 1 + 2**-7
-    rounded = round_to_bf16_stochastically(between)
-    assert set(rounded.float().unique().tolist()) == {1.0, 1 + 2**-7}
-    assert abs(rounded.float().mean().item() - (1 + 2**-10)) < 2e-5
-    assert torch.equal(between.to(torch.bfloat16).float(), torch.ones(1).expand(200_000))  # nearest loses it all
-    exact = torch.tensor([0.5, -3.0, 1 + 2**-7, -(1 + 2**-7), 0.0])
+    for value in (1 + 2**-10, -(1 + 2**-10)):  # an eighth of the way from bf16 1.0 to the next, 1 + 2**-7
+        between = torch.full((200_000,), value)
+        rounded = round_to_bf16_stochastically(between).float()
+        assert set(rounded.abs().unique().tolist()) == {1.0, 1 + 2**-7}
+        assert abs(rounded.mean().item() - value) < 2e-5
+        assert torch.equal(between.to(torch.bfloat16).float().abs(), torch.ones(200_000))  # nearest loses it all
+    exact = torch.tensor([0.5, -3.0, 1 + 2**-7, -(1 + 2**-7), 0.0, float("inf")])
     assert torch.equal(round_to_bf16_stochastically(exact).float(), exact)  # representable values stay put
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    assert round_to_bf16_stochastically(nans).isnan().all()  # even those whose bits wrap when noise is added
 
 
 def run_optimizer(optimizer_class, weight, gradients, **options):
@@ -40,7 +46,7 @@ def test_update_is_torch_adamw_and_small_bf16_steps_are_not_lost():
     reference = run_optimizer(torch.optim.AdamW, weight, gradients)
     assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
-    # bf16 weights near 1 move by ~1e-3 a step, a quarter of a bf16 step (2**-7 / 2): 300 steps of
+    # bf16 weights near 1 move by ~1e-3 a step, an eighth of a bf16 step (2**-7): 300 steps of
     # constant gradient move them ~0.3 as in fp32; round-to-nearest would leave them where they are.
     start = torch.ones(4096)
     steady = [torch.ones(4096)] * 300
@@ -48,6 +54,35 @@ def test_update_is_torch_adamw_and_small_bf16_steps_are_not_lost():
     bf16 = run_optimizer(StochasticRoundingAdamW, start.to(torch.bfloat16), steady)
     assert (1 - fp32).mean() > 0.25
     assert abs(bf16.mean() - fp32.mean()) < 0.01 * (1 - fp32).mean()
+
+
+def test_rounding_noise_depends_only_on_the_seed_and_step():
+    """What keeps data-parallel processes identical: the same seed and gradients give the same bf16
+    weights whatever else drew random numbers before; another seed rounds otherwise."""
+    torch.manual_seed(0)
+    weight, gradients = torch.randn(4096).to(torch.bfloat16), [torch.randn(4096) for _ in range(3)]
+
+    def weights_after(seed, global_seed):
+        torch.manual_seed(global_seed)
+        return run_optimizer(StochasticRoundingAdamW, weight, gradients, seed=seed)
+
+    assert torch.equal(weights_after(seed=1, global_seed=10), weights_after(seed=1, global_seed=20))
+    assert not torch.equal(weights_after(seed=1, global_seed=10), weights_after(seed=2, global_seed=10))
+    # And the step leaves the global stream (dropout's) where it was.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    weights_after(seed=1, global_seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_update_is_torch_adamw():
+    """The update as the GPU runs it (compiled into one kernel), checked on fp32 weights."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 32)
+    gradients = [torch.randn(64, 32) for _ in range(3)]
+    compiled = run_optimizer(StochasticRoundingAdamW, weight, gradients, compile=True)
+    assert torch.allclose(compiled, run_optimizer(torch.optim.AdamW, weight, gradients), rtol=1e-5, atol=1e-6)
 
 
 def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model, coded_clips, tmp_path, capsys):
