@@ -146,3 +146,17 @@ def test_low_memory_resume_is_bit_identical(tiny_model, coded_clips, tmp_path):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert not all(torch.equal(expected[name], start[name]) for name in expected)  # the resumed steps did train
+
+
+def test_lora_with_low_memory_saves_a_checkpoint_stock_qwen_tts_loads(tiny_model, coded_clips, tmp_path):
+    from qwen_tts import Qwen3TTSModel
+
+    output = train(tiny_model, coded_clips, tmp_path / "out", low_memory=True, lora_rank=4, batch_size=4, lr=5e-3)
+    folder = output / "checkpoint-epoch-0"
+    base = load_file(tiny_model / "model.safetensors")
+    merged = load_file(folder / checkpoint.MODEL_WEIGHTS)
+    adapted = "talker.model.layers.0.self_attn.q_proj.weight"
+    assert merged[adapted].dtype == torch.bfloat16
+    assert not torch.equal(merged[adapted], base[adapted].to(torch.bfloat16))  # the adapters trained and were merged
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    assert Qwen3TTSModel.from_pretrained(str(folder)).model.talker is not None
