@@ -28,6 +28,7 @@ class Run:
         self.speaker_table = speaker_table
         self.output_dir = output_dir
         self.progress = progress
+        self.trainable = [p for p in train_module.parameters() if p.requires_grad]  # what the step clips
         self.device = accelerator.device
         self.last_checkpoint = None
         self.last_lr = self.last_loss = float("nan")
@@ -64,8 +65,7 @@ class Run:
                 self.accelerator.backward(loss * scale)
             step_sums += torch.stack([out.codec0_loss_sum.detach(), out.sub_talker_loss_sum.detach()])
 
-        parameters = [p for p in self.train_module.parameters() if p.requires_grad]
-        grad_norm = self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf"))
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a distributed tensor
             grad_norm = grad_norm.full_tensor()
         # One host sync per step: is the update finite, did any process get a stop signal, and the

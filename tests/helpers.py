@@ -40,6 +40,23 @@ def train(model_dir, train_jsonl, output_dir, **flags):
     return Path(output_dir)
 
 
+def trainer_setup(model_dir, data, out_dir, *flags):
+    """The trainer's own setup, in this process, up to the module it trains (not yet prepared):
+    returns (args, accelerator, tts, train_set, speaker_table, module)."""
+    import sft_12hz_chatterbox as sft
+    from sequence_layout import SpecialIds
+
+    args = sft.check_args(sft.parse_args([
+        "--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(out_dir),
+        "--num_workers", "0", "--report_to", "none", "--freeze_speaker_encoder", *map(str, flags)]))
+    accelerator = sft.make_accelerator(args)
+    tts = sft.load_base_model(args)
+    train_set, _, table = sft.load_datasets(args, SpecialIds.from_config(tts.model.config), tts.processor,
+                                            tts.model.config, accelerator)
+    module = sft.make_training_model(tts.model, table, args, accelerator, None)
+    return args, accelerator, tts, train_set, table, module
+
+
 def run_script(*args, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:
     """Run a project script in a child Python, as a user would."""
     result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,

@@ -8,21 +8,14 @@ import torch
 
 import sft_12hz_chatterbox as sft
 from checkpoint import TrainingProgress
-from sequence_layout import SpecialIds
+from helpers import trainer_setup
 from training_run import Run
 
 
 def one_step(model_dir, data, out_dir, batch_size, accumulation, classic_bug=False):
-    args = sft.check_args(sft.parse_args([
-        "--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(out_dir),
-        "--batch_size", str(batch_size), "--gradient_accumulation_steps", str(accumulation),
-        "--max_grad_norm", "0", "--num_workers", "0", "--report_to", "none", "--freeze_speaker_encoder",
-    ]))
-    accelerator = sft.make_accelerator(args)
-    tts = sft.load_base_model(args)
-    ids = SpecialIds.from_config(tts.model.config)
-    train_set, _, table = sft.load_datasets(args, ids, tts.processor, tts.model.config, accelerator)
-    module = sft.make_training_model(tts.model, table, args, accelerator, None)
+    args, accelerator, _, train_set, table, module = trainer_setup(
+        model_dir, data, out_dir, "--batch_size", batch_size, "--gradient_accumulation_steps", accumulation,
+        "--max_grad_norm", "0")
     parameters = {name: p for name, p in module.named_parameters() if p.requires_grad}
     before = {name: p.detach().clone() for name, p in parameters.items()}
     optimizer = torch.optim.SGD(parameters.values(), lr=1.0)

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 import checkpoint
 import sft_12hz_chatterbox as sft
 from bf16_adamw import StochasticRoundingAdamW, round_to_bf16_stochastically
-from helpers import train
-from sequence_layout import SpecialIds
+from helpers import train, trainer_setup
 
 
 def test_stochastic_rounding_is_exact_on_average():
@@ -109,14 +108,7 @@ def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model,
 
 
 def gradients_of_one_batch(model_dir, data, out_dir, *extra):
-    args = sft.check_args(sft.parse_args([
-        "--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(out_dir),
-        "--batch_size", "4", "--num_workers", "0", "--report_to", "none", "--freeze_speaker_encoder", *extra]))
-    accelerator = sft.make_accelerator(args)
-    tts = sft.load_base_model(args)
-    train_set, _, table = sft.load_datasets(args, SpecialIds.from_config(tts.model.config), tts.processor,
-                                            tts.model.config, accelerator)
-    module = sft.make_training_model(tts.model, table, args, accelerator, None)
+    args, accelerator, tts, train_set, _, module = trainer_setup(model_dir, data, out_dir, "--batch_size", 4, *extra)
     layer_calls = []
     tts.model.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
     batch = next(iter(sft.micro_batch_loader(train_set, sft.plan_for(train_set, args, accelerator, 0), 0, args, accelerator)))
