@@ -184,7 +184,7 @@ def main(argv=None):
     scheduler = sft.get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=0, num_training_steps=total)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     run = Run(trainer_args, accelerator, module, optimizer, scheduler, speaker_table, work / "run",
-              TrainingProgress(seed=trainer_args.seed))
+              TrainingProgress(seed=trainer_args.seed), sft.cuda_graphs_choice(trainer_args, accelerator))
     setup_seconds = time.perf_counter() - started
 
     plan = sft.plan_for(train_set, trainer_args, accelerator, epoch=0)
@@ -229,7 +229,8 @@ def main(argv=None):
         torch_compile=sft.compile_choice(trainer_args, accelerator),
         compile_mode=args.compile_mode or "default",
         low_memory=trainer_args.low_memory, gradient_checkpointing=trainer_args.gradient_checkpointing,
-        lora_rank=trainer_args.lora_rank,
+        lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None,
+        cuda_graphs_recorded=len(run.graphs.recorded) if run.graphs else 0,  # batch shapes, one graph each
         timed_steps=args.steps,
         samples_per_second=timed["clips"] / seconds,
         audio_hours_per_hour=timed["frames"] / FRAMES_PER_SECOND / seconds,

@@ -103,17 +103,19 @@ EOF
 for name in "$@"; do
   case $name in
     # 1.7B, batch 4 x 2, 10 s clips (the setting) by compile choice
-    1.7b_default) bench "$name" --size 1.7b "${ten_seconds[@]}" ;;  # --torch_compile auto: layers
+    1.7b_default) bench "$name" --size 1.7b "${ten_seconds[@]}" ;;  # auto: layers compiled, CUDA graphs
+    1.7b_no_graphs) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--cuda_graphs no" ;;
     1.7b_eager) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--torch_compile no" ;;
-    1.7b_reduce_overhead) bench "$name" --size 1.7b "${ten_seconds[@]}" --compile_mode reduce-overhead ;;
     # the same update as 4 x 2 (exact accumulation) with half the launches per clip; the 2-15 s mix
     1.7b_batch8x1) bench "$name" --size 1.7b "${ten_seconds[@]}" --batch_size 8 --gradient_accumulation_steps 1 ;;
-    1.7b_mix_2_15s) bench "$name" --size 1.7b --warmup 10 --steps 20 --clips 1024 ;;
+    1.7b_mix_2_15s) bench "$name" --size 1.7b --warmup 60 --steps 20 --clips 1024 ;;  # the warm-up records most graphs
+    1.7b_mix_2_15s_no_graphs) bench "$name" --size 1.7b --warmup 60 --steps 20 --clips 1024 --trainer_flags="--cuda_graphs no" ;;
     # where a step's time goes (busiest kernels and GPU busy share, in log.txt): 4 x 2 against 8 x 1
     1.7b_profile_4x2) bench "$name" --size 1.7b "${ten_seconds[@]}" --profile 2 ;;
     1.7b_profile_8x1) bench "$name" --size 1.7b "${ten_seconds[@]}" --profile 2 --batch_size 8 --gradient_accumulation_steps 1 ;;
     # memory: --low_memory, gradient checkpointing, LoRA
     1.7b_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory" ;;
+    1.7b_low_memory_no_graphs) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory --cuda_graphs no" ;;
     1.7b_low_memory_checkpointing) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--low_memory --gradient_checkpointing" ;;
     1.7b_lora16) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16" ;;
     1.7b_lora16_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16 --low_memory" ;;

@@ -215,8 +215,8 @@ class TalkerBatch:
     is_real: torch.Tensor         # [B, T] bool: not padding
     speaker_slot: torch.Tensor    # [B]
     speaker_index: torch.Tensor   # [B]
-    codec0_positions: torch.Tensor  # [M] flat positions that predict a group-0 id
-    codec0_targets: torch.Tensor    # [M] the ids they predict (frame codes, then codec_eos)
+    codec0_positions: torch.Tensor  # [M] flat positions that predict a group-0 id (then padding rows)
+    codec0_targets: torch.Tensor    # [M] the ids they predict (frame codes, then codec_eos); IGNORE_INDEX on padding
     predicting_positions: torch.Tensor  # [F] flat positions whose hidden state feeds the code predictor
     target_codes: torch.Tensor    # [F, G] codes of the frame each of those positions predicts
     sub_talker_labels: torch.Tensor  # [F, G-1] groups 1.. of those frames; IGNORE_INDEX on padding frames
@@ -225,7 +225,7 @@ class TalkerBatch:
 
     @property
     def num_codec0_targets(self) -> int:
-        return self.codec0_targets.shape[0]
+        return int((self.codec0_targets != IGNORE_INDEX).sum())
 
     @property
     def num_sub_talker_targets(self) -> int:
@@ -241,6 +241,9 @@ class TalkerBatch:
 # Batches are padded to a multiple of this many positions: aligned shapes suit the matrix units, and
 # torch.compile then needs one graph for every length instead of one for aligned and one for not.
 PAD_TO_MULTIPLE_OF = 8
+# The group-0 targets and the code predictor's frames of a batch are padded to a multiple of this,
+# with rows that carry no target: few distinct batch shapes, so few CUDA graphs (cuda_graphs.py).
+TARGETS_PAD_TO_MULTIPLE_OF = 32
 
 
 def collate(examples: list) -> TalkerBatch:
@@ -264,10 +267,13 @@ def collate(examples: list) -> TalkerBatch:
         codec0_positions.append(row * max_length + targets)
         codec0_targets.append(example.codec0_labels[targets])
         predicting_positions.append(row * max_length + example.predicting_positions)
-    # The code predictor's batch is padded the same way, with frames that carry no target.
+    # Padding rows read position 0 and predict nothing.
+    padding = -sum(map(len, codec0_targets)) % TARGETS_PAD_TO_MULTIPLE_OF
+    codec0_positions.append(np.zeros(padding, dtype=np.int64))
+    codec0_targets.append(np.full(padding, IGNORE_INDEX, dtype=np.int64))
     target_codes = np.concatenate([example.frame_codes[example.first_frame:] for example in examples])
     num_frames = len(target_codes)
-    padding = -num_frames % PAD_TO_MULTIPLE_OF
+    padding = -num_frames % TARGETS_PAD_TO_MULTIPLE_OF
     predicting_positions.append(np.zeros(padding, dtype=np.int64))
     target_codes = np.concatenate([target_codes, np.zeros((padding, num_groups), dtype=np.int64)])
     sub_talker_labels = target_codes[:, 1:].copy()

@@ -14,12 +14,14 @@ from tqdm.auto import tqdm
 
 import checkpoint
 import lora
+from cuda_graphs import MicroBatchGraphs, forward_backward
 from sequence_layout import collate
 from training_data import file_fingerprint
 
 
 class Run:
-    def __init__(self, args, accelerator, train_module, optimizer, scheduler, speaker_table, output_dir, progress):
+    def __init__(self, args, accelerator, train_module, optimizer, scheduler, speaker_table, output_dir, progress,
+                 cuda_graphs=False):
         self.args = args
         self.accelerator = accelerator
         self.train_module = train_module
@@ -29,6 +31,10 @@ class Run:
         self.output_dir = output_dir
         self.progress = progress
         self.trainable = [p for p in train_module.parameters() if p.requires_grad]  # what the step clips
+        self.graphs = None
+        if cuda_graphs:  # --cuda_graphs auto drops them where memory is short; yes keeps them
+            self.graphs = MicroBatchGraphs(train_module, self.trainable, accelerator.backward,
+                                           check_memory=args.cuda_graphs == "auto")
         self.device = accelerator.device
         self.last_checkpoint = None
         self.last_lr = self.last_loss = float("nan")
@@ -55,15 +61,16 @@ class Run:
         weight = self.args.sub_talker_loss_weight
         # DDP averages gradients over processes; the losses are already global sums over targets.
         scale = self.accelerator.num_processes
+        loss_weights = torch.tensor([scale / codec0_targets, scale * weight / sub_targets]).to(self.device)
         step_sums = torch.zeros(2, device=self.device)
         for index, batch in enumerate(batches):
-            batch = batch.to(self.device)
-            last = index == len(batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_module):
-                out = self.train_module(batch)
-                loss = out.codec0_loss_sum / codec0_targets + weight * out.sub_talker_loss_sum / sub_targets
-                self.accelerator.backward(loss * scale)
-            step_sums += torch.stack([out.codec0_loss_sum.detach(), out.sub_talker_loss_sum.detach()])
+            if self.graphs is not None:  # one process: no gradient sync to hold back
+                step_sums += self.graphs.forward_backward(batch, loss_weights)
+            else:
+                last = index == len(batches) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_module):
+                    step_sums += forward_backward(self.train_module, batch.to(self.device), loss_weights,
+                                                  self.accelerator.backward)
 
         grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a distributed tensor
@@ -82,6 +89,8 @@ class Run:
         progress.step += 1
         if finite:
             self.optimizer.step()
+            if self.graphs is not None:
+                self.graphs.optimizer_has_stepped = True
             progress.nonfinite_in_a_row = 0
             self.interval_loss_sums += step_sums
             self.interval_targets[0] += codec0_targets
@@ -96,7 +105,8 @@ class Run:
                                  f"gradient; stopping. Last good checkpoint: {last}. Try a lower --lr.")
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # The CUDA graphs write into the gradient tensors they recorded: keep them, zeroed.
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         self.interval_clips += step_targets.clips
         return stop
 

@@ -1,0 +1,134 @@
+"""CUDA graphs (cuda_graphs.py): replayed micro-batches train exactly as eager ones.
+
+The GPU tests skip on a machine without CUDA (CI); they run on the GPU machine with
+`python -m pytest tests/test_cuda_graphs.py`.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sft_12hz_chatterbox as sft
+from checkpoint import TrainingProgress
+from helpers import ROOT, read_jsonl, train, trainer_setup, write_jsonl
+from training_run import Run
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def repeated_clips(coded_clips, tmp_path_factory):
+    """Each of the 8 clips four times: at batch size 1 every shape is recorded and replayed."""
+    return write_jsonl(tmp_path_factory.mktemp("repeated") / "train.jsonl", read_jsonl(coded_clips) * 4)
+
+
+def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None):
+    """Every step of one epoch through Run.optimizer_step; returns (per-step losses, weights, run)."""
+    args, accelerator, _, train_set, table, module = trainer_setup(
+        model_dir, data, out_dir, "--batch_size", 1, "--gradient_accumulation_steps", 4, "--lr", "1e-3",
+        "--cuda_graphs", cuda_graphs)
+    optimizer = sft.make_optimizer(module, args, accelerator)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    run = Run(args, accelerator, module, optimizer, scheduler, table, out_dir, TrainingProgress(seed=args.seed),
+              sft.cuda_graphs_choice(args, accelerator))
+    if before_training is not None:
+        before_training(run)
+    plan = sft.plan_for(train_set, args, accelerator, epoch=0)
+    loader = iter(sft.micro_batch_loader(train_set, plan, 0, args, accelerator))
+    losses = []
+    for step in range(len(plan.steps)):
+        batches = [next(loader) for _ in plan.micro_batches[step]]
+        run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
+        losses.append(run.last_loss)
+    weights = {name: p.detach().float().cpu() for name, p in module.named_parameters() if p.requires_grad}
+    return losses, weights, run
+
+
+def initial_weights(model_dir, data, out_dir, names):
+    module = trainer_setup(model_dir, data, out_dir)[-1]
+    return {name: p.detach().float().cpu() for name, p in module.named_parameters() if name in names}
+
+
+def assert_same_training(model_dir, data, out_dir, eager, graphs):
+    """Same per-step losses, and weights within 1% of how far training moved them."""
+    (eager_losses, eager_weights, _), (graph_losses, graph_weights, _) = eager, graphs
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
+    initial = initial_weights(model_dir, data, out_dir, eager_weights)
+    moved = max((eager_weights[name] - initial[name]).abs().max().item() for name in initial)
+    differ = max((eager_weights[name] - graph_weights[name]).abs().max().item() for name in initial)
+    assert moved > 1e-3 and differ < 0.01 * moved
+
+
+@pytest.fixture(scope="module")
+def eager_training(tiny_model, repeated_clips, tmp_path_factory):
+    return train_steps(tiny_model, repeated_clips, tmp_path_factory.mktemp("eager"), "no")
+
+
+@needs_gpu
+def test_replayed_micro_batches_train_as_eager_ones(tiny_model, repeated_clips, tmp_path, eager_training):
+    graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
+    recorded = graphs[2].graphs.recorded
+    assert len(recorded) >= 2 and set(recorded) == graphs[2].graphs.warmed_up  # every shape warmed up, then recorded
+    assert_same_training(tiny_model, repeated_clips, tmp_path / "init", eager_training, graphs)
+
+
+@needs_gpu
+def test_graphs_are_dropped_where_memory_is_short(tiny_model, repeated_clips, tmp_path, eager_training, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 10**9))  # a full GPU
+    graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "auto")
+    assert not graphs[2].graphs.enabled and not graphs[2].graphs.recorded
+    assert_same_training(tiny_model, repeated_clips, tmp_path / "init", eager_training, graphs)
+
+
+def train_with_a_host_sync_while_recording(model_dir, data, out_dir):
+    """Training whose forward reads a value on the host while being recorded (as a .item() in a
+    model would): the recording fails."""
+    def host_sync_while_recording(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            args[0].codec_ids.sum().item()
+
+    train_steps(model_dir, data, out_dir, "yes",
+                lambda run: run.train_module.register_forward_pre_hook(host_sync_while_recording))
+
+
+@needs_gpu
+def test_a_failed_recording_stops_with_what_to_do(tiny_model, repeated_clips, tmp_path):
+    # In a child process: a failed recording leaves CUDA unusable in its process.
+    code = ("import sys; import test_cuda_graphs as t; "
+            "t.train_with_a_host_sync_while_recording(*sys.argv[1:])")
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(repeated_clips), str(tmp_path)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "recording the CUDA graph of a micro-batch of shape" in result.stderr
+    assert "Resume from the last checkpoint with --cuda_graphs no" in result.stderr
+
+
+@needs_gpu
+def test_replacing_a_recorded_gradient_is_refused(tiny_model, repeated_clips, tmp_path):
+    _, _, run = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
+    run.optimizer.zero_grad(set_to_none=True)  # what the eager loop does; the graphs hold the old tensors
+    recorded = next(iter(run.graphs.recorded.values()))
+    with pytest.raises(RuntimeError, match="set_to_none=False"):
+        run.graphs.forward_backward(recorded.batch, recorded.loss_weights)
+
+
+@needs_gpu
+def test_trainer_cli_with_graphs_evaluates_and_saves(tiny_model, repeated_clips, tmp_path):
+    out = train(tiny_model, repeated_clips, tmp_path / "run", batch_size=1, gradient_accumulation_steps=2,
+                eval_split=0.25, cuda_graphs="yes", save_steps=0)
+    assert (out / "checkpoint-epoch-0" / "model.safetensors").is_file()
+
+
+def test_cuda_graphs_yes_where_they_cannot_work_is_refused(tiny_model, coded_clips, tmp_path):
+    flags = ["--init_model_path", tiny_model, "--train_jsonl", coded_clips, "--output_model_path", tmp_path,
+             "--gradient_checkpointing", "--cuda_graphs", "yes"]
+    args = sft.check_args(sft.parse_args(list(map(str, flags))))
+    with pytest.raises(SystemExit, match="--cuda_graphs yes: .*--gradient_checkpointing"):
+        sft.cuda_graphs_choice(args, sft.make_accelerator(args))
+    args.cuda_graphs = "auto"  # auto falls back to eager instead
+    assert sft.cuda_graphs_choice(args, sft.make_accelerator(args)) is False
