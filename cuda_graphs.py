@@ -102,13 +102,14 @@ class MicroBatchGraphs:
         if not (self.enabled and self.optimizer_has_stepped and shape in self.warmed_up):
             self.warmed_up.add(shape)
             return forward_backward(self.module, batch, loss_weights, self.backward)
-        first = not self.recorded
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        reserved_before = torch.cuda.memory_reserved()
+        measure = self.check_memory and not self.recorded  # the first recording sizes the pool
+        if measure:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            reserved_before = torch.cuda.memory_reserved()
         recorded = self.recorded[shape] = self.record(shape, batch, loss_weights.clone())
         recorded.graph.replay()  # recording only records: this runs the micro-batch
-        if first and self.check_memory:
+        if measure:
             self.drop_if_no_room(pool_bytes=torch.cuda.memory_reserved() - reserved_before)
         return recorded.loss_sums
 
