@@ -9,7 +9,7 @@ RUN=${RUN:-demo_run}
 rm -rf "$RUN"
 
 echo "== 1. a tiny random Qwen3-TTS Base model and 48 synthetic clips"
-$PYTHON tiny_model.py --out "$RUN/base_model" --clips 48
+$PYTHON -m qwen3_tts_sft.tiny_model --out "$RUN/base_model" --clips 48
 
 echo "== 2. audio -> 12 Hz codes"
 $PYTHON prepare_codes.py --tokenizer_model_path "$RUN/base_model/speech_tokenizer" \

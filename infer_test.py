@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 import torch
 
-import checkpoint
-from speakers import MEL_SETTINGS, speaker_vectors, waveform_mel
-from training_data import FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft.speakers import MEL_SETTINGS, speaker_vectors, waveform_mel
+from qwen3_tts_sft import audio
+from qwen3_tts_sft.audio import CLIP_LEVEL, FRAMES_PER_SECOND, SpeakingRates
 
 # Built-in test sentences: a statement, a pangram-like line, a short question and a long request.
 SENTENCES = {
@@ -68,7 +68,6 @@ SENTENCES["auto"] = SENTENCES["english"]
 
 SILENT_WINDOW_SECONDS = 0.05
 SILENT_WINDOW_DBFS = -50.0   # a 50 ms window quieter than this is silence (pauses, not soft consonants)
-CLIP_LEVEL = 0.99            # samples at or above this magnitude count as clipped
 DBFS_FLOOR = -120.0          # reported for digital silence instead of -inf
 ALL_SPEAKERS = SpeakingRates.ALL  # key of the whole training set's rate
 ENCODER_PREFIX = "speaker_encoder."
@@ -107,8 +106,9 @@ def stop(message: str):
 # Measurements on arrays
 # ---------------------------------------------------------------------------------------------
 
-def dbfs(rms: float) -> float:
-    return max(DBFS_FLOOR, 20.0 * math.log10(rms)) if rms > 0 else DBFS_FLOOR
+def dbfs(samples: np.ndarray) -> float:
+    """audio.rms_dbfs, with DBFS_FLOOR for silence (a report holds no -inf)."""
+    return max(DBFS_FLOOR, audio.rms_dbfs(samples))
 
 
 def measure_audio(wav: np.ndarray, sample_rate: int) -> dict:
@@ -118,13 +118,13 @@ def measure_audio(wav: np.ndarray, sample_rate: int) -> dict:
     window = max(1, int(SILENT_WINDOW_SECONDS * sample_rate))
     count = len(samples) // window
     window_rms = np.sqrt((samples[:count * window].reshape(count, window) ** 2).mean(axis=1))
-    silent = [dbfs(rms) < SILENT_WINDOW_DBFS for rms in window_rms]
+    silent = list(20 * np.log10(np.maximum(window_rms, 1e-12)) < SILENT_WINDOW_DBFS)
     return dict(
         seconds=len(samples) / sample_rate,
         finite=finite,
-        rms_dbfs=dbfs(float(np.sqrt((samples ** 2).mean()))) if len(samples) else DBFS_FLOOR,
+        rms_dbfs=dbfs(samples),
         silent_fraction=float(np.mean(silent)) if silent else 1.0,
-        clipped_fraction=float((np.abs(samples) >= CLIP_LEVEL).mean()) if len(samples) else 0.0,
+        clipped_fraction=audio.clipped_fraction(samples),
     )
 
 
@@ -163,7 +163,7 @@ def character_error_rate(reference: str, hypothesis: str) -> float:
 def finite_at_rate(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
     """float32 samples at `target_rate`, NaN and infinities zeroed (the model needs finite input)."""
     samples = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    return samples if sample_rate == target_rate else soxr.resample(samples, sample_rate, target_rate, quality="HQ")
+    return audio.resample(samples, sample_rate, target_rate)
 
 
 def speaker_similarity(encoder, encoder_rate: int, wav: np.ndarray, sample_rate: int, vector: torch.Tensor):

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dataset_layouts import (REJECT_REASONS, AudioChecks, Limits, Reject, RowChecker, detect_layout, input_order,
+from qwen3_tts_sft.dataset_layouts import (REJECT_REASONS, AudioChecks, Limits, Reject, RowChecker, detect_layout, input_order,
                              read_input)
-from training_data import FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.

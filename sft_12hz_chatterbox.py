@@ -24,16 +24,16 @@ from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-import checkpoint
-import lora
-from bf16_adamw import StochasticRoundingAdamW
-from checkpoint import TrainingProgress
-from sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
-from speakers import assign_speakers, reference_mels, speaker_vectors
-from talker_step import TalkerTrainingModel
-from training_data import (DataError, TalkerDataset, apply_length_limits, file_fingerprint, make_prompter,
+from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import lora
+from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
+from qwen3_tts_sft.checkpoint import TrainingProgress
+from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
+from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vectors
+from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, file_fingerprint, make_prompter,
                            plan_epoch, read_clips, split_off_eval)
-from training_run import Run
+from qwen3_tts_sft.training_run import Run
 
 LR_SCHEDULERS = ["linear", "cosine", "constant_with_warmup"]
 COMPILE_OPTIONS = dict(dynamic=True)  # lengths vary from batch to batch (padded to multiples of 8)

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Qwen3-TTS Base model folder, 1.7B-shaped."""
-    import tiny_model
+    from qwen3_tts_sft import tiny_model
 
     return tiny_model.write_model_dir(tmp_path_factory.mktemp("tiny") / "base", size="tiny", seed=0)
 
@@ -20,7 +20,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_06b(tmp_path_factory):
     """A tiny random model shaped like 0.6B: the text width differs from the talker width."""
-    import tiny_model
+    from qwen3_tts_sft import tiny_model
 
     return tiny_model.write_model_dir(tmp_path_factory.mktemp("tiny06") / "base", size="tiny-0.6b", seed=1)
 
@@ -29,7 +29,7 @@ def tiny_model_06b(tmp_path_factory):
 def coded_clips(tmp_path_factory, tiny_model):
     """Eight synthetic clips of two speakers (auto and English), coded by prepare_codes.py."""
     import prepare_codes
-    import tiny_model as tiny
+    from qwen3_tts_sft import tiny_model as tiny
 
     folder = tmp_path_factory.mktemp("clips")
     raw = tiny.write_synthetic_clips(folder, count=8, seed=0, speakers=("alice", "bob"), languages=("auto", "english"))

@@ -44,7 +44,7 @@ def trainer_setup(model_dir, data, out_dir, *flags):
     """The trainer's own setup, in this process, up to the module it trains (not yet prepared):
     returns (args, accelerator, tts, train_set, speaker_table, module)."""
     import sft_12hz_chatterbox as sft
-    from sequence_layout import SpecialIds
+    from qwen3_tts_sft.sequence_layout import SpecialIds
 
     args = sft.check_args(sft.parse_args([
         "--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(out_dir),

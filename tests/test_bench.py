@@ -29,7 +29,7 @@ def test_bench_runs_script_records_each_named_run(tmp_path):
 
     from helpers import ROOT
 
-    result = subprocess.run(["bash", "bench_runs.sh", str(tmp_path), "tiny_cpu", "no_such_run"], cwd=ROOT,
+    result = subprocess.run(["bash", "bench/bench_runs.sh", str(tmp_path), "tiny_cpu", "no_such_run"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHON=sys.executable, BENCH_WORK_DIR=str(tmp_path / "work")))
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -8,9 +8,9 @@ import torch
 from qwen_tts import Qwen3TTSModel
 from safetensors.torch import load_file
 
-import checkpoint
+from qwen3_tts_sft import checkpoint
 from helpers import train
-from speakers import reference_mel
+from qwen3_tts_sft.speakers import reference_mel
 
 
 def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:

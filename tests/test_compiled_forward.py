@@ -12,9 +12,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import sft_12hz_chatterbox as sft
-from sequence_layout import SpecialIds, collate
-from talker_step import TalkerTrainingModel
-from training_data import TalkerDataset, make_prompter, read_clips
+from qwen3_tts_sft.sequence_layout import SpecialIds, collate
+from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_data import TalkerDataset, make_prompter, read_clips
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import sft_12hz_chatterbox as sft
-from checkpoint import TrainingProgress
+from qwen3_tts_sft.checkpoint import TrainingProgress
 from helpers import ROOT, read_jsonl, train, trainer_setup, write_jsonl
-from training_run import Run
+from qwen3_tts_sft.training_run import Run
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from helpers import read_jsonl, train
-from sequence_layout import SpecialIds
-from training_data import DataError, apply_length_limits, read_clips
+from qwen3_tts_sft.sequence_layout import SpecialIds
+from qwen3_tts_sft.training_data import DataError, apply_length_limits, read_clips
 
 
 class Config:
@@ -130,7 +130,7 @@ def test_reference_audio_at_any_rate_and_channel_count_is_used(good_row, tmp_pat
     import numpy as np
     import soundfile as sf
 
-    from speakers import reference_mel
+    from qwen3_tts_sft.speakers import reference_mel
 
     mono, rate = sf.read(good_row["ref_audio"], dtype="float32")
     stereo_48k = np.repeat(np.interp(np.arange(len(mono) * 2) / 2, np.arange(len(mono)), mono)[:, None], 2, axis=1)

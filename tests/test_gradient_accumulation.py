@@ -7,9 +7,9 @@ of each weight is exactly minus its gradient.
 import torch
 
 import sft_12hz_chatterbox as sft
-from checkpoint import TrainingProgress
+from qwen3_tts_sft.checkpoint import TrainingProgress
 from helpers import trainer_setup
-from training_run import Run
+from qwen3_tts_sft.training_run import Run
 
 
 def one_step(model_dir, data, out_dir, batch_size, accumulation, classic_bug=False):

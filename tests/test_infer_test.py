@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 import infer_test
-import tiny_model
+from qwen3_tts_sft import tiny_model
 from helpers import forced_heads, read_jsonl, run_script, train, write_jsonl
 from infer_test import Thresholds
 

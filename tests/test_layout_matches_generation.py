@@ -12,12 +12,12 @@ import pytest
 import torch
 from qwen_tts import Qwen3TTSModel
 
-import checkpoint
+from qwen3_tts_sft import checkpoint
 from helpers import forced_generation_logits
-from sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
-from speakers import assign_speakers, reference_mels, speaker_vectors
-from talker_step import TalkerTrainingModel
-from training_data import TalkerDataset, make_prompter, read_clips
+from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
+from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vectors
+from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_data import TalkerDataset, make_prompter, read_clips
 
 TOLERANCE = 1e-4
 

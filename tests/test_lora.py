@@ -6,12 +6,12 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from qwen_tts import Qwen3TTSModel
 from safetensors.torch import load_file
 
-import checkpoint
-import lora
+from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import lora
 from helpers import train
-from sequence_layout import SpecialIds, collate
-from talker_step import TalkerTrainingModel
-from training_data import TalkerDataset, make_prompter, read_clips
+from qwen3_tts_sft.sequence_layout import SpecialIds, collate
+from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_data import TalkerDataset, make_prompter, read_clips
 
 
 def test_lora_trains_adapters_and_saves_a_merged_model_and_the_adapter(tiny_model, coded_clips, tmp_path, capsys):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from qwen3_tts_sft import checkpoint
 import sft_12hz_chatterbox as sft
-from bf16_adamw import StochasticRoundingAdamW, round_to_bf16_stochastically
+from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW, round_to_bf16_stochastically
 from helpers import train, trainer_setup
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from qwen3_tts_sft import checkpoint
 from helpers import ROOT, train
 
 FLAGS = dict(num_epochs=2, lr=1e-3, warmup_steps=1, num_workers=0, report_to="none", logging_steps=1,

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import audio_io
+from qwen3_tts_sft import audio
 import prepare_codes
-from dataset_layouts import detect_layout
+from qwen3_tts_sft.dataset_layouts import detect_layout
 from helpers import ROOT, read_jsonl, run_script, write_jsonl
-from tiny_model import synthetic_voice
+from qwen3_tts_sft.tiny_model import synthetic_voice
 
 CODEBOOK_SIZE = 2048
 NUM_CODE_GROUPS = 16
@@ -71,11 +71,11 @@ def test_stereo_48k_and_8k_come_out_mono_at_24k(tmp_path):
     stereo = write_audio(tmp_path / "stereo.flac", 0.5 * np.stack([tone48, 0.5 * tone48], axis=1), 48000)
     narrow = write_audio(tmp_path / "narrow.wav", 0.5 * tone8, 8000)
 
-    decoded = audio_io.decode(stereo, 24000)
+    decoded = audio.decode(stereo, 24000)
     assert decoded.samples.dtype == np.float32 and decoded.samples.shape == (12000,)
     # mean of the channels, resampled: the same tone at 24 kHz (the ends carry the filter's edge)
     np.testing.assert_allclose(decoded.samples[200:-200], 0.375 * np.sin(2 * np.pi * 440 * t24)[200:-200], atol=2e-3)
-    upsampled = audio_io.load_mono(narrow, 24000)
+    upsampled = audio.load_mono(narrow, 24000)
     np.testing.assert_allclose(upsampled[200:-200], 0.5 * np.sin(2 * np.pi * 200 * t24)[200:-200], atol=2e-3)
     assert decoded.clipped_fraction == 0 and -20 < decoded.level_dbfs < -5
 
@@ -83,8 +83,8 @@ def test_stereo_48k_and_8k_come_out_mono_at_24k(tmp_path):
 def test_clipping_and_silence_are_measured(tmp_path):
     loud = write_audio(tmp_path / "loud.wav", np.clip(4 * voice(0.5), -1, 1), 24000, subtype="PCM_16")
     silent = write_audio(tmp_path / "silent.wav", np.zeros(12000), 24000)
-    assert audio_io.decode(loud, 24000).clipped_fraction > 0.05
-    assert audio_io.decode(silent, 24000).level_dbfs == -math.inf
+    assert audio.decode(loud, 24000).clipped_fraction > 0.05
+    assert audio.decode(silent, 24000).level_dbfs == -math.inf
 
 
 def test_layout_detection(tmp_path):

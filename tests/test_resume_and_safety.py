@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
-import talker_step
-import training_run
+from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import talker_step
+from qwen3_tts_sft import training_run
 from helpers import ROOT, read_jsonl, train, write_jsonl
 
 # 12 clips, 2 per step: 6 steps an epoch; saving every step lets a run resume from any point.

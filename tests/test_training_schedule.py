@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import train
-from training_data import plan_epoch
+from qwen3_tts_sft.training_data import plan_epoch
 
 
 def logged(output, name):

@@ -17,31 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import audio_io
-from sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, SpecialIds, build_example, check_prompt_ids,
+from qwen3_tts_sft import audio
+from qwen3_tts_sft.audio import FRAMES_PER_SECOND
+from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, SpecialIds, build_example, check_prompt_ids,
                              example_length, num_targets, prompt_ids)
-
-FRAMES_PER_SECOND = 12.5
-
-
-class SpeakingRates:
-    """Characters of text (as written: spaces and punctuation count) per second of audio, per speaker
-    and over all clips. prepare_codes reports it; infer_test compares generated speech against it."""
-
-    ALL = "*"  # key of the rate over every clip
-
-    def __init__(self):
-        self.totals = {}  # key -> [characters, seconds]
-
-    def add(self, text: str, frames: int, speaker: str = None) -> None:
-        for key in {self.ALL, speaker.strip().lower() if speaker else self.ALL}:
-            total = self.totals.setdefault(key, [0, 0.0])
-            total[0] += len(text)
-            total[1] += frames / FRAMES_PER_SECOND
-
-    def rates(self) -> dict:
-        return {key: characters / seconds for key, (characters, seconds) in self.totals.items() if seconds > 0}
-
 
 @dataclass
 class Clip:
@@ -174,7 +153,7 @@ class ClipReader:
             if not self.check_audio:
                 self.readable[path] = None if path.exists() else "file not found"
             else:
-                _, problem = audio_io.probe(path)
+                _, problem = audio.probe(path)
                 self.readable[path] = problem[1] if problem else None
         return self.readable[path]
 

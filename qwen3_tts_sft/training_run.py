@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import checkpoint
-import lora
-from cuda_graphs import MicroBatchGraphs, forward_backward
-from sequence_layout import collate
-from training_data import file_fingerprint
+from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import lora
+from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
+from qwen3_tts_sft.sequence_layout import collate
+from qwen3_tts_sft.training_data import file_fingerprint
 
 
 class Run:

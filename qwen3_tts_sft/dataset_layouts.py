@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-import audio_io
-from training_data import resolve_path
+from qwen3_tts_sft import audio
+from qwen3_tts_sft.training_data import resolve_path
 
 # Files the folder and LJSpeech layouts take as audio: what soundfile (libsndfile 1.1+) decodes.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
@@ -228,7 +228,7 @@ class RowChecker:
 
     def probe(self, path: str) -> tuple:
         if path not in self.probes:
-            self.probes[path] = audio_io.probe(path)
+            self.probes[path] = audio.probe(path)
         return self.probes[path]
 
 
@@ -257,22 +257,22 @@ class AudioChecks:
             return Decoded(clip, reject=Reject(clip.source, reason, "audio", f"{path}: {problem}", clip.input))
 
         try:
-            audio = audio_io.decode(path, sample_rate)
+            decoded = audio.decode(path, sample_rate)
         except Exception as error:  # a header can be fine and the data behind it corrupt
             return reject("unreadable_audio", f"unreadable ({error})")
-        if not audio.finite:
+        if not decoded.finite:
             return reject("unreadable_audio", "holds NaN or infinite samples")
-        seconds = len(audio.samples) / sample_rate
+        seconds = len(decoded.samples) / sample_rate
         problem = self.limits.problem(seconds)
         if problem:
             return reject(*problem)
-        if audio.level_dbfs < self.silence_dbfs:
-            return reject("silent", f"level {audio.level_dbfs:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
-        clipped = audio.clipped_fraction > self.clipped_fraction
+        if decoded.level_dbfs < self.silence_dbfs:
+            return reject("silent", f"level {decoded.level_dbfs:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+        clipped = decoded.clipped_fraction > self.clipped_fraction
         if clipped and self.reject_clipped:
-            return reject("clipped", f"{audio.clipped_fraction:.2%} of its samples are at full scale "
+            return reject("clipped", f"{decoded.clipped_fraction:.2%} of its samples are at full scale "
                                      f"(--clipped_fraction {self.clipped_fraction:g}, --reject_clipped)")
         # Zeros up to a whole frame (under 80 ms): the last frame then sees the same zeros whatever pads
         # the batch, so a clip's codes do not depend on its batch (resume and shards rely on that).
-        samples = np.pad(audio.samples, (0, -len(audio.samples) % frame_samples))
-        return Decoded(clip, samples, seconds, audio.clipped_fraction if clipped else None)
+        samples = np.pad(decoded.samples, (0, -len(decoded.samples) % frame_samples))
+        return Decoded(clip, samples, seconds, decoded.clipped_fraction if clipped else None)

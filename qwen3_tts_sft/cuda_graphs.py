@@ -34,7 +34,7 @@ checkpointing (its recomputation saves the random-number state on the host).
 import torch
 from tqdm.auto import tqdm
 
-from sequence_layout import TalkerBatch
+from qwen3_tts_sft.sequence_layout import TalkerBatch
 
 
 def forward_backward(module, batch: TalkerBatch, loss_weights: torch.Tensor, backward) -> torch.Tensor:

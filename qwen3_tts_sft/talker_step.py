@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import speakers
-from sequence_layout import TalkerBatch
+from qwen3_tts_sft import speakers
+from qwen3_tts_sft.sequence_layout import TalkerBatch
 
 
 @dataclass

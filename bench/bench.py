@@ -1,7 +1,7 @@
 """Training speed and memory of the trainer's own code path, on a random model of a real shape.
 
-    python bench.py --size 1.7b --batch_size 4 --gradient_accumulation_steps 2 --steps 30
-    python bench.py --size tiny --device cpu --steps 3          # what CI runs
+    python bench/bench.py --size 1.7b --batch_size 4 --gradient_accumulation_steps 2 --steps 30
+    python bench/bench.py --size tiny --device cpu --steps 3          # what CI runs
 
 Builds a random Qwen3-TTS of the published shape (tiny_model.py), synthetic coded clips with a
 realistic length mix (2-15 s, text at ~15 characters a second), then runs the trainer's setup
@@ -12,6 +12,7 @@ Prints a table and writes every figure as JSON.
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
-import sft_12hz_chatterbox as sft
-import tiny_model
-from checkpoint import TrainingProgress
-from sequence_layout import SpecialIds
-from training_data import FRAMES_PER_SECOND
-from training_run import Run
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the trainer at the repository root
+import sft_12hz_chatterbox as sft  # noqa: E402
+from qwen3_tts_sft import tiny_model
+from qwen3_tts_sft.checkpoint import TrainingProgress
+from qwen3_tts_sft.sequence_layout import SpecialIds
+from qwen3_tts_sft.audio import FRAMES_PER_SECOND
+from qwen3_tts_sft.training_run import Run
 
 CHARACTERS_PER_SECOND = 15
 WORDS = ("the quick brown fox jumps over lazy dog she sells sea shells by shore one two three four five "

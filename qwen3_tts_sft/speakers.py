@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from qwen_tts.core.models.modeling_qwen3_tts import mel_spectrogram
 
-import audio_io
+from qwen3_tts_sft import audio
 
 # Upstream's fine-tuning script puts its one speaker at codec id 3000; new speakers count up from
 # there, skipping ids the model already uses. Ids 2048.. are never generated (generate() suppresses
@@ -57,7 +57,7 @@ def assign_speakers(clips: list, talker_config) -> list:
 
 def reference_mel(path: Path, sample_rate: int) -> torch.Tensor:
     """[1, frames, mels] log-mel of a reference clip, as qwen_tts computes it for the speaker encoder."""
-    return waveform_mel(audio_io.load_mono(path, sample_rate), sample_rate)
+    return waveform_mel(audio.load_mono(path, sample_rate), sample_rate)
 
 
 def waveform_mel(waveform: np.ndarray, sample_rate: int) -> torch.Tensor:

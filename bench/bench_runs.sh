@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The runs behind the GPU tables in README_CHATTERBOX_STYLE.md, by name (the case list at the end):
 #
-#   bash bench_runs.sh RESULTS_DIR 1.7b_default 1.7b_low_memory codes    # one GPU
-#   bash bench_runs.sh RESULTS_DIR multi_gpu                                    # two GPUs of one machine
+#   bash bench/bench_runs.sh RESULTS_DIR 1.7b_default 1.7b_low_memory codes    # one GPU
+#   bash bench/bench_runs.sh RESULTS_DIR multi_gpu                                    # two GPUs of one machine
 #
 # Every run appends one JSON line to RESULTS_DIR/results.jsonl and its output to
 # RESULTS_DIR/log.txt; a run that fails or passes BENCH_TIMEOUT seconds is logged and skipped.
 # bench.py builds its models and data under BENCH_WORK_DIR (default bench_out) and reuses them;
 # codes and multi_gpu work in bench_out. The trainer saves on SIGTERM, so `timeout -k` also kills.
 set -u
-results=${1:?usage: bash bench_runs.sh RESULTS_DIR GROUP...}
+results=${1:?usage: bash bench/bench_runs.sh RESULTS_DIR GROUP...}
 shift
 mkdir -p "$results"
+results=$(cd "$results" && pwd)
+cd "$(dirname "$0")/.."  # the repository root: the trainer, and bench_out/, are there
 python=${PYTHON:-python3}
 limit=${BENCH_TIMEOUT:-400}
 ten_seconds=(--clip_seconds 10 --warmup 6 --steps 15)
@@ -22,7 +24,7 @@ bench() {  # bench NAME bench.py-flags...: one bench.py run, its JSON appended t
   local name=$1
   shift
   note "$name: bench.py $*"
-  timeout -k 60 "$limit" "$python" bench.py --work_dir "${BENCH_WORK_DIR:-bench_out}" --json "$results/$name.json" "$@" \
+  timeout -k 60 "$limit" "$python" bench/bench.py --work_dir "${BENCH_WORK_DIR:-bench_out}" --json "$results/$name.json" "$@" \
     >>"$results/log.txt" 2>&1
   if [ -f "$results/$name.json" ]; then  # written last: the run finished (even if its exit then hung)
     "$python" -c 'import json, sys; r = json.load(open(sys.argv[1])); r["name"] = sys.argv[2]; print(json.dumps(r))' \
@@ -39,7 +41,7 @@ codes_throughput() {  # prepare_codes.py on 800 synthetic 44.1 kHz clips of 2-15
 import json
 from pathlib import Path
 import numpy as np, soundfile as sf
-import tiny_model
+from qwen3_tts_sft import tiny_model
 work = Path("bench_out/codes"); (work / "wavs").mkdir(parents=True, exist_ok=True)
 tiny_model.write_speech_tokenizer(work / "tokenizer", "full", 0)
 rng, rows = np.random.default_rng(0), []
@@ -64,8 +66,8 @@ print(json.dumps(dict(name="codes_batch_" + sys.argv[1], **s["throughput"])))' "
 multi_gpu() {  # the trainer CLI: 1 process (4 x 2) vs DDP and FSDP on 2 GPUs (4 x 1 each): 8 clips a step
   local steps=${MULTI_GPU_STEPS:-30} data
   [ -f bench_out/model_1.7b/model.safetensors ] ||
-    "$python" -c "import tiny_model; tiny_model.write_model_dir('bench_out/model_1.7b', '1.7b')"
-  data=$("$python" -c "import bench; from pathlib import Path; print(bench.synthetic_data(Path('bench_out/data'), 512, 10))" 2>/dev/null | tail -n 1)
+    "$python" -c "from qwen3_tts_sft import tiny_model; tiny_model.write_model_dir('bench_out/model_1.7b', '1.7b')"
+  data=$("$python" -c "import sys; sys.path.insert(0, 'bench'); import bench; from pathlib import Path; print(bench.synthetic_data(Path('bench_out/data'), 512, 10))" 2>/dev/null | tail -n 1)
   local common=(sft_12hz_chatterbox.py --init_model_path bench_out/model_1.7b --train_jsonl "$data" --max_steps "$steps"
                 --warmup_steps 5 --logging_steps 1 --save_steps 0 --report_to none --freeze_speaker_encoder
                 --overwrite_output_dir)

@@ -10,7 +10,7 @@ real special tokens at their real ids), processor config, model.safetensors and 
     tiny-0.6b  0.6B-shaped: the text width differs from the talker width
     1.7b, 0.6b the published shapes, for GPU benchmarks
 
-Run it on its own:  python tiny_model.py --out demo_run/base_model [--size tiny] [--clips 6]
+Run it on its own:  python -m qwen3_tts_sft.tiny_model --out demo_run/base_model [--size tiny] [--clips 6]
 """
 
 import argparse
