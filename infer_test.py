@@ -70,7 +70,6 @@ SILENT_WINDOW_SECONDS = 0.05
 SILENT_WINDOW_DBFS = -50.0   # a 50 ms window quieter than this is silence (pauses, not soft consonants)
 DBFS_FLOOR = -120.0          # reported for digital silence instead of -inf
 ALL_SPEAKERS = SpeakingRates.ALL  # key of the whole training set's rate
-ENCODER_PREFIX = "speaker_encoder."
 
 
 @dataclass
@@ -318,25 +317,11 @@ def load_speaker_encoder(config, model_path: Path, base_path, device):
     """The speaker encoder (fp32) from the checkpoint's speaker_encoder.safetensors, else from the
     base model's weights. Returns (encoder, where its weights came from)."""
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
-    from safetensors import safe_open
 
-    files = [model_path / checkpoint.SPEAKER_ENCODER_WEIGHTS]
-    if not files[0].is_file():
-        if not base_path:
-            stop(f"{model_path} has no {checkpoint.SPEAKER_ENCODER_WEIGHTS} and no base model is known; "
-                 f"pass --base_model_path")
-        index = Path(base_path) / "model.safetensors.index.json"
-        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
-        files = [Path(base_path) / name for name in sorted(names)]
-    weights = {}
-    for path in files:
-        if not path.is_file():
-            stop(f"{path}: not found (looking for the speaker encoder weights)")
-        with safe_open(str(path), framework="pt") as tensors:
-            weights.update({key[len(ENCODER_PREFIX):]: tensors.get_tensor(key).float()
-                            for key in tensors.keys() if key.startswith(ENCODER_PREFIX)})
-    if not weights:
-        stop(f"no {ENCODER_PREFIX}* weights in {', '.join(map(str, files))}")
+    try:
+        weights, files = checkpoint.speaker_encoder_weights(model_path, base_path)
+    except FileNotFoundError as error:
+        stop(f"{error}; pass --base_model_path" if not base_path else str(error))
     encoder = Qwen3TTSSpeakerEncoder(config.speaker_encoder_config)
     encoder.load_state_dict(weights)
     return encoder.to(device).eval(), str(files[0].parent if len(files) > 1 else files[0])
@@ -476,10 +461,11 @@ def find_training_rates(args, flags: dict):
     return training_rates(Path(path), flags.get("speaker_name")), str(path)
 
 
-def checkpoint_speaker_vectors(tts, requested: list, state: dict, model_path: Path) -> dict:
+def checkpoint_speaker_vectors(tts, requested: list, state, model_path: Path) -> dict:
     """{speaker: its vector (the talker's codec embedding row, where generation reads it)}."""
     spk_id = {name.lower(): codec_id for name, codec_id in (tts.model.config.talker_config.spk_id or {}).items()}
-    names = [name.lower() for name in requested or [s["name"] for s in state.get("speakers", [])] or spk_id]
+    trained = [s["name"] for s in state.speakers] if state else []
+    names = [name.lower() for name in requested or trained or spk_id]
     unknown = [name for name in names if name not in spk_id]
     if not names or unknown:
         stop(f"speaker {', '.join(unknown) or '(none)'} is not in {model_path}; it has: {', '.join(sorted(spk_id))}")
@@ -524,8 +510,8 @@ def main(argv=None):
         stop(f"{model_path} is not a model folder (no config.json)")
     if args.asr_model and not Path(args.asr_model).exists():
         stop(f"--asr_model {args.asr_model}: not found")
-    state = checkpoint.read_trainer_state(model_path) if (model_path / checkpoint.TRAINER_STATE).is_file() else {}
-    flags = state.get("flags", {})
+    state = checkpoint.read_trainer_state(model_path) if checkpoint.has_trainer_state(model_path) else None
+    flags = state.flags if state else {}
     base_path = args.base_model_path or flags.get("init_model_path")
     if args.compare_base and not base_path:
         stop("--compare_base needs the base model: pass --base_model_path")

@@ -12,35 +12,21 @@ every setting.
 """
 
 import argparse
-import math
-import platform
-import shutil
 import signal
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
-from tqdm.auto import tqdm
-from transformers import get_scheduler
-
-from qwen3_tts_sft import checkpoint
-from qwen3_tts_sft import lora
-from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
-from qwen3_tts_sft.checkpoint import TrainingProgress
-from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds, collate
-from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vectors
-from qwen3_tts_sft.talker_step import TalkerTrainingModel
-from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, file_fingerprint, make_prompter,
-                           plan_epoch, read_clips, split_off_eval)
-from qwen3_tts_sft.training_run import Run
+# torch, accelerate and the model code are imported in main(), after the flags are read: --help
+# and a mistyped flag answer at once.
 
 LR_SCHEDULERS = ["linear", "cosine", "constant_with_warmup"]
-COMPILE_OPTIONS = dict(dynamic=True)  # lengths vary from batch to batch (padded to multiples of 8)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default."""
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     paths = parser.add_argument_group("data and model")
     paths.add_argument("--init_model_path", required=True,
                        help="the Base model folder to start from (a download of Qwen3-TTS-12Hz-1.7B-Base or 0.6B-Base)")
@@ -70,10 +56,15 @@ def parse_args(argv=None):
     optim.add_argument("--weight_decay", type=float, default=0.01,
                        help="AdamW decay on matrices (not on norms or biases)")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
-    optim.add_argument("--sub_talker_loss_weight", type=float, default=0.3,
+    optim.add_argument("--code_predictor_loss_weight", "--sub_talker_loss_weight", type=float, default=0.3,
+                       dest="code_predictor_loss_weight",
                        help="weight of the code predictor's loss (groups 1-15) next to the talker's (group 0)")
-    optim.add_argument("--freeze_speaker_encoder", action="store_true",
-                       help="keep the speaker encoder fixed (recommended): speaker vectors are computed once")
+    optim.add_argument("--train_speaker_encoder", action="store_true",
+                       help="train the speaker encoder too (off: it stays fixed and each speaker's vector is "
+                            "computed once from its reference clips). Trained with few voices it tends to pull "
+                            "their vectors together until the voices mix (README_CHATTERBOX_STYLE.md)")
+    optim.add_argument("--freeze_speaker_encoder", action="store_false", dest="train_speaker_encoder",
+                       help="keep the speaker encoder fixed: the default, accepted because the recipe names it")
     optim.add_argument("--train_text_embedding", action="store_true",
                        help="also train the 151936-row text embedding table (about 4 GB more GPU memory on 1.7B); "
                             "off by default: a new voice needs no new word vectors, and text_projection still trains")
@@ -110,8 +101,8 @@ def parse_args(argv=None):
     run.add_argument("--cuda_graphs", default="auto", choices=["auto", "yes", "no"],
                      help="replay each micro-batch's forward and backward as one recorded CUDA graph, one per "
                           "batch shape (cuda_graphs.py): 1.7-2.4x the speed of 1.7B at batch 4, for up to one "
-                          "micro-batch's activations more memory. auto = yes on one GPU with --freeze_speaker_encoder, "
-                          "except with --low_memory or --gradient_checkpointing, and dropped where memory is short")
+                          "micro-batch's activations more memory. auto = yes on one GPU, except with --low_memory, "
+                          "--gradient_checkpointing or --train_speaker_encoder, and dropped where memory is short")
     run.add_argument("--logging_steps", type=int, default=10, help="log losses every this many optimizer steps")
     run.add_argument("--save_steps", type=int, default=4000,
                      help="write checkpoint-step-N every this many steps (0 = only per epoch)")
@@ -128,8 +119,10 @@ def parse_args(argv=None):
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"],
                      help="tracker for losses and learning rate (written under --output_model_path/logs)")
     run.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
-    run.add_argument("--group_by_length", type=int, default=1, choices=[0, 1],
+    run.add_argument("--group_by_length", action="store_true", default=True,
                      help="put clips of similar length in the same micro-batch (less padding, same randomness per step)")
+    run.add_argument("--no_group_by_length", action="store_false", dest="group_by_length",
+                     help="micro-batches of clips in plain random order")
 
     data = parser.add_argument_group("data checks")
     data.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping bad rows")
@@ -172,372 +165,51 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# main: the phases in order, then the loop
+# main: set up, train, finish
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = check_args(parse_args(argv))
-    accelerator = make_accelerator(args)
-    output_dir = Path(args.output_model_path)
-    resume_dir = find_resume_checkpoint(args, output_dir)
-    log_run_header(args, accelerator)
+    from qwen3_tts_sft.training_setup import build_run
 
-    tts = load_base_model(args)
-    model, config = tts.model, tts.model.config
-    ids = SpecialIds.from_config(config)
-    train_set, eval_set, speaker_table = load_datasets(args, ids, tts.processor, config, accelerator)
-    train_module = make_training_model(model, speaker_table, args, accelerator, resume_dir)
-    optimizer = make_optimizer(train_module, args, accelerator)
-    first_plan = plan_for(train_set, args, accelerator, epoch=0)
-    steps_per_epoch = len(first_plan.steps)
-    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.num_epochs)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=total_steps)
-    train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
-    progress = resume_or_start(args, accelerator, resume_dir, output_dir)
-    run = Run(args, accelerator, train_module, optimizer, scheduler, speaker_table, output_dir, progress,
-              cuda_graphs_choice(args, accelerator))
-    print_banner(run, train_set, eval_set, first_plan, total_steps, resume_dir)
+    run = build_run(args)
+    run.accelerator.print(run.banner())
+    if train(run):
+        run.finish()
 
-    # The loop. One iteration is one optimizer step over batch x accumulation x processes clips.
+
+def train(run) -> bool:
+    """The loop: one iteration is one optimizer step over batch x accumulation x processes clips.
+    Returns False when a stop signal ended the run early (its state saved)."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, progress = run.args, run.accelerator, run.progress
     stop_request = StopRequest()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if accelerator.is_main_process else True)
-    while progress.step < total_steps and progress.epoch < args.num_epochs:
-        plan = plan_for(train_set, args, accelerator, epoch=progress.epoch)
-        micro_batches = iter(micro_batch_loader(train_set, plan, progress.steps_done_in_epoch, args, accelerator))
-        for step_in_epoch in range(progress.steps_done_in_epoch, len(plan.steps)):
-            step_targets = train_set.targets(plan.steps[step_in_epoch])
-            batches = [next(micro_batches) for _ in plan.micro_batches[step_in_epoch]]
-            stop_asked = run.optimizer_step(batches, step_targets, stop_request.asked)
-            progress.steps_done_in_epoch += 1
-            bar.update(1)
-            bar.set_postfix_str(run.postfix())
+    for step in run.steps():
+        stop_asked = run.optimizer_step(step, stop_request.asked)
+        bar.update(1)
+        bar.set_postfix_str(run.postfix())
 
-            step, last_step = progress.step, progress.step >= total_steps
-            if step % args.logging_steps == 0 or last_step:
-                run.log_training()
-            if eval_set is not None and (last_step or (args.eval_steps and step % args.eval_steps == 0)):
-                run.evaluate(eval_set)
-            if progress.steps_done_in_epoch == len(plan.steps):
-                progress.epoch += 1
-                progress.steps_done_in_epoch = 0
-                run.save(f"checkpoint-epoch-{progress.epoch - 1}")
-            elif last_step or stop_asked or (args.save_steps and step % args.save_steps == 0 and
-                                             not progress.nonfinite_in_a_row):  # keep the last good one
-                run.save(f"checkpoint-step-{step}")
-            if stop_asked:
-                bar.close()
-                accelerator.print(f"stopped by {stop_request.signal_name} at step {step}; the state is saved. "
-                                  f"Continue with --resume_from_checkpoint latest")
-                accelerator.end_training()
-                return
-            if last_step:
-                break
+        number, last_step = progress.step, progress.step >= run.total_steps
+        if number % args.logging_steps == 0 or last_step:
+            run.log_training()
+        if run.eval_set is not None and (last_step or (args.eval_steps and number % args.eval_steps == 0)):
+            run.evaluate()
+        if step.ends_epoch:
+            run.save(f"checkpoint-epoch-{step.epoch}")
+        elif last_step or stop_asked or (args.save_steps and number % args.save_steps == 0 and
+                                         not progress.nonfinite_in_a_row):  # keep the last good one
+            run.save(f"checkpoint-step-{number}")
+        if stop_asked:
+            bar.close()
+            accelerator.print(f"stopped by {stop_request.signal_name} at step {number}; the state is saved. "
+                              f"Continue with --resume_from_checkpoint latest")
+            accelerator.end_training()
+            return False
     bar.close()
-    run.finish()
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup, one function per object
-# ---------------------------------------------------------------------------------------------
-
-def make_accelerator(args):
-    if args.mixed_precision == "auto":
-        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args.mixed_precision = "bf16" if use_bf16 else "no"
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # Accumulation is done by the loop (exact target-count normalisation), so accelerate gets 1,
-    # and the scheduler steps once per optimizer step whatever the number of processes.
-    return Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_model_path,
-                                            logging_dir=str(Path(args.output_model_path) / "logs")),
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def find_resume_checkpoint(args, output_dir: Path):
-    """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident."""
-    existing = checkpoint.list_checkpoints(output_dir) if output_dir.is_dir() else []
-    if args.resume_from_checkpoint == "latest":
-        if not existing:
-            raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint in {output_dir}")
-        return existing[-1]
-    if args.resume_from_checkpoint:
-        path = Path(args.resume_from_checkpoint)
-        if not (path / checkpoint.TRAINING_STATE_DIR).is_dir():
-            raise SystemExit(f"error: --resume_from_checkpoint {path}: not a checkpoint with training state")
-        return path
-    if existing and not args.overwrite_output_dir:
-        raise SystemExit(
-            f"error: {output_dir} already holds checkpoints ({existing[-1].name} ...). Continue that run with "
-            f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir."
-        )
-    return None
-
-
-def log_run_header(args, accelerator):
-    """What reproduces this run: versions, resolved flags, the data file's size and hash."""
-    if not accelerator.is_main_process:
-        return
-    import accelerate
-    import qwen_tts
-    import transformers
-
-    versions = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                    accelerate=accelerate.__version__, qwen_tts=getattr(qwen_tts, "__version__", package_version("qwen-tts")))
-    lines, digest = file_fingerprint(args.train_jsonl)
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"device: {accelerator.device}, processes: {accelerator.num_processes} "
-          f"({accelerator.distributed_type.value}), mixed precision: {args.mixed_precision}")
-    print("flags: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
-    print(f"train data: {args.train_jsonl}: {lines} lines, sha256 {digest}")
-    args.versions = versions
-
-
-def package_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-
-def load_base_model(args):
-    """The base model through the same loader a user's download goes through; fp32 master weights
-    (bf16 with --low_memory)."""
-    from qwen_tts import Qwen3TTSModel
-
-    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
-                                        attn_implementation=args.attn_implementation)
-    if tts.model.speaker_encoder is None:
-        raise SystemExit(
-            f"error: {args.init_model_path} has no speaker encoder (tts_model_type "
-            f"{tts.model.tts_model_type!r}); fine-tune from a Base model"
-        )
-    tts.model.speech_tokenizer = None  # not needed for training; frees its memory
-    return tts
-
-
-def load_datasets(args, ids, processor, config, accelerator):
-    """Checked, tokenized, length-limited train (and eval) datasets, and the speaker table."""
-    def read(path):
-        try:
-            clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
-                               log=accelerator.print, prompter=make_prompter(processor, config),
-                               max_positions=config.talker_config.max_position_embeddings)
-            return apply_length_limits(clips, args.max_audio_seconds, args.max_text_tokens, log=accelerator.print)
-        except DataError as error:
-            raise SystemExit(f"error: the training data cannot be used:\n{error}")
-
-    train_clips = read(args.train_jsonl)
-    eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
-    if args.eval_split:
-        train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
-    speaker_table = assign_speakers(train_clips + (eval_clips or []), config.talker_config)
-    speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}
-    layouts = [NON_STREAMING, STREAMING] if args.text_layout == "both" else [args.text_layout]
-    train_set = TalkerDataset(train_clips, ids, speaker_index, layouts)
-    eval_set = TalkerDataset(eval_clips, ids, speaker_index, layouts) if eval_clips else None
-    return train_set, eval_set, speaker_table
-
-
-def make_training_model(model, speaker_table, args, accelerator, resume_dir):
-    """The module accelerate trains, with the speaker encoder frozen or not."""
-    model.train()
-    lora_config = None
-    if args.lora_rank:
-        lora_config = lora.add_adapters(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank,
-                                        args.lora_dropout, args.lora_target_modules or lora.DEFAULT_TARGET_MODULES)
-    model.talker.get_text_embeddings().requires_grad_(args.train_text_embedding)
-    model.speaker_encoder.requires_grad_(not args.freeze_speaker_encoder)
-    if args.gradient_checkpointing:
-        # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
-        model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    if compile_choice(args, accelerator) == "layers":
-        compile_layers(model)
-    if args.freeze_speaker_encoder:
-        if resume_dir is not None:
-            vectors = checkpoint.load_speaker_vectors(resume_dir / checkpoint.TRAINING_STATE_DIR)
-        else:
-            with torch.no_grad():
-                vectors = speaker_vectors(model.speaker_encoder, reference_mels(speaker_table, config_sample_rate(model)))
-        # Every process must fill the speaker slot with the same vector: take process 0's.
-        vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
-        module = TalkerTrainingModel(model, speaker_vectors=vectors)
-    else:
-        module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, config_sample_rate(model)))
-    module.lora_config = lora_config  # the checkpoint export merges the adapters with it
-    return module
-
-
-def compile_choice(args, accelerator) -> str:
-    """What --torch_compile means on this machine: layers or no."""
-    if args.torch_compile != "auto":
-        return args.torch_compile
-    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.FSDP:
-        return "no"  # CPU: compiling costs more than it saves; FSDP: its hooks run around the layers
-    return "layers"
-
-
-def compile_layers(model):
-    """torch.compile every decoder layer of the talker and code predictor (regional compilation).
-
-    Layers of one kind share one compiled graph, and lengths are dynamic, so batches of any length
-    reuse it; the rest of the forward stays eager.
-    """
-    # No duck shaping: it gives equal-sized dimensions one symbol, so a batch whose frame count
-    # happens to equal the hidden size (1024 frames, say) would fix that count and recompile later.
-    from torch.fx.experimental import _config as symbolic_shapes
-
-    symbolic_shapes.use_duck_shape = False
-    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-        layer.compile(**COMPILE_OPTIONS)
-
-
-def cuda_graphs_choice(args, accelerator) -> bool:
-    """Whether --cuda_graphs means recording graphs on this run; refuses `yes` where they cannot work."""
-    unsupported = []
-    if accelerator.device.type != "cuda":
-        unsupported.append("they need a CUDA GPU")
-    if accelerator.num_processes > 1:
-        unsupported.append("they work in one process only (the gradient all-reduce runs outside them)")
-    if not args.freeze_speaker_encoder:
-        unsupported.append("they need --freeze_speaker_encoder (the trained encoder reads its mels from host memory)")
-    if args.gradient_checkpointing:
-        unsupported.append("they do not work with --gradient_checkpointing")
-    if args.cuda_graphs == "yes" and unsupported:
-        raise SystemExit("error: --cuda_graphs yes: " + "; ".join(unsupported))
-    if args.cuda_graphs == "auto" and args.low_memory:
-        return False  # graphs need up to one micro-batch's activations more memory, which --low_memory is about
-    return args.cuda_graphs != "no" and not unsupported
-
-
-def config_sample_rate(model) -> int:
-    return model.config.speaker_encoder_config.sample_rate
-
-
-def make_optimizer(train_module, args, accelerator):
-    """AdamW: on fp32 weights and fused on CUDA, or on bf16 weights with --low_memory; no decay on
-    norms and biases."""
-    decay, no_decay = [], []
-    for parameter in train_module.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    on_gpu = accelerator.device.type == "cuda"
-    if args.low_memory:
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise SystemExit("error: --low_memory works on one GPU or with DDP, not with FSDP (which shards "
-                             "the memory itself); drop one of them")
-        return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
-                                       compile=on_gpu)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
-
-
-def plan_for(dataset, args, accelerator, epoch):
-    return plan_epoch(dataset, args.batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
-                      accelerator.process_index, args.seed, epoch, bool(args.group_by_length))
-
-
-def micro_batch_loader(dataset, plan, steps_done, args, accelerator):
-    """This process's micro-batches from step `steps_done` of the plan on, collated by workers."""
-    batches = [batch for step in plan.micro_batches[steps_done:] for batch in step]
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.num_workers,
-        pin_memory=accelerator.device.type == "cuda", persistent_workers=False,
-        # Its own random stream: creating a loader draws a seed, which would otherwise shift the
-        # global stream (dropout's) between a resumed run and the uninterrupted one.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-
-
-def resume_or_start(args, accelerator, resume_dir, output_dir):
-    """Progress to continue from: a fresh one, or the checkpoint's (with accelerate's state loaded)."""
-    if resume_dir is None:
-        if accelerator.is_main_process:
-            if args.overwrite_output_dir and output_dir.is_dir():
-                for folder in output_dir.glob("checkpoint-*"):
-                    shutil.rmtree(folder)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_partials(output_dir)
-        if args.report_to != "none":
-            accelerator.init_trackers("sft_12hz", config=tracker_config(args))
-        return TrainingProgress(seed=args.seed)
-    state = checkpoint.read_trainer_state(resume_dir)
-    check_resume_flags(args, state, accelerator)
-    accelerator.load_state(str(resume_dir / checkpoint.TRAINING_STATE_DIR))
-    if accelerator.is_main_process:
-        checkpoint.remove_partials(output_dir)
-    if args.report_to != "none":
-        accelerator.init_trackers("sft_12hz", config=tracker_config(args))
-    return checkpoint.progress_from_state(state)
-
-
-# Flags that decide which clips go into which step, or what the saved state holds: a resume with
-# other values would not continue the same run.
-DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout")
-STATE_FLAGS = ("low_memory", "lora_rank")
-
-
-def check_resume_flags(args, state, accelerator):
-    saved = state["flags"]
-    problems = [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
-                for name in DATA_ORDER_FLAGS + STATE_FLAGS if saved.get(name, False) != getattr(args, name)]
-    if state.get("num_processes") != accelerator.num_processes:
-        problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with "
-                        f"{state.get('num_processes')}")
-    if state.get("train_data_sha256") != file_fingerprint(args.train_jsonl)[1]:
-        problems.append(f"{args.train_jsonl} differs from the file the checkpoint was trained on")
-    if problems:
-        raise SystemExit("error: cannot resume this checkpoint:\n  " + "\n  ".join(problems))
-    changed = [f"--{name} {saved.get(name)} -> {value}" for name, value in sorted(vars(args).items())
-               if name in saved and saved[name] != value and name not in ("resume_from_checkpoint", "versions")]
-    if changed:
-        accelerator.print("resuming with changed flags: " + ", ".join(changed))
-
-
-def tracker_config(args):
-    return {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
-
-
-def print_banner(run, train_set, eval_set, plan, total_steps, resume_dir):
-    """Say what will happen before step 1."""
-    args, accelerator = run.args, run.accelerator
-    module = accelerator.unwrap_model(run.train_module)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    steps_per_epoch = len(plan.steps)
-    lines = [
-        "***** Running training *****",
-        f"  clips: {len(train_set.clips)} train" + (f", {len(eval_set.clips)} eval" if eval_set else ", no eval data")
-        + f"; text layout {args.text_layout}" + (" (each clip in both: twice the examples)" if len(train_set.layouts) > 1 else ""),
-        "  speakers: " + ", ".join(f"{s.name} (codec id {s.codec_id}, {len(s.reference_audio)} reference clips)"
-                                    for s in run.speaker_table),
-        f"  batch: {args.batch_size} per process x {args.gradient_accumulation_steps} accumulation x "
-        f"{accelerator.num_processes} processes = {args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes} clips per step",
-        f"  steps: {steps_per_epoch} per epoch x {args.num_epochs} epochs -> {total_steps} optimizer steps, "
-        f"{args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr {args.lr}",
-        f"  parameters: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen "
-        + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
-        + f"speaker encoder {'frozen' if args.freeze_speaker_encoder else 'trained'}, "
-        f"text embedding {'trained' if args.train_text_embedding else 'frozen'})",
-        "  precision: " + ("weights, gradients and AdamW moments bf16, stochastic rounding (--low_memory)"
-                           if args.low_memory else "weights and AdamW state fp32")
-        + f", compute {'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}"
-        + (", gradient checkpointing" if args.gradient_checkpointing else "")
-        + f", torch.compile: {compile_choice(args, accelerator)}"
-        + (", CUDA graphs" if run.graphs is not None else ""),
-        f"  checkpoints: {run.output_dir}/checkpoint-epoch-N" + (f" and every {args.save_steps} steps" if args.save_steps else ""),
-    ]
-    if plan.dropped:
-        lines.append(f"  {plan.dropped} clips per epoch left out: too few to give every process a micro-batch")
-    if resume_dir is not None:
-        lines.append(f"  resumed from {resume_dir} at step {run.progress.step} (epoch {run.progress.epoch}, "
-                     f"step {run.progress.steps_done_in_epoch} of it)")
-    accelerator.print("\n".join(lines))
+    return True
 
 
 class StopRequest:

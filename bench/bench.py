@@ -22,11 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the trainer at the repository root
 import sft_12hz_chatterbox as sft  # noqa: E402
-from qwen3_tts_sft import tiny_model
-from qwen3_tts_sft.checkpoint import TrainingProgress
-from qwen3_tts_sft.sequence_layout import SpecialIds
-from qwen3_tts_sft.audio import FRAMES_PER_SECOND
-from qwen3_tts_sft.training_run import Run
+from qwen3_tts_sft import tiny_model  # noqa: E402
+from qwen3_tts_sft.audio import FRAMES_PER_SECOND  # noqa: E402
+from qwen3_tts_sft.training_setup import build_run  # noqa: E402
 
 CHARACTERS_PER_SECOND = 15
 WORDS = ("the quick brown fox jumps over lazy dog she sells sea shells by shore one two three four five "
@@ -48,8 +46,6 @@ def parse_args(argv=None):
     parser.add_argument("--trainer_flags", default="",
                         help="extra sft_12hz_chatterbox.py flags, written --trainer_flags=\"--low_memory --lora_rank 16\"")
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_SIZE.json)")
-    parser.add_argument("--compile_mode", default=None,
-                        help="experiment: torch.compile mode of the compiled regions (e.g. reduce-overhead) instead of the default")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps and print the busiest kernels")
     return parser.parse_args(argv)
@@ -132,16 +128,15 @@ class FlopCounter:
                     predictor_tokens=predictor_tokens, frames=frames)
 
 
-def profile_steps(run, plan, loader, train_set, steps, work: Path, device):
-    """Profile some optimizer steps: print the kernels that take the most device time, save a trace."""
+def profile_steps(run, steps, count: int, work: Path, device):
+    """Profile `count` more optimizer steps: print the kernels that take the most device time, save a trace."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         started = time.perf_counter()
-        for step in steps:
-            batches = [next(loader) for _ in plan.micro_batches[step]]
-            run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
+        for _ in range(count):
+            run.optimizer_step(next(steps), stop_asked=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
@@ -149,7 +144,7 @@ def profile_steps(run, plan, loader, train_set, steps, work: Path, device):
     print(profiler.key_averages().table(sort_by=sort, row_limit=30))
     if device.type == "cuda":
         busy = sum(e.device_time_total for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-        print(f"profiled {len(steps)} steps: wall {wall:.3f} s, kernels {busy / 1e6:.3f} s "
+        print(f"profiled {count} steps: wall {wall:.3f} s, kernels {busy / 1e6:.3f} s "
               f"(GPU busy {busy / 1e6 / wall:.0%} of the wall time, counting overlap once per kernel)")
     profiler.export_chrome_trace(str(work / "trace.json"))
 
@@ -165,34 +160,21 @@ def main(argv=None):
         print(f"built {args.size} model in {time.perf_counter() - started:.0f} s")
     data = synthetic_data(work / "data", args.clips, args.clip_seconds)
 
+    total = args.warmup + args.steps + args.profile
     flags = ["--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(work / "run"),
              "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
-             "--freeze_speaker_encoder", "--report_to", "none", "--overwrite_output_dir"]
+             "--report_to", "none", "--overwrite_output_dir", "--max_steps", str(total),
+             "--lr_scheduler", "constant_with_warmup", "--warmup_steps", "0"]
     if device.type == "cpu":
         flags += ["--mixed_precision", "no", "--num_workers", "0"]
-    trainer_args = sft.check_args(sft.parse_args(flags + args.trainer_flags.split()))
-    if args.compile_mode:  # an experiment: the trainer's compiled regions with another torch.compile mode
-        sft.COMPILE_OPTIONS["mode"] = args.compile_mode
 
     started = time.perf_counter()
-    accelerator = sft.make_accelerator(trainer_args)
-    tts = sft.load_base_model(trainer_args)
-    ids = SpecialIds.from_config(tts.model.config)
-    train_set, _, speaker_table = sft.load_datasets(trainer_args, ids, tts.processor, tts.model.config, accelerator)
-    module = sft.make_training_model(tts.model, speaker_table, trainer_args, accelerator, None)
-    counter = FlopCounter(tts.model)
-    optimizer = sft.make_optimizer(module, trainer_args, accelerator)
-    total = args.warmup + args.steps + args.profile
-    scheduler = sft.get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=0, num_training_steps=total)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    run = Run(trainer_args, accelerator, module, optimizer, scheduler, speaker_table, work / "run",
-              TrainingProgress(seed=trainer_args.seed), sft.cuda_graphs_choice(trainer_args, accelerator))
+    run = build_run(sft.check_args(sft.parse_args(flags + args.trainer_flags.split())))
+    counter = FlopCounter(run.accelerator.unwrap_model(run.train_module).model)
     setup_seconds = time.perf_counter() - started
-
-    plan = sft.plan_for(train_set, trainer_args, accelerator, epoch=0)
-    if len(plan.steps) < total:
-        raise SystemExit(f"--clips {args.clips} give only {len(plan.steps)} steps; need {total}")
-    loader = iter(sft.micro_batch_loader(train_set, plan, 0, trainer_args, accelerator))
+    if run.total_steps < total:
+        raise SystemExit(f"--clips {args.clips} give only {run.total_steps} steps; need {total}")
+    steps = run.steps()
 
     def synchronize():
         if device.type == "cuda":
@@ -200,36 +182,36 @@ def main(argv=None):
 
     timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, clips=0)
     loop_start = time.perf_counter()
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
+    for number in range(args.warmup + args.steps):
+        if number == args.warmup:
             synchronize()
             timed_start = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-        batches = [next(loader) for _ in plan.micro_batches[step]]
-        if step >= args.warmup:
-            for batch in batches:
+        step = next(steps)
+        if number >= args.warmup:
+            for batch in step.micro_batches:
                 for key, value in counter.micro_batch(batch).items():
                     timed[key] += value
-            timed["clips"] += len(plan.steps[step])
-        run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
-        if step == 0:
+            timed["clips"] += step.targets.clips
+        run.optimizer_step(step, stop_asked=False)
+        if number == 0:
             synchronize()
             first_step_seconds = time.perf_counter() - loop_start
     synchronize()
     seconds = time.perf_counter() - timed_start
     if args.profile:
-        profile_steps(run, plan, loader, train_set, range(args.warmup + args.steps, total), work, device)
+        profile_steps(run, steps, args.profile, work, device)
 
     peak = matmul_peak_tflops(device)
     model_tflops = timed["flops"] / seconds / 1e12
+    trainer_args, settings = run.args, run.settings
     result = dict(
         size=args.size, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        clip_seconds=args.clip_seconds or "2-15", mixed_precision=trainer_args.mixed_precision,
+        clip_seconds=args.clip_seconds or "2-15", mixed_precision=settings.mixed_precision,
         attn_implementation=trainer_args.attn_implementation, trainer_flags=args.trainer_flags,
-        torch_compile=sft.compile_choice(trainer_args, accelerator),
-        compile_mode=args.compile_mode or "default",
+        torch_compile=settings.torch_compile,
         low_memory=trainer_args.low_memory, gradient_checkpointing=trainer_args.gradient_checkpointing,
         lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None,
         cuda_graphs_recorded=len(run.graphs.recorded) if run.graphs else 0,  # batch shapes, one graph each

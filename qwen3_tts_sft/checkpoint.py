@@ -1,4 +1,5 @@
-"""Checkpoint folders: what is in them, writing them safely, finding them again.
+"""Checkpoint folders: the one owner of their format. What is in them, writing them safely, reading
+them back, finding them again.
 
     output/checkpoint-step-500/          loads with Qwen3TTSModel.from_pretrained
         config.json                      the base config; tts_model_type custom_voice, spk_id, spk_is_dialect
@@ -6,17 +7,20 @@
         speaker_encoder.safetensors      the speaker encoder, kept for speaker-similarity checks
         adapter/                         with LoRA: the adapter alone (the model above has it merged)
         generation_config.json, tokenizer files, speech_tokenizer/   copied from the base model
-        trainer_state.json               progress, flags, versions, speakers (readable)
-        training_state/                  accelerate state: fp32 weights, optimizer, scheduler, RNG
+        trainer_state.json               progress, flags, versions, speakers (TrainerState, readable)
+        training_state/                  accelerate state: fp32 weights, optimizer, scheduler, RNG;
+                                         and speaker_vectors.safetensors, the vectors training used
 
-A folder is written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint under a checkpoint's name.
+A folder is written under a temporary name and renamed into place, so a crash (or a full disk)
+never leaves a half-written checkpoint under a checkpoint's name, and the previous one stays.
 """
 
+import errno
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,6 +35,10 @@ PARTIAL_SUFFIX = ".partial"
 # Base-model files that are not copied: they are rewritten, or they are another run's state.
 NOT_COPIED = {"config.json", MODEL_WEIGHTS, SPEAKER_ENCODER_WEIGHTS, TRAINER_STATE, TRAINING_STATE_DIR,
               "model.safetensors.index.json", "adapter"}
+# Key prefixes: the trainer wraps the loaded model as `.model` (talker_step.TalkerTrainingModel), and
+# the model keeps its speaker encoder as `.speaker_encoder`.
+TRAINING_MODULE_PREFIX = "model."
+SPEAKER_ENCODER_PREFIX = "speaker_encoder."
 
 
 @dataclass
@@ -47,6 +55,50 @@ class TrainingProgress:
     best_checkpoint: str = None    # checkpoint saved at the best eval step, kept by --save_total_limit
     log_history: list = field(default_factory=list)
 
+
+@dataclass
+class TrainerState:
+    """trainer_state.json: the progress, and what made the run (its flags, versions, data and speakers).
+    The JSON is flat: the progress fields, then these."""
+
+    progress: TrainingProgress
+    checkpoint: str = None         # the folder's own name
+    flags: dict = field(default_factory=dict)        # the trainer's flags as given
+    versions: dict = field(default_factory=dict)     # python, torch, transformers, accelerate, qwen_tts
+    num_processes: int = 1
+    train_data_sha256: str = None  # DataFingerprint.sha256 of --train_jsonl
+    speakers: list = field(default_factory=list)     # [{name, codec_id, reference_audio: [paths]}]
+
+    def to_json(self) -> dict:
+        return dict(asdict(self.progress), **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"})
+
+    @classmethod
+    def from_json(cls, values: dict) -> "TrainerState":
+        progress_names = {f.name for f in fields(TrainingProgress)}
+        own_names = {f.name for f in fields(cls)} - {"progress"}
+        return cls(progress=TrainingProgress(**{k: v for k, v in values.items() if k in progress_names}),
+                   **{k: v for k, v in values.items() if k in own_names})
+
+
+@dataclass(frozen=True)
+class DataFingerprint:
+    """A data file's line count and content hash: logged, and checked on resume."""
+    lines: int
+    sha256: str  # hex prefix
+
+    @classmethod
+    def of(cls, path) -> "DataFingerprint":
+        digest, lines = hashlib.sha256(), 0
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+                lines += chunk.count(b"\n")
+        return cls(lines, digest.hexdigest()[:16])
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
 
 def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list, speaker_vectors: torch.Tensor,
                  dtype: torch.dtype = torch.bfloat16) -> None:
@@ -79,7 +131,7 @@ def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list
     talker_weights, encoder_weights = {}, {}
     for name, tensor in state_dict.items():
         tensor = tensor.detach().to("cpu", dtype).contiguous()
-        (encoder_weights if name.startswith("speaker_encoder.") else talker_weights)[name] = tensor
+        (encoder_weights if name.startswith(SPEAKER_ENCODER_PREFIX) else talker_weights)[name] = tensor
     codec_embedding = talker_weights["talker.model.codec_embedding.weight"].clone()
     for speaker, vector in zip(speakers, speaker_vectors):
         codec_embedding[speaker.codec_id] = vector.detach().to("cpu", dtype)
@@ -87,6 +139,73 @@ def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list
     save_file(talker_weights, str(out_dir / MODEL_WEIGHTS), metadata={"format": "pt"})
     if encoder_weights:
         save_file(encoder_weights, str(out_dir / SPEAKER_ENCODER_WEIGHTS), metadata={"format": "pt"})
+
+
+def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: list, state: TrainerState,
+         save_dtype: torch.dtype, needed_bytes: int) -> None:
+    """Write checkpoint folder `final` (the inference-ready model plus the training state), atomically.
+
+    Every process calls it (FSDP gathers the weights from all of them). Refuses before writing when
+    the disk has less than `needed_bytes` free; a disk that fills up during the write leaves the
+    earlier checkpoints as they were and stops with the size a checkpoint needs.
+    """
+    partial = partial_path(final)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(train_module)  # every process takes part (FSDP)
+    module = accelerator.unwrap_model(train_module)
+    with torch.no_grad():
+        vectors = module.speaker_vectors().float()
+    try:
+        if accelerator.is_main_process:
+            check_disk_space(final, needed_bytes)
+            shutil.rmtree(partial, ignore_errors=True)
+            prefix = TRAINING_MODULE_PREFIX
+            model_state = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            if module.lora_config is not None:
+                from qwen3_tts_sft import lora  # peft loads only for LoRA runs
+
+                lora.save_adapter(model_state, module.lora_config, partial / "adapter")
+                model_state = lora.merged_state_dict(model_state, module.lora_config)
+            export_model(model_state, base_dir, partial, speaker_table, vectors, dtype=save_dtype)
+        del state_dict
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial / TRAINING_STATE_DIR))
+        if accelerator.is_main_process:
+            save_file({"speaker_vectors": vectors.detach().to("cpu", torch.float32).contiguous()},
+                      str(partial / TRAINING_STATE_DIR / SPEAKER_VECTORS))
+            (partial / TRAINER_STATE).write_text(json.dumps(state.to_json(), indent=2, default=str) + "\n",
+                                                 encoding="utf-8")
+            publish(partial, final)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SystemExit(f"error: the disk filled up while saving {final.name} ({error.strerror}); nothing of it "
+                         f"was kept and the earlier checkpoints are intact. A checkpoint needs about "
+                         f"{needed_bytes / 1e9:.1f} GB in {final.parent}. Free space and resume with "
+                         f"--resume_from_checkpoint latest.") from None
+    accelerator.wait_for_everyone()
+
+
+def checkpoint_bytes(train_module, low_memory: bool, save_dtype: torch.dtype) -> int:
+    """About how much disk one checkpoint takes: the exported weights, the training weights and AdamW's moments."""
+    parameters = sum(p.numel() for p in train_module.parameters())
+    trainable = sum(p.numel() for p in train_module.parameters() if p.requires_grad)
+    export_bytes = torch.finfo(save_dtype).bits // 8
+    weight_bytes = 2 if low_memory else 4
+    return parameters * (export_bytes + weight_bytes) + trainable * 2 * weight_bytes
+
+
+def check_disk_space(final: Path, needed_bytes: int) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(final.parent).free
+    if free < needed_bytes * 1.05:
+        latest = latest_checkpoint(final.parent)
+        raise SystemExit(
+            f"error: not enough disk space in {final.parent} to save {final.name}: it needs about "
+            f"{needed_bytes / 1e9:.1f} GB and {free / 1e9:.1f} GB are free. Last saved checkpoint: "
+            f"{latest or 'none'}. Free space and resume with --resume_from_checkpoint latest."
+        )
 
 
 def partial_path(final_path: Path) -> Path:
@@ -105,34 +224,63 @@ def publish(partial: Path, final_path: Path) -> None:
         os.replace(partial, final_path)
 
 
-def write_trainer_state(folder: Path, progress: TrainingProgress, extra: dict) -> None:
-    state = dict(asdict(progress), **extra)
-    (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def read_trainer_state(folder: Path) -> TrainerState:
+    return TrainerState.from_json(json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8")))
 
 
-def read_trainer_state(folder: Path) -> dict:
-    return json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))
+def has_trainer_state(folder: Path) -> bool:
+    return (Path(folder) / TRAINER_STATE).is_file()
 
 
-def progress_from_state(state: dict) -> TrainingProgress:
-    names = TrainingProgress.__dataclass_fields__
-    return TrainingProgress(**{key: value for key, value in state.items() if key in names})
+def resumable(folder: Path) -> bool:
+    return has_trainer_state(folder) and (Path(folder) / TRAINING_STATE_DIR).is_dir()
 
 
-def save_speaker_vectors(folder: Path, vectors: torch.Tensor) -> None:
-    save_file({"speaker_vectors": vectors.detach().to("cpu", torch.float32).contiguous()}, str(folder / SPEAKER_VECTORS))
+def load_training_state(folder: Path, accelerator) -> TrainerState:
+    """Load accelerate's state (weights, optimizer, scheduler, random streams) into the prepared objects."""
+    accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
+    return read_trainer_state(folder)
 
 
 def load_speaker_vectors(folder: Path) -> torch.Tensor:
-    return load_file(str(folder / SPEAKER_VECTORS))["speaker_vectors"]
+    return load_file(str(Path(folder) / TRAINING_STATE_DIR / SPEAKER_VECTORS))["speaker_vectors"]
+
+
+def speaker_encoder_weights(checkpoint_dir: Path, base_dir=None) -> tuple:
+    """(the speaker encoder's state dict in fp32, the files it came from): from the checkpoint's
+    speaker_encoder.safetensors, else from the base model's weights. Raises FileNotFoundError."""
+    from safetensors import safe_open
+
+    files = [Path(checkpoint_dir) / SPEAKER_ENCODER_WEIGHTS]
+    if not files[0].is_file():
+        if not base_dir:
+            raise FileNotFoundError(f"{checkpoint_dir} has no {SPEAKER_ENCODER_WEIGHTS} and no base model is known")
+        index = Path(base_dir) / "model.safetensors.index.json"
+        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {MODEL_WEIGHTS}
+        files = [Path(base_dir) / name for name in sorted(names)]
+    weights = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (looking for the speaker encoder weights)")
+        with safe_open(str(path), framework="pt") as tensors:
+            weights.update({key[len(SPEAKER_ENCODER_PREFIX):]: tensors.get_tensor(key).float()
+                            for key in tensors.keys() if key.startswith(SPEAKER_ENCODER_PREFIX)})
+    if not weights:
+        raise FileNotFoundError(f"no {SPEAKER_ENCODER_PREFIX}* weights in {', '.join(map(str, files))}")
+    return weights, files
 
 
 def list_checkpoints(output_dir: Path) -> list:
-    """Finished checkpoints (ones with a trainer_state.json), oldest step first."""
+    """Finished, resumable checkpoints (with trainer_state.json and training_state/), oldest step first."""
     found = []
     for folder in Path(output_dir).glob("checkpoint-*"):
-        if (folder / TRAINER_STATE).is_file() and (folder / TRAINING_STATE_DIR).is_dir():
-            found.append((read_trainer_state(folder)["step"], folder.stat().st_mtime, folder))
+        if resumable(folder):
+            step = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["step"]  # TrainingProgress.step
+            found.append((step, folder.stat().st_mtime, folder))
     return [folder for _, _, folder in sorted(found)]
 
 

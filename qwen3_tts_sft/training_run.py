@@ -1,46 +1,102 @@
-"""One training run's state and actions: an optimizer step, logging, eval, saving a checkpoint.
+"""A run ready to train (built by training_setup.build_run): its state, and what it does.
 
-The loop itself is in sft_12hz_chatterbox.py; it calls these once per optimizer step.
+It owns the progress; hands out each optimizer step's micro-batches (`steps()`); takes the step
+(`optimizer_step`); logs, evaluates, saves checkpoints and sums up at the end. The trainer's loop
+(sft_12hz_chatterbox.train), bench/bench.py and the tests drive it.
 """
 
 import contextlib
 import math
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from qwen3_tts_sft import checkpoint
-from qwen3_tts_sft import lora
+from qwen3_tts_sft.checkpoint import TrainerState
 from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
 from qwen3_tts_sft.sequence_layout import collate
-from qwen3_tts_sft.training_data import file_fingerprint
+from qwen3_tts_sft.training_data import EpochPlan, StepTargets, plan_epoch
 
 
-class Run:
-    def __init__(self, args, accelerator, train_module, optimizer, scheduler, speaker_table, output_dir, progress,
-                 cuda_graphs=False):
-        self.args = args
+@dataclass
+class PlannedStep:
+    """One optimizer step's work: this process's micro-batches, and what the whole step predicts."""
+    micro_batches: list    # collated TalkerBatch, on the host
+    targets: StepTargets   # over all micro-batches of all processes: the loss normalisation
+    epoch: int
+    ends_epoch: bool
+
+
+class TrainingRun:
+    def __init__(self, args, settings, accelerator, train_set, eval_set, speaker_table):
+        self.args = args              # the flags as given; read, never changed
+        self.settings = settings      # what they mean on this machine (training_setup.Settings)
         self.accelerator = accelerator
+        self.device = accelerator.device
+        self.train_set = train_set
+        self.eval_set = eval_set
+        self.speaker_table = speaker_table
+        self.output_dir = Path(args.output_model_path)
+        self.first_plan = self.plan(epoch=0)
+        self.steps_per_epoch = len(self.first_plan.steps)
+        self.total_steps = min(args.max_steps or math.inf, self.steps_per_epoch * args.num_epochs)
+
+    def start(self, train_module, optimizer, scheduler, progress):
+        """Take the prepared module, optimizer and schedule, and the progress to continue from."""
         self.train_module = train_module
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.speaker_table = speaker_table
-        self.output_dir = output_dir
         self.progress = progress
         self.trainable = [p for p in train_module.parameters() if p.requires_grad]  # what the step clips
         self.graphs = None
-        if cuda_graphs:  # --cuda_graphs auto drops them where memory is short; yes keeps them
-            self.graphs = MicroBatchGraphs(train_module, self.trainable, accelerator.backward,
-                                           check_memory=args.cuda_graphs == "auto")
-        self.device = accelerator.device
+        if self.settings.cuda_graphs:
+            self.graphs = MicroBatchGraphs(train_module, self.trainable, self.accelerator.backward,
+                                           check_memory=self.settings.drop_graphs_when_short)
         self.last_checkpoint = None
         self.last_lr = self.last_loss = float("nan")
         self.started = time.perf_counter()
         self.start_step = progress.step
         self.reset_interval()
+
+    # -----------------------------------------------------------------------------------------
+    # The data of each step
+    # -----------------------------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> EpochPlan:
+        args, accelerator = self.args, self.accelerator
+        return plan_epoch(self.train_set, args.batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
+                          accelerator.process_index, args.seed, epoch, args.group_by_length)
+
+    def micro_batch_loader(self, plan: EpochPlan, steps_done: int):
+        """This process's micro-batches from step `steps_done` of the plan on, collated by workers."""
+        batches = [batch for step in plan.micro_batches[steps_done:] for batch in step]
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=batches, collate_fn=collate, num_workers=self.args.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            # Its own random stream: creating a loader draws a seed, which would otherwise shift the
+            # global stream (dropout's) between a resumed run and the uninterrupted one.
+            generator=torch.Generator().manual_seed(self.args.seed),
+        )
+
+    def steps(self):
+        """The remaining optimizer steps of the run, each as a PlannedStep, from where the progress is."""
+        progress = self.progress
+        while progress.step < self.total_steps and progress.epoch < self.args.num_epochs:
+            plan = self.first_plan if progress.epoch == 0 else self.plan(progress.epoch)
+            micro_batches = iter(self.micro_batch_loader(plan, progress.steps_done_in_epoch))
+            for index in range(progress.steps_done_in_epoch, len(plan.steps)):
+                batches = [next(micro_batches) for _ in plan.micro_batches[index]]
+                yield PlannedStep(batches, self.train_set.targets(plan.steps[index]), progress.epoch,
+                                  ends_epoch=index == len(plan.steps) - 1)
+                if progress.step >= self.total_steps:
+                    return
+
+    # -----------------------------------------------------------------------------------------
+    # One optimizer step
+    # -----------------------------------------------------------------------------------------
 
     def reset_interval(self):
         """Sums over the steps since the last log line, kept on the device until logged."""
@@ -50,24 +106,25 @@ class Run:
         self.interval_start = time.perf_counter()
         self.last_grad_norm = float("nan")
 
-    def optimizer_step(self, batches, step_targets, stop_asked: bool) -> bool:
-        """Forward and backward over this process's micro-batches of one step, then one update.
+    def optimizer_step(self, step: PlannedStep, stop_asked: bool) -> bool:
+        """Forward and backward over this process's micro-batches of one step, then one update, and
+        the progress moved on (the epoch too when the step ends it).
 
         Each loss is divided by the number of its targets in the whole step (all micro-batches, all
         processes), so the summed gradients equal those of one big batch. Returns whether a stop
         was asked on any process.
         """
-        codec0_targets, sub_targets = step_targets.codec0, step_targets.sub_talker
-        weight = self.args.sub_talker_loss_weight
+        codec0_targets, code_predictor_targets = step.targets.codec0, step.targets.sub_talker
+        weight = self.args.code_predictor_loss_weight
         # DDP averages gradients over processes; the losses are already global sums over targets.
         scale = self.accelerator.num_processes
-        loss_weights = torch.tensor([scale / codec0_targets, scale * weight / sub_targets]).to(self.device)
+        loss_weights = torch.tensor([scale / codec0_targets, scale * weight / code_predictor_targets]).to(self.device)
         step_sums = torch.zeros(2, device=self.device)
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(step.micro_batches):
             if self.graphs is not None:  # one process: no gradient sync to hold back
                 step_sums += self.graphs.forward_backward(batch, loss_weights)
             else:
-                last = index == len(batches) - 1
+                last = index == len(step.micro_batches) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_module):
                     step_sums += forward_backward(self.train_module, batch.to(self.device), loss_weights,
                                                   self.accelerator.backward)
@@ -81,12 +138,16 @@ class Run:
                                          torch.tensor(float(stop_asked), device=self.device)]), step_sums])
         if self.accelerator.num_processes > 1:
             status = self.accelerator.reduce(status, "sum")
-        health, stop, codec0_sum, sub_sum = status.tolist()
+        health, stop, codec0_sum, code_predictor_sum = status.tolist()
         finite, stop = math.isfinite(health), stop > 0
-        self.last_loss = codec0_sum / codec0_targets + weight * sub_sum / sub_targets
+        self.last_loss = codec0_sum / codec0_targets + weight * code_predictor_sum / code_predictor_targets
 
         progress = self.progress
         progress.step += 1
+        progress.steps_done_in_epoch += 1
+        if step.ends_epoch:
+            progress.epoch += 1
+            progress.steps_done_in_epoch = 0
         if finite:
             self.optimizer.step()
             if self.graphs is not None:
@@ -94,7 +155,7 @@ class Run:
             progress.nonfinite_in_a_row = 0
             self.interval_loss_sums += step_sums
             self.interval_targets[0] += codec0_targets
-            self.interval_targets[1] += sub_targets
+            self.interval_targets[1] += code_predictor_targets
             self.last_grad_norm = grad_norm
         else:
             progress.nonfinite_in_a_row += 1
@@ -107,25 +168,33 @@ class Run:
         self.scheduler.step()
         # The CUDA graphs write into the gradient tensors they recorded: keep them, zeroed.
         self.optimizer.zero_grad(set_to_none=self.graphs is None)
-        self.interval_clips += step_targets.clips
+        self.interval_clips += step.targets.clips
         return stop
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.step >= self.total_steps or self.progress.epoch >= self.args.num_epochs
 
     def postfix(self) -> str:
         return f"loss {self.last_loss:.3f}, lr {self.last_lr:.2e}"
 
+    # -----------------------------------------------------------------------------------------
+    # Logging and eval
+    # -----------------------------------------------------------------------------------------
+
     def log_training(self):
-        codec0_targets, sub_targets = self.interval_targets
+        codec0_targets, code_predictor_targets = self.interval_targets
         if not codec0_targets:
             return
         sums = self.interval_loss_sums
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, "sum")
         seconds = time.perf_counter() - self.interval_start
-        codec0, sub = (sums[0] / codec0_targets).item(), (sums[1] / sub_targets).item()
+        codec0, code_predictor = (sums[0] / codec0_targets).item(), (sums[1] / code_predictor_targets).item()
         values = {
-            "train/loss": codec0 + self.args.sub_talker_loss_weight * sub,
+            "train/loss": codec0 + self.args.code_predictor_loss_weight * code_predictor,
             "train/codec0_loss": codec0,
-            "train/sub_talker_loss": sub,
+            "train/code_predictor_loss": code_predictor,
             "train/lr": self.last_lr,
             "train/grad_norm": float(self.last_grad_norm),
             "train/samples_per_second": self.interval_clips / seconds,
@@ -136,9 +205,9 @@ class Run:
         self.report(values)
         self.reset_interval()
 
-    def evaluate(self, eval_set):
+    def evaluate(self):
         """Mean eval loss per target, group 0 and code predictor separately, over the whole eval set."""
-        module = self.train_module
+        module, eval_set = self.train_module, self.eval_set
         module.eval()
         order = sorted(range(len(eval_set)), key=eval_set.length)
         batches = [order[i:i + self.args.batch_size] for i in range(0, len(order), self.args.batch_size)]
@@ -154,83 +223,86 @@ class Run:
         module.train()
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, "sum")
-        codec0, sub = (sums[0] / sums[2]).item(), (sums[1] / sums[3]).item()
-        loss = codec0 + self.args.sub_talker_loss_weight * sub
+        codec0, code_predictor = (sums[0] / sums[2]).item(), (sums[1] / sums[3]).item()
+        loss = codec0 + self.args.code_predictor_loss_weight * code_predictor
         progress = self.progress
         if progress.best_eval_loss is None or loss < progress.best_eval_loss:
             progress.best_eval_loss, progress.best_eval_step = loss, progress.step
-        self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/sub_talker_loss": sub})
+        self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/code_predictor_loss": code_predictor})
 
     def report(self, values: dict):
         step = self.progress.step
         self.accelerator.log(values, step=step)
-        self.progress.log_history.append(dict(step=step, **{k: round(v, 6) for k, v in values.items()}))
+        self.progress.log_history.append(dict(step=step, **values))
         if self.accelerator.is_main_process:
             tqdm.write(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()))
 
+    # -----------------------------------------------------------------------------------------
+    # Checkpoints and the end
+    # -----------------------------------------------------------------------------------------
+
     def save(self, name: str):
-        """Write checkpoint `name` (an inference-ready folder plus the training state), atomically."""
-        accelerator, progress = self.accelerator, self.progress
-        final = self.output_dir / name
-        partial = checkpoint.partial_path(final)
-        accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(self.train_module)  # every process takes part (FSDP)
-        module = accelerator.unwrap_model(self.train_module)
-        with torch.no_grad():
-            vectors = module.speaker_vectors().float()
-        if accelerator.is_main_process:
-            self.check_disk_space(name)
-            shutil.rmtree(partial, ignore_errors=True)
-            model_state = {key[len("model."):]: value for key, value in state_dict.items() if key.startswith("model.")}
-            if module.lora_config is not None:
-                lora.save_adapter(model_state, module.lora_config, partial / "adapter")
-                model_state = lora.merged_state_dict(model_state, module.lora_config)
-            checkpoint.export_model(model_state, Path(self.args.init_model_path), partial, self.speaker_table,
-                                    vectors, dtype=getattr(torch, self.args.save_dtype))
-        del state_dict
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial / checkpoint.TRAINING_STATE_DIR))
-        if accelerator.is_main_process:
-            checkpoint.save_speaker_vectors(partial / checkpoint.TRAINING_STATE_DIR, vectors)
-            if progress.best_eval_step == progress.step:
-                progress.best_checkpoint = name
-            checkpoint.write_trainer_state(partial, progress, self.trainer_state_extra(name))
-            checkpoint.publish(partial, final)
+        """Write checkpoint `name` (checkpoint.save), then keep only the newest --save_total_limit."""
+        progress, final = self.progress, self.output_dir / name
+        if progress.best_eval_step == progress.step:
+            progress.best_checkpoint = name
+        state = TrainerState(progress, checkpoint=name, flags=vars(self.args), versions=self.settings.versions,
+                             num_processes=self.accelerator.num_processes,
+                             train_data_sha256=self.settings.train_data.sha256,
+                             speakers=[dict(name=s.name, codec_id=s.codec_id,
+                                            reference_audio=[str(p) for p in s.reference_audio])
+                                       for s in self.speaker_table])
+        needed = checkpoint.checkpoint_bytes(self.accelerator.unwrap_model(self.train_module), self.args.low_memory,
+                                             self.settings.save_dtype)
+        checkpoint.save(self.accelerator, self.train_module, final, Path(self.args.init_model_path),
+                        self.speaker_table, state, self.settings.save_dtype, needed)
+        if self.accelerator.is_main_process:
             if self.args.save_total_limit:
                 protect = {progress.best_checkpoint} if progress.best_checkpoint else set()
                 for folder in checkpoint.remove_old_checkpoints(self.output_dir, self.args.save_total_limit, protect):
                     tqdm.write(f"removed old checkpoint {folder}")
             tqdm.write(f"saved {final}")
         self.last_checkpoint = final
-        accelerator.wait_for_everyone()
 
-    def trainer_state_extra(self, name: str) -> dict:
-        flags = {k: v for k, v in vars(self.args).items() if k != "versions"}
-        return dict(
-            checkpoint=name,
-            flags=flags,
-            versions=getattr(self.args, "versions", {}),
-            num_processes=self.accelerator.num_processes,
-            train_data_sha256=file_fingerprint(self.args.train_jsonl)[1],
-            speakers=[dict(name=s.name, codec_id=s.codec_id, reference_audio=[str(p) for p in s.reference_audio])
-                      for s in self.speaker_table],
-        )
-
-    def check_disk_space(self, name: str):
-        module = self.accelerator.unwrap_model(self.train_module)
-        parameters = sum(p.numel() for p in module.parameters())
+    def banner(self) -> str:
+        """What will happen, said before step 1."""
+        args, accelerator, settings = self.args, self.accelerator, self.settings
+        module = accelerator.unwrap_model(self.train_module)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        export_bytes = 2 if self.args.save_dtype == "bfloat16" else 4
-        weight_bytes = 2 if self.args.low_memory else 4
-        needed = parameters * (export_bytes + weight_bytes) + trainable * 2 * weight_bytes  # export, weights, moments
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.output_dir).free
-        if free < needed * 1.05:
-            raise SystemExit(
-                f"error: not enough disk space in {self.output_dir} to save {name}: it needs about "
-                f"{needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free. Last saved checkpoint: "
-                f"{self.last_checkpoint or 'none'}. Free space and resume with --resume_from_checkpoint latest."
-            )
+        frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        clips_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        lines = [
+            "***** Running training *****",
+            f"  clips: {len(self.train_set.clips)} train"
+            + (f", {len(self.eval_set.clips)} eval" if self.eval_set else ", no eval data")
+            + f"; text layout {args.text_layout}"
+            + (" (each clip in both: twice the examples)" if len(settings.layouts) > 1 else ""),
+            "  speakers: " + ", ".join(f"{s.name} (codec id {s.codec_id}, {len(s.reference_audio)} reference clips)"
+                                        for s in self.speaker_table),
+            f"  batch: {args.batch_size} per process x {args.gradient_accumulation_steps} accumulation x "
+            f"{accelerator.num_processes} processes = {clips_per_step} clips per step",
+            f"  steps: {self.steps_per_epoch} per epoch x {args.num_epochs} epochs -> {self.total_steps} optimizer "
+            f"steps, {args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr {args.lr}",
+            f"  parameters: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen "
+            + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
+            + f"speaker encoder {'trained' if args.train_speaker_encoder else 'frozen'}, "
+            f"text embedding {'trained' if args.train_text_embedding else 'frozen'})",
+            "  precision: " + ("weights, gradients and AdamW moments bf16, stochastic rounding (--low_memory)"
+                               if args.low_memory else "weights and AdamW state fp32")
+            + f", compute {'bf16 autocast' if settings.mixed_precision == 'bf16' else 'fp32'}"
+            + (", gradient checkpointing" if args.gradient_checkpointing else "")
+            + f", torch.compile: {settings.torch_compile}"
+            + (", CUDA graphs" if self.graphs is not None else ""),
+            f"  checkpoints: {self.output_dir}/checkpoint-epoch-N"
+            + (f" and every {args.save_steps} steps" if args.save_steps else ""),
+        ]
+        if self.first_plan.dropped:
+            lines.append(f"  {self.first_plan.dropped} clips per epoch left out: too few to give every process "
+                         f"a micro-batch")
+        if settings.resume_dir is not None:
+            lines.append(f"  resumed from {settings.resume_dir} at step {self.progress.step} (epoch "
+                         f"{self.progress.epoch}, step {self.progress.steps_done_in_epoch} of it)")
+        return "\n".join(lines)
 
     def finish(self):
         """End trackers, draw the loss curve, and print a one-screen summary."""

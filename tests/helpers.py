@@ -22,13 +22,15 @@ def write_jsonl(path, rows) -> Path:
     return Path(path)
 
 
-def train(model_dir, train_jsonl, output_dir, **flags):
-    """Run sft_12hz_chatterbox.main in this process with test-friendly defaults; flags override them."""
-    import sft_12hz_chatterbox
+# What the tests train with unless they say otherwise: small, quick, deterministic steps.
+TEST_FLAGS = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, lr=1e-3,
+                  logging_steps=1, num_workers=0, report_to="none")
 
-    settings = dict(init_model_path=model_dir, train_jsonl=train_jsonl, output_model_path=output_dir,
-                    batch_size=2, gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, lr=1e-3,
-                    logging_steps=1, num_workers=0, report_to="none", freeze_speaker_encoder=True)
+
+def trainer_argv(model_dir, train_jsonl, output_dir, **flags) -> list:
+    """The trainer's command line: TEST_FLAGS, overridden by `flags` (True: a bare switch; False or
+    None: left out)."""
+    settings = dict(init_model_path=model_dir, train_jsonl=train_jsonl, output_model_path=output_dir, **TEST_FLAGS)
     settings.update(flags)
     argv = []
     for name, value in settings.items():
@@ -36,25 +38,24 @@ def train(model_dir, train_jsonl, output_dir, **flags):
             argv.append(f"--{name}")
         elif value is not False and value is not None:
             argv += [f"--{name}", str(value)]
-    sft_12hz_chatterbox.main(argv)
+    return argv
+
+
+def train(model_dir, train_jsonl, output_dir, **flags):
+    """Run sft_12hz_chatterbox.main in this process, as a user would run the command."""
+    import sft_12hz_chatterbox
+
+    sft_12hz_chatterbox.main(trainer_argv(model_dir, train_jsonl, output_dir, **flags))
     return Path(output_dir)
 
 
-def trainer_setup(model_dir, data, out_dir, *flags):
-    """The trainer's own setup, in this process, up to the module it trains (not yet prepared):
-    returns (args, accelerator, tts, train_set, speaker_table, module)."""
-    import sft_12hz_chatterbox as sft
-    from qwen3_tts_sft.sequence_layout import SpecialIds
+def build_run(model_dir, train_jsonl, output_dir, **flags):
+    """The trainer's own setup (training_setup.build_run), in this process: a run ready to train."""
+    import sft_12hz_chatterbox
+    from qwen3_tts_sft.training_setup import build_run as build
 
-    args = sft.check_args(sft.parse_args([
-        "--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(out_dir),
-        "--num_workers", "0", "--report_to", "none", "--freeze_speaker_encoder", *map(str, flags)]))
-    accelerator = sft.make_accelerator(args)
-    tts = sft.load_base_model(args)
-    train_set, _, table = sft.load_datasets(args, SpecialIds.from_config(tts.model.config), tts.processor,
-                                            tts.model.config, accelerator)
-    module = sft.make_training_model(tts.model, table, args, accelerator, None)
-    return args, accelerator, tts, train_set, table, module
+    argv = trainer_argv(model_dir, train_jsonl, output_dir, **flags)
+    return build(sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv)))
 
 
 def run_script(*args, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_frozen_parts_are_byte_identical_and_speakers_are_registered(tiny_model, coded_clips, tmp_path):
-    output = train(tiny_model, coded_clips, tmp_path / "out", batch_size=4, freeze_speaker_encoder=True)
+    output = train(tiny_model, coded_clips, tmp_path / "out", batch_size=4)
     folder = output / "checkpoint-epoch-0"
 
     comparison = filecmp.dircmp(tiny_model / "speech_tokenizer", folder / "speech_tokenizer")
@@ -68,7 +68,7 @@ def reference_xvector(model_dir, audio_path):
 
 
 def test_unfrozen_encoder_trains_and_the_saved_vector_uses_it(tiny_model, coded_clips, tmp_path):
-    output = train(tiny_model, coded_clips, tmp_path / "out", batch_size=4, lr=1e-2, freeze_speaker_encoder=False)
+    output = train(tiny_model, coded_clips, tmp_path / "out", batch_size=4, lr=1e-2, train_speaker_encoder=True)
     folder = output / "checkpoint-epoch-0"
     base = load_file(tiny_model / "model.safetensors")
     encoder = load_file(folder / checkpoint.SPEAKER_ENCODER_WEIGHTS)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import sft_12hz_chatterbox as sft
 from qwen3_tts_sft.sequence_layout import SpecialIds, collate
 from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_setup import compile_layers
 from qwen3_tts_sft.training_data import TalkerDataset, make_prompter, read_clips
 
 
@@ -59,8 +59,7 @@ def test_compiled_layers_match_eager_for_any_length(model_and_batches, monkeypat
 
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setitem(sft.COMPILE_OPTIONS, "backend", "aot_eager")
-    sft.compile_layers(model)
+    compile_layers(model, backend="aot_eager")  # inductor's C++ build is slow on CPU
     compiled = [losses_and_gradients(module, batches[0])]
     with torch._dynamo.config.patch(error_on_recompile=True):  # the other length reuses the graphs
         compiled.append(losses_and_gradients(module, batches[1]))
@@ -84,9 +83,8 @@ def test_gradient_checkpointing_inside_compiled_layers_gives_the_eager_gradient(
     _, _, eager = losses_and_gradients(module, batches[1])
 
     torch._dynamo.reset()
-    monkeypatch.setitem(sft.COMPILE_OPTIONS, "backend", "aot_eager")
     model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    sft.compile_layers(model)
+    compile_layers(model, backend="aot_eager")  # inductor's C++ build is slow on CPU
     layer_calls = []
     hook = model.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
     try:

@@ -11,10 +11,7 @@ import sys
 import pytest
 import torch
 
-import sft_12hz_chatterbox as sft
-from qwen3_tts_sft.checkpoint import TrainingProgress
-from helpers import ROOT, read_jsonl, train, trainer_setup, write_jsonl
-from qwen3_tts_sft.training_run import Run
+from helpers import ROOT, build_run, read_jsonl, train, write_jsonl
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -26,30 +23,21 @@ def repeated_clips(coded_clips, tmp_path_factory):
 
 
 def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None):
-    """Every step of one epoch through Run.optimizer_step; returns (per-step losses, weights, run)."""
-    args, accelerator, _, train_set, table, module = trainer_setup(
-        model_dir, data, out_dir, "--batch_size", 1, "--gradient_accumulation_steps", 4, "--lr", "1e-3",
-        "--cuda_graphs", cuda_graphs)
-    optimizer = sft.make_optimizer(module, args, accelerator)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    run = Run(args, accelerator, module, optimizer, scheduler, table, out_dir, TrainingProgress(seed=args.seed),
-              sft.cuda_graphs_choice(args, accelerator))
+    """Every step of one epoch through TrainingRun.optimizer_step; returns (per-step losses, weights, run)."""
+    run = build_run(model_dir, data, out_dir, batch_size=1, gradient_accumulation_steps=4, lr=1e-3,
+                    lr_scheduler="constant_with_warmup", cuda_graphs=cuda_graphs)
     if before_training is not None:
         before_training(run)
-    plan = sft.plan_for(train_set, args, accelerator, epoch=0)
-    loader = iter(sft.micro_batch_loader(train_set, plan, 0, args, accelerator))
     losses = []
-    for step in range(len(plan.steps)):
-        batches = [next(loader) for _ in plan.micro_batches[step]]
-        run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
+    for step in run.steps():
+        run.optimizer_step(step, stop_asked=False)
         losses.append(run.last_loss)
-    weights = {name: p.detach().float().cpu() for name, p in module.named_parameters() if p.requires_grad}
+    weights = {name: p.detach().float().cpu() for name, p in run.train_module.named_parameters() if p.requires_grad}
     return losses, weights, run
 
 
 def initial_weights(model_dir, data, out_dir, names):
-    module = trainer_setup(model_dir, data, out_dir)[-1]
+    module = build_run(model_dir, data, out_dir).train_module
     return {name: p.detach().float().cpu() for name, p in module.named_parameters() if name in names}
 
 
@@ -124,11 +112,16 @@ def test_trainer_cli_with_graphs_evaluates_and_saves(tiny_model, repeated_clips,
     assert (out / "checkpoint-epoch-0" / "model.safetensors").is_file()
 
 
-def test_cuda_graphs_yes_where_they_cannot_work_is_refused(tiny_model, coded_clips, tmp_path):
-    flags = ["--init_model_path", tiny_model, "--train_jsonl", coded_clips, "--output_model_path", tmp_path,
-             "--gradient_checkpointing", "--cuda_graphs", "yes"]
-    args = sft.check_args(sft.parse_args(list(map(str, flags))))
+def test_cuda_graphs_yes_where_they_cannot_work_is_refused_before_the_model_loads(tiny_model, coded_clips, tmp_path,
+                                                                                  monkeypatch):
+    from qwen3_tts_sft import training_setup
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the flags were refused")
+
+    monkeypatch.setattr(training_setup, "load_base_model", no_model)
     with pytest.raises(SystemExit, match="--cuda_graphs yes: .*--gradient_checkpointing"):
-        sft.cuda_graphs_choice(args, sft.make_accelerator(args))
-    args.cuda_graphs = "auto"  # auto falls back to eager instead
-    assert sft.cuda_graphs_choice(args, sft.make_accelerator(args)) is False
+        build_run(tiny_model, coded_clips, tmp_path, gradient_checkpointing=True, cuda_graphs="yes")
+    monkeypatch.undo()
+    # auto falls back to eager instead
+    assert build_run(tiny_model, coded_clips, tmp_path, gradient_checkpointing=True).graphs is None

@@ -1,40 +1,26 @@
 """Accumulation is exact: 8x1, 4x2 and 2x4 over the same clips give the same gradient.
 
-The production step (training_run.Run.optimizer_step) runs with plain SGD at lr 1, so the change
-of each weight is exactly minus its gradient.
+The production step (training_run.TrainingRun.optimizer_step) runs with the update and the
+zeroing of gradients held back, so what it leaves in each weight's .grad is the step's gradient.
 """
 
-import torch
-
-import sft_12hz_chatterbox as sft
-from qwen3_tts_sft.checkpoint import TrainingProgress
-from helpers import trainer_setup
-from qwen3_tts_sft.training_run import Run
+from helpers import build_run
 
 
 def one_step(model_dir, data, out_dir, batch_size, accumulation, classic_bug=False):
-    args, accelerator, _, train_set, table, module = trainer_setup(
-        model_dir, data, out_dir, "--batch_size", batch_size, "--gradient_accumulation_steps", accumulation,
-        "--max_grad_norm", "0")
-    parameters = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    before = {name: p.detach().clone() for name, p in parameters.items()}
-    optimizer = torch.optim.SGD(parameters.values(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    plan = sft.plan_for(train_set, args, accelerator, epoch=0)
-    assert len(plan.steps[0]) == 8
-    loader = iter(sft.micro_batch_loader(train_set, plan, 0, args, accelerator))
-    batches = [next(loader) for _ in plan.micro_batches[0]]
+    run = build_run(model_dir, data, out_dir, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                    max_grad_norm=0)
+    step = next(run.steps())
+    assert step.targets.clips == 8
     if classic_bug:  # what the loss would be if each micro-batch were averaged on its own
-        for batch in batches:
-            out = module(batch)
+        for batch in step.micro_batches:
+            out = run.train_module(batch.to(run.device))
             loss = out.codec0_loss_sum / batch.num_codec0_targets + 0.3 * out.sub_talker_loss_sum / batch.num_sub_talker_targets
-            (loss / len(batches)).backward()
-        optimizer.step()
+            (loss / len(step.micro_batches)).backward()
     else:
-        run = Run(args, accelerator, module, optimizer, scheduler, table, out_dir, TrainingProgress(seed=args.seed))
-        run.optimizer_step(batches, train_set.targets(plan.steps[0]), stop_asked=False)
-    return {name: before[name] - p.detach() for name, p in parameters.items()}
+        run.optimizer.step = run.optimizer.zero_grad = lambda *args, **kwargs: None
+        run.optimizer_step(step, stop_asked=False)
+    return {name: p.grad.detach().clone() for name, p in run.train_module.named_parameters() if p.requires_grad}
 
 
 def max_relative_difference(a, b):

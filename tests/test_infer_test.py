@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 import infer_test
-from qwen3_tts_sft import tiny_model
+from qwen3_tts_sft import checkpoint, tiny_model
 from helpers import forced_heads, read_jsonl, run_script, train, write_jsonl
 from infer_test import Thresholds
 
@@ -127,9 +127,9 @@ def alice_clip(coded_clips):
 
 def test_speaker_similarity_scores_the_reference_audio_and_rejects_a_wrong_vector(trained, tiny_model, tmp_path):
     tts = infer_test.load_model(trained, "cpu")
-    config, state = tts.model.config, json.loads((trained / "trainer_state.json").read_text())
+    config, state = tts.model.config, checkpoint.read_trainer_state(trained)
     alice = infer_test.checkpoint_speaker_vectors(tts, ["alice"], state, trained)["alice"]
-    reference, rate = sf.read(state["speakers"][0]["reference_audio"][0], dtype="float32")
+    reference, rate = sf.read(state.speakers[0]["reference_audio"][0], dtype="float32")
     encoder, source = infer_test.load_speaker_encoder(config, trained, None, "cpu")
     assert source.endswith("speaker_encoder.safetensors")
     # No encoder file beside the weights: it comes from the base model instead (the same frozen weights).

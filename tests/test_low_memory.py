@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-import sft_12hz_chatterbox as sft
 from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW, round_to_bf16_stochastically
-from helpers import train, trainer_setup
+from helpers import build_run, train
 
 
 def test_stochastic_rounding_is_exact_on_average():
@@ -86,7 +85,7 @@ def test_compiled_update_is_torch_adamw():
 
 def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model, coded_clips, tmp_path, capsys):
     def losses(output):
-        history = checkpoint.read_trainer_state(output / "checkpoint-epoch-2")["log_history"]
+        history = checkpoint.read_trainer_state(output / "checkpoint-epoch-2").progress.log_history
         return [entry["train/loss"] for entry in history if "train/loss" in entry]
 
     flags = dict(batch_size=4, num_epochs=3, lr=3e-3, save_steps=0)
@@ -107,11 +106,12 @@ def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model,
         assert "--low_memory is False but the checkpoint was made with True" in str(error)
 
 
-def gradients_of_one_batch(model_dir, data, out_dir, *extra):
-    args, accelerator, tts, train_set, _, module = trainer_setup(model_dir, data, out_dir, "--batch_size", 4, *extra)
+def gradients_of_one_batch(model_dir, data, out_dir, **flags):
+    run = build_run(model_dir, data, out_dir, batch_size=4, **flags)
+    module = run.train_module
     layer_calls = []
-    tts.model.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
-    batch = next(iter(sft.micro_batch_loader(train_set, sft.plan_for(train_set, args, accelerator, 0), 0, args, accelerator)))
+    module.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
+    batch = next(run.steps()).micro_batches[0]
     out = module(batch)
     (out.codec0_loss_sum + out.sub_talker_loss_sum).backward()
     return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}, len(layer_calls)
@@ -120,7 +120,7 @@ def gradients_of_one_batch(model_dir, data, out_dir, *extra):
 def test_gradient_checkpointing_gives_the_same_gradient(tiny_model, coded_clips, tmp_path):
     plain, plain_calls = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "a")
     checkpointed, checkpointed_calls = gradients_of_one_batch(tiny_model, coded_clips, tmp_path / "b",
-                                                              "--gradient_checkpointing")
+                                                              gradient_checkpointing=True)
     assert (plain_calls, checkpointed_calls) == (1, 2)  # the layer really is recomputed in the backward
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7) for name in plain)

@@ -17,7 +17,7 @@ from qwen3_tts_sft import checkpoint
 from helpers import ROOT, train
 
 FLAGS = dict(num_epochs=2, lr=1e-3, warmup_steps=1, num_workers=0, report_to="none", logging_steps=1,
-             freeze_speaker_encoder=True, save_steps=0)
+             save_steps=0)
 
 
 @pytest.fixture(scope="module")

@@ -33,3 +33,22 @@ def test_the_demo_runs_the_whole_pipeline(tmp_path):
     assert len(wavs) == 4 and all(w.stat().st_size > 1000 for w in wavs)  # the built-in English sentences
     assert (tmp_path / "demo" / "speech" / "report.json").is_file()
     assert (tmp_path / "demo" / "output" / "checkpoint-epoch-4" / "model.safetensors").is_file()
+
+
+def test_ci_fails_when_no_test_ran(tmp_path):
+    """pytest's "no tests collected" (exit 5) must fail CI, not pass it: a stand-in python3 makes a
+    .venv whose pip succeeds and whose python exits 5."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_text((ROOT / ".ci" / "run").read_text())
+    (tmp_path / "requirements.txt").write_text("")
+    stand_in = tmp_path / "bin" / "python3"
+    stand_in.parent.mkdir()
+    stand_in.write_text('#!/usr/bin/env bash\n'  # called as: python3 -m venv .venv
+                        'mkdir -p .venv/bin\n'
+                        'printf "#!/usr/bin/env bash\\nexit 0\\n" > .venv/bin/pip\n'
+                        'printf "#!/usr/bin/env bash\\nexit 5\\n" > .venv/bin/python\n'
+                        'chmod +x .venv/bin/pip .venv/bin/python\n')
+    stand_in.chmod(0o755)
+    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PATH=f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}"))
+    assert result.returncode != 0 and "no tests" in result.stderr

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
 from qwen3_tts_sft import talker_step
-from qwen3_tts_sft import training_run
-from helpers import ROOT, read_jsonl, train, write_jsonl
+from helpers import ROOT, read_jsonl, train, trainer_argv, write_jsonl
 
 # 12 clips, 2 per step: 6 steps an epoch; saving every step lets a run resume from any point.
 RUN = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=2, save_steps=1, lr=1e-3, warmup_steps=2)
@@ -29,13 +28,7 @@ def twelve_clips(coded_clips, tmp_path_factory):
 
 
 def trainer_command(model_dir, data, output, **flags):
-    settings = dict(init_model_path=model_dir, train_jsonl=data, output_model_path=output, num_workers=0,
-                    report_to="none", logging_steps=1, freeze_speaker_encoder=True, **RUN)
-    settings.update(flags)
-    command = [sys.executable, "sft_12hz_chatterbox.py"]
-    for name, value in settings.items():
-        command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
-    return command
+    return [sys.executable, "sft_12hz_chatterbox.py", *trainer_argv(model_dir, data, output, **dict(RUN, **flags))]
 
 
 def start_and_wait_for(command, line_start: str) -> subprocess.Popen:
@@ -58,8 +51,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_model, twelv
     train(tiny_model, twelve_clips, tmp_path / "whole", **RUN)
     expected, expected_name = final_weights(tmp_path / "whole")
 
-    kill_after = random.randint(2, 10)
-    print(f"killing after step {kill_after}")
+    seed = int(os.environ.get("TEST_SEED", "0"))  # another TEST_SEED kills at another step
+    kill_after = random.Random(seed).randint(2, 10)
+    print(f"killing after step {kill_after} (TEST_SEED {seed})")
     process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "killed"), f"step {kill_after}:")
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -84,7 +78,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_model, twel
     assert saved is not None and saved.name.startswith("checkpoint-step-")
     train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest", save_steps=0,
           **{k: v for k, v in RUN.items() if k != "save_steps"})
-    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out"))["step"] == 12
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
 
 
 def test_a_crash_during_save_leaves_no_half_written_checkpoint(tiny_model, twelve_clips, tmp_path, monkeypatch):
@@ -126,7 +120,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips
     assert str(raised.value).split("Last good checkpoint: ")[1].startswith(str(tmp_path / "out" / "checkpoint-step-7"))
     assert not (tmp_path / "out" / "checkpoint-step-8").exists()  # no saves during a bad streak
     state = checkpoint.read_trainer_state(tmp_path / "out" / "checkpoint-step-7")
-    assert state["nonfinite_in_a_row"] == 0
+    assert state.progress.nonfinite_in_a_row == 0
     weights = load_file(tmp_path / "out" / "checkpoint-step-7" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
@@ -135,11 +129,11 @@ def test_eval_loss_is_logged_at_eval_steps_and_at_the_end(tiny_model, twelve_cli
     output = train(tiny_model, twelve_clips, tmp_path / "out", eval_split=0.25, eval_steps=2, batch_size=3,
                    num_epochs=2, save_steps=0)
     state = checkpoint.read_trainer_state(output / "checkpoint-epoch-1")
-    eval_steps = [entry["step"] for entry in state["log_history"] if "eval/loss" in entry]
+    eval_steps = [entry["step"] for entry in state.progress.log_history if "eval/loss" in entry]
     assert eval_steps == [2, 4, 6]  # 9 train clips, 3 per step: 3 steps an epoch, 6 in all
-    entry = next(e for e in state["log_history"] if "eval/loss" in e)
-    assert {"eval/codec0_loss", "eval/sub_talker_loss"} <= entry.keys()
-    assert state["best_eval_step"] in eval_steps
+    entry = next(e for e in state.progress.log_history if "eval/loss" in e)
+    assert {"eval/codec0_loss", "eval/code_predictor_loss"} <= entry.keys()
+    assert state.progress.best_eval_step in eval_steps
 
 
 def test_save_total_limit_keeps_the_newest_and_the_best(tiny_model, twelve_clips, tmp_path):
@@ -164,7 +158,7 @@ def test_an_existing_run_is_not_overwritten_by_accident(tiny_model, twelve_clips
 
 
 def test_a_full_disk_is_reported_before_saving(tiny_model, twelve_clips, tmp_path, monkeypatch):
-    monkeypatch.setattr(training_run.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(SystemExit) as raised:
         train(tiny_model, twelve_clips, tmp_path / "out", max_steps=1)
     assert "not enough disk space" in str(raised.value) and "GB are free" in str(raised.value)

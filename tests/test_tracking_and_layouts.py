@@ -16,8 +16,8 @@ def test_tensorboard_has_the_scalars_and_the_png_is_drawn(tiny_model, coded_clip
     events = EventAccumulator(str(event_files[0].parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/codec0_loss", "train/sub_talker_loss", "train/lr", "train/grad_norm",
-                "train/samples_per_second", "eval/loss", "eval/codec0_loss", "eval/sub_talker_loss"}
+    expected = {"train/loss", "train/codec0_loss", "train/code_predictor_loss", "train/lr", "train/grad_norm",
+                "train/samples_per_second", "eval/loss", "eval/codec0_loss", "eval/code_predictor_loss"}
     assert expected <= tags
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 

@@ -1,0 +1,349 @@
+"""From parsed flags to a run ready to train: `build_run(args)`.
+
+The order is fixed, and this is its only copy (the trainer, bench/bench.py and the tests all call
+it): what the flags mean on this machine (refusing impossible combinations before any model
+loads), the accelerator, the checkpoint to resume, the base model, the data and speakers, the
+module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
+"""
+
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
+from transformers import get_scheduler
+
+from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
+from qwen3_tts_sft.checkpoint import DataFingerprint, TrainingProgress
+from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds
+from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vectors
+from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, make_prompter, read_clips,
+                                         split_off_eval)
+from qwen3_tts_sft.training_run import TrainingRun
+
+# Flags that decide which clips go into which step, or what the saved state holds: a resume with
+# other values would not continue the same run.
+DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout")
+STATE_FLAGS = ("low_memory", "lora_rank")
+TRACKER_PROJECT = "sft_12hz"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the flags mean on this machine, resolved once; the flags themselves stay as given."""
+
+    mixed_precision: str       # "bf16" or "no"
+    torch_compile: str         # "layers" or "no"
+    cuda_graphs: bool          # record and replay each micro-batch (cuda_graphs.py)
+    drop_graphs_when_short: bool  # --cuda_graphs auto: give them up where memory is short
+    layouts: tuple             # text layouts every clip is trained in
+    save_dtype: torch.dtype
+    train_data: DataFingerprint
+    resume_dir: Path           # None: a fresh start
+    versions: dict
+
+
+def build_run(args) -> TrainingRun:
+    """A run ready to train, from the trainer's parsed flags (sft_12hz_chatterbox.parse_args)."""
+    accelerator = make_accelerator(args)
+    settings = resolve_settings(args, accelerator)
+    log_run_header(args, settings, accelerator)
+
+    tts = load_base_model(args)
+    ids = SpecialIds.from_config(tts.model.config)
+    train_set, eval_set, speaker_table = load_datasets(args, settings, ids, tts.processor, tts.model.config,
+                                                       accelerator)
+    train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
+    optimizer = make_optimizer(train_module, args, accelerator)
+    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=run.total_steps)
+    train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
+    progress = resume_or_start(args, settings, accelerator)
+    run.start(train_module, optimizer, scheduler, progress)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# What the flags mean here
+# ---------------------------------------------------------------------------------------------
+
+def make_accelerator(args) -> Accelerator:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # accelerate keeps one state per process and refuses a second precision: a run started earlier
+    # in this process (a test, a notebook) must not decide this one's.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    # Accumulation is done by the loop (exact target-count normalisation), so accelerate gets 1,
+    # and the scheduler steps once per optimizer step whatever the number of processes.
+    return Accelerator(
+        mixed_precision=mixed_precision_choice(args),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_model_path,
+                                            logging_dir=str(Path(args.output_model_path) / "logs")),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def mixed_precision_choice(args) -> str:
+    """auto: bf16 autocast on a GPU that has it, else fp32."""
+    if args.mixed_precision != "auto":
+        return args.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def resolve_settings(args, accelerator) -> Settings:
+    """Refuse every impossible combination (naming the flags) before any model loads."""
+    device_type, fsdp = accelerator.device.type, accelerator.distributed_type == DistributedType.FSDP
+    problems = []
+    if args.low_memory and fsdp:
+        problems.append("--low_memory works on one GPU or with DDP, not with FSDP (which shards the memory "
+                        "itself); drop one of them")
+    graphs, drop_when_short = cuda_graphs_choice(args, device_type, accelerator.num_processes, problems)
+    train_data = DataFingerprint.of(args.train_jsonl)
+    resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems)
+    if resume_dir is not None and not problems:
+        problems += resume_problems(args, checkpoint.read_trainer_state(resume_dir), train_data, accelerator)
+    if problems:
+        raise SystemExit("error: " + "\n       ".join(problems))
+    return Settings(
+        mixed_precision=accelerator.mixed_precision,
+        torch_compile=compile_choice(args, device_type, fsdp),
+        cuda_graphs=graphs, drop_graphs_when_short=drop_when_short,
+        layouts=(NON_STREAMING, STREAMING) if args.text_layout == "both" else (args.text_layout,),
+        save_dtype=getattr(torch, args.save_dtype),
+        train_data=train_data,
+        resume_dir=resume_dir,
+        versions=library_versions(),
+    )
+
+
+def compile_choice(args, device_type: str, fsdp: bool) -> str:
+    """What --torch_compile means on this machine: layers or no."""
+    if args.torch_compile != "auto":
+        return args.torch_compile
+    if device_type != "cuda" or fsdp:
+        return "no"  # CPU: compiling costs more than it saves; FSDP: its hooks run around the layers
+    return "layers"
+
+
+def cuda_graphs_choice(args, device_type: str, num_processes: int, problems: list) -> tuple:
+    """(record graphs, drop them where memory is short): what --cuda_graphs means on this run.
+    `yes` where graphs cannot work adds to `problems`."""
+    unsupported = []
+    if device_type != "cuda":
+        unsupported.append("they need a CUDA GPU")
+    if num_processes > 1:
+        unsupported.append("they work in one process only (the gradient all-reduce runs outside them)")
+    if args.train_speaker_encoder:
+        unsupported.append("they do not work with --train_speaker_encoder (the trained encoder reads its mels "
+                           "from host memory)")
+    if args.gradient_checkpointing:
+        unsupported.append("they do not work with --gradient_checkpointing")
+    if args.cuda_graphs == "yes":
+        if unsupported:
+            problems.append("--cuda_graphs yes: " + "; ".join(unsupported))
+        return True, False
+    if args.cuda_graphs == "no" or unsupported or args.low_memory:
+        # auto and --low_memory: graphs need up to one micro-batch's activations more memory, and
+        # memory is what --low_memory is about.
+        return False, False
+    return True, True
+
+
+def find_resume_checkpoint(args, output_dir: Path, problems: list):
+    """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident."""
+    existing = checkpoint.list_checkpoints(output_dir) if output_dir.is_dir() else []
+    if args.resume_from_checkpoint == "latest":
+        if not existing:
+            problems.append(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
+            return None
+        return existing[-1]
+    if args.resume_from_checkpoint:
+        path = Path(args.resume_from_checkpoint)
+        if not checkpoint.resumable(path):
+            problems.append(f"--resume_from_checkpoint {path}: not a checkpoint with training state")
+        return path
+    if existing and not args.overwrite_output_dir:
+        problems.append(
+            f"{output_dir} already holds checkpoints ({existing[-1].name} ...). Continue that run with "
+            f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir.")
+    return None
+
+
+def resume_problems(args, state, train_data: DataFingerprint, accelerator) -> list:
+    """Why this checkpoint cannot be continued with these flags (and, printed, which flags changed)."""
+    saved = state.flags
+    problems = [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
+                for name in DATA_ORDER_FLAGS + STATE_FLAGS if saved.get(name, False) != getattr(args, name)]
+    if state.num_processes != accelerator.num_processes:
+        problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}")
+    if state.train_data_sha256 != train_data.sha256:
+        problems.append(f"{args.train_jsonl} differs from the file the checkpoint was trained on")
+    if problems:
+        return ["cannot resume this checkpoint:\n  " + "\n  ".join(problems)]
+    changed = [f"--{name} {saved.get(name)} -> {value}" for name, value in sorted(vars(args).items())
+               if name in saved and saved[name] != value and name != "resume_from_checkpoint"]
+    if changed:
+        accelerator.print("resuming with changed flags: " + ", ".join(changed))
+    return []
+
+
+def library_versions() -> dict:
+    import accelerate
+    import qwen_tts
+    import transformers
+    from importlib.metadata import version
+
+    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                accelerate=accelerate.__version__, qwen_tts=getattr(qwen_tts, "__version__", version("qwen-tts")))
+
+
+def log_run_header(args, settings: Settings, accelerator) -> None:
+    """What reproduces this run: versions, flags, the data file's size and hash."""
+    if not accelerator.is_main_process:
+        return
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in settings.versions.items()))
+    print(f"device: {accelerator.device}, processes: {accelerator.num_processes} "
+          f"({accelerator.distributed_type.value}), mixed precision: {settings.mixed_precision}")
+    print("flags: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
+    print(f"train data: {args.train_jsonl}: {settings.train_data.lines} lines, sha256 {settings.train_data.sha256}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, data, training module, optimizer
+# ---------------------------------------------------------------------------------------------
+
+def load_base_model(args):
+    """The base model through the same loader a user's download goes through; fp32 master weights
+    (bf16 with --low_memory)."""
+    from qwen_tts import Qwen3TTSModel
+
+    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
+                                        attn_implementation=args.attn_implementation)
+    if tts.model.speaker_encoder is None:
+        raise SystemExit(
+            f"error: {args.init_model_path} has no speaker encoder (tts_model_type "
+            f"{tts.model.tts_model_type!r}); fine-tune from a Base model"
+        )
+    tts.model.speech_tokenizer = None  # not needed for training; frees its memory
+    return tts
+
+
+def load_datasets(args, settings: Settings, ids, processor, config, accelerator) -> tuple:
+    """Checked, tokenized, length-limited train (and eval) datasets, and the speaker table."""
+    def read(path):
+        try:
+            clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
+                               log=accelerator.print, prompter=make_prompter(processor, config),
+                               max_positions=config.talker_config.max_position_embeddings)
+            return apply_length_limits(clips, args.max_audio_seconds, args.max_text_tokens, log=accelerator.print)
+        except DataError as error:
+            raise SystemExit(f"error: the training data cannot be used:\n{error}")
+
+    train_clips = read(args.train_jsonl)
+    eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
+    if args.eval_split:
+        train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
+    speaker_table = assign_speakers(train_clips + (eval_clips or []), config.talker_config)
+    speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}
+    train_set = TalkerDataset(train_clips, ids, speaker_index, settings.layouts)
+    eval_set = TalkerDataset(eval_clips, ids, speaker_index, settings.layouts) if eval_clips else None
+    return train_set, eval_set, speaker_table
+
+
+def make_training_model(model, speaker_table, args, settings: Settings, accelerator) -> TalkerTrainingModel:
+    """The module accelerate trains, with the speaker encoder frozen (the default) or trained."""
+    model.train()
+    lora_config = None
+    if args.lora_rank:
+        from qwen3_tts_sft import lora  # peft loads only for LoRA runs
+
+        lora_config = lora.add_adapters(model, args.lora_rank, args.lora_alpha or 2 * args.lora_rank,
+                                        args.lora_dropout, args.lora_target_modules or lora.DEFAULT_TARGET_MODULES)
+    model.talker.get_text_embeddings().requires_grad_(args.train_text_embedding)
+    model.speaker_encoder.requires_grad_(args.train_speaker_encoder)
+    if args.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
+        model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    if settings.torch_compile == "layers":
+        compile_layers(model)
+    sample_rate = model.config.speaker_encoder_config.sample_rate
+    if args.train_speaker_encoder:
+        module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, sample_rate))
+    else:
+        if settings.resume_dir is not None:
+            vectors = checkpoint.load_speaker_vectors(settings.resume_dir)
+        else:
+            with torch.no_grad():
+                vectors = speaker_vectors(model.speaker_encoder, reference_mels(speaker_table, sample_rate))
+        # Every process must fill the speaker slot with the same vector: take process 0's.
+        vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
+        module = TalkerTrainingModel(model, speaker_vectors=vectors)
+    module.lora_config = lora_config  # the checkpoint export merges the adapters with it
+    return module
+
+
+def compile_layers(model, backend: str = "inductor") -> None:
+    """torch.compile every decoder layer of the talker and code predictor (regional compilation).
+
+    Layers of one kind share one compiled graph, and lengths are dynamic, so batches of any length
+    reuse it; the rest of the forward stays eager.
+    """
+    # No duck shaping: it gives equal-sized dimensions one symbol, so a batch whose frame count
+    # happens to equal the hidden size (1024 frames, say) would fix that count and recompile later.
+    from torch.fx.experimental import _config as symbolic_shapes
+
+    symbolic_shapes.use_duck_shape = False
+    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+        layer.compile(dynamic=True, backend=backend)  # lengths vary from batch to batch
+
+
+def make_optimizer(train_module, args, accelerator):
+    """AdamW: on fp32 weights and fused on CUDA, or on bf16 weights with --low_memory; no decay on
+    norms and biases."""
+    decay, no_decay = [], []
+    for parameter in train_module.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    on_gpu = accelerator.device.type == "cuda"
+    if args.low_memory:
+        return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
+                                       compile=on_gpu)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume or start
+# ---------------------------------------------------------------------------------------------
+
+def resume_or_start(args, settings: Settings, accelerator) -> TrainingProgress:
+    """Progress to continue from: a fresh one, or the checkpoint's (with accelerate's state loaded)."""
+    output_dir, resume_dir = Path(args.output_model_path), settings.resume_dir
+    if resume_dir is None:
+        if accelerator.is_main_process:
+            if args.overwrite_output_dir and output_dir.is_dir():
+                for folder in output_dir.glob("checkpoint-*"):
+                    shutil.rmtree(folder)
+            output_dir.mkdir(parents=True, exist_ok=True)
+        progress = TrainingProgress(seed=args.seed)
+    else:
+        progress = checkpoint.load_training_state(resume_dir, accelerator).progress
+    if accelerator.is_main_process:
+        checkpoint.remove_partials(output_dir)
+    if args.report_to != "none":
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+    return progress
+
+
+def tracker_config(args) -> dict:
+    return {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
