@@ -12,6 +12,7 @@ every setting.
 """
 
 import argparse
+import functools
 import math
 import platform
 import shutil
@@ -109,9 +110,9 @@ def parse_args(argv=None):
                           "layers on a GPU, except under FSDP (no). The first steps take about a minute longer")
     run.add_argument("--cuda_graphs", default="auto", choices=["auto", "yes", "no"],
                      help="replay each micro-batch's forward and backward as one recorded CUDA graph, one per "
-                          "batch shape (cuda_graphs.py): 1.7-2.4x the speed of 1.7B at batch 4, for up to one "
-                          "micro-batch's activations more memory. auto = yes on one GPU with --freeze_speaker_encoder, "
-                          "except with --low_memory or --gradient_checkpointing, and dropped where memory is short")
+                          "batch shape (cuda_graphs.py), and the --low_memory optimizer step as another: 1.7-2.4x "
+                          "the speed of 1.7B at batch 4. auto = yes on one GPU with --freeze_speaker_encoder, "
+                          "except with --gradient_checkpointing, and dropped where memory is short")
     run.add_argument("--logging_steps", type=int, default=10, help="log losses every this many optimizer steps")
     run.add_argument("--save_steps", type=int, default=4000,
                      help="write checkpoint-step-N every this many steps (0 = only per epoch)")
@@ -410,8 +411,6 @@ def cuda_graphs_choice(args, accelerator) -> bool:
         unsupported.append("they do not work with --gradient_checkpointing")
     if args.cuda_graphs == "yes" and unsupported:
         raise SystemExit("error: --cuda_graphs yes: " + "; ".join(unsupported))
-    if args.cuda_graphs == "auto" and args.low_memory:
-        return False  # graphs need up to one micro-batch's activations more memory, which --low_memory is about
     return args.cuda_graphs != "no" and not unsupported
 
 
@@ -433,7 +432,7 @@ def make_optimizer(train_module, args, accelerator):
             raise SystemExit("error: --low_memory works on one GPU or with DDP, not with FSDP (which shards "
                              "the memory itself); drop one of them")
         return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
-                                       compile=on_gpu)
+                                       compile=on_gpu, record_graph=on_gpu and args.cuda_graphs != "no")
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 
 
@@ -443,10 +442,13 @@ def plan_for(dataset, args, accelerator, epoch):
 
 
 def micro_batch_loader(dataset, plan, steps_done, args, accelerator):
-    """This process's micro-batches from step `steps_done` of the plan on, collated by workers."""
+    """This process's micro-batches from step `steps_done` of the plan on, collated by workers, and
+    padded to the plan's few batch shapes where CUDA graphs record one graph per shape."""
     batches = [batch for step in plan.micro_batches[steps_done:] for batch in step]
+    shapes = plan.shapes if cuda_graphs_choice(args, accelerator) else None
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.num_workers,
+        dataset, batch_sampler=batches, collate_fn=functools.partial(collate, shapes=shapes),
+        num_workers=args.num_workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=False,
         # Its own random stream: creating a loader draws a seed, which would otherwise shift the
         # global stream (dropout's) between a resumed run and the uninterrupted one.

@@ -2,10 +2,14 @@
 
     python bench/bench.py --size 1.7b --batch_size 4 --gradient_accumulation_steps 2 --steps 30
     python bench/bench.py --size tiny --device cpu --steps 3          # what CI runs
+    python bench/bench.py --size 1.7b --clips 4096 --whole_run       # a whole epoch, start to finish
 
 Builds a random Qwen3-TTS of the published shape (tiny_model.py), synthetic coded clips with a
 realistic length mix (2-15 s, text at ~15 characters a second), then runs the trainer's setup
-and optimizer steps (sft_12hz_chatterbox.py, training_run.py) and times them after warm-up.
+and optimizer steps (sft_12hz_chatterbox.py, training_run.py) and times them after warm-up: the
+steady state. It also times the whole run, from the start of the setup (loading the model) to
+the last step, compiles and CUDA-graph recordings included; with --whole_run that is every step
+of an epoch, the last --steps of them timed as the steady state.
 Prints a table and writes every figure as JSON.
 """
 
@@ -24,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the trainer a
 import sft_12hz_chatterbox as sft  # noqa: E402
 from qwen3_tts_sft import tiny_model
 from qwen3_tts_sft.checkpoint import TrainingProgress
-from qwen3_tts_sft.sequence_layout import SpecialIds
+from qwen3_tts_sft.sequence_layout import BatchShapes, SpecialIds
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
 from qwen3_tts_sft.training_run import Run
 
@@ -41,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--whole_run", action="store_true",
+                        help="run every step of one epoch of --clips (the last --steps timed as the steady state), "
+                             "as the trainer would; --warmup is then the rest")
     parser.add_argument("--clip_seconds", type=float, default=0,
                         help="every clip this long; 0 = a mix of 2-15 s")
     parser.add_argument("--clips", type=int, default=512, help="synthetic clips in the data set")
@@ -50,6 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_SIZE.json)")
     parser.add_argument("--compile_mode", default=None,
                         help="experiment: torch.compile mode of the compiled regions (e.g. reduce-overhead) instead of the default")
+    parser.add_argument("--batch_shapes", default="table", choices=["table", "multiples"],
+                        help="experiment: 'multiples' pads every micro-batch to multiples of 8 positions and 32 "
+                             "frames (many CUDA graphs) instead of to the plan's table of a few shapes")
+    parser.add_argument("--no_optimizer_graph", action="store_true",
+                        help="experiment: run the --low_memory optimizer step eagerly instead of as a recorded graph")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps and print the busiest kernels")
     return parser.parse_args(argv)
@@ -129,7 +141,7 @@ class FlopCounter:
         forward += 2 * self.predictor_attention * frames * self.groups * (self.groups + 1)
         padded = batch.lengths.shape[0] * batch.is_real.shape[1]
         return dict(flops=3 * forward, talker_tokens=talker_tokens, padded_tokens=padded,
-                    predictor_tokens=predictor_tokens, frames=frames)
+                    predictor_tokens=predictor_tokens, frames=frames, padded_frames=batch.target_codes.shape[0])
 
 
 def profile_steps(run, plan, loader, train_set, steps, work: Path, device):
@@ -182,6 +194,15 @@ def main(argv=None):
     module = sft.make_training_model(tts.model, speaker_table, trainer_args, accelerator, None)
     counter = FlopCounter(tts.model)
     optimizer = sft.make_optimizer(module, trainer_args, accelerator)
+    if args.no_optimizer_graph:
+        optimizer.record_graph = False
+    plan = sft.plan_for(train_set, trainer_args, accelerator, epoch=0)
+    if args.batch_shapes == "multiples":
+        plan.shapes = BatchShapes(plan.shapes.rows, ())  # nothing fits: every batch pads to multiples
+    if args.whole_run:
+        if args.profile:
+            raise SystemExit("--profile needs steps beyond the timed ones: not with --whole_run")
+        args.warmup = len(plan.steps) - args.steps
     total = args.warmup + args.steps + args.profile
     scheduler = sft.get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=0, num_training_steps=total)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
@@ -189,8 +210,7 @@ def main(argv=None):
               TrainingProgress(seed=trainer_args.seed), sft.cuda_graphs_choice(trainer_args, accelerator))
     setup_seconds = time.perf_counter() - started
 
-    plan = sft.plan_for(train_set, trainer_args, accelerator, epoch=0)
-    if len(plan.steps) < total:
+    if args.warmup < 0 or len(plan.steps) < total:
         raise SystemExit(f"--clips {args.clips} give only {len(plan.steps)} steps; need {total}")
     loader = iter(sft.micro_batch_loader(train_set, plan, 0, trainer_args, accelerator))
 
@@ -198,13 +218,16 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, clips=0)
+    timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, padded_frames=0.0,
+                 clips=0)
+    run_clips, warmup_peaks = 0, (0, 0)
     loop_start = time.perf_counter()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             synchronize()
             timed_start = time.perf_counter()
             if device.type == "cuda":
+                warmup_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
                 torch.cuda.reset_peak_memory_stats()
         batches = [next(loader) for _ in plan.micro_batches[step]]
         if step >= args.warmup:
@@ -212,27 +235,34 @@ def main(argv=None):
                 for key, value in counter.micro_batch(batch).items():
                     timed[key] += value
             timed["clips"] += len(plan.steps[step])
+        run_clips += len(plan.steps[step])
         run.optimizer_step(batches, train_set.targets(plan.steps[step]), stop_asked=False)
         if step == 0:
             synchronize()
             first_step_seconds = time.perf_counter() - loop_start
     synchronize()
-    seconds = time.perf_counter() - timed_start
+    loop_end = time.perf_counter()
+    seconds = loop_end - timed_start
     if args.profile:
         profile_steps(run, plan, loader, train_set, range(args.warmup + args.steps, total), work, device)
 
     peak = matmul_peak_tflops(device)
     model_tflops = timed["flops"] / seconds / 1e12
+    on_gpu, nan = device.type == "cuda", float("nan")
+    trainer_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     result = dict(
         size=args.size, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         clip_seconds=args.clip_seconds or "2-15", mixed_precision=trainer_args.mixed_precision,
         attn_implementation=trainer_args.attn_implementation, trainer_flags=args.trainer_flags,
         torch_compile=sft.compile_choice(trainer_args, accelerator),
-        compile_mode=args.compile_mode or "default",
+        compile_mode=args.compile_mode or "default", batch_shapes_mode=args.batch_shapes,
         low_memory=trainer_args.low_memory, gradient_checkpointing=trainer_args.gradient_checkpointing,
-        lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None,
+        lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None and run.graphs.enabled,
+        batch_shapes=len(plan.shapes.sizes) if run.graphs else 0,  # the plan's table, used with CUDA graphs
         cuda_graphs_recorded=len(run.graphs.recorded) if run.graphs else 0,  # batch shapes, one graph each
+        cuda_graphs_first_runs=len(run.graphs.warmed_up) if run.graphs else 0,  # shapes seen, each run once first
+        optimizer_graph=getattr(trainer_optimizer, "graph", None) is not None,  # the --low_memory step recorded
         timed_steps=args.steps,
         samples_per_second=timed["clips"] / seconds,
         audio_hours_per_hour=timed["frames"] / FRAMES_PER_SECOND / seconds,
@@ -242,11 +272,20 @@ def main(argv=None):
         tflop_per_sample=timed["flops"] / timed["clips"] / 1e12,
         measured_peak_tflops=peak,
         mfu=model_tflops / peak if math.isfinite(peak) else float("nan"),
-        padding_waste=1 - timed["talker_tokens"] / timed["padded_tokens"],
+        padding_waste=1 - timed["talker_tokens"] / timed["padded_tokens"],  # talker positions that are padding
+        code_predictor_padding_waste=1 - timed["frames"] / timed["padded_frames"],
         setup_seconds=setup_seconds,
         time_to_first_step_seconds=first_step_seconds,
-        peak_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
-        peak_memory_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else float("nan"),
+        peak_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if on_gpu else nan,
+        peak_memory_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if on_gpu else nan,
+        # The whole run: setup (model load), compiles, recordings and every step, warm-up included.
+        run_steps=args.warmup + args.steps,
+        run_clips=run_clips,
+        run_seconds=setup_seconds + loop_end - loop_start,
+        run_samples_per_second=run_clips / (setup_seconds + loop_end - loop_start),
+        run_loop_samples_per_second=run_clips / (loop_end - loop_start),  # from the first step on
+        run_peak_memory_allocated_gb=max(warmup_peaks[0], torch.cuda.max_memory_allocated()) / 1e9 if on_gpu else nan,
+        run_peak_memory_reserved_gb=max(warmup_peaks[1], torch.cuda.max_memory_reserved()) / 1e9 if on_gpu else nan,
     )
     out = Path(args.json or work / f"bench_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
