@@ -6,14 +6,24 @@ import numpy as np
 import pytest
 import torch
 
+import sft_12hz_chatterbox as sft
 from helpers import trainer_setup
 from qwen3_tts_sft.sequence_layout import BatchShapes, collate, padded_cost, padded_sizes
 from qwen3_tts_sft.training_data import MAX_BATCH_SHAPES, plan_epoch
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, coded_clips, tmp_path_factory):
-    _, _, _, train_set, _, module = trainer_setup(tiny_model, coded_clips, tmp_path_factory.mktemp("buckets"))
+def trainer(tiny_model, coded_clips, tmp_path_factory):
+    """(args, accelerator, train_set, module) of the trainer's own setup, batch 2."""
+    args, accelerator, _, train_set, _, module = trainer_setup(tiny_model, coded_clips, tmp_path_factory.mktemp("buckets"),
+                                                               "--batch_size", 2)
+    return args, accelerator, train_set, module
+
+
+@pytest.fixture(scope="module")
+def setup(trainer):
+    """The module, and the shortest and the longest clip."""
+    train_set, module = trainer[2:]
     by_length = sorted(range(len(train_set)), key=train_set.length)
     return module, [train_set[i] for i in (by_length[0], by_length[-1])]
 
@@ -118,3 +128,18 @@ def test_a_batch_that_fits_no_shape_pads_to_multiples():
     assert shapes.fit(4, 60, 200) == (128, 320)  # more frames than the small size holds
     assert shapes.fit(4, 130, 100) is None and shapes.fit(3, 60, 100) is None
     assert padded_sizes(3, 60, 100, shapes) == (64, 128)  # multiples of 8 and 32
+
+
+def test_the_loader_pads_to_the_plans_shapes_where_graphs_record_them(trainer, monkeypatch):
+    args, accelerator, train_set, _ = trainer
+    plan = sft.plan_for(train_set, args, accelerator, epoch=0)
+
+    def loaded_shapes():
+        return {(batch.is_real.shape[1], batch.target_codes.shape[0])
+                for batch in sft.micro_batch_loader(train_set, plan, 0, args, accelerator)}
+
+    assert not sft.cuda_graphs_choice(args, accelerator)  # on the CPU: no graphs, so no table
+    to_multiples = loaded_shapes()
+    monkeypatch.setattr(sft, "cuda_graphs_choice", lambda args, accelerator: True)
+    to_table = loaded_shapes()
+    assert to_table <= set(plan.shapes.sizes) and len(to_table) < len(to_multiples)
