@@ -100,9 +100,9 @@ def parse_args(argv=None):
                           "layers on a GPU, except under FSDP (no). The first steps take about a minute longer")
     run.add_argument("--cuda_graphs", default="auto", choices=["auto", "yes", "no"],
                      help="replay each micro-batch's forward and backward as one recorded CUDA graph, one per "
-                          "batch shape (cuda_graphs.py): 1.7-2.4x the speed of 1.7B at batch 4, for up to one "
-                          "micro-batch's activations more memory. auto = yes on one GPU, except with --low_memory, "
-                          "--gradient_checkpointing or --train_speaker_encoder, and dropped where memory is short")
+                          "batch shape (cuda_graphs.py), and the --low_memory optimizer step as another: 1.7-2.4x "
+                          "the speed of 1.7B at batch 4. auto = yes on one GPU, except with --gradient_checkpointing "
+                          "or --train_speaker_encoder, and dropped where memory is short")
     run.add_argument("--logging_steps", type=int, default=10, help="log losses every this many optimizer steps")
     run.add_argument("--save_steps", type=int, default=4000,
                      help="write checkpoint-step-N every this many steps (0 = only per epoch)")

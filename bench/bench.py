@@ -2,10 +2,14 @@
 
     python bench/bench.py --size 1.7b --batch_size 4 --gradient_accumulation_steps 2 --steps 30
     python bench/bench.py --size tiny --device cpu --steps 3          # what CI runs
+    python bench/bench.py --size 1.7b --clips 4096 --whole_run       # a whole epoch, start to finish
 
 Builds a random Qwen3-TTS of the published shape (tiny_model.py), synthetic coded clips with a
 realistic length mix (2-15 s, text at ~15 characters a second), then runs the trainer's setup
-and optimizer steps (sft_12hz_chatterbox.py, training_run.py) and times them after warm-up.
+and optimizer steps (training_setup.build_run, training_run.py) and times them after warm-up: the
+steady state. It also times the whole run, from the start of the setup (loading the model) to
+the last step, compiles and CUDA-graph recordings included; with --whole_run that is every step
+of an epoch, the last --steps of them timed as the steady state.
 Prints a table and writes every figure as JSON.
 """
 
@@ -24,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the trainer a
 import sft_12hz_chatterbox as sft  # noqa: E402
 from qwen3_tts_sft import tiny_model  # noqa: E402
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND  # noqa: E402
+from qwen3_tts_sft.sequence_layout import BatchShapes  # noqa: E402
 from qwen3_tts_sft.training_setup import build_run  # noqa: E402
 
 CHARACTERS_PER_SECOND = 15
@@ -39,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--whole_run", action="store_true",
+                        help="run every step of one epoch of --clips (the last --steps timed as the steady state), "
+                             "as the trainer would; --warmup is then the rest")
     parser.add_argument("--clip_seconds", type=float, default=0,
                         help="every clip this long; 0 = a mix of 2-15 s")
     parser.add_argument("--clips", type=int, default=512, help="synthetic clips in the data set")
@@ -46,6 +54,11 @@ def parse_args(argv=None):
     parser.add_argument("--trainer_flags", default="",
                         help="extra sft_12hz_chatterbox.py flags, written --trainer_flags=\"--low_memory --lora_rank 16\"")
     parser.add_argument("--json", default=None, help="result file (default: WORK_DIR/bench_SIZE.json)")
+    parser.add_argument("--batch_shapes", default="table", choices=["table", "multiples"],
+                        help="experiment: 'multiples' pads every micro-batch to multiples of 8 positions and 32 "
+                             "frames (many CUDA graphs) instead of to the plan's table of a few shapes")
+    parser.add_argument("--no_optimizer_graph", action="store_true",
+                        help="experiment: run the --low_memory optimizer step eagerly instead of as a recorded graph")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps and print the busiest kernels")
     return parser.parse_args(argv)
@@ -125,7 +138,7 @@ class FlopCounter:
         forward += 2 * self.predictor_attention * frames * self.groups * (self.groups + 1)
         padded = batch.lengths.shape[0] * batch.is_real.shape[1]
         return dict(flops=3 * forward, talker_tokens=talker_tokens, padded_tokens=padded,
-                    predictor_tokens=predictor_tokens, frames=frames)
+                    predictor_tokens=predictor_tokens, frames=frames, padded_frames=batch.target_codes.shape[0])
 
 
 def profile_steps(run, steps, count: int, work: Path, device):
@@ -160,7 +173,9 @@ def main(argv=None):
         print(f"built {args.size} model in {time.perf_counter() - started:.0f} s")
     data = synthetic_data(work / "data", args.clips, args.clip_seconds)
 
-    total = args.warmup + args.steps + args.profile
+    if args.whole_run and args.profile:
+        raise SystemExit("--profile needs steps beyond the timed ones: not with --whole_run")
+    total = 0 if args.whole_run else args.warmup + args.steps + args.profile  # 0: the whole epoch
     flags = ["--init_model_path", str(model_dir), "--train_jsonl", str(data), "--output_model_path", str(work / "run"),
              "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
              "--report_to", "none", "--overwrite_output_dir", "--max_steps", str(total),
@@ -171,22 +186,33 @@ def main(argv=None):
     started = time.perf_counter()
     run = build_run(sft.check_args(sft.parse_args(flags + args.trainer_flags.split())))
     counter = FlopCounter(run.accelerator.unwrap_model(run.train_module).model)
+    if args.no_optimizer_graph:
+        run.optimizer.optimizer.record_graph = False  # accelerate wraps the trainer's optimizer
+    if args.batch_shapes == "multiples":
+        shapes = run.first_plan.shapes
+        run.first_plan.shapes = BatchShapes(shapes.rows, ())  # nothing fits: every batch pads to multiples
+    if args.whole_run:
+        args.warmup = run.total_steps - args.steps
     setup_seconds = time.perf_counter() - started
-    if run.total_steps < total:
-        raise SystemExit(f"--clips {args.clips} give only {run.total_steps} steps; need {total}")
+    if args.warmup < 0 or run.total_steps < args.warmup + args.steps + args.profile:
+        raise SystemExit(f"--clips {args.clips} give only {run.total_steps} steps; need "
+                         f"{args.warmup + args.steps + args.profile}")
     steps = run.steps()
 
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, clips=0)
+    timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, padded_frames=0.0,
+                 clips=0)
+    run_clips, warmup_peaks = 0, (0, 0)
     loop_start = time.perf_counter()
     for number in range(args.warmup + args.steps):
         if number == args.warmup:
             synchronize()
             timed_start = time.perf_counter()
             if device.type == "cuda":
+                warmup_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
                 torch.cuda.reset_peak_memory_stats()
         step = next(steps)
         if number >= args.warmup:
@@ -194,27 +220,34 @@ def main(argv=None):
                 for key, value in counter.micro_batch(batch).items():
                     timed[key] += value
             timed["clips"] += step.targets.clips
+        run_clips += step.targets.clips
         run.optimizer_step(step, stop_asked=False)
         if number == 0:
             synchronize()
             first_step_seconds = time.perf_counter() - loop_start
     synchronize()
-    seconds = time.perf_counter() - timed_start
+    loop_end = time.perf_counter()
+    seconds = loop_end - timed_start
     if args.profile:
         profile_steps(run, steps, args.profile, work, device)
 
     peak = matmul_peak_tflops(device)
     model_tflops = timed["flops"] / seconds / 1e12
     trainer_args, settings = run.args, run.settings
+    on_gpu, nan = device.type == "cuda", float("nan")
+    trainer_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate wraps it
     result = dict(
         size=args.size, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         clip_seconds=args.clip_seconds or "2-15", mixed_precision=settings.mixed_precision,
         attn_implementation=trainer_args.attn_implementation, trainer_flags=args.trainer_flags,
-        torch_compile=settings.torch_compile,
+        torch_compile=settings.torch_compile, batch_shapes_mode=args.batch_shapes,
         low_memory=trainer_args.low_memory, gradient_checkpointing=trainer_args.gradient_checkpointing,
-        lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None,
+        lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None and run.graphs.enabled,
+        batch_shapes=len(run.first_plan.shapes.sizes) if run.graphs else 0,  # the plan's table, used with CUDA graphs
         cuda_graphs_recorded=len(run.graphs.recorded) if run.graphs else 0,  # batch shapes, one graph each
+        cuda_graphs_first_runs=len(run.graphs.warmed_up) if run.graphs else 0,  # shapes seen, each run once first
+        optimizer_graph=getattr(trainer_optimizer, "graph", None) is not None,  # the --low_memory step recorded
         timed_steps=args.steps,
         samples_per_second=timed["clips"] / seconds,
         audio_hours_per_hour=timed["frames"] / FRAMES_PER_SECOND / seconds,
@@ -224,11 +257,20 @@ def main(argv=None):
         tflop_per_sample=timed["flops"] / timed["clips"] / 1e12,
         measured_peak_tflops=peak,
         mfu=model_tflops / peak if math.isfinite(peak) else float("nan"),
-        padding_waste=1 - timed["talker_tokens"] / timed["padded_tokens"],
+        padding_waste=1 - timed["talker_tokens"] / timed["padded_tokens"],  # talker positions that are padding
+        code_predictor_padding_waste=1 - timed["frames"] / timed["padded_frames"],
         setup_seconds=setup_seconds,
         time_to_first_step_seconds=first_step_seconds,
-        peak_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
-        peak_memory_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else float("nan"),
+        peak_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if on_gpu else nan,
+        peak_memory_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if on_gpu else nan,
+        # The whole run: setup (model load), compiles, recordings and every step, warm-up included.
+        run_steps=args.warmup + args.steps,
+        run_clips=run_clips,
+        run_seconds=setup_seconds + loop_end - loop_start,
+        run_samples_per_second=run_clips / (setup_seconds + loop_end - loop_start),
+        run_loop_samples_per_second=run_clips / (loop_end - loop_start),  # from the first step on
+        run_peak_memory_allocated_gb=max(warmup_peaks[0], torch.cuda.max_memory_allocated()) / 1e9 if on_gpu else nan,
+        run_peak_memory_reserved_gb=max(warmup_peaks[1], torch.cuda.max_memory_reserved()) / 1e9 if on_gpu else nan,
     )
     out = Path(args.json or work / f"bench_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

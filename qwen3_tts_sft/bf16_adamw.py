@@ -13,25 +13,46 @@ small updates add up over steps as they would in fp32.
 
 import torch
 
+# Rounding keys are below 2**24, so that they ride exactly in a float32 row beside the step's numbers.
+KEY_LIMIT = 1 << 24
+# Hyperparameter row of one tensor for one step: the update reads its numbers from here.
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, CORRECTION1, CORRECTION2, KEY = range(8)
 
-def round_to_bf16_stochastically(values: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16, unbiased: E[result] = values.
+
+def rounding_noise(values: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """16 pseudo-random bits per element of `values` (int32 in [0, 2**16)), a function of the
+    element's index and `key` only (an integer below 2**24 held in a tensor of any dtype).
+
+    A counter-based generator: each index, offset by the key, goes through an integer hash (two
+    xor-shift-multiply rounds, a bijection of 32-bit values), so the noise needs no random-number
+    state: a recorded CUDA graph gets new noise from a new key, and every data-parallel process
+    draws the same noise from the same key.
+    """
+    mask = 0xFFFFFFFF
+    index = torch.arange(values.numel(), device=values.device, dtype=torch.int64).view(values.shape)
+    x = (index * 0x9E3779B1 + key.to(torch.int64) * 0x85EBCA77) & mask
+    x = (((x >> 16) ^ x) * 0x045D9F3B) & mask
+    x = (((x >> 16) ^ x) * 0x045D9F3B) & mask
+    return (((x >> 16) ^ x) & 0xFFFF).to(torch.int32)
+
+
+def round_to_bf16_stochastically(values: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, unbiased: E[result] = values, over keys.
 
     bf16 is the top 16 bits of fp32. Adding a uniform random number below 2^16 to the bit pattern
     and dropping the low 16 bits rounds the magnitude up exactly when the noise exceeds the
     dropped bits' complement, i.e. with probability (dropped bits) / 2^16.
     """
     values = values.float()
-    noise = torch.randint_like(values, 0, 1 << 16, dtype=torch.int32)
-    rounded = ((values.view(torch.int32) + noise) & -65536).view(torch.float32)
+    rounded = ((values.view(torch.int32) + rounding_noise(values, key)) & -65536).view(torch.float32)
     # A NaN's bit pattern can wrap around to a number when the noise is added: keep it a NaN.
     return torch.where(values.isnan(), values, rounded).to(torch.bfloat16)
 
 
-def store(target: torch.Tensor, values: torch.Tensor) -> None:
+def store(target: torch.Tensor, values: torch.Tensor, key: torch.Tensor) -> None:
     """Write fp32 `values` into `target`, stochastically rounded if the target is bf16."""
     if target.dtype == torch.bfloat16:
-        target.copy_(round_to_bf16_stochastically(values))
+        target.copy_(round_to_bf16_stochastically(values, key))
     else:
         target.copy_(values)
 
@@ -39,36 +60,47 @@ def store(target: torch.Tensor, values: torch.Tensor) -> None:
 def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper):
     """One AdamW update of one flattened tensor, computed in fp32.
 
-    hyper = [lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2], a tensor on
-    the weight's device, so a compiled version serves every step without recompiling.
+    hyper: the tensor's row of numbers for this step (LR .. KEY above), on the weight's device, so
+    a compiled version serves every step without recompiling and a recorded graph reads new numbers.
+    The weight and each moment round with their own key.
     """
-    lr, beta1, beta2, eps, weight_decay, correction1, correction2 = hyper.unbind()
+    lr, beta1, beta2, eps, weight_decay, correction1, correction2, key = hyper.unbind()
     grad = grad.float()
     exp_avg_new = exp_avg.float() * beta1 + grad * (1 - beta1)
     exp_avg_sq_new = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
     denominator = (exp_avg_sq_new / correction2).sqrt() + eps
     weight_new = weight.float() * (1 - lr * weight_decay) - (lr / correction1) * exp_avg_new / denominator
-    store(weight, weight_new)
-    store(exp_avg, exp_avg_new)
-    store(exp_avg_sq, exp_avg_sq_new)
+    store(weight, weight_new, key)
+    store(exp_avg, exp_avg_new, key + 1)
+    store(exp_avg_sq, exp_avg_sq_new, key + 2)
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) for weights of any dtype;
     moments are kept in the weight's dtype, and bf16 results are rounded stochastically.
 
-    The rounding noise of a step depends only on (seed, parameter group, step), not on whatever
-    else drew random numbers before: every data-parallel process draws the same noise, so their
-    weights stay identical, and a resumed run draws what the uninterrupted run drew.
+    The rounding noise of a tensor in a step depends only on (seed, parameter group, tensor, step),
+    not on whatever else drew random numbers before: every data-parallel process draws the same
+    noise, so their weights stay identical, and a resumed run draws what the uninterrupted run drew.
 
-    On CUDA the per-tensor update is compiled into one fused kernel (all tensors are flattened, so
-    one dynamic-shape graph serves them all).
+    With `compile` (on CUDA) the per-tensor update is compiled into one fused kernel (all tensors
+    are flattened, so one dynamic-shape graph serves them all). With `record_graph` too, once two
+    steps in a row update the same tensors (the gradients are kept between steps, as CUDA-graph
+    training keeps them), the step, a kernel per tensor, is recorded as one CUDA graph and replayed
+    from then on: the host then only writes each step's numbers (learning rate, bias corrections,
+    rounding keys) instead of launching hundreds of kernels.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0, compile=False):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0, compile=False,
+                 record_graph=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
         self.update = torch.compile(adamw_update, dynamic=True) if compile else adamw_update
+        self.record_graph = record_graph and compile  # an uncompiled update would fill the graph's pool
+        self.numbers_on_device = {}  # group index -> its [params, 8] rows, which every update reads
+        self.last_tensors = None     # the tensors the previous step updated, to know when to record
+        self.graph = None            # the recorded step, and the tensors it updates
+        self.graph_tensors = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -76,35 +108,67 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        updates = []  # (group index, parameter index, weight)
         for group_index, group in enumerate(self.param_groups):
-            weights = [weight for weight in group["params"] if weight.grad is not None]
-            if not weights:
-                continue
-            for weight in weights:
-                state = self.state[weight]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(weight)
-                    state["exp_avg_sq"] = torch.zeros_like(weight)
-                state["step"] += 1
-            beta1, beta2 = group["betas"]
-            hyper_by_key = {}
-            # Seed the rounding from (seed, group, step), in a forked stream that leaves the global one as it was.
-            devices = sorted({weight.device for weight in weights}, key=str)
-            gpus = [device for device in devices if device.type == "cuda"]
-            seed = hash((self.seed, group_index, self.state[weights[0]]["step"])) % 2**63
-            with torch.random.fork_rng(devices=gpus):
-                torch.random.default_generator.manual_seed(seed)
-                for device in gpus:
-                    torch.cuda.default_generators[device.index].manual_seed(seed)
-                for weight in weights:
-                    state = self.state[weight]
-                    step = state["step"]
-                    key = (weight.device, step)
-                    if key not in hyper_by_key:  # one small host-to-device copy per group and step
-                        hyper_by_key[key] = torch.tensor(
-                            [group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                             1 - beta1 ** step, 1 - beta2 ** step], dtype=torch.float32).to(weight.device)
-                    self.update(weight.view(-1), weight.grad.view(-1), state["exp_avg"].view(-1),
-                                state["exp_avg_sq"].view(-1), hyper_by_key[key])
+            stepped = [(index, weight) for index, weight in enumerate(group["params"]) if weight.grad is not None]
+            if stepped:
+                self.write_numbers(group_index, group, stepped)
+                updates += [(group_index, index, weight) for index, weight in stepped]
+        tensors = tuple(tensor for _, _, weight in updates for tensor in self.tensors_of(weight))
+        if self.graph is not None and same_tensors(tensors, self.graph_tensors):
+            self.graph.replay()
+            return loss
+        self.graph = None
+        self.apply(updates)
+        if self.record_graph and tensors and tensors[0].is_cuda and same_tensors(tensors, self.last_tensors):
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.apply(updates)  # recording only records: this step's update ran just above
+            except RuntimeError as error:
+                raise RuntimeError(f"recording the --low_memory optimizer step as a CUDA graph failed, which leaves "
+                                   f"CUDA unusable in this process. Resume from the last checkpoint with "
+                                   f"--cuda_graphs no. The error was: {error}") from error
+            self.graph, self.graph_tensors = graph, tensors
+        self.last_tensors = tensors
         return loss
+
+    def tensors_of(self, weight) -> tuple:
+        state = self.state[weight]
+        return weight, weight.grad, state["exp_avg"], state["exp_avg_sq"]
+
+    def apply(self, updates: list):
+        for group_index, index, weight in updates:
+            numbers = self.numbers_on_device[group_index][index]
+            self.update(*(tensor.view(-1) for tensor in self.tensors_of(weight)), numbers)
+
+    def write_numbers(self, group_index: int, group: dict, stepped: list):
+        """Advance the stepped tensors' step counts and write the group's rows for this step, with
+        one host-to-device copy, into the buffer the updates (and a recorded graph) read."""
+        beta1, beta2 = group["betas"]
+        rows = [[0.0] * 8 for _ in group["params"]]
+        for index, weight in stepped:
+            state = self.state[weight]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(weight)
+                state["exp_avg_sq"] = torch.zeros_like(weight)
+            state["step"] += 1
+            step = state["step"]
+            # The weight, exp_avg and exp_avg_sq round with key, key + 1 and key + 2.
+            key = hash((self.seed, group_index, index, step)) % (KEY_LIMIT - 2)
+            rows[index] = [group["lr"], beta1, beta2, group["eps"], group["weight_decay"], 1 - beta1 ** step,
+                           1 - beta2 ** step, float(key)]
+        values = torch.tensor(rows, dtype=torch.float32)
+        device = stepped[0][1].device
+        if group_index not in self.numbers_on_device:
+            self.numbers_on_device[group_index] = torch.empty_like(values, device=device)
+        self.numbers_on_device[group_index].copy_(values)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.graph = self.last_tensors = None  # new moment tensors: record again
+
+
+def same_tensors(tensors: tuple, others) -> bool:
+    return others is not None and len(tensors) == len(others) and all(a is b for a, b in zip(tensors, others))

@@ -238,18 +238,63 @@ class TalkerBatch:
         return TalkerBatch(**{name: value.pin_memory() for name, value in vars(self).items()})
 
 
-# Batches are padded to a multiple of this many positions: aligned shapes suit the matrix units, and
-# torch.compile then needs one graph for every length instead of one for aligned and one for not.
+# Without a shape table, batches are padded to a multiple of this many positions (aligned shapes suit
+# the matrix units, and torch.compile then needs one graph for every length instead of one for
+# aligned and one for not), and the code predictor's frames to a multiple of this many rows.
 PAD_TO_MULTIPLE_OF = 8
-# The group-0 targets and the code predictor's frames of a batch are padded to a multiple of this,
-# with rows that carry no target: few distinct batch shapes, so few CUDA graphs (cuda_graphs.py).
-TARGETS_PAD_TO_MULTIPLE_OF = 32
+FRAMES_PAD_TO_MULTIPLE_OF = 32
 
 
-def collate(examples: list) -> TalkerBatch:
+@dataclass(frozen=True)
+class BatchShapes:
+    """The few sizes micro-batches of `rows` clips are padded to: (positions, frames) pairs.
+
+    A CUDA graph holds fixed shapes (cuda_graphs.py records one per batch shape), so a dataset of many
+    lengths should make few shapes; training_data.choose_batch_shapes picks them from an epoch's
+    micro-batches. A batch pads to the cheapest size that holds it; one that fits none (another
+    row count, or longer than any) pads to multiples as without a table.
+    """
+
+    rows: int
+    sizes: tuple  # ((positions, frames), ...): positions a multiple of 8, frames of 32
+
+    def fit(self, rows: int, positions: int, frames: int):
+        """The cheapest (positions, frames) of the table holding such a batch, or None."""
+        if rows != self.rows:
+            return None
+        holding = [size for size in self.sizes if size[0] >= positions and size[1] >= frames]
+        return min(holding, key=lambda size: padded_cost(rows, *size), default=None)
+
+
+def padded_cost(rows: int, positions: int, frames: int) -> int:
+    """What a padded batch costs to train, in talker positions: on the 1.7B model a code-predictor
+    frame (16 short positions through a smaller transformer, and 15 heads) costs about as much as a
+    talker position, ~8 GFLOP each (bench.py's count; on 0.6B a frame costs ~3 positions)."""
+    return rows * positions + frames
+
+
+def padded_sizes(rows: int, longest: int, frames: int, shapes: BatchShapes = None) -> tuple:
+    """(positions, frame rows) a batch is padded to: a size of `shapes`, else the next multiples."""
+    size = shapes.fit(rows, longest, frames) if shapes is not None else None
+    if size is not None:
+        return size
+    return round_up(longest, PAD_TO_MULTIPLE_OF), round_up(frames, FRAMES_PAD_TO_MULTIPLE_OF)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def collate(examples: list, shapes: BatchShapes = None) -> TalkerBatch:
+    """Right-pad `examples` into one batch, to a size of `shapes` when one holds it.
+
+    Padding never changes a clip's loss or gradient: padding positions come after every real one
+    (causal attention never reads them) and padding target rows predict nothing. The group-0 rows
+    are the frame rows plus one codec_eos per clip, so the frame rows fix them.
+    """
     batch_size = len(examples)
     longest = max(example.length for example in examples)
-    max_length = -(-longest // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+    max_length, frame_rows = padded_sizes(batch_size, longest, sum(e.num_frames for e in examples), shapes)
     num_groups = examples[0].frame_codes.shape[1]
 
     def padded(field, fill, dtype, extra=()):
@@ -268,12 +313,12 @@ def collate(examples: list) -> TalkerBatch:
         codec0_targets.append(example.codec0_labels[targets])
         predicting_positions.append(row * max_length + example.predicting_positions)
     # Padding rows read position 0 and predict nothing.
-    padding = -sum(map(len, codec0_targets)) % TARGETS_PAD_TO_MULTIPLE_OF
+    padding = frame_rows + batch_size - sum(map(len, codec0_targets))
     codec0_positions.append(np.zeros(padding, dtype=np.int64))
     codec0_targets.append(np.full(padding, IGNORE_INDEX, dtype=np.int64))
     target_codes = np.concatenate([example.frame_codes[example.first_frame:] for example in examples])
     num_frames = len(target_codes)
-    padding = -num_frames % TARGETS_PAD_TO_MULTIPLE_OF
+    padding = frame_rows - num_frames
     predicting_positions.append(np.zeros(padding, dtype=np.int64))
     target_codes = np.concatenate([target_codes, np.zeros((padding, num_groups), dtype=np.int64)])
     sub_talker_labels = target_codes[:, 1:].copy()

@@ -19,8 +19,9 @@ import torch
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
-from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, SpecialIds, build_example, check_prompt_ids,
-                             example_length, num_targets, prompt_ids)
+from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
+                                           check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
+                                           prompt_ids)
 
 @dataclass
 class Clip:
@@ -272,6 +273,9 @@ class TalkerDataset(torch.utils.data.Dataset):
         clip, layout = self.clip_and_layout(index)
         return example_length(self.ids, len(clip.prompt), clip.num_frames, clip.language, layout)
 
+    def num_frames(self, index) -> int:
+        return self.clip_and_layout(index)[0].num_frames
+
     def targets(self, indices) -> "StepTargets":
         """What one optimizer step over these examples (all processes' share) predicts."""
         counts = [num_targets(self.clip_and_layout(i)[0].num_frames, self.ids.num_code_groups) for i in indices]
@@ -296,10 +300,27 @@ class EpochPlan:
     steps: list             # per step: the list of all its clip indices, across processes
     micro_batches: list     # per step: this process's micro-batches (lists of clip indices)
     dropped: int            # clips left out because they could not fill a step on every process
+    shapes: BatchShapes     # the sizes this process's micro-batches are padded to (the same every epoch)
 
 
 def plan_epoch(dataset: TalkerDataset, batch_size: int, accumulation: int, num_processes: int,
                process_index: int, seed: int, epoch: int, group_by_length: bool = True) -> EpochPlan:
+    """The epoch's steps and micro-batches, and the batch shapes chosen from the first epoch's."""
+    def split(epoch):
+        return split_into_steps(dataset, batch_size, accumulation, num_processes, process_index, seed, epoch,
+                                group_by_length)
+
+    steps, micro_batches, dropped = split(epoch)
+    # One table for every epoch: the CUDA graphs recorded for its shapes serve the whole run.
+    first_epoch = micro_batches if epoch == 0 else split(0)[1]
+    needs = [(max(map(dataset.length, batch)), sum(map(dataset.num_frames, batch)))
+             for step in first_epoch for batch in step if len(batch) == batch_size]
+    return EpochPlan(steps, micro_batches, dropped, choose_batch_shapes(needs, batch_size))
+
+
+def split_into_steps(dataset, batch_size: int, accumulation: int, num_processes: int, process_index: int,
+                     seed: int, epoch: int, group_by_length: bool) -> tuple:
+    """(steps, this process's micro-batches per step, clips dropped) of one epoch."""
     clips_per_step = batch_size * accumulation * num_processes
     order = np.random.default_rng([seed, epoch]).permutation(len(dataset)).tolist()
     if group_by_length:
@@ -318,5 +339,54 @@ def plan_epoch(dataset: TalkerDataset, batch_size: int, accumulation: int, num_p
     for step in steps:
         batches = [step[start:start + batch_size] for start in range(0, len(step), batch_size)]
         micro_batches.append(batches[process_index::num_processes])
-    return EpochPlan(steps=steps, micro_batches=micro_batches, dropped=dropped)
+    return steps, micro_batches, dropped
 
+
+# A batch shape costs a first (eager) run and a recording (cuda_graphs.py): about as much time as
+# this many replayed micro-batches. A shape joins the table only where it saves more padding.
+RECORDING_COST_IN_MICRO_BATCHES = 8
+MAX_BATCH_SHAPES = 16
+
+
+def choose_batch_shapes(needs: list, rows: int) -> BatchShapes:
+    """The table of sizes for micro-batches of `rows` clips, each needing (longest length, frames):
+    the fewest sizes for the least padding, counting each size as RECORDING_COST_IN_MICRO_BATCHES
+    micro-batches of work.
+
+    Each need is first padded to multiples (8 positions, 32 frames) and the distinct ones sorted by
+    cost; a size of the table serves a run of consecutive needs (it is their largest length and
+    largest frame count), and dynamic programming picks the runs that pad least for every table size.
+    """
+    if not needs:
+        return BatchShapes(rows, ())
+    counts = {}
+    for longest, frames in needs:
+        size = padded_sizes(rows, longest, frames)
+        counts[size] = counts.get(size, 0) + 1
+    sizes = sorted(counts, key=lambda size: (padded_cost(rows, *size), size))
+    positions = np.array([size[0] for size in sizes])
+    frames = np.array([size[1] for size in sizes])
+    micro_batches = np.concatenate([[0], np.cumsum([counts[size] for size in sizes])])
+    n = len(sizes)
+    # padded[k, j]: the least padded cost of the first j sizes served by k table sizes; start[k, j]:
+    # where the run of the last of them starts.
+    padded = np.full((min(MAX_BATCH_SHAPES, n) + 1, n + 1), np.inf)
+    start = np.zeros(padded.shape, dtype=int)
+    padded[0, 0] = 0
+    for end in range(1, n + 1):
+        # A run sizes[i:end] is padded to its largest length and largest frame count.
+        run_positions = np.maximum.accumulate(positions[:end][::-1])[::-1]
+        run_frames = np.maximum.accumulate(frames[:end][::-1])[::-1]
+        run_cost = (micro_batches[end] - micro_batches[:end]) * (rows * run_positions + run_frames)
+        for count in range(1, padded.shape[0]):
+            total = padded[count - 1, :end] + run_cost
+            start[count, end] = int(np.argmin(total))
+            padded[count, end] = total[start[count, end]]
+    mean_cost = padded[-1, n] / micro_batches[-1]
+    count = int(np.argmin(padded[1:, n] + np.arange(1, padded.shape[0]) * RECORDING_COST_IN_MICRO_BATCHES * mean_cost)) + 1
+    table, end = [], n
+    while end > 0:
+        begin = start[count, end]
+        table.append((int(positions[begin:end].max()), int(frames[begin:end].max())))
+        end, count = begin, count - 1
+    return BatchShapes(rows, tuple(sorted(table, key=lambda size: padded_cost(rows, *size))))

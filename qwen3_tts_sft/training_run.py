@@ -6,6 +6,7 @@ It owns the progress; hands out each optimizer step's micro-batches (`steps()`);
 """
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -71,10 +72,13 @@ class TrainingRun:
                           accelerator.process_index, args.seed, epoch, args.group_by_length)
 
     def micro_batch_loader(self, plan: EpochPlan, steps_done: int):
-        """This process's micro-batches from step `steps_done` of the plan on, collated by workers."""
+        """This process's micro-batches from step `steps_done` of the plan on, collated by workers, and
+        padded to the plan's few batch shapes where CUDA graphs record one graph per shape."""
         batches = [batch for step in plan.micro_batches[steps_done:] for batch in step]
+        shapes = plan.shapes if self.settings.cuda_graphs else None
         return torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=batches, collate_fn=collate, num_workers=self.args.num_workers,
+            self.train_set, batch_sampler=batches, collate_fn=functools.partial(collate, shapes=shapes),
+            num_workers=self.args.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             # Its own random stream: creating a loader draws a seed, which would otherwise shift the
             # global stream (dropout's) between a resumed run and the uninterrupted one.

@@ -152,9 +152,7 @@ def cuda_graphs_choice(args, device_type: str, num_processes: int, problems: lis
         if unsupported:
             problems.append("--cuda_graphs yes: " + "; ".join(unsupported))
         return True, False
-    if args.cuda_graphs == "no" or unsupported or args.low_memory:
-        # auto and --low_memory: graphs need up to one micro-batch's activations more memory, and
-        # memory is what --low_memory is about.
+    if args.cuda_graphs == "no" or unsupported:
         return False, False
     return True, True
 
@@ -317,8 +315,9 @@ def make_optimizer(train_module, args, accelerator):
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     on_gpu = accelerator.device.type == "cuda"
     if args.low_memory:
+        # On a GPU the whole update is recorded as one CUDA graph too, unless --cuda_graphs no.
         return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
-                                       compile=on_gpu)
+                                       compile=on_gpu, record_graph=on_gpu and args.cuda_graphs != "no")
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 
 

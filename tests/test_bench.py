@@ -6,8 +6,9 @@ import bench
 
 FIELDS = {"samples_per_second", "audio_hours_per_hour", "talker_tokens_per_second",
           "code_predictor_tokens_per_second", "model_tflops_per_second", "mfu", "measured_peak_tflops",
-          "padding_waste", "time_to_first_step_seconds", "peak_memory_allocated_gb", "peak_memory_reserved_gb",
-          "tflop_per_sample"}
+          "padding_waste", "code_predictor_padding_waste", "time_to_first_step_seconds", "peak_memory_allocated_gb",
+          "peak_memory_reserved_gb", "tflop_per_sample", "batch_shapes", "cuda_graphs_recorded",
+          "run_samples_per_second", "run_loop_samples_per_second", "run_seconds", "run_peak_memory_reserved_gb"}
 
 
 def test_bench_on_the_tiny_model_writes_every_field(tmp_path):
@@ -16,9 +17,19 @@ def test_bench_on_the_tiny_model_writes_every_field(tmp_path):
     written = json.loads((tmp_path / "bench_tiny.json").read_text())
     assert FIELDS <= written.keys() and written == json.loads(json.dumps(result))
     assert written["samples_per_second"] > 0 and written["model_tflops_per_second"] > 0
-    assert 0 <= written["padding_waste"] < 1
+    assert 0 <= written["padding_waste"] < 1 and 0 <= written["code_predictor_padding_waste"] < 1
     # 2-15 s clips at 12.5 frames a second: the hour rate follows from the clip rate.
     assert 2 <= written["audio_hours_per_hour"] / written["samples_per_second"] <= 15
+    # The whole run: 3 steps of 8 clips, timed from the model's loading (slower than the steady state).
+    assert written["run_steps"] == 3 and written["run_clips"] == 24
+    assert 0 < written["run_samples_per_second"] < written["run_loop_samples_per_second"]
+    assert written["run_seconds"] > written["setup_seconds"]
+
+
+def test_bench_whole_run_trains_every_step_of_the_epoch(tmp_path):
+    result = bench.main(["--size", "tiny", "--device", "cpu", "--whole_run", "--steps", "1", "--clips", "16",
+                         "--work_dir", str(tmp_path)])
+    assert result["run_steps"] == 2 and result["run_clips"] == 16 and result["timed_steps"] == 1
 
 
 def test_bench_runs_script_records_each_named_run(tmp_path):

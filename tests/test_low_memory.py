@@ -13,17 +13,21 @@ from helpers import build_run, train
 
 
 def test_stochastic_rounding_is_exact_on_average():
-    torch.manual_seed(0)
+    key = torch.tensor(12345.0)
     for value in (1 + 2**-10, -(1 + 2**-10)):  # an eighth of the way from bf16 1.0 to the next, 1 + 2**-7
         between = torch.full((200_000,), value)
-        rounded = round_to_bf16_stochastically(between).float()
+        rounded = round_to_bf16_stochastically(between, key).float()
         assert set(rounded.abs().unique().tolist()) == {1.0, 1 + 2**-7}
         assert abs(rounded.mean().item() - value) < 2e-5
         assert torch.equal(between.to(torch.bfloat16).float().abs(), torch.ones(200_000))  # nearest loses it all
+    # Over keys (steps) too: one element, rounded with 4,000 keys.
+    one = torch.full((1,), 1 + 2**-10)
+    over_keys = torch.cat([round_to_bf16_stochastically(one, torch.tensor(float(k))).float() for k in range(4000)])
+    assert abs(over_keys.mean().item() - (1 + 2**-10)) < 2e-4
     exact = torch.tensor([0.5, -3.0, 1 + 2**-7, -(1 + 2**-7), 0.0, float("inf")])
-    assert torch.equal(round_to_bf16_stochastically(exact).float(), exact)  # representable values stay put
+    assert torch.equal(round_to_bf16_stochastically(exact, key).float(), exact)  # representable values stay put
     nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
-    assert round_to_bf16_stochastically(nans).isnan().all()  # even those whose bits wrap when noise is added
+    assert round_to_bf16_stochastically(nans, key).isnan().all()  # even those whose bits wrap when noise is added
 
 
 def run_optimizer(optimizer_class, weight, gradients, **options):
@@ -81,6 +85,33 @@ def test_compiled_update_is_torch_adamw():
     gradients = [torch.randn(64, 32) for _ in range(3)]
     compiled = run_optimizer(StochasticRoundingAdamW, weight, gradients, compile=True)
     assert torch.allclose(compiled, run_optimizer(torch.optim.AdamW, weight, gradients), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the recorded step needs a CUDA GPU")
+def test_recorded_optimizer_step_updates_as_the_launched_one():
+    """On the GPU the step is recorded once the same tensors come back (gradients kept, as with CUDA
+    graphs) and replayed: bit for bit the update of launching its kernels one by one."""
+    torch.manual_seed(0)
+    start = [torch.randn(shape, device="cuda").to(torch.bfloat16) for shape in [(64, 32), (300,), (7, 5, 3)]]
+    gradients = [[torch.randn_like(w, dtype=torch.float32) for w in start] for _ in range(6)]
+
+    def train(record_graph):
+        weights = [torch.nn.Parameter(w.clone()) for w in start]
+        for weight in weights:
+            weight.grad = torch.zeros_like(weight)
+        optimizer = StochasticRoundingAdamW([dict(params=weights[:2]), dict(params=weights[2:], weight_decay=0.0)],
+                                            lr=1e-3, compile=True, record_graph=record_graph)
+        for step_gradients in gradients:
+            for weight, gradient in zip(weights, step_gradients):
+                weight.grad.copy_(gradient)  # the same .grad tensors every step
+            optimizer.step()
+        return weights, optimizer
+
+    recorded, optimizer = train(record_graph=True)
+    assert optimizer.graph is not None  # replayed from the third step on
+    launched, _ = train(record_graph=False)
+    assert all(torch.equal(a, b) for a, b in zip(recorded, launched))
+    assert not torch.equal(recorded[0], start[0])
 
 
 def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model, coded_clips, tmp_path, capsys):

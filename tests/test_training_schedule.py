@@ -44,6 +44,9 @@ class Lengths:
     def length(self, index):
         return self.lengths[index]
 
+    def num_frames(self, index):
+        return self.lengths[index] // 2
+
 
 @pytest.mark.parametrize("group_by_length", [True, False])
 def test_each_step_holds_the_same_clips_whatever_the_split(group_by_length):
