@@ -30,7 +30,9 @@ def rounding_noise(values: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """
     mask = 0xFFFFFFFF
     index = torch.arange(values.numel(), device=values.device, dtype=torch.int64).view(values.shape)
-    x = (index * 0x9E3779B1 + key.to(torch.int64) * 0x85EBCA77) & mask
+    # The key is added before the first multiply: a multiply of the bare index lets inductor fold it
+    # into the kernel's int32 index arithmetic, where 0x9E3779B1 does not fit (Triton refuses it).
+    x = (((index + key.to(torch.int64) * 0x85EBCA77) & mask) * 0x9E3779B1) & mask
     x = (((x >> 16) ^ x) * 0x045D9F3B) & mask
     x = (((x >> 16) ^ x) * 0x045D9F3B) & mask
     return (((x >> 16) ^ x) & 0xFFFF).to(torch.int32)
