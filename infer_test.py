@@ -2,10 +2,11 @@
 
     python infer_test.py --model_path output/checkpoint-epoch-0 --speaker my_speaker
 
-Per sentence: duration, real-time factor, whether codec_eos came before the frame cap, loudness,
-silence and clipping. Per speaker: speaking rate against the training data's, speaker similarity
-(cosine between the x-vector of the generated audio and the speaker's vector in the checkpoint),
-and, with --asr_model, the character error rate. Wavs, report.json and a table go to --out_dir.
+Per sentence: duration, real-time factor, whether codec_eos came before the frame cap, DC offset,
+loudness and silence (with the DC offset removed), clipping. Per speaker: speaking rate against
+the training data's, speaker similarity (cosine between the x-vector of the generated audio and
+the speaker's vector in the checkpoint), and, with --asr_model, the character error rate. Wavs,
+report.json and a table go to --out_dir. The measures live in qwen3_tts_sft/listening.py.
 Exit status: 0 when every check passes, 1 when one fails (report.json says which and by how
 much), 2 when the check could not run (bad arguments, missing files, or an error).
 README_CHATTERBOX_STYLE.md explains the report.
@@ -13,23 +14,18 @@ README_CHATTERBOX_STYLE.md explains the report.
 
 import argparse
 import json
-import math
 import re
 import sys
-import time
 import traceback
-import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 
-from qwen3_tts_sft import checkpoint
-from qwen3_tts_sft.speakers import MEL_SETTINGS, speaker_vectors, waveform_mel
-from qwen3_tts_sft import audio
-from qwen3_tts_sft.audio import CLIP_LEVEL, FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft import listening
+from qwen3_tts_sft.audio import CLIP_LEVEL, SpeakingRates
+from qwen3_tts_sft.listening import ALL_SPEAKERS, SILENT_WINDOW_DBFS, SpeakSettings, Thresholds
 
 # Built-in test sentences: a statement, a pangram-like line, a short question and a long request.
 SENTENCES = {
@@ -66,114 +62,12 @@ SENTENCES = {
 }
 SENTENCES["auto"] = SENTENCES["english"]
 
-SILENT_WINDOW_SECONDS = 0.05
-SILENT_WINDOW_DBFS = -50.0   # a 50 ms window quieter than this is silence (pauses, not soft consonants)
-DBFS_FLOOR = -120.0          # reported for digital silence instead of -inf
-ALL_SPEAKERS = SpeakingRates.ALL  # key of the whole training set's rate
-
-
-@dataclass
-class Thresholds:
-    """Defaults are loose on purpose: each one flags a defect a listener hears, not a style."""
-
-    min_rms_dbfs: float = -40.0            # speech sits near -30..-15 dBFS; 10 dB under quiet speech is broken
-    max_silent_fraction: float = 0.5       # read speech pauses for well under half of a sentence
-    max_clipped_fraction: float = 0.001    # 24 clipped samples a second at 24 kHz are already audible crackle
-    max_rate_ratio: float = 1.5            # sessions differ by 20-30% in rate; 2x is the "too fast/slow" complaint
-    max_sentence_rate_ratio: float = 3.0   # one sentence is noisier (pauses, length); 3x is cut off or drawn out
-    min_speaker_similarity: float = 0.5    # the usual same/different-speaker boundary for ECAPA x-vectors
-    max_cer: float = 0.2                   # ASR of clean TTS speech is usually well under 10% CER
-
-
-@dataclass
-class Failure:
-    check: str
-    speaker: str
-    sentence: int       # index in the sentence list; None for a check of all the speaker's sentences
-    value: float
-    limit: float
-    message: str
 
 
 def stop(message: str):
     """The check cannot run: say why, exit 2 (1 is kept for failed checks)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurements on arrays
-# ---------------------------------------------------------------------------------------------
-
-def dbfs(samples: np.ndarray) -> float:
-    """audio.rms_dbfs, with DBFS_FLOOR for silence (a report holds no -inf)."""
-    return max(DBFS_FLOOR, audio.rms_dbfs(samples))
-
-
-def measure_audio(wav: np.ndarray, sample_rate: int) -> dict:
-    """Duration, finiteness, RMS level, silent fraction (of 50 ms windows) and clipped fraction."""
-    finite = bool(np.isfinite(wav).all())
-    samples = np.nan_to_num(np.asarray(wav, dtype=np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
-    window = max(1, int(SILENT_WINDOW_SECONDS * sample_rate))
-    count = len(samples) // window
-    window_rms = np.sqrt((samples[:count * window].reshape(count, window) ** 2).mean(axis=1))
-    silent = list(20 * np.log10(np.maximum(window_rms, 1e-12)) < SILENT_WINDOW_DBFS)
-    return dict(
-        seconds=len(samples) / sample_rate,
-        finite=finite,
-        rms_dbfs=dbfs(samples),
-        silent_fraction=float(np.mean(silent)) if silent else 1.0,
-        clipped_fraction=audio.clipped_fraction(samples),
-    )
-
-
-def stopped_before_cap(frames: int, max_new_tokens: int) -> bool:
-    """Whether codec_eos came. qwen_tts expands a generated token into its 16 codes only when the
-    token is fed back, so a run that never stops returns max_new_tokens - 1 frames."""
-    return frames < max_new_tokens - 1
-
-
-def auto_frame_cap(texts: list) -> int:
-    """Default max_new_tokens: 5 s plus 0.5 s a character, several times any natural reading."""
-    return math.ceil(FRAMES_PER_SECOND * (5 + max(len(text) for text in texts) / 2))
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
-
-
-def normalize_for_cer(text: str) -> str:
-    """Lower case, no punctuation or symbols, single spaces: ASR punctuation is not an error."""
-    return " ".join("".join(c for c in text.lower() if unicodedata.category(c)[0] not in "PS").split())
-
-
-def character_error_rate(reference: str, hypothesis: str) -> float:
-    """Edit distance (insertions, deletions, substitutions) over the reference length, normalized."""
-    reference, hypothesis = normalize_for_cer(reference), normalize_for_cer(hypothesis)
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_char in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp_char in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_char != hyp_char)))
-        previous = current
-    return previous[-1] / max(1, len(reference))
-
-
-def finite_at_rate(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
-    """float32 samples at `target_rate`, NaN and infinities zeroed (the model needs finite input)."""
-    samples = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    return audio.resample(samples, sample_rate, target_rate)
-
-
-def speaker_similarity(encoder, encoder_rate: int, wav: np.ndarray, sample_rate: int, vector: torch.Tensor):
-    """Cosine between the speaker encoder's x-vector of `wav` and `vector`; None when the audio is
-    too short for one mel frame."""
-    samples = finite_at_rate(wav, sample_rate, encoder_rate)
-    if len(samples) < MEL_SETTINGS["n_fft"]:
-        return None
-    with torch.inference_mode():
-        xvector = speaker_vectors(encoder, [[waveform_mel(samples, encoder_rate)]])[0]
-    return cosine(xvector.cpu(), vector)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,87 +113,63 @@ def summary_rate(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks
+# The model folder
 # ---------------------------------------------------------------------------------------------
 
-def sentence_failures(sentence: dict, limits: Thresholds) -> list:
-    """Checks of one sentence: each is a defect a listener hears in that sentence alone."""
-    def fail(check, value, limit, message):
-        failures.append(Failure(check, sentence["speaker"], sentence["index"], value, limit, message))
+def checkpoints_in(folder: Path) -> list:
+    """[(checkpoint folder, its step or None)] of a training output folder, oldest first."""
+    from qwen3_tts_sft import checkpoint
 
-    failures = []
-    if not sentence["finite"]:
-        fail("finite", False, True, "the audio holds NaN or infinite samples")
-    if not sentence["stopped"]:
-        fail("stop", sentence["frames"], sentence["max_new_tokens"],
-             f"no codec_eos within max_new_tokens {sentence['max_new_tokens']}: generation ran to the cap "
-             f"({sentence['frames']} frames, {sentence['seconds']:.1f} s)")
-    if sentence["rms_dbfs"] < limits.min_rms_dbfs:
-        fail("rms", sentence["rms_dbfs"], limits.min_rms_dbfs,
-             f"RMS {sentence['rms_dbfs']:.1f} dBFS is {limits.min_rms_dbfs - sentence['rms_dbfs']:.1f} dB "
-             f"below the {limits.min_rms_dbfs:.1f} dBFS minimum")
-    if sentence["silent_fraction"] > limits.max_silent_fraction:
-        fail("silence", sentence["silent_fraction"], limits.max_silent_fraction,
-             f"{sentence['silent_fraction']:.0%} of the audio is silent (limit {limits.max_silent_fraction:.0%})")
-    if sentence["clipped_fraction"] > limits.max_clipped_fraction:
-        fail("clipping", sentence["clipped_fraction"], limits.max_clipped_fraction,
-             f"{sentence['clipped_fraction']:.2%} of samples are clipped (limit {limits.max_clipped_fraction:.2%})")
-    ratio = sentence["rate_ratio"]
-    if ratio is not None and not 1 / limits.max_sentence_rate_ratio <= ratio <= limits.max_sentence_rate_ratio:
-        fail("sentence_rate", ratio, limits.max_sentence_rate_ratio,
-             f"this sentence runs at {ratio:.2f}x the training rate (allowed {1 / limits.max_sentence_rate_ratio:.2f}x "
-             f"to {limits.max_sentence_rate_ratio:.2f}x): cut short or drawn out")
-    return failures
+    found = []
+    for candidate in folder.glob("checkpoint-*"):
+        if (candidate / "config.json").is_file():
+            has_state = checkpoint.has_trainer_state(candidate)
+            step = checkpoint.read_trainer_state(candidate).progress.step if has_state else None
+            found.append((-1 if step is None else step, candidate.stat().st_mtime, candidate, step))
+    return [(candidate, step) for _, _, candidate, step in sorted(found)]
 
 
-def speaker_failures(summary: dict, limits: Thresholds) -> list:
-    """Checks of a speaker's sentences together: rate, similarity and CER are noisy per sentence."""
-    def fail(check, value, limit, message):
-        failures.append(Failure(check, summary["speaker"], None, value, limit, message))
+def require_model_folder(path: Path) -> None:
+    """Stop unless `path` holds a model; a training output folder gets the list of its checkpoints.
 
-    failures = []
-    ratio = summary["rate_ratio"]
-    if ratio is not None and not 1 / limits.max_rate_ratio <= ratio <= limits.max_rate_ratio:
-        fail("rate", ratio, limits.max_rate_ratio,
-             f"speaks {ratio:.2f}x the training rate ({summary['characters_per_second']:.1f} vs "
-             f"{summary['training_characters_per_second']:.1f} chars/s; allowed "
-             f"{1 / limits.max_rate_ratio:.2f}x to {limits.max_rate_ratio:.2f}x)")
-    similarity = summary["speaker_similarity"]
-    if similarity is None or not similarity >= limits.min_speaker_similarity:
-        shown = "could not be measured" if similarity is None else f"{similarity:.3f}"
-        fail("speaker_similarity", similarity, limits.min_speaker_similarity,
-             f"speaker similarity {shown} is below the {limits.min_speaker_similarity:.2f} minimum")
-    if summary["cer"] is not None and summary["cer"] > limits.max_cer:
-        fail("cer", summary["cer"], limits.max_cer,
-             f"character error rate {summary['cer']:.1%} is above the {limits.max_cer:.0%} limit")
-    return failures
+    The newest checkpoint is named but not picked: the newest is not always the one to keep
+    (an eval-loss best, or an earlier epoch that sounded better), and the report should say
+    which checkpoint it judged."""
+    if (path / "config.json").is_file():
+        return
+    if not path.exists():
+        stop(f"--model_path {path}: not found")
+    checkpoints = checkpoints_in(path)
+    if not checkpoints:
+        stop(f"{path} is not a model folder (no config.json) and holds no checkpoint-* folders")
+    listed = "\n".join(f"  {folder}" + ("" if step is None else f"  (step {step})") for folder, step in checkpoints)
+    stop(f"{path} is a training output folder, not a checkpoint. Its checkpoints, oldest first:\n{listed}\n"
+         f"pass one to --model_path; the newest: --model_path {checkpoints[-1][0]}")
 
 
-def mean_of(values) -> float:
-    values = [value for value in values if value is not None]
-    return float(np.mean(values)) if values else None
+def require_speakers(path: Path) -> None:
+    """Stop when the model has no speakers to test: a Base model (or another kind) has no spk_id rows."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("tts_model_type")
+    if model_type == "custom_voice" and (config.get("talker_config") or {}).get("spk_id"):
+        return
+    kind = "a Base model" if model_type == "base" else f"a {model_type} model (tts_model_type)"
+    stop(f"{path} is {kind}: it has no fine-tuned speakers, and infer_test.py speaks with a fine-tuned "
+         f"speaker. Fine-tune it first (python sft_12hz_chatterbox.py --init_model_path {path} --train_jsonl "
+         f"train_with_codes.jsonl ...), then pass a checkpoint it writes: --model_path output/checkpoint-epoch-0")
 
 
-def training_rate_for(rates: dict, name: str):
-    """The speaker's own training rate, else the whole training set's, else None."""
-    return (rates or {}).get(name, (rates or {}).get(ALL_SPEAKERS))
-
-
-def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
-    characters = sum(len(s["text"]) for s in sentences)
-    seconds = sum(s["seconds"] for s in sentences)
-    rate = characters / seconds if seconds > 0 else None
-    training_rate = training_rate_for(rates, name)
-    similarity = mean_of(s["speaker_similarity"] for s in sentences)
-    base_similarity = mean_of(s.get("base_speaker_similarity") for s in sentences)
-    return dict(
-        speaker=name, sentences=len(sentences), seconds=seconds, characters_per_second=rate,
-        training_characters_per_second=training_rate,
-        rate_ratio=rate / training_rate if rate and training_rate else None,
-        speaker_similarity=similarity, base_speaker_similarity=base_similarity,
-        similarity_gain=similarity - base_similarity if None not in (similarity, base_similarity) else None,
-        cer=mean_of(s.get("cer") for s in sentences),
-    )
+def checkpoint_speaker_vectors(tts, requested: list, state, model_path: Path) -> dict:
+    """{speaker: its vector (the talker's codec embedding row, where generation reads it)}; `state` is
+    the checkpoint's TrainerState, or None."""
+    spk_id = {name.lower(): codec_id for name, codec_id in (tts.model.config.talker_config.spk_id or {}).items()}
+    trained = [speaker["name"] for speaker in state.speakers] if state else []
+    names = [name.lower() for name in requested or trained or spk_id]
+    unknown = [name for name in names if name not in spk_id]
+    if unknown:
+        stop(f"speaker {', '.join(unknown)} is not in {model_path}; it has: {', '.join(sorted(spk_id))}")
+    rows = tts.model.talker.get_input_embeddings().weight
+    return {name: rows[spk_id[name]].detach().float().cpu() for name in dict.fromkeys(names)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +177,7 @@ def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def load_model(model_path, device):
+    import torch
     from qwen_tts import Qwen3TTSModel
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -318,6 +189,7 @@ def load_speaker_encoder(config, model_path: Path, base_path, device):
     base model's weights. Returns (encoder, where its weights came from)."""
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
 
+    from qwen3_tts_sft import checkpoint
     try:
         weights, files = checkpoint.speaker_encoder_weights(model_path, base_path)
     except FileNotFoundError as error:
@@ -325,39 +197,6 @@ def load_speaker_encoder(config, model_path: Path, base_path, device):
     encoder = Qwen3TTSSpeakerEncoder(config.speaker_encoder_config)
     encoder.load_state_dict(weights)
     return encoder.to(device).eval(), str(files[0].parent if len(files) > 1 else files[0])
-
-
-def speak(tts, generate):
-    """Run `generate()` (a generate_* call of `tts`); also return each sample's frame count, as
-    handed to the speech decoder (generate() cuts each sample at codec_eos), and the seconds taken."""
-    handed = []
-    decoder = tts.model.speech_tokenizer
-    decode = decoder.decode
-    decoder.decode = lambda encoded: handed.extend(encoded) or decode(encoded)
-    started = time.perf_counter()
-    try:
-        wavs, sample_rate = generate()
-    finally:
-        decoder.decode = decode
-    return wavs, sample_rate, [len(item["audio_codes"]) for item in handed], time.perf_counter() - started
-
-
-def speak_in_batches(tts, items: list, args, call):
-    """Yield (item, wav, sample_rate, frames, max_new_tokens, rtf) for each (speaker, index, text) item;
-    `call(texts, speakers, options)` generates one batch."""
-    torch.manual_seed(args.seed)
-    for start in range(0, len(items), args.batch_size):
-        batch = items[start:start + args.batch_size]
-        cap = args.max_new_tokens or auto_frame_cap([text for _, _, text in batch])
-        options = dict(language=args.language, non_streaming_mode=args.non_streaming_mode == "true",
-                       max_new_tokens=cap)
-        if args.greedy:
-            options.update(do_sample=False, subtalker_dosample=False)
-        texts, names = [text for _, _, text in batch], [name for name, _, _ in batch]
-        wavs, sample_rate, frames, seconds = speak(tts, lambda: call(texts, names, options))
-        rtf = seconds / max(sum(len(wav) for wav in wavs) / sample_rate, 1e-9)
-        for item, wav, count in zip(batch, wavs, frames):
-            yield item, wav, sample_rate, count, cap, rtf
 
 
 def load_asr(path, device):
@@ -368,7 +207,8 @@ def load_asr(path, device):
     rate = recognizer.feature_extractor.sampling_rate
 
     def transcribe(wav, sample_rate):
-        return recognizer({"raw": finite_at_rate(wav, sample_rate, rate), "sampling_rate": rate})["text"].strip()
+        samples = listening.finite_at_rate(wav, sample_rate, rate)
+        return recognizer({"raw": samples, "sampling_rate": rate})["text"].strip()
     return transcribe
 
 
@@ -376,9 +216,21 @@ def load_asr(path, device):
 # The command
 # ---------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each option's default after its help, unless the help
+    already says what happens without it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True, help="a checkpoint folder written by sft_12hz_chatterbox.py")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model_path", required=True,
+                        help="a checkpoint folder written by sft_12hz_chatterbox.py (output/checkpoint-*)")
     parser.add_argument("--speaker", action="append",
                         help="speaker to test (repeatable); default: every speaker the checkpoint was trained on")
     parser.add_argument("--language", default="auto", help="passed to generation; picks the built-in sentences")
@@ -386,14 +238,15 @@ def parse_args(argv=None):
     parser.add_argument("--text_file", help="UTF-8 file of sentences, one a line (with or instead of --text)")
     parser.add_argument("--out_dir", help="where wavs and report.json go (default: MODEL_PATH/infer_test)")
     parser.add_argument("--batch_size", type=int, default=4, help="sentences generated together")
-    parser.add_argument("--non_streaming_mode", default="true", choices=["true", "false"],
-                        help="generate_custom_voice's text layout: true (its default) gives the talker all "
-                             "the text before the first frame; false feeds it along with the frames")
+    parser.add_argument("--text_layout", default="non_streaming", choices=["non_streaming", "streaming"],
+                        help="the text layout, named as the trainer's flag: non_streaming is generate_custom_voice's "
+                             "default (non_streaming_mode=True, all the text before the first frame); streaming "
+                             "feeds it along with the frames (non_streaming_mode=False)")
     parser.add_argument("--greedy", action="store_true", help="no sampling: the same codes every run")
     parser.add_argument("--max_new_tokens", type=int, default=0,
                         help="frame cap (12.5 a second); 0: 5 s + 0.5 s a character of the batch's longest text")
     parser.add_argument("--device", help="cuda, cpu (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling (without --greedy)")
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--train_jsonl", help="codes JSONL whose speaking rate is the target "
                                             "(default: the checkpoint's training data, if the file is still there)")
@@ -407,11 +260,14 @@ def parse_args(argv=None):
     parser.add_argument("--report_only", action="store_true", help="exit 0 even when checks fail")
     limits = parser.add_argument_group("thresholds")
     limits.add_argument("--min_rms_dbfs", type=float, default=Thresholds.min_rms_dbfs,
-                        help="each sentence's RMS level at least this (speech is about -30 to -15 dBFS)")
+                        help="each sentence's RMS level (DC offset removed) at least this (speech is about "
+                             "-30 to -15 dBFS)")
     limits.add_argument("--max_silent_fraction", type=float, default=Thresholds.max_silent_fraction,
                         help=f"at most this fraction of a sentence's 50 ms windows below {SILENT_WINDOW_DBFS:.0f} dBFS")
     limits.add_argument("--max_clipped_fraction", type=float, default=Thresholds.max_clipped_fraction,
                         help=f"at most this fraction of a sentence's samples at |x| >= {CLIP_LEVEL}")
+    limits.add_argument("--max_dc_offset", type=float, default=Thresholds.max_dc_offset,
+                        help="each sentence's mean sample within this of 0, either way")
     limits.add_argument("--max_rate_ratio", type=float, default=Thresholds.max_rate_ratio,
                         help="a speaker's chars/s within this factor of the training rate, either way")
     limits.add_argument("--max_sentence_rate_ratio", type=float, default=Thresholds.max_sentence_rate_ratio,
@@ -461,53 +317,21 @@ def find_training_rates(args, flags: dict):
     return training_rates(Path(path), flags.get("speaker_name")), str(path)
 
 
-def checkpoint_speaker_vectors(tts, requested: list, state, model_path: Path) -> dict:
-    """{speaker: its vector (the talker's codec embedding row, where generation reads it)}."""
-    spk_id = {name.lower(): codec_id for name, codec_id in (tts.model.config.talker_config.spk_id or {}).items()}
-    trained = [s["name"] for s in state.speakers] if state else []
-    names = [name.lower() for name in requested or trained or spk_id]
-    unknown = [name for name in names if name not in spk_id]
-    if not names or unknown:
-        stop(f"speaker {', '.join(unknown) or '(none)'} is not in {model_path}; it has: {', '.join(sorted(spk_id))}")
-    rows = tts.model.talker.get_input_embeddings().weight
-    return {name: rows[spk_id[name]].detach().float().cpu() for name in dict.fromkeys(names)}
-
-
-def describe_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate) -> dict:
-    name, index, text = item
-    audio = measure_audio(wav, sample_rate)
-    rate = len(text) / audio["seconds"] if audio["seconds"] else None
-    return dict(speaker=name, index=index, text=text, frames=frames, max_new_tokens=cap,
-                stopped=stopped_before_cap(frames, cap), **audio, rtf=rtf, characters_per_second=rate,
-                rate_ratio=rate / training_rate if rate and training_rate else None)
-
-
-def speak_and_measure(tts, items, args, rates, vectors, encoder_and_rate, out_dir):
-    """Speak every (speaker, index, text) item with the checkpoint, write its wav and measure it.
-    Returns (sentence dicts, [(wav, sample_rate)])."""
-    def custom_voice(texts, names, options):
-        return tts.generate_custom_voice(texts, speaker=names, **options)
-
-    sentences, wavs = [], []
-    for item, wav, sample_rate, frames, cap, rtf in speak_in_batches(tts, items, args, custom_voice):
-        name, index, _ = item
-        sentence = describe_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate_for(rates, name))
-        file_stem = re.sub(r"[^\w.-]", "_", name)  # a speaker name may hold characters a file name cannot
-        sentence["wav"] = str(out_dir / f"{file_stem}_{index:02d}.wav")
-        sf.write(sentence["wav"], np.nan_to_num(wav), sample_rate)
-        sentence["speaker_similarity"] = speaker_similarity(*encoder_and_rate, wav, sample_rate, vectors[name])
-        sentences.append(sentence)
-        wavs.append((wav, sample_rate))
-    return sentences, wavs
+def wav_stem(speaker: str) -> str:
+    return re.sub(r"[^\w.-]", "_", speaker)  # a speaker name may hold characters a file name cannot
 
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch  # the model code loads only now, so reading the command line (and --help) is instant
+
+    from qwen3_tts_sft import checkpoint
+
     limits = Thresholds(**{name: getattr(args, name) for name in Thresholds.__dataclass_fields__})
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_path = Path(args.model_path)
-    if not (model_path / "config.json").is_file():
-        stop(f"{model_path} is not a model folder (no config.json)")
+    require_model_folder(model_path)
+    require_speakers(model_path)
     if args.asr_model and not Path(args.asr_model).exists():
         stop(f"--asr_model {args.asr_model}: not found")
     state = checkpoint.read_trainer_state(model_path) if checkpoint.has_trainer_state(model_path) else None
@@ -519,6 +343,9 @@ def main(argv=None):
     rates, rate_source = find_training_rates(args, flags)
     out_dir = Path(args.out_dir or model_path / "infer_test")
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = SpeakSettings(language=args.language, non_streaming_mode=args.text_layout == "non_streaming",
+                             greedy=args.greedy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             seed=args.seed)
 
     tts = load_model(model_path, device)
     languages = tts.get_supported_languages()
@@ -526,50 +353,42 @@ def main(argv=None):
         stop(f"--language {args.language} is not one of the model's: {', '.join(languages)}")
     vectors = checkpoint_speaker_vectors(tts, args.speaker, state, model_path)
     encoder, encoder_source = load_speaker_encoder(tts.model.config, model_path, base_path, device)
-    encoder_rate = tts.model.config.speaker_encoder_config.sample_rate
     items = [(name, index, text) for name in vectors for index, text in enumerate(texts)]
-    sentences, wavs = speak_and_measure(tts, items, args, rates, vectors, (encoder, encoder_rate), out_dir)
+    sentences, wavs = listening.speak_and_measure(tts, items, vectors, encoder, rates, settings)
+    for sentence, (wav, sample_rate) in zip(sentences, wavs):
+        sentence["wav"] = str(out_dir / f"{wav_stem(sentence['speaker'])}_{sentence['index']:02d}.wav")
+        sf.write(sentence["wav"], np.nan_to_num(wav), sample_rate)
+    encoder_rate = tts.model.config.speaker_encoder_config.sample_rate
     del tts
 
     if args.compare_base:
-        compare_with_base(base_path, device, items, args, vectors, sentences, (encoder, encoder_rate), out_dir)
+        compare_with_base(base_path, device, items, settings, vectors, sentences, (encoder, encoder_rate), out_dir)
     if args.asr_model:
-        transcribe = load_asr(args.asr_model, device)
-        for sentence, (wav, sample_rate) in zip(sentences, wavs):
-            sentence["transcript"] = transcribe(wav, sample_rate)
-            sentence["cer"] = character_error_rate(sentence["text"], sentence["transcript"])
+        listening.add_transcripts(sentences, wavs, load_asr(args.asr_model, device))
 
-    summaries = [summarize_speaker(name, [s for s in sentences if s["speaker"] == name], rates)
-                 for name in vectors]
-    failures = [f for s in sentences for f in sentence_failures(s, limits)]
-    failures += [f for summary in summaries for f in speaker_failures(summary, limits)]
-    skipped = dict.fromkeys(["sentence_rate", "rate"], rate_source) if rates is None else {}
-    if not args.asr_model:
-        skipped["cer"] = "no --asr_model given"
-    failed_checks = {f.check for f in failures}
+    heard = listening.assess(sentences, rates, limits)
+    why_skipped = dict(sentence_rate=rate_source, rate=rate_source, cer="no --asr_model given")
     audio_seconds = sum(s["seconds"] for s in sentences)
     generation_seconds = sum(s["rtf"] * s["seconds"] for s in sentences)
     report = dict(
-        passed=not failures,
-        checks={check: "skipped" if check in skipped else "failed" if check in failed_checks else "passed"
-                for check in CHECKS},
-        failures=[asdict(f) for f in failures], skipped=skipped,
+        passed=heard.passed, score=heard.score, checks=heard.check_results(),
+        failures=[asdict(f) for f in heard.failures], skipped={check: why_skipped[check] for check in heard.skipped},
         model_path=str(model_path), device=device, language=args.language,
-        non_streaming_mode=args.non_streaming_mode == "true", greedy=args.greedy, seed=args.seed,
+        non_streaming_mode=settings.non_streaming_mode, greedy=args.greedy, seed=args.seed,
         thresholds=asdict(limits), training_rate=dict(source=rate_source if rates else None, characters_per_second=rates),
         speaker_encoder=encoder_source, base_model_path=base_path if args.compare_base else None,
         asr_model=args.asr_model,
         overall=dict(sentences=len(sentences), seconds=audio_seconds, generation_seconds=generation_seconds,
                      rtf=generation_seconds / audio_seconds if audio_seconds else None),
-        speakers=summaries, sentences=sentences,
+        speakers=heard.speakers, sentences=sentences,
     )
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print_table(report, out_dir)
-    if failures and not args.report_only:
+    if heard.failures and not args.report_only:
         raise SystemExit(1)
 
 
-def compare_with_base(base_path, device, items, args, vectors, sentences, encoder_and_rate, out_dir):
+def compare_with_base(base_path, device, items, settings, vectors, sentences, encoder_and_rate, out_dir):
     """Speak the same items with the base model given the same speaker vector (x-vector-only voice
     clone): what the speaker vector alone achieved before fine-tuning."""
     from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
@@ -583,13 +402,12 @@ def compare_with_base(base_path, device, items, args, vectors, sentences, encode
                                         icl_mode=False) for name in names]
         return base.generate_voice_clone(texts, voice_clone_prompt=prompts, **options)
     (out_dir / "base").mkdir(exist_ok=True)
-    for sentence, (_, wav, sample_rate, _, _, _) in zip(sentences, speak_in_batches(base, items, args, clone)):
+    for sentence, (_, wav, sample_rate, _, _, _) in zip(sentences, listening.speak_in_batches(base, items, settings, clone)):
         sf.write(out_dir / "base" / Path(sentence["wav"]).name, np.nan_to_num(wav), sample_rate)
-        sentence["base_speaker_similarity"] = speaker_similarity(*encoder_and_rate, wav, sample_rate,
-                                                                 vectors[sentence["speaker"]])
+        sentence["base_speaker_similarity"] = listening.speaker_similarity(*encoder_and_rate, wav, sample_rate,
+                                                                           vectors[sentence["speaker"]])
 
 
-CHECKS = ["finite", "stop", "rms", "silence", "clipping", "sentence_rate", "rate", "speaker_similarity", "cer"]
 TABLE = [("speaker", "<14", "speaker", ".13"), ("#", ">4", "index", ""), ("sec", ">7", "seconds", ".2f"),
          ("stop", ">6", "stop", ""), ("rms dB", ">8", "rms_dbfs", ".1f"), ("silent", ">8", "silent_fraction", ".0%"),
          ("clip", ">7", "clipped_fraction", ".1%"), ("chars/s", ">9", "characters_per_second", ".1f"),
@@ -598,7 +416,8 @@ TABLE = [("speaker", "<14", "speaker", ".13"), ("#", ">4", "index", ""), ("sec",
 
 
 def print_table(report: dict, out_dir: Path):
-    """One line a sentence, one a speaker (#: all) with every check its sentences failed, then details."""
+    """One line a sentence, one a speaker (#: all) with every check its sentences failed, then
+    details, what passed, and where to listen (every speaker)."""
     failed = {}
     for failure in report["failures"]:
         for key in {(failure["speaker"], failure["sentence"]), (failure["speaker"], "all")}:
@@ -618,7 +437,14 @@ def print_table(report: dict, out_dir: Path):
     for failure in report["failures"]:
         where = failure["speaker"] + ("" if failure["sentence"] is None else f" #{failure['sentence']}")
         print(f"FAIL {failure['check']} ({where}): {failure['message']}")
-    print(f"{'PASSED' if report['passed'] else 'FAILED'}: wavs and report.json in {out_dir}")
+    passed = [check for check, result in report["checks"].items() if result == "passed"]
+    print(f"checks passed: {', '.join(passed) or 'none'}; score {report['score']:.3f}")
+    speakers = [summary["speaker"] for summary in report["speakers"]]
+    listen = ", ".join(str(out_dir / f"{wav_stem(name)}_*.wav") for name in speakers)
+    if report["base_model_path"]:
+        listen += f" (the base model's: {out_dir / 'base'})"
+    print(f"{'PASSED' if report['passed'] else 'FAILED'} for {', '.join(speakers)}: report.json in {out_dir}; "
+          f"listen to {listen}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import soundfile as sf
 import torch
 
 import infer_test
-from qwen3_tts_sft import checkpoint, tiny_model
+from qwen3_tts_sft import checkpoint, listening, tiny_model
+from qwen3_tts_sft.audio import SpeakingRates
+from qwen3_tts_sft.listening import Thresholds
 from helpers import forced_heads, read_jsonl, run_script, train, write_jsonl
-from infer_test import Thresholds
 
 ALICE_PITCH_HZ = 110.0  # tiny_model.write_synthetic_clips voices its first speaker at 110 Hz
 RATE = tiny_model.SAMPLE_RATE
@@ -27,8 +28,8 @@ def voice(seconds=1.0, seed=0):
 
 
 def failed_checks(wav, frames=12, cap=100, training_rate=None):
-    sentence = infer_test.describe_sentence(("alice", 0, "Hello there."), wav, RATE, frames, cap, 1.0, training_rate)
-    return {failure.check: failure for failure in infer_test.sentence_failures(sentence, Thresholds())}
+    sentence = listening.measure_sentence(("alice", 0, "Hello there."), wav, RATE, frames, cap, 1.0, training_rate)
+    return {failure.check: failure for failure in listening.sentence_failures(sentence, Thresholds())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def test_audio_checks_pass_a_voice_and_catch_silence_clipping_and_nan():
 
     silent = failed_checks(np.zeros(RATE, np.float32))
     assert silent.keys() == {"rms", "silence"}
-    assert silent["rms"].value == infer_test.DBFS_FLOOR and "80.0 dB below" in silent["rms"].message
+    assert silent["rms"].value == listening.DBFS_FLOOR and "80.0 dB below" in silent["rms"].message
 
     gap = good.copy()
     gap[int(0.3 * RATE):] = 0  # loud enough overall, but 70% of it is silence
@@ -54,6 +55,20 @@ def test_audio_checks_pass_a_voice_and_catch_silence_clipping_and_nan():
     broken = good.copy()
     broken[100] = np.nan
     assert failed_checks(broken).keys() == {"finite"}
+
+
+def test_dc_offset_is_removed_before_loudness_and_flagged():
+    # Mostly DC offset: a constant 0.3 under a whisper of voice. Before the offset was removed,
+    # this read as -10 dBFS and never silent, and passed.
+    mostly_dc = failed_checks(np.float32(0.3) + 0.003 * voice())
+    assert mostly_dc.keys() == {"dc_offset", "rms", "silence"}
+    assert mostly_dc["dc_offset"].value == pytest.approx(0.3, abs=1e-3)
+    assert mostly_dc["rms"].value < Thresholds.min_rms_dbfs
+    # A real voice riding on an offset: loud enough once the offset is removed, but the offset is flagged.
+    offset_voice = failed_checks(voice() - 0.1)
+    assert offset_voice.keys() == {"dc_offset"} and "-0.100" in offset_voice["dc_offset"].message
+    level = listening.measure_waveform(voice() - 0.1, RATE)["rms_dbfs"]
+    assert level == pytest.approx(listening.measure_waveform(voice(), RATE)["rms_dbfs"], abs=0.1)
 
 
 def test_stop_check_reads_the_frame_count_generation_returns():
@@ -72,12 +87,12 @@ def test_a_sentence_cut_short_or_drawn_out_fails_on_its_own():
 def summary(rate_ratio=1.0, similarity=0.9, cer=None):
     """A speaker's summary of one 1 s sentence of 20 characters, the training rate set to give `rate_ratio`."""
     sentences = [dict(text="x" * 20, seconds=1.0, speaker_similarity=similarity, cer=cer)]
-    return infer_test.summarize_speaker("alice", sentences, {"alice": 20.0 / rate_ratio} if rate_ratio else None)
+    return listening.summarize_speaker("alice", sentences, {"alice": 20.0 / rate_ratio} if rate_ratio else None)
 
 
 def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
     def failures(**values):
-        return {f.check: f for f in infer_test.speaker_failures(summary(**values), Thresholds())}
+        return {f.check: f for f in listening.speaker_failures(summary(**values), Thresholds())}
 
     assert failures() == {}
     assert failures(rate_ratio=1.4, similarity=0.6, cer=0.1) == {}
@@ -95,18 +110,18 @@ def test_training_rate_per_speaker_from_codes_rows(tmp_path):
             dict(text="b" * 10, audio_codes=frames * 25, speaker="alice"),   # 10 chars in 2 s
             dict(text="c" * 30, audio_codes=frames * 50)]                     # 30 chars in 4 s, default speaker
     rates = infer_test.training_rates(write_jsonl(tmp_path / "codes.jsonl", rows), default_speaker="Bob")
-    assert rates == pytest.approx({"alice": 7.5, "bob": 7.5, infer_test.ALL_SPEAKERS: 7.5})
+    assert rates == pytest.approx({"alice": 7.5, "bob": 7.5, listening.ALL_SPEAKERS: 7.5})
     summary_file = tmp_path / "summary.json"
     summary = dict(characters_per_second=12.5, speakers=dict(Alice=dict(characters_per_second=10)))
     summary_file.write_text(json.dumps(summary))
-    assert infer_test.summary_rate(summary_file) == {infer_test.ALL_SPEAKERS: 12.5, "alice": 10.0}
+    assert infer_test.summary_rate(summary_file) == {listening.ALL_SPEAKERS: 12.5, "alice": 10.0}
 
 
 def test_character_error_rate():
-    assert infer_test.character_error_rate("Hello, world!", "hello world") == 0
-    assert infer_test.character_error_rate("abcd", "abxd") == 0.25
-    assert infer_test.character_error_rate("abcd", "") == 1
-    assert infer_test.character_error_rate("你好，世界。", "你好世") == pytest.approx(0.25)
+    assert listening.character_error_rate("Hello, world!", "hello world") == 0
+    assert listening.character_error_rate("abcd", "abxd") == 0.25
+    assert listening.character_error_rate("abcd", "") == 1
+    assert listening.character_error_rate("你好，世界。", "你好世") == pytest.approx(0.25)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +151,43 @@ def test_speaker_similarity_scores_the_reference_audio_and_rejects_a_wrong_vecto
     from_base, source = infer_test.load_speaker_encoder(config, tmp_path, tiny_model, "cpu")
     assert source.endswith("model.safetensors")
 
-    own = infer_test.speaker_similarity(encoder, 24000, reference, rate, alice)
+    own = listening.speaker_similarity(encoder, 24000, reference, rate, alice)
     assert own > 0.99  # the row holds this clip's x-vector, stored in bf16
-    assert infer_test.speaker_similarity(from_base, 24000, reference, rate, alice) == pytest.approx(own, abs=1e-6)
+    assert listening.speaker_similarity(from_base, 24000, reference, rate, alice) == pytest.approx(own, abs=1e-6)
     wrong = torch.randn(alice.shape, generator=torch.Generator().manual_seed(0))
-    low = infer_test.speaker_similarity(encoder, 24000, reference, rate, wrong)
+    low = listening.speaker_similarity(encoder, 24000, reference, rate, wrong)
     assert low < Thresholds.min_speaker_similarity
+
+
+def test_listen_speaks_measures_and_scores_a_loaded_model(trained, alice_clip):
+    """The call the trainer makes: a model object, speaker vectors, (speaker, text) items."""
+    tts = infer_test.load_model(trained, "cpu")
+    vectors = infer_test.checkpoint_speaker_vectors(tts, ["alice"], None, trained)
+    encoder, _ = infer_test.load_speaker_encoder(tts.model.config, trained, None, "cpu")
+    text, codes = alice_clip["text"], np.asarray(alice_clip["audio_codes"])
+    rates = SpeakingRates()
+    rates.add(text, len(codes), "alice")
+    eos = tts.model.config.talker_config.codec_eos_token_id
+    tts.model.speech_tokenizer.decode = stand_in_voice(ALICE_PITCH_HZ)
+    tts.model.train()  # as the trainer leaves it between steps
+    random_state = torch.get_rng_state()
+
+    def heard(forced_codes, cap):
+        settings = listening.SpeakSettings(language=alice_clip["language"], max_new_tokens=cap)
+        with forced_heads(tts.model, forced_codes, eos):
+            return listening.listen(tts, vectors, [("alice", text)], encoder, rates.rates(), settings=settings)
+
+    good = heard(codes, len(codes) + 4)
+    assert good.passed and good.skipped == {"cer": "no speech recognizer given"}
+    assert good.check_results()["stop"] == "passed" and good.check_results()["cer"] == "skipped"
+    assert good.sentences[0]["stopped"] and good.sentences[0]["rate_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert good.speakers[0]["score"] == good.score and good.score > 0.99  # similarity ~1, pace 1, all clean
+    assert len(good.wavs) == 1 and good.wavs[0][1] == RATE
+    assert tts.model.training and torch.equal(torch.get_rng_state(), random_state)
+
+    never_stops = heard(np.concatenate([codes, codes]), len(codes) + 3)
+    assert {f.check for f in never_stops.failures} == {"stop"}
+    assert never_stops.score == -1.0  # the hard floor: below any model that stops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,21 +234,21 @@ def run_checker(monkeypatch, checkpoint_dir, out_dir, argv, codes, voiced=True, 
     return code, json.loads((out_dir / "report.json").read_text())
 
 
-@pytest.mark.parametrize("non_streaming_mode", ["true", "false"])
-def test_a_good_checkpoint_passes(trained, alice_clip, monkeypatch, tmp_path, capsys, non_streaming_mode):
+@pytest.mark.parametrize("text_layout", ["non_streaming", "streaming"])
+def test_a_good_checkpoint_passes(trained, alice_clip, monkeypatch, tmp_path, capsys, text_layout):
     frames = len(alice_clip["audio_codes"])
-    extra = ["--compare_base"] if non_streaming_mode == "false" else []
+    extra = ["--compare_base"] if text_layout == "streaming" else []
     code, report = run_checker(monkeypatch, trained, tmp_path / "check", [
         "--speaker", "alice", "--text", alice_clip["text"], "--language", alice_clip["language"],
         "--train_jsonl", str(write_jsonl(tmp_path / "clip.jsonl", [alice_clip])),
-        "--max_new_tokens", str(frames + 4), "--non_streaming_mode", non_streaming_mode, *extra],
+        "--max_new_tokens", str(frames + 4), "--text_layout", text_layout, *extra],
         alice_clip["audio_codes"])
 
     assert code == 0, report["failures"]
     assert report["passed"] and report["failures"] == []
-    assert report["checks"] == dict.fromkeys(infer_test.CHECKS, "passed") | {"cer": "skipped"}
+    assert report["checks"] == dict.fromkeys(listening.CHECKS, "passed") | {"cer": "skipped"}
     assert report["skipped"] == {"cer": "no --asr_model given"}
-    assert report["non_streaming_mode"] == (non_streaming_mode == "true")
+    assert report["non_streaming_mode"] == (text_layout == "non_streaming")
     sentence = report["sentences"][0]
     assert sentence["frames"] == frames and sentence["stopped"]
     assert sentence["rate_ratio"] == pytest.approx(1.0, abs=1e-3)
@@ -277,3 +323,51 @@ def test_problems_that_stop_the_check_exit_2(trained, tmp_path):
     with pytest.raises(SystemExit) as stopped:
         infer_test.main(["--model_path", str(trained), "--speaker", "carol", "--out_dir", str(tmp_path)])
     assert stopped.value.code == 2
+
+
+def test_an_output_folder_lists_its_checkpoints_and_names_the_newest(trained, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(trained.parent)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{trained.parent} is a training output folder, not a checkpoint" in error
+    assert f"  {trained}  (step " in error and f"the newest: --model_path {trained}" in error
+
+
+def test_a_base_model_says_it_has_no_fine_tuned_speakers(tiny_model, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(tiny_model)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{tiny_model} is a Base model: it has no fine-tuned speakers" in error
+    assert f"sft_12hz_chatterbox.py --init_model_path {tiny_model}" in error and "is not in" not in error
+
+
+def test_every_speaker_is_named_where_to_listen(trained, alice_clip, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "check"
+    run_checker(monkeypatch, trained, out, [
+        "--speaker", "alice", "--speaker", "bob", "--text", alice_clip["text"], "--language", alice_clip["language"],
+        "--max_new_tokens", str(len(alice_clip["audio_codes"]) + 4), "--report_only"], alice_clip["audio_codes"])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"for alice, bob: report.json in {out}" in last_line
+    assert f"listen to {out / 'alice_*.wav'}, {out / 'bob_*.wav'}" in last_line
+
+
+def test_help_shows_defaults_without_importing_torch():
+    """--help and reading the command line answer in a moment: the model code is not imported."""
+    child = """
+import runpy, sys
+import infer_test
+infer_test.parse_args(["--model_path", "some/checkpoint"])
+print("after parse_args, torch imported:", "torch" in sys.modules)
+sys.argv = ["infer_test.py", "--help"]
+try:
+    runpy.run_path("infer_test.py", run_name="__main__")
+except SystemExit:
+    pass
+print("after --help, torch imported:", "torch" in sys.modules)
+"""
+    printed = run_script("-c", child).stdout
+    assert "after parse_args, torch imported: False" in printed and "after --help, torch imported: False" in printed
+    assert "sentences generated together (default: 4)" in printed
+    assert "(default: auto)" in printed and f"(default: {Thresholds.max_dc_offset})" in printed
