@@ -9,8 +9,8 @@ Checks across clips, per speaker:
     duplicates      the same samples as an earlier clip: rejected (it would count twice); the same
                     text over other audio: flagged (a retake is fine, a copied transcript is not)
 References, for rows without a ref_audio: a speaker's references are its `references_per_speaker`
-cleanest clips: no flags, not clipped, REFERENCE_SECONDS long where it can, the best signal to
-noise first. A clip kept whole is its own file; a piece of a long take is written, as encoded,
+cleanest clips: no flags (so not clipped, not of a low rate), REFERENCE_SECONDS long where it can,
+little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a piece of a long take is written, as encoded,
 beside the output (the trainer reads reference clips from files).
 """
 
@@ -26,6 +26,7 @@ from qwen3_tts_sft.transcription import normalise
 
 MIN_CLIPS_FOR_MEDIAN = 5
 REFERENCE_SECONDS = (3.0, 10.0)  # README: a clean 3-10 s clip makes a good reference
+MAX_REFERENCE_SILENCE = 1.0      # seconds of edge silence in a file that a reference had better not have
 NO_SPEAKER = "(no speaker field)"
 
 
@@ -73,7 +74,7 @@ class DatasetChecks:
                 rejects[clip.source] = ("duplicate_audio", f"the same audio as {first_audio[sha1]}")
                 continue
             first_audio.setdefault(sha1, clip.source)
-            text = normalise(clip.text)
+            text = (clip.speaker, normalise(clip.text))  # speakers of one corpus often read one script
             if text in first_text:
                 clip.flags["duplicate_text"] = f"the same text as {first_text[text]}"
             first_text.setdefault(text, clip.source)
@@ -115,10 +116,12 @@ def is_clean(clip: ClipInfo) -> bool:
 
 
 def reference_rank(clip: ClipInfo) -> tuple:
-    """Sorts the best reference first: clean, of a suitable length, least noisy, then input order."""
+    """Sorts the best reference first: clean, of a suitable length, with little silence cut (the
+    trainer reads a whole clip's file as it is), least noisy, then input order."""
     low, high = REFERENCE_SECONDS
     outside = max(low - clip.seconds, clip.seconds - high, 0.0)
-    return (not is_clean(clip), outside, -clip.quality.get("snr_db", 0.0), clip.order)
+    much_silence = clip.segment is None and (clip.quality.get("trimmed_seconds") or 0.0) > MAX_REFERENCE_SILENCE
+    return (not is_clean(clip), outside, much_silence, -clip.quality.get("snr_db", 0.0), clip.order)
 
 
 def reference_file(clip: ClipInfo, folder: Path, number: int) -> str:

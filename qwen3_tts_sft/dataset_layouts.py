@@ -407,6 +407,13 @@ class AudioChecks:
             if references[ref_audio]:
                 return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {references[ref_audio]}")]
 
+        return (self.pieces_of(clip, samples, native, file_rate, sample_rate)
+                or rejected("silent", "the voice-activity detector heard no speech to cut"))
+
+    def pieces_of(self, clip: PlannedClip, samples: np.ndarray, native: np.ndarray, file_rate: int,
+                  sample_rate: int) -> list:
+        """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
+        `native`: the file's own samples [frames, channels], where clipping is measured."""
         spans, texts, trim = self.spans(clip, samples, sample_rate)
         pieces = []
         for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
@@ -422,8 +429,6 @@ class AudioChecks:
             piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)])
             piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
             pieces.append(piece)
-        if not pieces:
-            return [take.rejected("silent", "audio", f"{path}: the voice-activity detector heard no speech to cut")]
         return pieces
 
     def spans(self, clip: PlannedClip, samples: np.ndarray, sample_rate: int) -> tuple:

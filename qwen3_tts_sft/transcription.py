@@ -9,8 +9,10 @@ The check compares texts by character error rate (edit distance over the referen
 normalise(): case, punctuation and spacing are not what a transcript mismatch is about.
 """
 
+import contextlib
 import re
 import unicodedata
+from pathlib import Path
 
 from qwen3_tts_sft import audio
 
@@ -21,7 +23,12 @@ class Transcriber:
     def __init__(self, model_path: str, device: str):
         from transformers import pipeline
 
-        self.pipeline = pipeline("automatic-speech-recognition", model=model_path, device=device)
+        folder = Path(model_path)
+        if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+            raise SystemExit(f"error: --asr_model {model_path}: not a transformers speech-recognition folder (it needs "
+                             f"config.json, preprocessor_config.json and the weights, as a Whisper download has)")
+        with quiet_transformers():
+            self.pipeline = pipeline("automatic-speech-recognition", model=str(folder), device=device)
         self.sample_rate = self.pipeline.feature_extractor.sampling_rate
 
     def __call__(self, clips: list, sample_rate: int) -> list:
@@ -30,8 +37,23 @@ class Transcriber:
             return []
         inputs = [dict(raw=audio.resample(clip, sample_rate, self.sample_rate), sampling_rate=self.sample_rate)
                   for clip in clips]
-        results = self.pipeline(inputs, batch_size=BATCH_SIZE)
+        with quiet_transformers():
+            results = self.pipeline(inputs, batch_size=BATCH_SIZE)
         return [printable(result["text"]) for result in results]
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings about its own deprecations and generation defaults, hidden: they
+    repeat for every batch and say nothing about the data."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def printable(text: str) -> str:

@@ -12,6 +12,7 @@ process runs it, so a resumed or sharded run trims every clip exactly as one run
 """
 
 import contextlib
+import warnings
 
 import numpy as np
 
@@ -20,8 +21,11 @@ from qwen3_tts_sft import audio
 VAD_SAMPLE_RATE = 16000
 WINDOW = 512                  # samples per speech probability at 16 kHz (32 ms): silero's frame
 EDGE_SECONDS = 3.0            # searched at each end of a clip for its first and last speech
-SPEECH_THRESHOLD = 0.5        # silero's own default
-MIN_SPEECH_SECONDS = 0.25     # shorter bursts above the threshold are clicks, not speech
+SPEECH_THRESHOLD = 0.5        # silero's own defaults: speech starts above this,
+SILENCE_THRESHOLD = 0.35      # and lasts until it falls below this
+MIN_SPEECH_SECONDS = 0.1      # shorter bursts are clicks; a short last word is longer
+
+PIECE_MIN_SPEECH_MS = 250     # silero's default: a long take's shorter bursts are not pieces of their own
 
 _loaded = {}  # the silero_vad module and its model, loaded once per process
 
@@ -43,7 +47,8 @@ def silero():
     """(the silero_vad module, its model). `import silero_vad` sets torch to one thread for the
     whole process, so it is imported inside one_thread, which puts the setting back."""
     if not _loaded:
-        with one_thread():
+        with one_thread(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*")  # torch's deprecation, not ours to act on
             import silero_vad
 
             _loaded.update(module=silero_vad, model=silero_vad.load_silero_vad())  # the TorchScript file it ships
@@ -65,13 +70,16 @@ def speech_probabilities(windows: list) -> list:
 
 
 def speech_runs(probabilities: np.ndarray) -> list:
-    """(first, last + 1) window of each run of speech at least MIN_SPEECH_SECONDS long, or that
-    touches an end of the windows (it may go on beyond them)."""
+    """(first, last + 1) window of each run of speech: windows above SILENCE_THRESHOLD around at
+    least one above SPEECH_THRESHOLD (silero's own hysteresis), MIN_SPEECH_SECONDS long or touching
+    an end of the windows (it may go on beyond them). Edges are where speech is softest: a trim
+    had better leave a breath than cut a word."""
     shortest = round(MIN_SPEECH_SECONDS * VAD_SAMPLE_RATE / WINDOW)
-    speech = np.concatenate([[False], probabilities >= SPEECH_THRESHOLD, [False]])
-    edges = np.flatnonzero(speech[1:] != speech[:-1])
+    voiced = np.concatenate([[False], probabilities >= SILENCE_THRESHOLD, [False]])
+    edges = np.flatnonzero(voiced[1:] != voiced[:-1])
     return [(int(start), int(end)) for start, end in zip(edges[::2], edges[1::2])
-            if end - start >= shortest or start == 0 or end == len(probabilities)]
+            if probabilities[start:end].max() >= SPEECH_THRESHOLD
+            and (end - start >= shortest or start == 0 or end == len(probabilities))]
 
 
 def speech_bounds(clips: list, sample_rate: int) -> list:
@@ -113,7 +121,7 @@ def speech_pieces(samples: np.ndarray, sample_rate: int, max_seconds: float, min
     probabilities = speech_probabilities([at_vad_rate])[0]
     pieces = module.get_speech_timestamps_from_probs(
         probabilities.tolist(), sampling_rate=VAD_SAMPLE_RATE, threshold=SPEECH_THRESHOLD,
-        min_speech_duration_ms=int(MIN_SPEECH_SECONDS * 1000), max_speech_duration_s=max_seconds,
+        min_speech_duration_ms=PIECE_MIN_SPEECH_MS, max_speech_duration_s=max_seconds,
         min_silence_duration_ms=int(min_pause_seconds * 1000), speech_pad_ms=int(padding_seconds * 1000),
         audio_length_samples=len(at_vad_rate))
     scale = sample_rate / VAD_SAMPLE_RATE
