@@ -20,7 +20,7 @@ from qwen3_tts_sft import audio
 
 VAD_SAMPLE_RATE = 16000
 WINDOW = 512                  # samples per speech probability at 16 kHz (32 ms): silero's frame
-EDGE_SECONDS = 3.0            # searched at each end of a clip for its first and last speech
+EDGE_SECONDS = 1.5            # heard at each end of a clip for its first and last speech
 SPEECH_THRESHOLD = 0.5        # silero's own defaults: speech starts above this,
 SILENCE_THRESHOLD = 0.35      # and lasts until it falls below this
 MIN_SPEECH_SECONDS = 0.1      # shorter bursts are clicks; a short last word is longer
@@ -84,31 +84,28 @@ def speech_runs(probabilities: np.ndarray) -> list:
 
 def speech_bounds(clips: list, sample_rate: int) -> list:
     """For each clip (float32 mono at `sample_rate`): (start, end) sample of its speech, or None
-    when the detector hears none. Searches the clips' edges first, then whole clips where needed."""
-    at_vad_rate = [audio.resample(clip, sample_rate, VAD_SAMPLE_RATE) for clip in clips]
-    edge = int(EDGE_SECONDS * VAD_SAMPLE_RATE)
-    # A clip up to two edges long is searched whole; a longer one at its head and its tail.
-    short = [len(samples) <= 2 * edge for samples in at_vad_rate]
-    windows = [samples if whole else samples[:edge] for samples, whole in zip(at_vad_rate, short)]
-    tail_starts = [len(samples) - edge // WINDOW * WINDOW for samples in at_vad_rate]
-    windows += [samples[start:] for samples, start, whole in zip(at_vad_rate, tail_starts, short) if not whole]
-    probabilities = iter(speech_probabilities(windows))
-    heads = [next(probabilities) for _ in at_vad_rate]
-    bounds, whole = [None] * len(clips), []
-    for index, head_runs in enumerate(map(speech_runs, heads)):
-        tail_runs = head_runs if short[index] else speech_runs(next(probabilities))
-        if not head_runs or not tail_runs:
-            whole.append(index)  # maybe speech beyond the edge windows, or none at all
-            continue
-        tail_start = 0 if short[index] else tail_starts[index]
-        bounds[index] = (head_runs[0][0] * WINDOW, tail_start + tail_runs[-1][1] * WINDOW)
-    searched = speech_probabilities([at_vad_rate[index] for index in whole if not short[index]])
-    for index, runs in zip([index for index in whole if not short[index]], map(speech_runs, searched)):
+    when the detector hears none. Hears each clip's first and last EDGE_SECONDS, all clips in one
+    batch; a clip whose edge window holds no speech (a long silence, or none at all) is heard whole."""
+    edge = int(EDGE_SECONDS * sample_rate)
+    tail_starts = [max(0, len(clip) - edge) for clip in clips]
+    longer = [index for index, clip in enumerate(clips) if len(clip) > edge]  # else the head is all of it
+    windows = [clip[:edge] for clip in clips] + [clips[index][tail_starts[index]:] for index in longer]
+    heard = speech_probabilities([audio.resample(window, sample_rate, VAD_SAMPLE_RATE) for window in windows])
+    head_runs = [speech_runs(probabilities) for probabilities in heard[:len(clips)]]
+    tail_runs = dict(zip(longer, map(speech_runs, heard[len(clips):])))
+    to_samples = WINDOW * sample_rate / VAD_SAMPLE_RATE  # one window, in samples at `sample_rate`
+    bounds, again = [None] * len(clips), []
+    for index, clip in enumerate(clips):
+        head, tail = head_runs[index], tail_runs.get(index, head_runs[index])
+        if head and tail:
+            bounds[index] = (int(head[0][0] * to_samples), min(len(clip), tail_starts[index] + int(tail[-1][1] * to_samples)))
+        elif index in tail_runs:
+            again.append(index)  # maybe speech beyond the edge windows, or none at all
+    heard = speech_probabilities([audio.resample(clips[index], sample_rate, VAD_SAMPLE_RATE) for index in again])
+    for index, runs in zip(again, map(speech_runs, heard)):
         if runs:
-            bounds[index] = (runs[0][0] * WINDOW, runs[-1][1] * WINDOW)
-    scale = sample_rate / VAD_SAMPLE_RATE
-    return [None if found is None else (int(found[0] * scale), min(len(clip), int(found[1] * scale)))
-            for clip, found in zip(clips, bounds)]
+            bounds[index] = (int(runs[0][0] * to_samples), min(len(clips[index]), int(runs[-1][1] * to_samples)))
+    return bounds
 
 
 def speech_pieces(samples: np.ndarray, sample_rate: int, max_seconds: float, min_pause_seconds: float,
