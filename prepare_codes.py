@@ -272,6 +272,9 @@ def main(argv=None):
     inputs = [detect_layout(Path(value).expanduser().resolve()) for value in args.input]
     settings = run_settings(args, inputs)
     own_output = shard_output(output, args.shard_index, args.num_shards)
+    if args.validate_only and own_output.exists():
+        raise SystemExit(f"error: {own_output} exists: --validate_only would overwrite its rejects, summary and "
+                         f"report. Choose another --output_jsonl to check the data.")
     try:
         if not args.validate_only and own_output.exists() and not beside(own_output, ".partial").exists():
             summary = already_complete(own_output, settings)
