@@ -32,6 +32,9 @@ LOW_SAMPLE_RATE = 16000
 # Loudness normalisation lowers its gain rather than push a peak above this: clear of clipping,
 # with a margin for the overshoot of later resampling.
 PEAK_CEILING_DBFS = -1.0
+# Trimming cuts only audio this far below a clip's loud frames (and heard as no speech): a voice
+# the detector misses is never cut. Weak consonants sit 20-30 dB below the vowels.
+QUIET_BELOW_LOUDEST_DB = 35.0
 # A file that decodes this much shorter than its header says is truncated (MP3 headers and
 # encoder padding are a few frames off; a cut file is off by much more).
 TRUNCATION_TOLERANCE = dict(fraction=0.01, seconds=0.05)
@@ -86,6 +89,19 @@ def speech_to_noise_db(samples: np.ndarray, sample_rate: int) -> float:
     power = np.mean(np.square(samples[:frames * frame].reshape(frames, frame), dtype=np.float64), axis=1)
     quiet, loud = np.percentile(power, [10, 90])
     return 10 * math.log10(max(loud, 1e-20) / max(quiet, 1e-20))
+
+
+def loud_bounds(samples: np.ndarray, sample_rate: int, below_loudest_db: float = QUIET_BELOW_LOUDEST_DB):
+    """(first, last + 1) sample of the 10 ms frames within `below_loudest_db` of the clip's loud
+    frames (their 95th percentile), or None for silence. What lies outside is quiet."""
+    frame = sample_rate // 100
+    frames = -(-len(samples) // frame)
+    padded = np.pad(samples, (0, frames * frame - len(samples)))
+    power = np.mean(np.square(padded.reshape(frames, frame), dtype=np.float64), axis=1)
+    if not power.any():
+        return None
+    loud = np.flatnonzero(power >= np.percentile(power, 95) * 10 ** (-below_loudest_db / 10))
+    return int(loud[0] * frame), min(len(samples), int((loud[-1] + 1) * frame))
 
 
 def content_hash(samples: np.ndarray) -> str:

@@ -363,11 +363,11 @@ class AudioChecks:
     clipped_fraction: float
     reject_clipped: bool
     processing: Processing
+    references: dict = field(default_factory=dict, repr=False)  # path -> problem or None, per process
 
     def process(self, clips: list, sample_rate: int, frame_samples: int) -> list:
         """Per planned clip, the list of its output clips (Decoded, kept or rejected), in order."""
-        references = {}  # path -> problem or None, for this batch
-        takes = [self.decode_take(clip, sample_rate, references) for clip in clips]
+        takes = [self.decode_take(clip, sample_rate) for clip in clips]
         pieces = [piece for take in takes for piece in take if piece.reject is None]
         to_trim = [piece for piece in pieces if piece.quality.pop("trim")]
         if to_trim:
@@ -379,7 +379,7 @@ class AudioChecks:
             self.finish(piece, sample_rate, frame_samples)
         return takes
 
-    def decode_take(self, clip: PlannedClip, sample_rate: int, references: dict) -> list:
+    def decode_take(self, clip: PlannedClip, sample_rate: int) -> list:
         """The clip decoded and checked as a whole, then cut into its pieces (one for a short clip)."""
         path = clip.row["audio"]
         take = Decoded(clip, clip.source)
@@ -402,10 +402,10 @@ class AudioChecks:
             return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
         ref_audio = clip.row.get("ref_audio")
         if ref_audio:
-            if ref_audio not in references:
-                references[ref_audio] = self.reference_problem(ref_audio, sample_rate)
-            if references[ref_audio]:
-                return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {references[ref_audio]}")]
+            if ref_audio not in self.references:  # one reference clip usually serves many rows
+                self.references[ref_audio] = self.reference_problem(ref_audio, sample_rate)
+            if self.references[ref_audio]:
+                return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {self.references[ref_audio]}")]
 
         return (self.pieces_of(clip, samples, native, file_rate, sample_rate)
                 or rejected("silent", "the voice-activity detector heard no speech to cut"))
@@ -450,10 +450,14 @@ class AudioChecks:
         return [(0, len(samples))], [clip.row.get("text")], settings.trim
 
     def trim(self, piece: Decoded, bounds, sample_rate: int):
-        """Cut the silence before and after the speech down to the padding."""
+        """Cut the silence before and after the speech down to the padding. Silence is what the
+        detector hears as no speech and is also quiet: loud sound it does not take for speech (an
+        unusual voice, singing) stays."""
         if bounds is None:
             piece.flags["no_speech_found"] = "the voice-activity detector heard no speech, so it was not trimmed"
             return
+        loud = audio.loud_bounds(piece.samples, sample_rate) or bounds
+        bounds = min(bounds[0], loud[0]), max(bounds[1], loud[1])
         padding = round(self.processing.padding_seconds * sample_rate)
         start, end = max(0, bounds[0] - padding), min(len(piece.samples), bounds[1] + padding)
         piece.quality["trimmed_seconds"] = round((len(piece.samples) - (end - start)) / sample_rate, 3)

@@ -198,7 +198,7 @@ def test_report_has_every_clip_and_a_plot(faulty_report):
 
 def test_reader_numbers_lines_as_an_editor_does(tmp_path):
     raw = tmp_path / "raw.jsonl"
-    raw.write_bytes(b'{"audio": "a.wav", "text": "one\\r two"}\r\n'
+    raw.write_bytes(b'{"audio": "a.wav",\r "text": "a lone CR is no line break"}\r\n'
                     b'\xff\xfe not text\n'
                     b'{"audio": "b.wav", "text": "th\n'
                     b'{"audio": "c.wav", "text": "four"}')
@@ -243,6 +243,22 @@ def test_voice_activity_finds_the_speech_and_the_pauses():
     np.testing.assert_allclose(pieces(12.0), [(0.3, 4.7), (5.1, 14.7), (15.3, 18.7)], atol=0.15)
     # 9.6 s is too long for 8 s pieces: that one is cut at its longest inner pause.
     np.testing.assert_allclose(pieces(8.0), [(0.3, 4.7), (5.1, 10.4), (10.4, 14.7), (15.3, 18.7)], atol=0.15)
+
+
+def test_trimming_cuts_only_quiet_sound():
+    """A steady tone is loud, but no speech to the detector (it stops hearing it within a second
+    or two): trimming leaves it whole and cuts only the room tone around it."""
+    from qwen3_tts_sft.tiny_model import synthetic_voice
+
+    tone = synthetic_voice(1.2, 24000, 140.0, np.random.default_rng(3))
+    samples = np.concatenate([room_tone(0.15), tone, room_tone(0.15)])  # heard as one window
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(True, 0.05, 15, 0.4, None))
+    [piece] = checks.pieces_of(PlannedClip("x", dict(audio="x.wav", text="t"), None, 1.5), samples,
+                               samples[:, None], 24000, 24000)
+    [bounds] = voice_activity.speech_bounds([piece.samples], 24000)
+    assert bounds[1] / 24000 < 1.0  # the detector alone would cut the tone's end off
+    checks.trim(piece, bounds, 24000)
+    assert 1.2 <= len(piece.samples) / 24000 <= 1.2 + 2 * 0.05 + 0.03
 
 
 def test_loudness_normalisation_reaches_the_target_and_never_clips():
