@@ -3,24 +3,33 @@
     python prepare_codes.py --tokenizer_model_path Qwen3-TTS-12Hz-1.7B-Base/speech_tokenizer \\
         --input raw.jsonl --output_jsonl train_with_codes.jsonl
 
---input is a raw JSONL ({"audio", "text", "ref_audio", "speaker", "language"} a line), an LJSpeech
-folder (metadata.csv + wavs/), or a folder of audio files with same-named .txt or .lab transcripts
-(dataset_layouts.py). Audio in any format soundfile reads is downmixed and resampled (soxr) to the
-tokenizer's rate. Bad rows never stop the run: each is rejected with its reason.
+--input is a raw JSONL ({"audio", "text", "ref_audio", "speaker", "language", "segments"} a line),
+an LJSpeech folder (metadata.csv + wavs/), or a folder of audio files with same-named .txt or .lab
+transcripts (dataset_layouts.py); several may be given. Audio in any format soundfile reads is
+downmixed and resampled (soxr) to the tokenizer's rate, its silent edges trimmed and its loudness
+evened out; takes too long to keep whole are cut at their pauses (with a transcript per segment,
+or --asr_model). Bad rows never stop the run: each is rejected with its reason.
 
 Each output row is the input row with absolute paths, `source` (the input "file:line", or the audio
-file in a folder), `audio_codes` (frames x 16 ints), and `clipped_fraction` when the clip is clipped.
+file in a folder; "#k" for the k-th piece of a long take), `segment` (a piece's span of its take),
+`audio_codes` (frames x 16 ints), `quality` (what was measured and done), `flags` when something
+looks wrong, `clipped_fraction` when clipped, and `text_from: "asr"` for recognised text.
 Rows are in input order. Beside OUTPUT:
     OUTPUT.partial         progress, flushed batch by batch; after a crash or kill, the same command
                            carries on from it (a half-written last line is cut off)
     OUTPUT.rejects.jsonl   one line per rejected row: source, reason, field, problem, input line
     OUTPUT.summary.json    clips, hours, speakers, durations, characters per second, rejects, speed
+    OUTPUT.report.json     per speaker and per clip: durations, rates, loudness, flags, references;
+    OUTPUT.report.png      with a plot of the durations and speaking rates
     OUTPUT                 written last, under a temporary name and then renamed: it exists only
-                           when complete
+                           when complete (and when it holds at least one clip)
+
+--validate_only writes the rejects, summary and report without loading the tokenizer.
 
 Shards: --shard_index i --num_shards N on each of N GPUs writes OUTPUT with `.shard-i-of-N` before
 its extension; then --merge_shards --num_shards N writes OUTPUT. Under `accelerate launch` the
-launcher's ranks are the shards and process 0 merges when all are done.
+launcher's ranks are the shards and process 0 merges when all are done. The checks across clips
+(speaking rate against the speaker's median, duplicates, the choice of references) run at the merge.
 """
 
 import argparse
@@ -34,38 +43,44 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from qwen3_tts_sft.dataset_layouts import (REJECT_REASONS, AudioChecks, Limits, Reject, RowChecker, detect_layout, input_order,
-                             read_input)
+from qwen3_tts_sft import audio, data_report
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
+from qwen3_tts_sft.dataset_layouts import (FLAGS, REJECT_REASONS, AudioChecks, Limits, Processing, Reject, RowChecker,
+                                           detect_layout, input_order, read_input)
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
 KILL_HOOK = "PREPARE_CODES_TEST_KILL_AFTER_BATCHES"
 DURATION_BUCKETS = (1, 2, 3, 5, 10, 15, 20, 30)  # upper edges, in seconds, of the summary's histogram
 SHOWN_REJECTS = 20                                # printed per run; the rejects file holds them all
-NO_SPEAKER = "(no speaker field)"
+TOKENIZER_MODEL_TYPE = "qwen3_tts_tokenizer_12hz"  # model_type in the speech tokenizer's config.json
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--input", "--input_jsonl", dest="input",
-                      help="raw JSONL, LJSpeech folder (or its metadata.csv), or folder of audio + .txt/.lab")
+    data.add_argument("--input", "--input_jsonl", dest="input", nargs="+", action="extend",
+                      help="raw JSONL, LJSpeech folder (or its metadata.csv), or folder of audio + .txt/.lab; "
+                           "several may follow one --input, or --input may be repeated (default: none, required)")
     data.add_argument("--output_jsonl", required=True,
-                      help="training JSONL to write; .partial, .rejects.jsonl and .summary.json go beside it")
+                      help="training JSONL to write; .partial, .rejects.jsonl, .summary.json and .report.json "
+                           "go beside it (default: none, required)")
     data.add_argument("--ref_audio", default=None,
-                      help="reference clip for rows without one (default: such a row's own clip, so the "
-                           "trainer's speaker vector is the mean over the speaker's first clips)")
+                      help="reference clip for rows without one (default: none: each speaker's cleanest few "
+                           "clips of 3-10 s, chosen by the report, so the trainer's speaker vector is their mean)")
     data.add_argument("--speaker", default=None, help="speaker for rows without one (default: none; the "
                                                       "trainer's --speaker_name then applies)")
     data.add_argument("--language", default=None, help="language for rows without one (default: none, read as auto)")
+    data.add_argument("--validate_only", action="store_true",
+                      help="decode and check everything and write the rejects, summary and report, but load no "
+                           "tokenizer and encode nothing (default: off)")
 
     filters = parser.add_argument_group("filters (a rejected row goes to OUTPUT.rejects.jsonl with its reason)")
     filters.add_argument("--min_seconds", type=float, default=0.5,
@@ -73,43 +88,100 @@ def parse_args(argv=None):
                               "transcripts are the least reliable (default: %(default)s)")
     filters.add_argument("--max_seconds", type=float, default=30.0,
                          help="the trainer drops longer clips by default (--max_audio_seconds 30), and long "
-                              "clips take the most GPU memory there (default: %(default)s)")
+                              "clips take the most GPU memory there; a longer take is cut at its pauses when it "
+                              "has a transcript per segment or --asr_model is given (default: %(default)s)")
     filters.add_argument("--silence_dbfs", type=float, default=-50.0,
                          help="clips whose overall RMS level is below this are silent; speech recorded at any "
                               "usable gain sits well above it, a take of room noise below (default: %(default)s)")
     filters.add_argument("--clipped_fraction", type=float, default=0.001,
                          help="a clip with more than this share of samples at full scale counts as clipped: "
-                              "marked in its row and counted in the summary (default: %(default)s)")
+                              "flagged in its row and counted in the summary (default: %(default)s)")
     filters.add_argument("--reject_clipped", action="store_true",
-                         help="reject clipped clips too (off: mild clipping still teaches the voice)")
+                         help="reject clipped clips too (default: off: mild clipping still teaches the voice)")
+    filters.add_argument("--flag_rate_ratio", type=float, default=1.5,
+                         help="flag a clip whose characters per second are more than this many times above or "
+                              "below its speaker's median: its text may not match its audio (default: %(default)s)")
+    filters.add_argument("--reject_rate_ratio", type=float, default=2.5,
+                         help="reject such a clip beyond this ratio: read speech varies by well under 2x, a wrong "
+                              "or cut transcript by more (default: %(default)s)")
+
+    processing = parser.add_argument_group("audio processing (before encoding; the files are not changed)")
+    processing.add_argument("--no_trim", dest="trim", action="store_false",
+                            help="keep silence at the edges (default: trimmed to --trim_padding_seconds with a "
+                                 "voice-activity detector: a model learns the silences it is shown, and long "
+                                 "leading silence delays its speech)")
+    processing.add_argument("--trim_padding_seconds", type=float, default=0.2,
+                            help="silence kept before and after the speech; speech onsets are soft, and a little "
+                                 "silence makes a natural start and end (default: %(default)s)")
+    processing.add_argument("--loudness_lufs", type=float, default=-23.0,
+                            help="normalise each clip's loudness (ITU-R BS.1770) to this, lowering the gain where a "
+                                 "peak would pass -1 dBFS: clips recorded at different gains then teach one "
+                                 "level; -23 is EBU R128's target, with headroom for speech peaks (default: %(default)s)")
+    processing.add_argument("--no_loudness_normalisation", dest="normalise_loudness", action="store_false",
+                            help="encode clips at their recorded level (default: normalised)")
+    processing.add_argument("--max_segment_seconds", type=float, default=15.0,
+                            help="a long take is cut at its pauses into pieces no longer than this, sentence-sized "
+                                 "clips as training expects (default: %(default)s)")
+    processing.add_argument("--min_pause_seconds", type=float, default=0.4,
+                            help="cuts fall at pauses at least this long: between sentences rather than at commas "
+                                 "(default: %(default)s)")
+
+    recognition = parser.add_argument_group("speech recognition")
+    recognition.add_argument("--asr_model", default=None,
+                             help="a local transformers speech-recognition folder (a Whisper download, say): "
+                                  "transcribes clips without text and the pieces of long takes (default: none)")
+    recognition.add_argument("--asr_check", action="store_true",
+                             help="also transcribe clips that have text, to flag mismatches; the character error "
+                                  "rate of each is in the report (default: off; needs --asr_model)")
+    recognition.add_argument("--max_cer", type=float, default=0.3,
+                             help="with --asr_check, flag clips whose character error rate is above this "
+                                  "(default: %(default)s)")
 
     encoding = parser.add_argument_group("encoding")
     encoding.add_argument("--tokenizer_model_path",
                           help="the speech tokenizer folder (speech_tokenizer/ inside a model download, "
-                               "or Qwen3-TTS-Tokenizer-12Hz)")
+                               "or Qwen3-TTS-Tokenizer-12Hz; a model folder is taken as its speech_tokenizer/) "
+                               "(default: none, required unless --validate_only or --merge_shards)")
     encoding.add_argument("--batch_size", type=int, default=32,
                           help="clips encoded together; batches go longest first, so a size too large for "
                                "GPU memory fails in the first minute, and a rerun with a smaller one resumes "
                                "(default: %(default)s)")
-    encoding.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    encoding.add_argument("--device", default=None,
+                          help="cuda, cuda:1, cpu, for the tokenizer and speech recognition (default: cuda if available)")
     encoding.add_argument("--num_workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                          help="processes decoding and resampling audio while the tokenizer encodes "
-                               "(default: the CPU cores less one, at most 8: one decodes ~1000 s of audio a second)")
+                          help="processes decoding, trimming and measuring audio while the tokenizer encodes "
+                               "(default: the CPU cores less one, at most 8, here %(default)s: one decodes "
+                               "several hundred seconds of audio a second)")
+    encoding.add_argument("--references_per_speaker", type=int, default=4,
+                          help="reference clips chosen per speaker for rows without ref_audio (default: %(default)s)")
 
     shards = parser.add_argument_group("shards (several GPUs)")
-    shards.add_argument("--shard_index", type=int, default=None, help="this process's shard, 0..N-1")
+    shards.add_argument("--shard_index", type=int, default=None, help="this process's shard, 0..N-1 (default: 0)")
     shards.add_argument("--num_shards", type=int, default=None,
                         help="N (default: 1, or the launcher's WORLD_SIZE under accelerate launch / torchrun)")
     shards.add_argument("--merge_shards", action="store_true",
-                        help="merge the N complete shard outputs into --output_jsonl; nothing is encoded")
+                        help="merge the N complete shard outputs into --output_jsonl; nothing is encoded (default: off)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     resolve_shards(args)
-    if not args.merge_shards and not (args.input and args.tokenizer_model_path):
-        parser.error("--input and --tokenizer_model_path are required (unless --merge_shards)")
+    if not args.merge_shards and not args.input:
+        parser.error("--input is required (unless --merge_shards)")
+    if not (args.merge_shards or args.validate_only or args.tokenizer_model_path):
+        parser.error("--tokenizer_model_path is required (unless --validate_only or --merge_shards)")
+    if args.asr_check and not args.asr_model:
+        parser.error("--asr_check needs --asr_model")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index {args.shard_index} is not in 0..{args.num_shards - 1}")
     if args.batch_size < 1 or args.num_workers < 0 or args.min_seconds > args.max_seconds:
         parser.error("need --batch_size >= 1, --num_workers >= 0 and --min_seconds <= --max_seconds")
+    if not args.min_seconds <= args.max_segment_seconds <= args.max_seconds:
+        parser.error("need --min_seconds <= --max_segment_seconds <= --max_seconds")
+    if not 1 <= args.flag_rate_ratio <= args.reject_rate_ratio or args.references_per_speaker < 1:
+        parser.error("need 1 <= --flag_rate_ratio <= --reject_rate_ratio and --references_per_speaker >= 1")
     return args
 
 
@@ -120,10 +192,38 @@ def resolve_shards(args):
     if args.num_shards is None and world_size > 1 and not args.merge_shards:
         args.num_shards, args.shard_index = world_size, int(os.environ["RANK"])
         args.merge_when_done = args.shard_index == 0
-        if args.device is None and torch.cuda.is_available():
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        if args.device is None:
+            import torch
+
+            if torch.cuda.is_available():
+                args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     args.num_shards = args.num_shards or 1
     args.shard_index = args.shard_index or 0
+
+
+def speech_tokenizer_folder(value: str) -> str:
+    """The speech tokenizer folder that --tokenizer_model_path names: the folder itself, or the
+    speech_tokenizer/ inside a model folder. Anything else stops the run before it writes a file."""
+    path = Path(value).expanduser().resolve()
+
+    def model_type(folder: Path):
+        try:
+            return json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    if not path.is_dir():
+        raise SystemExit(f"error: --tokenizer_model_path {value}: no such folder")
+    if model_type(path) == TOKENIZER_MODEL_TYPE:
+        return str(path)
+    inner = path / "speech_tokenizer"
+    if model_type(inner) == TOKENIZER_MODEL_TYPE:
+        print(f"--tokenizer_model_path {value} is a model folder: using its speech tokenizer, {inner}")
+        return str(inner)
+    found = f"its config.json is of a {model_type(path)!r} model" if model_type(path) else "it has no readable config.json"
+    raise SystemExit(f"error: --tokenizer_model_path {value} is not a speech tokenizer folder ({found}, and it holds "
+                     f"no speech_tokenizer/ folder). Pass the speech_tokenizer/ folder of a Qwen3-TTS download "
+                     f"(Qwen3-TTS-12Hz-1.7B-Base/speech_tokenizer) or a Qwen3-TTS-Tokenizer-12Hz download.")
 
 
 def shard_output(output: Path, index: int, count: int) -> Path:
@@ -134,15 +234,23 @@ def beside(output: Path, suffix: str) -> Path:
     return output.with_name(output.name + suffix)
 
 
-def run_settings(args, layout: str, input_path: Path) -> dict:
+def absolute(value):
+    return str(Path(value).expanduser().resolve()) if value else None
+
+
+def run_settings(args, inputs: list) -> dict:
     """What decides the rows and their codes: a resumed run, or a shard being merged, must match."""
-    tokenizer = Path(args.tokenizer_model_path).expanduser()
-    return dict(input=str(input_path), layout=layout,
-                tokenizer_model_path=str(tokenizer.resolve()) if tokenizer.exists() else args.tokenizer_model_path,
-                ref_audio=str(Path(args.ref_audio).expanduser().resolve()) if args.ref_audio else None,
-                speaker=args.speaker, language=args.language, min_seconds=args.min_seconds,
-                max_seconds=args.max_seconds, silence_dbfs=args.silence_dbfs,
+    return dict(input=[str(path) for _, path in inputs], layout=[layout for layout, _ in inputs],
+                tokenizer_model_path=None if args.validate_only else args.tokenizer_model_path,
+                ref_audio=absolute(args.ref_audio), speaker=args.speaker, language=args.language,
+                min_seconds=args.min_seconds, max_seconds=args.max_seconds, silence_dbfs=args.silence_dbfs,
                 clipped_fraction=args.clipped_fraction, reject_clipped=args.reject_clipped,
+                flag_rate_ratio=args.flag_rate_ratio, reject_rate_ratio=args.reject_rate_ratio,
+                trim=args.trim, trim_padding_seconds=args.trim_padding_seconds,
+                loudness_lufs=args.loudness_lufs if args.normalise_loudness else None,
+                max_segment_seconds=args.max_segment_seconds, min_pause_seconds=args.min_pause_seconds,
+                asr_model=absolute(args.asr_model), asr_check=args.asr_check, max_cer=args.max_cer,
+                references_per_speaker=args.references_per_speaker,
                 shard_index=args.shard_index, num_shards=args.num_shards)
 
 
@@ -151,7 +259,7 @@ def settings_differences(earlier: dict, now: dict) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: read and check rows, encode what is not done yet, publish
+# The run: read and check rows, decode and encode what is not done yet, publish
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -159,21 +267,30 @@ def main(argv=None):
     output = Path(args.output_jsonl).expanduser().resolve()
     if args.merge_shards:
         return merge_shards(output, args.num_shards)
-    layout, input_path = detect_layout(Path(args.input).expanduser().resolve())
-    settings = run_settings(args, layout, input_path)
+    if not args.validate_only:
+        args.tokenizer_model_path = speech_tokenizer_folder(args.tokenizer_model_path)
+    inputs = [detect_layout(Path(value).expanduser().resolve()) for value in args.input]
+    settings = run_settings(args, inputs)
     own_output = shard_output(output, args.shard_index, args.num_shards)
+    if args.validate_only and own_output.exists():
+        raise SystemExit(f"error: {own_output} exists: --validate_only would overwrite its rejects, summary and "
+                         f"report. Choose another --output_jsonl to check the data.")
     try:
-        if own_output.exists() and not beside(own_output, ".partial").exists():
+        if not args.validate_only and own_output.exists() and not beside(own_output, ".partial").exists():
             summary = already_complete(own_output, settings)
         else:
-            summary = prepare(args, layout, input_path, own_output, settings)
+            summary = prepare(args, inputs, own_output, settings)
     except KeyboardInterrupt:
-        partial = beside(own_output, ".partial")
+        partial = progress_path(own_output, args.validate_only)
         raise SystemExit(f"interrupted; run the same command again to carry on from {partial}") from None
     if args.merge_when_done:
         wait_for_shards(output, args.num_shards)
         return merge_shards(output, args.num_shards)
     return summary
+
+
+def progress_path(output: Path, validate_only: bool) -> Path:
+    return beside(output, ".validate.partial" if validate_only else ".partial")
 
 
 def already_complete(output: Path, settings: dict):
@@ -187,14 +304,25 @@ def already_complete(output: Path, settings: dict):
     return summary
 
 
-def prepare(args, layout: str, input_path: Path, output: Path, settings: dict) -> dict:
-    checker = RowChecker(Limits(args.min_seconds, args.max_seconds), settings["ref_audio"], args.speaker, args.language)
+def prepare(args, inputs: list, output: Path, settings: dict) -> dict:
+    limits = Limits(args.min_seconds, args.max_seconds)
+    checks = AudioChecks(limits, args.silence_dbfs, args.clipped_fraction, args.reject_clipped,
+                         Processing(args.trim, args.trim_padding_seconds, args.max_segment_seconds,
+                                    args.min_pause_seconds, settings["loudness_lufs"]))
+    if args.ref_audio:
+        problem = audio.probe(settings["ref_audio"])[1]
+        problem = problem[1] if problem else checks.reference_problem(settings["ref_audio"], audio.TOKENIZER_SAMPLE_RATE)
+        if problem:
+            raise SystemExit(f"error: --ref_audio {args.ref_audio}: {problem}")
+    checker = RowChecker(limits, settings["ref_audio"], args.speaker, args.language, transcribe=bool(args.asr_model))
     planned, rejects = [], []
-    for item in tqdm(read_input(layout, input_path), desc=f"checking {layout} rows", unit="row"):
-        checked = checker.check(item)
-        (rejects if isinstance(checked, Reject) else planned).append(checked)
-    if not planned and not rejects:
-        raise SystemExit(f"error: {input_path}: no rows found (read as the {layout} layout)")
+    for layout, input_path in inputs:
+        found = len(planned) + len(rejects)
+        for item in tqdm(read_input(layout, input_path), desc=f"checking {layout} rows", unit="row"):
+            checked = checker.check(item)
+            (rejects if isinstance(checked, Reject) else planned).append(checked)
+        if len(planned) + len(rejects) == found:
+            raise SystemExit(f"error: {input_path}: no rows found (read as the {layout} layout)")
     # Clip k of the longest-first order goes to shard k % N: every shard gets the same mix of lengths.
     # Longest first also puts the most memory-hungry batches at the start.
     clips = sorted(planned, key=lambda clip: (-clip.seconds, input_order(clip.source)))
@@ -204,31 +332,35 @@ def prepare(args, layout: str, input_path: Path, output: Path, settings: dict) -
     for reject in rejects:
         show_reject(reject)
 
-    progress = ProgressFile(beside(output, ".partial"), settings)
+    progress = ProgressFile(progress_path(output, args.validate_only), settings)
     todo = progress.todo(clips)
     throughput = new_throughput()
     if todo:
         print(f"{len(clips)} clips in this run ({len(clips) - len(todo)} already done), "
               f"{len(rejects)} rows rejected before decoding")
-        checks = AudioChecks(Limits(args.min_seconds, args.max_seconds), args.silence_dbfs,
-                             args.clipped_fraction, args.reject_clipped)
         done_seconds = sum(clip.seconds for clip in clips) - sum(clip.seconds for clip in todo)
-        throughput = encode(todo, args, checks, progress, show_reject, done_seconds, len(clips))
+        throughput = decode_and_encode(todo, args, checks, progress, show_reject, done_seconds, len(clips))
     progress.close()
 
-    positions, decode_rejects = [], []
-    for offset, entry in read_lines(progress.path):
-        if "kept" in entry:
-            positions.append((input_order(entry["kept"]["source"]), progress.path, offset))
-        elif "rejected" in entry:
-            decode_rejects.append(entry["rejected"])
-    summary = publish(output, positions, [asdict(reject) for reject in rejects] + decode_rejects, settings, throughput)
-    progress.path.unlink()
+    kept, decode_rejects = [], []
+    for offset, entry in read_lines(progress.path) if progress.path.exists() else []:
+        if "settings" in entry:
+            continue
+        kept += [ClipInfo.of(row, (progress.path, offset, index), input_order(row["source"]))
+                 for index, row in enumerate(entry["kept"])]
+        decode_rejects += entry["rejected"]
+    summary = publish(output, kept, [asdict(reject) for reject in rejects] + decode_rejects, settings, throughput,
+                      write_rows=not args.validate_only, check_dataset=args.num_shards == 1)
+    if progress.path.exists():
+        progress.path.unlink()
+    if not summary["clips"] and args.num_shards == 1:
+        raise SystemExit(f"error: no usable clips: all {summary['rejected']} rows were rejected "
+                         f"(reasons in {beside(output, '.rejects.jsonl')})")
     return summary
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding (worker processes) and encoding
+# Decoding (worker processes), speech recognition and encoding
 # ---------------------------------------------------------------------------------------------
 
 class RejectPrinter:
@@ -243,8 +375,9 @@ class RejectPrinter:
             tqdm.write("rejected: ... (more in the rejects file)", file=sys.stderr)
 
 
-class DecodedBatches(torch.utils.data.Dataset):
-    """Item i: batch i's clips through AudioChecks.decode, done in a worker process while the tokenizer encodes."""
+class DecodedBatches:
+    """Item i: batch i's clips through AudioChecks.process, done in a worker process while the
+    tokenizer encodes (a map-style dataset for torch's DataLoader)."""
 
     def __init__(self, batches: list, checks: AudioChecks, sample_rate: int, frame_samples: int):
         self.batches, self.checks = batches, checks
@@ -254,7 +387,7 @@ class DecodedBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, index):
-        return [self.checks.decode(clip, self.sample_rate, self.frame_samples) for clip in self.batches[index]]
+        return self.checks.process(self.batches[index], self.sample_rate, self.frame_samples)
 
 
 def as_is(item):
@@ -272,38 +405,57 @@ def die_with_parent(_worker_id):
         pass
 
 
-def encode(todo: list, args, checks: AudioChecks, progress, show_reject, done_seconds: float, total: int) -> dict:
-    """Decode and encode `todo`, appending each batch's rows and rejects to the progress file."""
-    from qwen_tts import Qwen3TTSTokenizer
+def decode_and_encode(todo: list, args, checks: AudioChecks, progress, show_reject, done_seconds: float,
+                      total: int) -> dict:
+    """Decode `todo` (and transcribe, and encode unless --validate_only), appending each input row's
+    output clips and rejects to the progress file, batch by batch."""
+    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = Qwen3TTSTokenizer.from_pretrained(args.tokenizer_model_path, device_map=device)
-    sample_rate = tokenizer.get_input_sample_rate()
+    tokenizer, sample_rate, frame_samples = None, audio.TOKENIZER_SAMPLE_RATE, audio.SAMPLES_PER_FRAME
+    if not args.validate_only:
+        from qwen_tts import Qwen3TTSTokenizer
+
+        tokenizer = Qwen3TTSTokenizer.from_pretrained(args.tokenizer_model_path, device_map=device)
+        sample_rate, frame_samples = tokenizer.get_input_sample_rate(), tokenizer.get_encode_downsample_rate()
+    transcriber = None
+    if args.asr_model:
+        from qwen3_tts_sft.transcription import Transcriber
+
+        transcriber = Transcriber(absolute(args.asr_model), device)
     batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
     loader = torch.utils.data.DataLoader(
-        DecodedBatches(batches, checks, sample_rate, tokenizer.get_encode_downsample_rate()), batch_size=None,
+        DecodedBatches(batches, checks, sample_rate, frame_samples), batch_size=None,
         collate_fn=as_is, num_workers=args.num_workers, prefetch_factor=4 if args.num_workers else None,
         worker_init_fn=die_with_parent)
     kill_after = int(os.environ.get(KILL_HOOK, "0"))
     stats = new_throughput()
-    bar = tqdm(total=total, initial=total - len(todo), unit="clip", desc="encoding", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=total - len(todo), unit="clip", desc="checking" if tokenizer is None else "encoding",
+               dynamic_ncols=True)
     started = time.perf_counter()
-    for batch_number, decoded in enumerate(loader, start=1):
-        good = [item for item in decoded if item.reject is None]
-        encode_started = time.perf_counter()
-        codes = tokenizer.encode([item.samples for item in good], sr=sample_rate).audio_codes if good else []
-        codes = [frames.cpu().tolist() for frames in codes]  # waits for the GPU: the timing is honest
-        stats["tokenizer_seconds"] += time.perf_counter() - encode_started
-        entries = [{"rejected": asdict(item.reject)} for item in decoded if item.reject is not None]
-        entries += [{"kept": output_row(item, frames)} for item, frames in zip(good, codes, strict=True)]
-        progress.append(entries)
-        for item in decoded:
-            if item.reject is not None:
-                show_reject(item.reject)
-        stats["encoded_clips"] += len(good)
-        stats["encoded_audio_seconds"] += sum(item.seconds for item in good)
+    for batch_number, takes in enumerate(loader, start=1):
+        pieces = [piece for take in takes for piece in take if piece.reject is None]
+        if transcriber is not None:
+            transcribe(pieces, transcriber, sample_rate, args.asr_check, args.max_cer)
+        good = [piece for piece in pieces if piece.reject is None]
+        codes = {}
+        if tokenizer is not None:
+            encode_started = time.perf_counter()
+            for start in range(0, len(good), args.batch_size):  # a long take's pieces can outnumber a batch
+                chunk = good[start:start + args.batch_size]
+                encoded = tokenizer.encode([piece.samples for piece in chunk], sr=sample_rate).audio_codes
+                # .tolist() waits for the GPU: the timing is honest
+                codes.update({id(piece): frames.cpu().tolist() for piece, frames in zip(chunk, encoded, strict=True)})
+            stats["tokenizer_seconds"] += time.perf_counter() - encode_started
+        progress.append([take_entry(take, codes) for take in takes])
+        for take in takes:
+            for piece in take:
+                if piece.reject is not None:
+                    show_reject(piece.reject)
+        stats["encoded_clips"] += len(codes)
+        stats["encoded_audio_seconds"] += sum(piece.seconds for piece in good if id(piece) in codes)
         stats["wall_seconds"] = time.perf_counter() - started
-        bar.update(len(decoded))
+        bar.update(len(takes))
         bar.set_postfix_str(f"{(done_seconds + stats['encoded_audio_seconds']) / 3600:.2f} h audio done, "
                             f"{stats['encoded_audio_seconds'] / stats['wall_seconds']:.0f}x real time")
         if batch_number == kill_after:
@@ -312,14 +464,48 @@ def encode(todo: list, args, checks: AudioChecks, progress, show_reject, done_se
     return stats
 
 
+def transcribe(pieces: list, transcriber, sample_rate: int, check: bool, max_cer: float):
+    """Text for the pieces without it; with `check`, the error rate of the others' text."""
+    from qwen3_tts_sft.transcription import character_error_rate
+
+    heard = [piece for piece in pieces if "text" not in piece.row or check]
+    for piece, text in zip(heard, transcriber([piece.samples for piece in heard], sample_rate)):
+        if "text" not in piece.row:
+            if not text:
+                piece.rejected("empty_transcript", "text", "speech recognition heard no words")
+                continue
+            piece.row.update(text=text, text_from="asr")
+            continue
+        cer = character_error_rate(piece.row["text"], text)
+        piece.quality.update(asr_text=text, cer=round(cer, 3))
+        if cer > max_cer:
+            piece.flags["transcript_mismatch"] = (f"speech recognition heard {text!r}: character error rate "
+                                                  f"{cer:.2f} (--max_cer {max_cer:g})")
+
+
 def new_throughput() -> dict:
     """Speed of this run's encoding: audio seconds per wall second is what the summary reports."""
     return dict(encoded_clips=0, encoded_audio_seconds=0.0, wall_seconds=0.0, tokenizer_seconds=0.0)
 
 
-def output_row(item, codes: list) -> dict:
-    clipped = {} if item.clipped_fraction is None else dict(clipped_fraction=round(item.clipped_fraction, 6))
-    return dict(item.clip.row, source=item.clip.source, **clipped, audio_codes=codes)
+def take_entry(take: list, codes: dict) -> dict:
+    """The progress line of one input row: its kept output rows and its rejects."""
+    clip = take[0].clip
+    kept = [output_row(piece, codes.get(id(piece))) for piece in take if piece.reject is None]
+    return dict(source=clip.source, audio=clip.row["audio"], text=clip.row.get("text"), kept=kept,
+                rejected=[asdict(piece.reject) for piece in take if piece.reject is not None])
+
+
+def output_row(piece, codes) -> dict:
+    row = dict(piece.row, source=piece.source)
+    if piece.clipped_fraction is not None:
+        row["clipped_fraction"] = round(piece.clipped_fraction, 6)
+    if piece.flags:
+        row["flags"] = piece.flags
+    row["quality"] = piece.quality
+    if codes is not None:
+        row["audio_codes"] = codes
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,14 +513,16 @@ def output_row(item, codes: list) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 class ProgressFile:
-    """OUTPUT.partial: a settings line, then a line per finished clip, {"kept": row} or {"rejected": reject}.
+    """OUTPUT.partial: a settings line, then a line per finished input row:
+    {"source", "audio", "text", "kept": [output rows], "rejected": [rejects]}.
 
-    Appended and flushed batch by batch, so a crash loses at most the batch being written.
+    Appended and flushed batch by batch, so a crash loses at most the batch being written. The file
+    is created with the first batch: a run that fails before it (a wrong tokenizer path) leaves nothing.
     """
 
     def __init__(self, path: Path, settings: dict):
-        self.path = path
-        self.done = {}  # source -> (audio, text) of a kept row, or None for a rejected one
+        self.path, self.settings, self.handle = path, settings, None
+        self.done = {}  # source -> (audio, text) of the input row
         cut = cut_partial_last_line(path) if path.exists() else 0
         if cut:
             print(f"{path}: cut off a half-written last line ({cut} bytes) left by an interrupted run")
@@ -346,30 +534,31 @@ class ProgressFile:
                 raise SystemExit(f"error: {path} holds a run started with other settings: {', '.join(differences)}. "
                                  f"Run with the earlier settings to carry on, or delete it to start over.")
             for _, entry in lines:
-                kept = entry.get("kept")
-                self.done[(kept or entry["rejected"])["source"]] = (kept["audio"], kept["text"]) if kept else None
+                self.done[entry["source"]] = (entry["audio"], entry["text"])
             print(f"resuming from {path}: {len(self.done)} clips already done")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dict(settings=settings)) + "\n")
-        self.handle = open(path, "a", encoding="utf-8")
+            self.handle = open(path, "a", encoding="utf-8")
 
     def todo(self, clips: list) -> list:
         """The clips not done yet. Stops when the done rows are not this input's rows (the input changed)."""
         planned = {clip.source: clip for clip in clips}
         for source, done in self.done.items():
             clip = planned.get(source)
-            if clip is None or (done is not None and done != (clip.row["audio"], clip.row["text"])):
+            if clip is None or done != (clip.row["audio"], clip.row.get("text")):
                 raise SystemExit(f"error: {self.path}: the row {source} done by the earlier run is not that row "
                                  f"of this input: the input changed. Delete {self.path} to start over.")
         return [clip for clip in clips if clip.source not in self.done]
 
     def append(self, entries: list):
+        if self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "w", encoding="utf-8")
+            self.handle.write(json.dumps(dict(settings=self.settings)) + "\n")
         self.handle.write("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries))
         self.handle.flush()
 
     def close(self):
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def cut_partial_last_line(path: Path) -> int:
@@ -403,36 +592,88 @@ def read_lines(path: Path):
             offset += len(line)
 
 
-def publish(output: Path, positions: list, rejects: list, settings: dict, throughput: dict) -> dict:
-    """Write OUTPUT (rows in input order), its rejects and summary. OUTPUT comes last, by a rename.
+class RowFiles:
+    """Reads a row back from where ClipInfo.position says: a line of an output (index None), or the
+    index-th kept row of a progress line. Keeps the files open, and the last line parsed."""
 
-    positions: (input order, file, byte offset) of each row's line; a line is a row or {"kept": row}.
-    """
-    positions.sort(key=lambda position: position[0])
-    for before, after in zip(positions, positions[1:]):
-        if before[0] == after[0]:
-            raise SystemExit(f"error: the row {after[0]} is written twice ({before[1]}, {after[1]})")
-    summary = DatasetSummary()
-    temporary = beside(output, ".tmp")
-    handles = {}
-    with open(temporary, "w", encoding="utf-8") as out:
-        for _, path, offset in positions:
-            handle = handles.setdefault(path, open(path, "rb"))
+    def __init__(self):
+        self.handles, self.line = {}, (None, None)
+
+    def row(self, position: tuple) -> dict:
+        path, offset, index = position
+        if self.line[0] != (path, offset):
+            handle = self.handles.setdefault(path, open(path, "rb"))
             handle.seek(offset)
-            entry = json.loads(handle.readline())
-            row = entry.get("kept", entry)
-            summary.add(row)
+            self.line = ((path, offset), json.loads(handle.readline()))
+        entry = self.line[1]
+        return dict(entry if index is None else entry["kept"][index])
+
+    def close(self):
+        for handle in self.handles.values():
+            handle.close()
+
+
+def publish(output: Path, clips: list, rejects: list, settings: dict, throughput: dict, write_rows: bool = True,
+            check_dataset: bool = True) -> dict:
+    """Write OUTPUT (rows in input order), its rejects, summary and report. OUTPUT comes last, by a rename.
+
+    clips: ClipInfo of every kept row. check_dataset: run the checks across clips and choose the
+    references (off in a shard: they need every shard's clips, and run at the merge).
+    """
+    clips = sorted(clips, key=lambda clip: clip.order)
+    for before, after in zip(clips, clips[1:]):
+        if before.order == after.order:
+            raise SystemExit(f"error: the row {after.source} is written twice ({before.position[0]}, {after.position[0]})")
+    checks = DatasetChecks(settings["flag_rate_ratio"], settings["reject_rate_ratio"], settings["references_per_speaker"])
+    dataset_rejects, medians = checks.run(clips) if check_dataset else ({}, {})
+    kept = [clip for clip in clips if clip.source not in dataset_rejects]
+    rejects = rejects + [asdict(Reject(source, reason, "audio" if reason == "duplicate_audio" else "text", problem))
+                         for source, (reason, problem) in dataset_rejects.items()]
+    references = {}
+    if check_dataset:
+        folder = beside(output, ".references")
+        for speaker, chosen in checks.references(kept).items():
+            references[speaker] = [(clip, data_report.reference_file(clip, folder, number) if write_rows
+                                    else clip.row_audio if clip.segment is None else None)
+                                   for number, clip in enumerate(chosen, start=1)]
+    summary = DatasetSummary()
+    rows = RowFiles()
+    temporary = beside(output, ".tmp")
+    uses = {}  # speaker -> rows given a chosen reference so far: they take turns
+    with open(temporary, "w", encoding="utf-8") as out:
+        for clip in kept:
+            row = rows.row(clip.position)
+            codes = row.pop("audio_codes", None)
+            if clip.flags:
+                row["flags"] = clip.flags
+            if not row.get("ref_audio") and clip.speaker in references:
+                chosen = references[clip.speaker]
+                row["ref_audio"] = chosen[uses.get(clip.speaker, 0) % len(chosen)][1]
+                uses[clip.speaker] = uses.get(clip.speaker, 0) + 1
+            if codes is not None:
+                row["audio_codes"] = codes
+            summary.add(clip, row)
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
         out.flush()
         os.fsync(out.fileno())
-    for handle in handles.values():
-        handle.close()
+    rows.close()
     rejects = sorted(rejects, key=lambda reject: input_order(reject["source"]))
     write_atomically(beside(output, ".rejects.jsonl"),
                      "".join(json.dumps(reject, ensure_ascii=False) + "\n" for reject in rejects))
-    report = summary.report(output, rejects, settings, throughput)
+    # An empty dataset is not published (a rerun would take it as done), except as a shard: the merge needs it.
+    complete = write_rows and bool(kept or not check_dataset)
+    report = summary.report(output, rejects, settings, throughput, complete)
+    quality = dict(report, speakers=data_report.speaker_entries(kept, medians, references),
+                   clips_report=[data_report.clip_entry(clip, medians, summary.text_from.get(clip.source))
+                                 for clip in kept], plot=str(beside(output, ".report.png")))
+    data_report.plot(beside(output, ".report.png"),
+                     kept, [clip for clip in clips if dataset_rejects.get(clip.source, ("",))[0] == "speaking_rate"])
+    write_atomically(beside(output, ".report.json"), json.dumps(quality, indent=2, ensure_ascii=False) + "\n")
     write_atomically(beside(output, ".summary.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, output)
+    if complete:
+        os.replace(temporary, output)
+    else:
+        temporary.unlink()
     print_summary(report)
     return report
 
@@ -459,17 +700,22 @@ class DatasetSummary:
 
     def __init__(self):
         self.seconds, self.characters, self.speakers, self.clipped = [], [], [], 0
+        self.flags = dict.fromkeys(FLAGS, 0)
+        self.text_from = {}  # source -> "asr", for the clips whose text speech recognition wrote
         self.rates = SpeakingRates()
 
-    def add(self, row: dict):
-        self.seconds.append(len(row["audio_codes"]) / FRAMES_PER_SECOND)
-        self.characters.append(len(row["text"]))
-        # lower-cased, as the trainer groups speakers (and infer_test reports them)
-        self.speakers.append(row["speaker"].strip().lower() if row.get("speaker") else NO_SPEAKER)
-        self.rates.add(row["text"], len(row["audio_codes"]), row.get("speaker") or NO_SPEAKER)
+    def add(self, clip: ClipInfo, row: dict):
+        self.seconds.append(clip.seconds)
+        self.characters.append(len(clip.text))
+        self.speakers.append(clip.speaker)
+        self.rates.add(clip.text, round(clip.seconds * FRAMES_PER_SECOND), row.get("speaker") or NO_SPEAKER)
         self.clipped += "clipped_fraction" in row
+        for name in clip.flags:
+            self.flags[name] += 1
+        if row.get("text_from"):
+            self.text_from[clip.source] = row["text_from"]
 
-    def report(self, output: Path, rejects: list, settings: dict, throughput: dict) -> dict:
+    def report(self, output: Path, rejects: list, settings: dict, throughput: dict, complete: bool) -> dict:
         seconds, characters = np.array(self.seconds), np.array(self.characters)
         speakers = np.array(self.speakers, dtype=object)
         edges = (0,) + DURATION_BUCKETS + (math.inf,)
@@ -478,7 +724,7 @@ class DatasetSummary:
         rates = characters / seconds if len(seconds) else np.zeros(0)
         speaking_rates = self.rates.rates()
         return dict(
-            complete=True,
+            complete=complete,
             output=str(output),
             clips=len(seconds),
             hours=round(float(seconds.sum()) / 3600, 4),
@@ -491,24 +737,30 @@ class DatasetSummary:
                       for name in sorted(set(self.speakers))},
             duration_histogram=dict(zip(labels, (int(count) for count in counts))),
             clipped_clips=self.clipped,
+            flagged_clips=self.flags,
+            transcribed_clips=len(self.text_from),
             rejected=len(rejects),
             rejects_by_reason={reason: sum(reject["reason"] == reason for reject in rejects)
                                for reason in REJECT_REASONS},
             throughput=dict({key: round(value, 3) for key, value in throughput.items()}, audio_seconds_per_wall_second=
                             round(throughput["encoded_audio_seconds"] / max(throughput["wall_seconds"], 1e-9), 1)),
+            report=str(beside(output, ".report.json")),
             settings=settings,
         )
 
 
 def print_summary(report: dict):
     speed = report["throughput"]
-    print(f"\nwrote {report['clips']} clips, {report['hours']:.2f} h of audio, to {report['output']}")
+    written = f"to {report['output']}" if report["complete"] else "(nothing written: validate only, or no clips)"
+    print(f"\n{report['clips']} clips, {report['hours']:.2f} h of audio, {written}")
     print(f"  speaking rate {report['characters_per_second']} characters/s; "
-          f"clipped clips kept: {report['clipped_clips']}")
+          f"clipped clips kept: {report['clipped_clips']}; transcribed: {report['transcribed_clips']}")
     for name, speaker in report["speakers"].items():
         print(f"  speaker {name}: {speaker['clips']} clips, {speaker['hours']:.2f} h, "
               f"{speaker['characters_per_second']} characters/s")
     print("  durations: " + ", ".join(f"{label} {count}" for label, count in report["duration_histogram"].items()))
+    flags = ", ".join(f"{flag} {count}" for flag, count in report["flagged_clips"].items() if count)
+    print(f"  flagged (kept): {flags or 'none'}; per clip in {report['report']}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in report["rejects_by_reason"].items() if count)
     where = f": {reasons} (see {report['output']}.rejects.jsonl)" if reasons else ""
     print(f"  rejected {report['rejected']} rows{where}")
@@ -542,13 +794,17 @@ def merge_shards(output: Path, count: int) -> dict:
         if differences:
             raise SystemExit(f"error: {path} was written with other settings than {shards[0]}: "
                              f"{', '.join(differences)}")
-    positions = [(input_order(row["source"]), path, offset) for path in shards for offset, row in read_lines(path)]
+    clips = [ClipInfo.of(row, (path, offset, None), input_order(row["source"]))
+             for path in shards for offset, row in read_lines(path)]
     rejects = [reject for path in shards for _, reject in read_lines(beside(path, ".rejects.jsonl"))]
     speeds = [report["throughput"] for report in reports]
     throughput = {key: sum(speed[key] for speed in speeds) for key in ("encoded_clips", "encoded_audio_seconds",
                                                                         "tokenizer_seconds")}
     throughput["wall_seconds"] = max(speed["wall_seconds"] for speed in speeds)  # the shards ran side by side
-    return publish(output, positions, rejects, settings, throughput)
+    summary = publish(output, clips, rejects, settings, throughput)
+    if not summary["clips"]:
+        raise SystemExit(f"error: no usable clips in any shard (reasons in {beside(output, '.rejects.jsonl')})")
+    return summary
 
 
 if __name__ == "__main__":

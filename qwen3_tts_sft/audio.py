@@ -1,11 +1,16 @@
 """The audio facts every command shares, and reading audio files.
 
-Facts: the codec's frame rate, what counts as clipped, decibels below full scale, the speaking
-rate. Files: any format soundfile reads, downmixed to mono, resampled with soxr. Light on purpose
-(numpy, soundfile, soxr): prepare_codes.py and infer_test.py import it without the model code.
+Facts: the codec's frame and sample rates, what counts as clipped, decibels below full scale,
+loudness (ITU-R BS.1770, with pyloudnorm), the speaking rate, what counts as a low sample rate.
+Files: any format soundfile reads, downmixed to mono, resampled with soxr, and checked for
+truncation (a file that decodes shorter than its header says). Light on purpose (numpy,
+soundfile, soxr; pyloudnorm when loudness is asked for): prepare_codes.py and infer_test.py
+import it without the model code.
 """
 
+import hashlib
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +22,33 @@ FRAMES_PER_SECOND = 12.5  # the 12 Hz codec: one frame of 16 codes every 80 ms
 # A sample at or beyond this magnitude counts as clipped: 16-bit full scale reads as 0.99997,
 # and the speech decoder's output is clamped to [-1, 1].
 CLIP_LEVEL = 0.999
+# What the 12 Hz speech tokenizer takes (its get_input_sample_rate and get_encode_downsample_rate):
+# prepare_codes --validate_only measures clips at this rate without loading the tokenizer.
+TOKENIZER_SAMPLE_RATE = 24000
+SAMPLES_PER_FRAME = 1920
+# Recordings below this rate lack the upper half of the speech band (fricatives, sibilants);
+# upsampling does not bring it back.
+LOW_SAMPLE_RATE = 16000
+# Loudness normalisation lowers its gain rather than push a peak above this: clear of clipping,
+# with a margin for the overshoot of later resampling.
+PEAK_CEILING_DBFS = -1.0
+# Trimming cuts only audio this far below a clip's loud frames (and heard as no speech): a voice
+# the detector misses is never cut. Weak consonants sit 20-30 dB below the vowels.
+QUIET_BELOW_LOUDEST_DB = 35.0
+# A file that decodes this much shorter than its header says is truncated (MP3 headers and
+# encoder padding are a few frames off; a cut file is off by much more).
+TRUNCATION_TOLERANCE = dict(fraction=0.01, seconds=0.05)
 
 
 def rms_dbfs(samples: np.ndarray) -> float:
     """RMS level in dB relative to full scale; -inf for digital silence or no samples."""
     rms = math.sqrt(float(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
     return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def peak_dbfs(samples: np.ndarray) -> float:
+    peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
+    return 20 * math.log10(peak) if peak > 0 else -math.inf
 
 
 def clipped_fraction(samples: np.ndarray) -> float:
@@ -35,6 +61,52 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if from_rate != to_rate:
         samples = soxr.resample(samples, from_rate, to_rate, quality="HQ")
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def integrated_loudness(samples: np.ndarray, sample_rate: int) -> float:
+    """ITU-R BS.1770 integrated loudness in LUFS; -inf for silence or under one 400 ms block."""
+    import pyloudnorm  # imported here: only prepare_codes measures loudness
+
+    if len(samples) < 0.4 * sample_rate:
+        return -math.inf
+    return float(pyloudnorm.Meter(sample_rate).integrated_loudness(samples.astype(np.float64)))
+
+
+def loudness_gain_db(loudness_lufs: float, peak: float, target_lufs: float) -> float:
+    """The gain that brings a clip to `target_lufs`, lowered so its peak stays at PEAK_CEILING_DBFS."""
+    if not math.isfinite(loudness_lufs) or not math.isfinite(peak):
+        return 0.0
+    return min(target_lufs - loudness_lufs, PEAK_CEILING_DBFS - peak)
+
+
+def speech_to_noise_db(samples: np.ndarray, sample_rate: int) -> float:
+    """A rough signal-to-noise ratio: the loud (90th percentile) against the quiet (10th percentile)
+    20 ms frames, in dB. Clean studio speech scores 50 or more, a noisy room 20 or less."""
+    frame = sample_rate // 50
+    frames = len(samples) // frame
+    if frames < 10:
+        return 0.0
+    power = np.mean(np.square(samples[:frames * frame].reshape(frames, frame), dtype=np.float64), axis=1)
+    quiet, loud = np.percentile(power, [10, 90])
+    return 10 * math.log10(max(loud, 1e-20) / max(quiet, 1e-20))
+
+
+def loud_bounds(samples: np.ndarray, sample_rate: int, below_loudest_db: float = QUIET_BELOW_LOUDEST_DB):
+    """(first, last + 1) sample of the 10 ms frames within `below_loudest_db` of the clip's loud
+    frames (their 95th percentile), or None for silence. What lies outside is quiet."""
+    frame = sample_rate // 100
+    frames = -(-len(samples) // frame)
+    padded = np.pad(samples, (0, frames * frame - len(samples)))
+    power = np.mean(np.square(padded.reshape(frames, frame), dtype=np.float64), axis=1)
+    if not power.any():
+        return None
+    loud = np.flatnonzero(power >= np.percentile(power, 95) * 10 ** (-below_loudest_db / 10))
+    return int(loud[0] * frame), min(len(samples), int((loud[-1] + 1) * frame))
+
+
+def content_hash(samples: np.ndarray) -> str:
+    """Names a clip's samples: the same audio in two files (or twice in one dataset) hashes the same."""
+    return hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
 
 
 class SpeakingRates:
@@ -61,6 +133,8 @@ class DecodedAudio:
     samples: np.ndarray        # float32 mono at the requested rate
     clipped_fraction: float    # share of the file's samples (all channels) at full scale
     level_dbfs: float          # RMS level of `samples`, in dB below full scale (-inf for digital silence)
+    file_rate: int = None      # the file's own sample rate
+    truncated: str = None      # why the file counts as truncated, when it does
 
     @property
     def finite(self) -> bool:
@@ -91,7 +165,54 @@ def decode(path, sample_rate: int) -> DecodedAudio:
     """
     audio, file_rate = read_native(path)
     samples = to_mono(audio, file_rate, sample_rate)
-    return DecodedAudio(samples, clipped_fraction(audio), rms_dbfs(samples))
+    return DecodedAudio(samples, clipped_fraction(audio), rms_dbfs(samples), file_rate,
+                        truncation(path, len(audio), file_rate))
+
+
+def truncation(path, decoded_frames: int, file_rate: int):
+    """Why a file counts as cut short, or None. libsndfile reads what is there and says nothing:
+    a WAV's frame count comes from the file's length, not its data chunk, and a cut Ogg simply ends;
+    so the WAV data chunk size and the Ogg end-of-stream flag are read here."""
+    declared = declared_wav_frames(path)
+    if declared is None:
+        declared = sf.info(str(path)).frames  # FLAC and MP3 headers give the full count
+    missing = declared - decoded_frames
+    if missing > max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * file_rate):
+        return (f"truncated: the header says {declared / file_rate:.2f} s, only {decoded_frames / file_rate:.2f} s "
+                f"can be decoded")
+    if Path(path).suffix.lower() in (".ogg", ".opus") and not ogg_stream_ends(path):
+        return "truncated: the Ogg stream stops before its last page (no end-of-stream mark)"
+    return None
+
+
+def declared_wav_frames(path):
+    """Frames a RIFF WAV's data chunk says it holds, or None for other files (or an unusual WAV)."""
+    with open(path, "rb") as handle:
+        if handle.read(12)[8:12] != b"WAVE":
+            return None
+        handle.seek(12)
+        block_align = None
+        while len(header := handle.read(8)) == 8:
+            chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
+            if chunk == b"fmt ":
+                block_align = struct.unpack("<H", handle.read(16)[12:14])[0]
+                handle.seek(size - 16 + (size & 1), 1)
+            elif chunk == b"data":
+                # 0xFFFFFFFF: streamed or RF64, size unknown here
+                return size // block_align if block_align and size != 0xFFFFFFFF else None
+            else:
+                handle.seek(size + (size & 1), 1)
+    return None
+
+
+def ogg_stream_ends(path) -> bool:
+    """Whether the last Ogg page in the file carries the end-of-stream flag."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - 65536))
+        tail = handle.read()
+    page = tail.rfind(b"OggS")
+    return page >= 0 and len(tail) > page + 5 and bool(tail[page + 5] & 0x04)
 
 
 def duration_seconds(path) -> float:

@@ -1,29 +1,36 @@
-"""Reading a dataset of recordings, in any layout prepare_codes.py accepts, into checked rows.
+"""Reading a dataset of recordings, in any layout prepare_codes.py accepts, into checked clips.
 
 Layouts, picked from what --input names:
-    jsonl     a .jsonl file, one {"audio", "text", "ref_audio", "speaker", "language"} object a line
-              (ref_audio, speaker, language optional; relative paths are taken from the JSONL's folder)
-    ljspeech  a folder holding metadata.csv (`id|text` or `id|text|normalized text`) and wavs/, or that
-              metadata.csv itself. The normalized column is used when present: it spells numbers and
-              abbreviations out as they were spoken, so text and audio agree
-    folder    any other folder: every audio file below it with a same-named .txt or .lab transcript
+    jsonl     a .jsonl file, one {"audio", "text", "ref_audio", "speaker", "language", "segments"}
+              object a line (all but audio optional; relative paths are taken from the JSONL's folder).
+              "segments" aligns a long take's transcript: [{"start": s, "end": s, "text": "..."}, ...],
+              seconds into the file, in order; each becomes a clip of its own
+    ljspeech  a folder holding metadata.csv (`id|text` or `id|text|normalized text`) and the clips in
+              wavs/ or, when there is no wavs/, beside metadata.csv; or that metadata.csv itself. The
+              normalized column is used when present: it spells numbers and abbreviations out as they
+              were spoken, so text and audio agree
+    folder    any other folder: every audio file below it, with a same-named .txt or .lab transcript
 
-Every row has a `source`: "file:line", or the audio file's path in the folder layout. It names the row
-in messages and in the rejects file, identifies the row when a run resumes, and gives the output order.
+Every row has a `source`: "file:line", or the audio file's path in the folder layout; a piece of a
+long take adds "#k" (k = 1, 2, ...). It names the row in messages and in the rejects file,
+identifies the row when a run resumes, and gives the output order.
 
-Checks come in two steps. RowChecker needs only file headers, so a 2-hour file or a missing clip is
-rejected before any decoding; AudioChecks runs on the decoded audio (corrupt data, silence, clipping).
-A row that fails becomes a Reject with its reason; nothing here stops the run.
+Checks come in two steps. RowChecker needs only file headers, so a two-hour take without a
+transcript per segment, or a missing clip, is rejected before any decoding. AudioChecks.process
+runs on the decoded audio, in the decoding worker processes: corrupt, truncated and silent files
+are rejected; long takes are cut at their pauses; silence at the edges is trimmed; loudness is
+evened out; what the report needs is measured. A row that fails becomes a Reject with its reason;
+nothing here stops the run.
 """
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qwen3_tts_sft import audio
-from qwen3_tts_sft.training_data import resolve_path
 
 # Files the folder and LJSpeech layouts take as audio: what soundfile (libsndfile 1.1+) decodes.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
@@ -31,17 +38,30 @@ TRANSCRIPT_EXTENSIONS = (".txt", ".lab")
 
 # Why a row is rejected; the summary counts each one, zero counts included.
 REJECT_REASONS = (
-    "bad_row",             # not a JSON object, or a field of the wrong type
-    "missing_transcript",  # no text field, no text column, no .txt/.lab beside the audio
-    "empty_transcript",    # the text is blank
+    "bad_row",             # not a JSON object, not UTF-8, or a field of the wrong type
+    "missing_transcript",  # no text field, no text column, no .txt/.lab beside the audio (and no --asr_model)
+    "empty_transcript",    # the text is blank (or speech recognition heard nothing)
     "missing_audio",       # no audio field, or the file does not exist
     "unreadable_audio",    # soundfile cannot read it (corrupt, empty file, NaN samples)
+    "truncated_audio",     # decodes shorter than its header says: cut short when copied or downloaded
     "empty_audio",         # the file holds no samples
-    "too_short",           # shorter than --min_seconds
-    "too_long",            # longer than --max_seconds
+    "too_short",           # shorter than --min_seconds (after trimming)
+    "too_long",            # longer than --max_seconds, with no way to split it
     "silent",              # quieter than --silence_dbfs
     "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
-    "bad_ref_audio",       # the reference clip is missing or unreadable
+    "bad_ref_audio",       # the reference clip is missing, unreadable, silent, of a low rate or out of bounds
+    "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median
+    "duplicate_audio",     # the same samples as an earlier clip
+)
+
+# Why a kept clip is flagged: in its row's "flags" ({name: what}) and counted in the report.
+FLAGS = (
+    "low_sample_rate",     # recorded below audio.LOW_SAMPLE_RATE
+    "clipped",             # more than --clipped_fraction of its samples at full scale
+    "no_speech_found",     # the voice-activity detector heard no speech: not trimmed
+    "speaking_rate",       # characters per second beyond --flag_rate_ratio of the speaker's median
+    "duplicate_text",      # the same text as an earlier clip
+    "transcript_mismatch", # speech recognition disagrees with its text (--asr_check, above --max_cer)
 )
 
 
@@ -60,23 +80,29 @@ class Reject:
 @dataclass
 class InputRow:
     source: str
-    row: dict             # the output row's fields so far: audio, text, and whatever the input gave
+    row: dict                      # the output row's fields so far: audio, text, and whatever the input gave
     input: str
+    missing_text: str = "missing"  # what to say when it has no text
 
 
 @dataclass
 class PlannedClip:
-    """A row whose header checks passed: it will be decoded and encoded."""
+    """A row whose header checks passed: it will be decoded (and cut, when it is a long take)."""
     source: str
-    row: dict
+    row: dict             # without "text" when speech recognition is to write it
     input: str
     seconds: float        # from the header
+    segments: list = None # the aligned transcript of a long take: [{"start", "end", "text"}]
 
 
 def input_order(source: str) -> tuple:
-    """Sort key that puts rows back in input order: (file, line), or (audio path, 0) in a folder."""
-    path, _, line = source.rpartition(":")
-    return (path, int(line)) if path and line.isdigit() else (source, 0)
+    """Sort key that puts rows back in input order: (file, line, piece), or (audio path, 0, piece) in a
+    folder; piece 0 for a clip kept whole."""
+    whole, _, piece = source.rpartition("#")
+    if not (whole and piece.isdigit()):
+        whole, piece = source, "0"
+    path, _, line = whole.rpartition(":")
+    return (path, int(line), int(piece)) if path and line.isdigit() else (whole, 0, int(piece))
 
 
 def detect_layout(path: Path) -> tuple:
@@ -99,16 +125,31 @@ def read_input(layout: str, path: Path):
 
 
 def numbered_lines(path: Path):
-    """("file:line", line) for each line that is not blank; a byte-order mark is skipped."""
-    with open(path, encoding="utf-8-sig") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            line = line.rstrip("\r\n")
+    """("file:line", line, None) for each line that is not blank, or ("file:line", line as far as it
+    decodes, problem) for a line that is not UTF-8. Lines end at \\n only, so the numbers are an
+    editor's; a byte-order mark is skipped."""
+    with open(path, "rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\r\n")
+            try:
+                line, problem = raw.decode("utf-8"), None
+            except UnicodeDecodeError as error:
+                line = raw.decode("utf-8", errors="replace")
+                problem = f"is not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
             if line.strip():
-                yield f"{path}:{line_number}", line
+                yield f"{path}:{line_number}", line, problem
 
 
 def jsonl_rows(path: Path):
-    for source, line in numbered_lines(path):
+    # Imported here: training_data imports torch, and prepare_codes --help must not wait for it.
+    from qwen3_tts_sft.training_data import resolve_path
+
+    for source, line, problem in numbered_lines(path):
+        if problem:
+            yield Reject(source, "bad_row", "(encoding)", problem, line)
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
@@ -117,22 +158,26 @@ def jsonl_rows(path: Path):
         if not isinstance(row, dict):
             yield Reject(source, "bad_row", "(row)", "is not a JSON object", line)
             continue
-        for field in ("audio", "ref_audio"):
-            if isinstance(row.get(field), str) and row[field].strip():
-                row[field] = str(resolve_path(row[field], path.parent).resolve())
+        for field_name in ("audio", "ref_audio"):
+            if isinstance(row.get(field_name), str) and row[field_name].strip():
+                row[field_name] = str(resolve_path(row[field_name], path.parent).resolve())
         yield InputRow(source, row, line)
 
 
 def ljspeech_rows(metadata: Path):
-    wavs = metadata.parent / "wavs"
-    for source, line in numbered_lines(metadata):
+    # The LJSpeech layout keeps its clips in wavs/; a metadata.csv among its clips is common too.
+    clips = metadata.parent / "wavs" if (metadata.parent / "wavs").is_dir() else metadata.parent
+    for source, line, problem in numbered_lines(metadata):
+        if problem:
+            yield Reject(source, "bad_row", "(encoding)", problem, line)
+            continue
         # Split on "|" only: LJSpeech texts hold quotes that a CSV reader would eat.
         clip_id, *texts = [column.strip() for column in line.split("|")]
         if not texts:
             yield Reject(source, "missing_transcript", "text", "the line has no text column (id|text)", line)
             continue
         text = texts[1] if len(texts) > 1 and texts[1] else texts[0]
-        yield InputRow(source, dict(audio=str(find_audio(wavs, clip_id).resolve()), text=text), line)
+        yield InputRow(source, dict(audio=str(find_audio(clips, clip_id).resolve()), text=text), line)
 
 
 def find_audio(folder: Path, clip_id: str) -> Path:
@@ -144,15 +189,22 @@ def find_audio(folder: Path, clip_id: str) -> Path:
 def folder_rows(folder: Path):
     audio_files = sorted((str(path.resolve()) for path in folder.rglob("*")
                           if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()))
-    for audio in audio_files:
-        transcript = next((path for path in (Path(audio).with_suffix(ext) for ext in TRANSCRIPT_EXTENSIONS)
+    for audio_file in audio_files:
+        transcript = next((path for path in (Path(audio_file).with_suffix(ext) for ext in TRANSCRIPT_EXTENSIONS)
                            if path.is_file()), None)
         if transcript is None:
-            stem = Path(audio).stem
-            yield Reject(audio, "missing_transcript", "text", f"no {stem}.txt or {stem}.lab beside the audio")
+            stem = Path(audio_file).stem
+            yield InputRow(audio_file, dict(audio=audio_file), None,
+                           missing_text=f"no {stem}.txt or {stem}.lab beside the audio")
             continue
-        text = " ".join(transcript.read_text(encoding="utf-8", errors="replace").split())
-        yield InputRow(audio, dict(audio=audio, text=text), text)
+        raw = transcript.read_bytes()
+        try:
+            text = " ".join(raw.decode("utf-8-sig").split())
+        except UnicodeDecodeError as error:
+            yield Reject(audio_file, "bad_row", "text", f"{transcript} is not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                                                        f"at offset {error.start})")
+            continue
+        yield InputRow(audio_file, dict(audio=audio_file, text=text), text)
 
 
 @dataclass
@@ -172,59 +224,76 @@ class Limits:
 class RowChecker:
     """Fills in the defaults and checks a row as far as headers allow: PlannedClip or Reject.
 
-    A row without ref_audio takes --ref_audio, or else its own clip: the trainer averages the
-    x-vectors of each speaker's first 16 reference clips, so a speaker's own clips make a good one.
+    `transcribe`: speech recognition is on, so a row without text, or a take too long to keep whole,
+    is planned (to be transcribed, and cut at its pauses) rather than rejected.
     """
 
-    def __init__(self, limits: Limits, ref_audio: str = None, speaker: str = None, language: str = None):
+    def __init__(self, limits: Limits, ref_audio: str = None, speaker: str = None, language: str = None,
+                 transcribe: bool = False):
         self.limits = limits
         self.defaults = dict(speaker=speaker, language=language)
-        self.ref_audio = str(Path(ref_audio).expanduser().resolve()) if ref_audio else None
+        self.ref_audio = ref_audio
+        self.transcribe = transcribe
         self.probes = {}  # path -> probe(path); one reference clip serves many rows
-        if self.ref_audio and self.probe(self.ref_audio)[1]:
-            raise SystemExit(f"error: --ref_audio {ref_audio}: {self.probe(self.ref_audio)[1][1]}")
 
     def check(self, item):
         if isinstance(item, Reject):
             return item
         row, source = dict(item.row), item.source
 
-        def reject(reason, field, problem):
-            return Reject(source, reason, field, problem, item.input)
+        def reject(reason, field_name, problem):
+            return Reject(source, reason, field_name, problem, item.input)
 
-        text = row.get("text")
-        if text is None:
-            return reject("missing_transcript", "text", "missing")
-        if not isinstance(text, str):
-            return reject("bad_row", "text", "is not a string")
-        if not text.strip():
-            return reject("empty_transcript", "text", "is empty")
-        row["text"] = text.strip()
-        for field, default in self.defaults.items():
-            value = default if row.get(field) is None else row[field]
+        segments = row.pop("segments", None)
+        if segments is not None:
+            segments, problem = checked_segments(segments)
+            if problem:
+                return reject("bad_row", "segments", problem)
+        text = row.pop("text", None)
+        if segments is None:
+            if text is None and not self.transcribe:
+                return reject("missing_transcript", "text", f"{item.missing_text} (or pass --asr_model to transcribe it)")
+            if text is not None and not isinstance(text, str):
+                return reject("bad_row", "text", "is not a string")
+            if text is not None and not text.strip():
+                return reject("empty_transcript", "text", "is empty")
+        if isinstance(text, str) and text.strip():
+            row["text"] = text.strip()
+        for field_name, default in self.defaults.items():
+            value = default if row.get(field_name) is None else row[field_name]
             if value is None:
-                row.pop(field, None)
+                row.pop(field_name, None)
                 continue
             if not isinstance(value, str) or not value.strip():
-                return reject("bad_row", field, "is not a name")
-            row[field] = value
+                return reject("bad_row", field_name, "is not a name")
+            row[field_name] = value
 
-        audio = row.get("audio")
-        if not isinstance(audio, str) or not audio.strip():
+        audio_file = row.get("audio")
+        if not isinstance(audio_file, str) or not audio_file.strip():
             return reject("missing_audio", "audio", "missing")
-        seconds, problem = self.probe(audio)
+        seconds, problem = self.probe(audio_file)
         problem = problem or self.limits.problem(seconds)
+        if problem and problem[0] == "too_long":
+            if segments is None and not self.transcribe:
+                return reject("too_long", "audio", f"{audio_file}: {problem[1]}; to cut it into clips, give its "
+                              f"transcript per segment (\"segments\": [{{\"start\", \"end\", \"text\"}}]) or pass "
+                              f"--asr_model to cut it at its pauses and transcribe the pieces")
+            problem = None
+        if segments and segments[-1]["end"] > seconds + 0.01:
+            return reject("bad_row", "segments", f"the last segment ends at {segments[-1]['end']:g} s, "
+                                                 f"after the audio's end ({seconds:.2f} s)")
         if problem:
-            return reject(problem[0], "audio", f"{audio}: {problem[1]}")
+            return reject(problem[0], "audio", f"{audio_file}: {problem[1]}")
 
-        ref_audio = row.get("ref_audio") or self.ref_audio or audio
-        if not isinstance(ref_audio, str):
-            return reject("bad_row", "ref_audio", "is not a path")
-        _, problem = self.probe(ref_audio)
-        if problem:
-            return reject("bad_ref_audio", "ref_audio", f"{ref_audio}: {problem[1]}")
-        row["ref_audio"] = ref_audio
-        return PlannedClip(source, row, item.input, seconds)
+        ref_audio = row.get("ref_audio") or self.ref_audio
+        if ref_audio is not None:
+            if not isinstance(ref_audio, str):
+                return reject("bad_row", "ref_audio", "is not a path")
+            _, problem = self.probe(ref_audio)
+            if problem:
+                return reject("bad_ref_audio", "ref_audio", f"{ref_audio}: {problem[1]}")
+            row["ref_audio"] = ref_audio
+        return PlannedClip(source, row, item.input, seconds, segments)
 
     def probe(self, path: str) -> tuple:
         if path not in self.probes:
@@ -232,47 +301,224 @@ class RowChecker:
         return self.probes[path]
 
 
+def checked_segments(segments) -> tuple:
+    """(segments as [{"start", "end", "text"}], None) or (None, what is wrong with them)."""
+    if not isinstance(segments, list) or not segments:
+        return None, "is not a list of {\"start\", \"end\", \"text\"} objects"
+    checked, previous_end = [], 0.0
+    for number, segment in enumerate(segments, start=1):
+        if not isinstance(segment, dict):
+            return None, f"segment {number} is not an object"
+        start, end, text = segment.get("start"), segment.get("end"), segment.get("text")
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                   for value in (start, end)):
+            return None, f"segment {number}: start and end must be numbers of seconds"
+        if not 0 <= start < end or start < previous_end:
+            return None, f"segment {number}: {start}..{end} s is not after the previous one, or ends before it starts"
+        if not isinstance(text, str) or not text.strip():
+            return None, f"segment {number}: text is missing or empty"
+        checked.append(dict(start=float(start), end=float(end), text=text.strip()))
+        previous_end = end
+    return checked, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded audio: checks, cutting, trimming, loudness (in the decoding worker processes)
+# ---------------------------------------------------------------------------------------------
+
 @dataclass
 class Decoded:
-    """A planned clip after decoding: its samples ready to encode, or why it was rejected."""
+    """One clip of the output, kept or rejected: a whole planned clip, or a piece of a long take."""
     clip: PlannedClip
+    source: str
+    row: dict = None                 # the output row so far; "text" is missing when recognition is to write it
     samples: object = None           # float32 mono at the tokenizer's rate, zero-padded to whole frames
-    seconds: float = 0.0             # decoded length, before the padding
+    seconds: float = 0.0             # kept length, before the padding
     clipped_fraction: float = None   # set when the clip counts as clipped
+    quality: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
     reject: Reject = None
+
+    def rejected(self, reason: str, field_name: str, problem: str) -> "Decoded":
+        self.reject = Reject(self.source, reason, field_name, problem, self.clip.input)
+        self.samples = None
+        return self
+
+
+@dataclass
+class Processing:
+    """What is done to the audio before it is encoded."""
+    trim: bool                       # cut silence at the edges down to `padding_seconds`
+    padding_seconds: float
+    max_piece_seconds: float         # a long take is cut into pieces no longer than this
+    min_pause_seconds: float         # ... at pauses at least this long
+    loudness_lufs: float = None      # the target of loudness normalisation; None: off
 
 
 @dataclass
 class AudioChecks:
-    """The checks that need the decoded audio. They run in the decoding worker processes."""
+    """The checks and processing that need the decoded audio. They run in the decoding worker processes."""
     limits: Limits
     silence_dbfs: float
     clipped_fraction: float
     reject_clipped: bool
+    processing: Processing
+    references: dict = field(default_factory=dict, repr=False)  # path -> problem or None, per process
 
-    def decode(self, clip: PlannedClip, sample_rate: int, frame_samples: int) -> Decoded:
+    def process(self, clips: list, sample_rate: int, frame_samples: int) -> list:
+        """Per planned clip, the list of its output clips (Decoded, kept or rejected), in order."""
+        takes = [self.decode_take(clip, sample_rate) for clip in clips]
+        pieces = [piece for take in takes for piece in take if piece.reject is None]
+        to_trim = [piece for piece in pieces if piece.quality.pop("trim")]
+        if to_trim:
+            from qwen3_tts_sft import voice_activity  # imports torch: only when trimming
+
+            for piece, bounds in zip(to_trim, voice_activity.speech_bounds([p.samples for p in to_trim], sample_rate)):
+                self.trim(piece, bounds, sample_rate)
+        for piece in pieces:
+            self.finish(piece, sample_rate, frame_samples)
+        return takes
+
+    def decode_take(self, clip: PlannedClip, sample_rate: int) -> list:
+        """The clip decoded and checked as a whole, then cut into its pieces (one for a short clip)."""
         path = clip.row["audio"]
+        take = Decoded(clip, clip.source)
 
-        def reject(reason, problem):
-            return Decoded(clip, reject=Reject(clip.source, reason, "audio", f"{path}: {problem}", clip.input))
+        def rejected(reason, problem):
+            return [take.rejected(reason, "audio", f"{path}: {problem}")]
 
         try:
-            decoded = audio.decode(path, sample_rate)
+            native, file_rate = audio.read_native(path)
+            samples = audio.to_mono(native, file_rate, sample_rate)
+            truncated = audio.truncation(path, len(native), file_rate)
         except Exception as error:  # a header can be fine and the data behind it corrupt
-            return reject("unreadable_audio", f"unreadable ({error})")
-        if not decoded.finite:
-            return reject("unreadable_audio", "holds NaN or infinite samples")
-        seconds = len(decoded.samples) / sample_rate
+            return rejected("unreadable_audio", f"unreadable ({error})")
+        if truncated:
+            return rejected("truncated_audio", truncated)
+        if not np.isfinite(samples).all():
+            return rejected("unreadable_audio", "holds NaN or infinite samples")
+        level = audio.rms_dbfs(samples)
+        if level < self.silence_dbfs:
+            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+        ref_audio = clip.row.get("ref_audio")
+        if ref_audio:
+            if ref_audio not in self.references:  # one reference clip usually serves many rows
+                self.references[ref_audio] = self.reference_problem(ref_audio, sample_rate)
+            if self.references[ref_audio]:
+                return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {self.references[ref_audio]}")]
+
+        return (self.pieces_of(clip, samples, native, file_rate, sample_rate)
+                or rejected("silent", "the voice-activity detector heard no speech to cut"))
+
+    def pieces_of(self, clip: PlannedClip, samples: np.ndarray, native: np.ndarray, file_rate: int,
+                  sample_rate: int) -> list:
+        """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
+        `native`: the file's own samples [frames, channels], where clipping is measured."""
+        spans, texts, trim = self.spans(clip, samples, sample_rate)
+        pieces = []
+        for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
+            whole = len(spans) == 1 and clip.segments is None
+            source = clip.source if whole else f"{clip.source}#{number}"
+            row = dict(clip.row) if whole else dict(clip.row, segment=dict(start=round(start / sample_rate, 3),
+                                                                           end=round(end / sample_rate, 3)))
+            row.pop("text", None)
+            if text is not None:
+                row["text"] = text
+            piece = Decoded(clip, source, row, samples[start:end])
+            scale = file_rate / sample_rate  # the span in the file's own samples, where clipping is measured
+            piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)])
+            piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
+            pieces.append(piece)
+        return pieces
+
+    def spans(self, clip: PlannedClip, samples: np.ndarray, sample_rate: int) -> tuple:
+        """([(start, end) samples], [text or None per span], whether to trim each span's edges)."""
+        settings = self.processing
+        if clip.segments is not None:
+            spans = [(round(s["start"] * sample_rate), min(len(samples), round(s["end"] * sample_rate)))
+                     for s in clip.segments]
+            return spans, [s["text"] for s in clip.segments], settings.trim
+        seconds = len(samples) / sample_rate
+        # Cut: a take too long to keep whole (only planned when recognition is on), or a long clip
+        # that recognition transcribes anyway, which may as well come out in sentence-sized pieces.
+        if seconds > self.limits.max_seconds or ("text" not in clip.row and seconds > settings.max_piece_seconds):
+            from qwen3_tts_sft import voice_activity
+
+            spans = voice_activity.speech_pieces(samples, sample_rate, settings.max_piece_seconds,
+                                                 settings.min_pause_seconds, settings.padding_seconds)
+            return spans, [None] * len(spans), False  # the pieces already end at speech, plus padding
+        return [(0, len(samples))], [clip.row.get("text")], settings.trim
+
+    def trim(self, piece: Decoded, bounds, sample_rate: int):
+        """Cut the silence before and after the speech down to the padding. Silence is what the
+        detector hears as no speech and is also quiet: loud sound it does not take for speech (an
+        unusual voice, singing) stays."""
+        if bounds is None:
+            piece.flags["no_speech_found"] = "the voice-activity detector heard no speech, so it was not trimmed"
+            return
+        loud = audio.loud_bounds(piece.samples, sample_rate) or bounds
+        bounds = min(bounds[0], loud[0]), max(bounds[1], loud[1])
+        padding = round(self.processing.padding_seconds * sample_rate)
+        start, end = max(0, bounds[0] - padding), min(len(piece.samples), bounds[1] + padding)
+        piece.quality["trimmed_seconds"] = round((len(piece.samples) - (end - start)) / sample_rate, 3)
+        piece.quality["start"] += start / sample_rate
+        piece.samples = piece.samples[start:end]
+
+    def finish(self, piece: Decoded, sample_rate: int, frame_samples: int):
+        """Length limits, clipping, loudness, the measurements; then the padding to whole frames."""
+        seconds = len(piece.samples) / sample_rate
         problem = self.limits.problem(seconds)
         if problem:
-            return reject(*problem)
-        if decoded.level_dbfs < self.silence_dbfs:
-            return reject("silent", f"level {decoded.level_dbfs:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
-        clipped = decoded.clipped_fraction > self.clipped_fraction
+            where = piece.clip.row["audio"]
+            if piece.source != piece.clip.source:
+                where += f" from {piece.quality['start']:.2f} s"
+            piece.rejected(problem[0], "audio", f"{where}: {problem[1]}")
+            return
+        clipped = piece.clipped_fraction > self.clipped_fraction
         if clipped and self.reject_clipped:
-            return reject("clipped", f"{decoded.clipped_fraction:.2%} of its samples are at full scale "
-                                     f"(--clipped_fraction {self.clipped_fraction:g}, --reject_clipped)")
+            piece.rejected("clipped", "audio", f"{piece.clipped_fraction:.2%} of its samples are at full scale "
+                                               f"(--clipped_fraction {self.clipped_fraction:g}, --reject_clipped)")
+            return
+        if clipped:
+            piece.flags["clipped"] = f"{piece.clipped_fraction:.2%} of its samples are at full scale"
+        piece.clipped_fraction = piece.clipped_fraction if clipped else None
+        file_rate = piece.quality["file_sample_rate"]
+        if file_rate < audio.LOW_SAMPLE_RATE:
+            piece.flags["low_sample_rate"] = (f"recorded at {file_rate} Hz: it lacks the sound above {file_rate // 2} "
+                                              f"Hz, and upsampling does not bring it back")
+        loudness = audio.integrated_loudness(piece.samples, sample_rate)
+        gain_db = 0.0
+        if self.processing.loudness_lufs is not None:
+            gain_db = audio.loudness_gain_db(loudness, audio.peak_dbfs(piece.samples), self.processing.loudness_lufs)
+        quality = piece.quality
+        quality.update(start=round(quality["start"], 3), end=round(quality["start"] + seconds, 3),
+                       seconds=round(seconds, 3), loudness_lufs=round(loudness, 2) if math.isfinite(loudness) else None,
+                       gain_db=round(gain_db, 2), snr_db=round(audio.speech_to_noise_db(piece.samples, sample_rate), 1),
+                       sha1=audio.content_hash(piece.samples))
+        samples = piece.samples * np.float32(10 ** (gain_db / 20)) if gain_db else piece.samples
         # Zeros up to a whole frame (under 80 ms): the last frame then sees the same zeros whatever pads
         # the batch, so a clip's codes do not depend on its batch (resume and shards rely on that).
-        samples = np.pad(decoded.samples, (0, -len(decoded.samples) % frame_samples))
-        return Decoded(clip, samples, seconds, decoded.clipped_fraction if clipped else None)
+        piece.samples = np.pad(samples, (0, -len(samples) % frame_samples))
+        piece.seconds = seconds
+        quality["frames"] = len(piece.samples) // frame_samples
+
+    def reference_problem(self, path: str, sample_rate: int):
+        """Why a file cannot be a reference clip, or None: the checks of a training clip, and its
+        rate must not be low (the speaker vector comes from it alone)."""
+        try:
+            decoded = audio.decode(path, sample_rate)
+        except Exception as error:
+            return f"unreadable ({error})"
+        if decoded.truncated:
+            return decoded.truncated
+        if not decoded.finite:
+            return "holds NaN or infinite samples"
+        problem = self.limits.problem(len(decoded.samples) / sample_rate)
+        if problem:
+            return problem[1]
+        if decoded.level_dbfs < self.silence_dbfs:
+            return f"silent: level {decoded.level_dbfs:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}"
+        if decoded.file_rate < audio.LOW_SAMPLE_RATE:
+            return (f"recorded at {decoded.file_rate} Hz, below {audio.LOW_SAMPLE_RATE} Hz: a speaker vector "
+                    f"from it misses the upper half of the voice")
+        return None

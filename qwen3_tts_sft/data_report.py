@@ -1,0 +1,214 @@
+"""The dataset as a whole, once every clip is decoded: checks across clips, the choice of reference
+clips, and the quality report (OUTPUT.report.json and its plot, OUTPUT.report.png).
+
+Checks across clips, per speaker:
+    speaking rate   characters per second against the speaker's median (over at least
+                    MIN_CLIPS_FOR_MEDIAN clips): beyond --flag_rate_ratio (either way) the clip is
+                    flagged, beyond --reject_rate_ratio rejected. A transcript that belongs to another
+                    clip, or a clip cut short, is far off its speaker's rate; natural variation is not
+    duplicates      the same samples as an earlier clip: rejected (it would count twice); the same
+                    text over other audio: flagged (a retake is fine, a copied transcript is not)
+References, for rows without a ref_audio: a speaker's references are its `references_per_speaker`
+cleanest clips: no flags (so not clipped, not of a low rate), REFERENCE_SECONDS long where it can,
+little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a piece of a long take is written, as encoded,
+beside the output (the trainer reads reference clips from files).
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qwen3_tts_sft import audio
+from qwen3_tts_sft.transcription import normalise
+
+MIN_CLIPS_FOR_MEDIAN = 5
+REFERENCE_SECONDS = (3.0, 10.0)  # README: a clean 3-10 s clip makes a good reference
+MAX_REFERENCE_SILENCE = 1.0      # seconds of edge silence in a file that a reference had better not have
+NO_SPEAKER = "(no speaker field)"
+
+
+@dataclass
+class ClipInfo:
+    """What the checks across clips need of a kept row (the row itself stays on disk)."""
+    position: tuple      # (file, byte offset, index in the line's rows or None): where publish finds it
+    order: tuple         # input_order of its source
+    source: str
+    speaker: str         # lower-cased, as the trainer groups speakers
+    text: str
+    seconds: float       # frames / 12.5: what training sees
+    row_audio: str
+    segment: dict        # the span of a long take, or None for a clip kept whole
+    ref_audio: str       # given in the row, or None (chosen here)
+    quality: dict
+    flags: dict
+
+    @property
+    def rate(self) -> float:
+        return len(self.text) / self.seconds if self.seconds else 0.0
+
+    @staticmethod
+    def of(row: dict, position: tuple, order: tuple) -> "ClipInfo":
+        frames = len(row["audio_codes"]) if "audio_codes" in row else row["quality"]["frames"]
+        speaker = row["speaker"].strip().lower() if row.get("speaker") else NO_SPEAKER
+        return ClipInfo(position, order, row["source"], speaker, row["text"], frames / audio.FRAMES_PER_SECOND,
+                        row["audio"], row.get("segment"), row.get("ref_audio"), row.get("quality", {}),
+                        dict(row.get("flags", {})))
+
+
+@dataclass
+class DatasetChecks:
+    flag_rate_ratio: float
+    reject_rate_ratio: float
+    references_per_speaker: int
+
+    def run(self, clips: list) -> tuple:
+        """(rejects {source: (reason, problem)}, median rate per speaker); flags are added to the clips."""
+        rejects = {}
+        first_audio, first_text = {}, {}
+        for clip in clips:
+            sha1 = clip.quality.get("sha1")
+            if sha1 in first_audio:
+                rejects[clip.source] = ("duplicate_audio", f"the same audio as {first_audio[sha1]}")
+                continue
+            first_audio.setdefault(sha1, clip.source)
+            text = (clip.speaker, normalise(clip.text))  # speakers of one corpus often read one script
+            if text in first_text:
+                clip.flags["duplicate_text"] = f"the same text as {first_text[text]}"
+            first_text.setdefault(text, clip.source)
+        medians = {}
+        for speaker, group in by_speaker(clip for clip in clips if clip.source not in rejects).items():
+            if len(group) < MIN_CLIPS_FOR_MEDIAN:
+                continue
+            median = medians[speaker] = float(np.median([clip.rate for clip in group]))
+            for clip in group:
+                ratio = clip.rate / median
+                off = max(ratio, 1 / ratio) if ratio > 0 else math.inf
+                what = (f"{clip.rate:.1f} characters/s, {ratio:.2f}x the speaker's median {median:.1f}: "
+                        f"the text may not be what is said, or the audio is cut")
+                if off > self.reject_rate_ratio:
+                    rejects[clip.source] = ("speaking_rate", f"{what} (--reject_rate_ratio {self.reject_rate_ratio:g})")
+                elif off > self.flag_rate_ratio:
+                    clip.flags["speaking_rate"] = what
+        return rejects, medians
+
+    def references(self, clips: list) -> dict:
+        """{speaker: [the chosen clips]} for the speakers with rows that have no ref_audio."""
+        wanted = {clip.speaker for clip in clips if clip.ref_audio is None}
+        chosen = {}
+        for speaker, group in by_speaker(clips).items():
+            if speaker in wanted:
+                chosen[speaker] = sorted(group, key=reference_rank)[:self.references_per_speaker]
+        return chosen
+
+
+def by_speaker(clips) -> dict:
+    groups = {}
+    for clip in clips:
+        groups.setdefault(clip.speaker, []).append(clip)
+    return groups
+
+
+def is_clean(clip: ClipInfo) -> bool:
+    return not clip.flags
+
+
+def reference_rank(clip: ClipInfo) -> tuple:
+    """Sorts the best reference first: clean, of a suitable length, with little silence cut (the
+    trainer reads a whole clip's file as it is), least noisy, then input order."""
+    low, high = REFERENCE_SECONDS
+    outside = max(low - clip.seconds, clip.seconds - high, 0.0)
+    much_silence = clip.segment is None and (clip.quality.get("trimmed_seconds") or 0.0) > MAX_REFERENCE_SILENCE
+    return (not is_clean(clip), outside, much_silence, -clip.quality.get("snr_db", 0.0), clip.order)
+
+
+def reference_file(clip: ClipInfo, folder: Path, number: int) -> str:
+    """The file a chosen reference clip is read from: its own, or for a piece of a long take, the
+    piece as it was encoded (cut, loudness-normalised), written into `folder`."""
+    if clip.segment is None:
+        return clip.row_audio
+    rate = audio.TOKENIZER_SAMPLE_RATE
+    quality = clip.quality
+    samples = audio.load_mono(clip.row_audio, rate)[round(quality["start"] * rate):round(quality["end"] * rate)]
+    samples = samples * np.float32(10 ** (quality.get("gain_db", 0.0) / 20))
+    folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^\w.-]+", "_", clip.speaker).strip("._") or "speaker"
+    path = folder / f"{name}-{number}.wav"
+    import soundfile
+
+    soundfile.write(path, samples, rate, subtype="PCM_16")
+    return str(path)
+
+
+def spread(values) -> dict:
+    values = [value for value in values if value is not None and math.isfinite(value)]
+    if not values:
+        return None
+    low, p10, median, p90, high = np.percentile(values, [0, 10, 50, 90, 100])
+    return dict(min=round(float(low), 2), p10=round(float(p10), 2), median=round(float(median), 2),
+                p90=round(float(p90), 2), max=round(float(high), 2))
+
+
+def clip_entry(clip: ClipInfo, medians: dict, text_from: str = None) -> dict:
+    median = medians.get(clip.speaker)
+    quality = clip.quality
+    return dict(source=clip.source, speaker=clip.speaker, seconds=round(clip.seconds, 3),
+                characters_per_second=round(clip.rate, 2),
+                rate_ratio=round(clip.rate / median, 3) if median else None,
+                loudness_lufs=quality.get("loudness_lufs"), gain_db=quality.get("gain_db"),
+                snr_db=quality.get("snr_db"), file_sample_rate=quality.get("file_sample_rate"),
+                trimmed_seconds=quality.get("trimmed_seconds"), text_from=text_from, cer=quality.get("cer"),
+                flags=clip.flags)
+
+
+def speaker_entries(kept: list, medians: dict, references: dict) -> dict:
+    entries = {}
+    for speaker, group in sorted(by_speaker(kept).items()):
+        flags = {}
+        for clip in group:
+            for name in clip.flags:
+                flags[name] = flags.get(name, 0) + 1
+        given = sorted({clip.ref_audio for clip in group if clip.ref_audio})
+        entries[speaker] = dict(
+            clips=len(group), hours=round(sum(clip.seconds for clip in group) / 3600, 4),
+            seconds=spread(clip.seconds for clip in group),
+            characters_per_second=spread(clip.rate for clip in group), median_rate_checked=speaker in medians,
+            loudness_lufs=spread(clip.quality.get("loudness_lufs") for clip in group),
+            snr_db=spread(clip.quality.get("snr_db") for clip in group), flags=flags,
+            references=[dict(source=clip.source, audio=path, seconds=round(clip.seconds, 2),
+                             snr_db=clip.quality.get("snr_db"), clean=is_clean(clip))
+                        for clip, path in references.get(speaker, [])],
+            given_references=given)
+    return entries
+
+
+def plot(path: Path, kept: list, rate_rejected: list):
+    """Durations and speaking rates per speaker: a histogram and a scatter, flagged clips marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (durations, rates) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups = by_speaker(kept)
+    bins = np.linspace(0, max([clip.seconds for clip in kept] + [1.0]), 30)
+    for speaker, group in sorted(groups.items()):
+        durations.hist([clip.seconds for clip in group], bins=bins, alpha=0.6, label=speaker)
+        clean = [clip for clip in group if not clip.flags]
+        flagged = [clip for clip in group if clip.flags]
+        dots = rates.scatter([c.seconds for c in clean], [c.rate for c in clean], s=12, label=speaker)
+        rates.scatter([c.seconds for c in flagged], [c.rate for c in flagged], s=30, marker="x",
+                      color=dots.get_facecolor()[0])
+    if rate_rejected:
+        rates.scatter([c.seconds for c in rate_rejected], [c.rate for c in rate_rejected], s=40, marker="x",
+                      color="red", label="rejected: speaking rate")
+    durations.set(xlabel="seconds", ylabel="clips", title="clip durations")
+    rates.set(xlabel="seconds", ylabel="characters per second", title="speaking rate (x: flagged)")
+    for axes in (durations, rates):
+        if groups:
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

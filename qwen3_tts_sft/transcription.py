@@ -1,0 +1,83 @@
+"""Speech recognition for prepare_codes.py: transcripts for clips without text, and a check of the
+text of those that have one.
+
+--asr_model names a local transformers speech-recognition folder (a Whisper download, say). It is
+loaded with transformers' own pipeline("automatic-speech-recognition"), the way the model card
+shows, on prepare_codes' --device; clips are handed over as arrays at the model's own sample rate.
+
+The check compares texts by character error rate (edit distance over the reference's length) after
+normalise(): case, punctuation and spacing are not what a transcript mismatch is about.
+"""
+
+import contextlib
+import re
+import unicodedata
+from pathlib import Path
+
+from qwen3_tts_sft import audio
+
+BATCH_SIZE = 16
+
+
+class Transcriber:
+    def __init__(self, model_path: str, device: str):
+        from transformers import pipeline
+
+        folder = Path(model_path)
+        if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+            raise SystemExit(f"error: --asr_model {model_path}: not a transformers speech-recognition folder (it needs "
+                             f"config.json, preprocessor_config.json and the weights, as a Whisper download has)")
+        with quiet_transformers():
+            self.pipeline = pipeline("automatic-speech-recognition", model=str(folder), device=device)
+        self.sample_rate = self.pipeline.feature_extractor.sampling_rate
+
+    def __call__(self, clips: list, sample_rate: int) -> list:
+        """The transcript of each clip (float32 mono at `sample_rate`), blank-trimmed."""
+        if not clips:
+            return []
+        inputs = [dict(raw=audio.resample(clip, sample_rate, self.sample_rate), sampling_rate=self.sample_rate)
+                  for clip in clips]
+        with quiet_transformers():
+            results = self.pipeline(inputs, batch_size=BATCH_SIZE)
+        return [printable(result["text"]) for result in results]
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings about its own deprecations and generation defaults, hidden: they
+    repeat for every batch and say nothing about the data."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def printable(text: str) -> str:
+    """The text without control characters, its spacing collapsed (a recogniser can emit both)."""
+    text = "".join(" " if unicodedata.category(char).startswith("C") else char for char in text)
+    return " ".join(text.replace("\ufffd", " ").split())
+
+
+def normalise(text: str) -> str:
+    """Lower-case letters and digits, single-spaced: what the character error rate compares."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
+
+
+def character_error_rate(reference: str, hypothesis: str) -> float:
+    """Levenshtein distance between the normalised texts, over the reference's length."""
+    reference, hypothesis = normalise(reference), normalise(hypothesis)
+    if not reference:
+        return 0.0 if not hypothesis else 1.0
+    previous = list(range(len(hypothesis) + 1))
+    for row, expected in enumerate(reference, start=1):
+        current = [row]
+        for column, heard in enumerate(hypothesis, start=1):
+            current.append(min(previous[column] + 1, current[column - 1] + 1,
+                               previous[column - 1] + (expected != heard)))
+        previous = current
+    return previous[-1] / len(reference)

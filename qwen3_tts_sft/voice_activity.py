@@ -1,0 +1,125 @@
+"""Where the speech is in a recording: silero-vad, whose model ships inside its pip package.
+
+Two uses in prepare_codes.py:
+    speech_bounds   the first and last speech of each clip, to trim silence at its edges. The
+                    detector runs only on each clip's first and last EDGE_SECONDS, all the clips of a
+                    batch at once, which keeps it off the encoding's critical path (a clip whose
+                    edge window holds no speech is searched whole).
+    speech_pieces   a long take cut at its pauses into pieces of at most a given length.
+
+The detector runs at 16 kHz, on one thread: its speech probabilities are then the same whichever
+process runs it, so a resumed or sharded run trims every clip exactly as one run does.
+"""
+
+import contextlib
+import warnings
+
+import numpy as np
+
+from qwen3_tts_sft import audio
+
+VAD_SAMPLE_RATE = 16000
+WINDOW = 512                  # samples per speech probability at 16 kHz (32 ms): silero's frame
+EDGE_SECONDS = 1.5            # heard at each end of a clip for its first and last speech
+SPEECH_THRESHOLD = 0.5        # silero's own defaults: speech starts above this,
+SILENCE_THRESHOLD = 0.35      # and lasts until it falls below this
+MIN_SPEECH_SECONDS = 0.1      # shorter bursts are clicks; a short last word is longer
+
+PIECE_MIN_SPEECH_MS = 250     # silero's default: a long take's shorter bursts are not pieces of their own
+
+_loaded = {}  # the silero_vad module and its model, loaded once per process
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the detector (same results everywhere), restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        yield torch
+    finally:
+        torch.set_num_threads(threads)
+
+
+def silero():
+    """(the silero_vad module, its model). `import silero_vad` sets torch to one thread for the
+    whole process, so it is imported inside one_thread, which puts the setting back."""
+    if not _loaded:
+        with one_thread(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*")  # torch's deprecation, not ours to act on
+            import silero_vad
+
+            _loaded.update(module=silero_vad, model=silero_vad.load_silero_vad())  # the TorchScript file it ships
+    return _loaded["module"], _loaded["model"]
+
+
+def speech_probabilities(windows: list) -> list:
+    """Per window (float32 mono at VAD_SAMPLE_RATE), the speech probability of each WINDOW of it."""
+    if not windows:
+        return []
+    _, detector = silero()
+    longest = max(len(window) for window in windows)
+    batch = np.zeros((len(windows), longest + -longest % WINDOW), dtype=np.float32)
+    for row, window in enumerate(windows):
+        batch[row, :len(window)] = window
+    with one_thread() as torch:
+        probabilities = detector.audio_forward(torch.from_numpy(batch), VAD_SAMPLE_RATE).numpy()
+    return [probabilities[row, :-(-len(window) // WINDOW)] for row, window in enumerate(windows)]
+
+
+def speech_runs(probabilities: np.ndarray) -> list:
+    """(first, last + 1) window of each run of speech: windows above SILENCE_THRESHOLD around at
+    least one above SPEECH_THRESHOLD (silero's own hysteresis), MIN_SPEECH_SECONDS long or touching
+    an end of the windows (it may go on beyond them). Edges are where speech is softest: a trim
+    had better leave a breath than cut a word."""
+    shortest = round(MIN_SPEECH_SECONDS * VAD_SAMPLE_RATE / WINDOW)
+    voiced = np.concatenate([[False], probabilities >= SILENCE_THRESHOLD, [False]])
+    edges = np.flatnonzero(voiced[1:] != voiced[:-1])
+    return [(int(start), int(end)) for start, end in zip(edges[::2], edges[1::2])
+            if probabilities[start:end].max() >= SPEECH_THRESHOLD
+            and (end - start >= shortest or start == 0 or end == len(probabilities))]
+
+
+def speech_bounds(clips: list, sample_rate: int) -> list:
+    """For each clip (float32 mono at `sample_rate`): (start, end) sample of its speech, or None
+    when the detector hears none. Hears each clip's first and last EDGE_SECONDS, all clips in one
+    batch; a clip whose edge window holds no speech (a long silence, or none at all) is heard whole."""
+    edge = int(EDGE_SECONDS * sample_rate)
+    tail_starts = [max(0, len(clip) - edge) for clip in clips]
+    longer = [index for index, clip in enumerate(clips) if len(clip) > edge]  # else the head is all of it
+    windows = [clip[:edge] for clip in clips] + [clips[index][tail_starts[index]:] for index in longer]
+    heard = speech_probabilities([audio.resample(window, sample_rate, VAD_SAMPLE_RATE) for window in windows])
+    head_runs = [speech_runs(probabilities) for probabilities in heard[:len(clips)]]
+    tail_runs = dict(zip(longer, map(speech_runs, heard[len(clips):])))
+    to_samples = WINDOW * sample_rate / VAD_SAMPLE_RATE  # one window, in samples at `sample_rate`
+    bounds, again = [None] * len(clips), []
+    for index, clip in enumerate(clips):
+        head, tail = head_runs[index], tail_runs.get(index, head_runs[index])
+        if head and tail:
+            bounds[index] = (int(head[0][0] * to_samples), min(len(clip), tail_starts[index] + int(tail[-1][1] * to_samples)))
+        elif index in tail_runs:
+            again.append(index)  # maybe speech beyond the edge windows, or none at all
+    heard = speech_probabilities([audio.resample(clips[index], sample_rate, VAD_SAMPLE_RATE) for index in again])
+    for index, runs in zip(again, map(speech_runs, heard)):
+        if runs:
+            bounds[index] = (int(runs[0][0] * to_samples), min(len(clips[index]), int(runs[-1][1] * to_samples)))
+    return bounds
+
+
+def speech_pieces(samples: np.ndarray, sample_rate: int, max_seconds: float, min_pause_seconds: float,
+                  padding_seconds: float) -> list:
+    """A long take's speech as (start, end) samples: cut at every pause of at least
+    `min_pause_seconds`, pieces longer than `max_seconds` cut again at their longest inner pause,
+    each padded by `padding_seconds` (less where the pause between two is shorter)."""
+    module, _ = silero()
+    at_vad_rate = audio.resample(samples, sample_rate, VAD_SAMPLE_RATE)
+    probabilities = speech_probabilities([at_vad_rate])[0]
+    pieces = module.get_speech_timestamps_from_probs(
+        probabilities.tolist(), sampling_rate=VAD_SAMPLE_RATE, threshold=SPEECH_THRESHOLD,
+        min_speech_duration_ms=PIECE_MIN_SPEECH_MS, max_speech_duration_s=max_seconds,
+        min_silence_duration_ms=int(min_pause_seconds * 1000), speech_pad_ms=int(padding_seconds * 1000),
+        audio_length_samples=len(at_vad_rate))
+    scale = sample_rate / VAD_SAMPLE_RATE
+    return [(int(piece["start"] * scale), min(len(samples), int(piece["end"] * scale))) for piece in pieces]

@@ -1,0 +1,411 @@
+"""Real recordings in, clean training data out: prepare_codes.py on a synthetic dataset with the
+faults real ones have (a truncated file, long takes, padded silences, wrong transcripts, a low
+sample rate, clipping, duplicates, lines that are not UTF-8), speech recognition with a tiny random
+Whisper, reference checks and choice, the quality report, and the command line itself.
+
+Most runs use --validate_only (no encoding); one encodes, on the tiny speech tokenizer."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import prepare_codes
+from helpers import ROOT, read_jsonl
+from qwen3_tts_sft import audio, voice_activity
+from qwen3_tts_sft.dataset_layouts import (AudioChecks, Limits, PlannedClip, Processing, Reject, RowChecker,
+                                           read_input)
+from recordings import cut_short, room_tone, speech, write, write_tiny_whisper
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "She sells sea shells by the sea shore today.",
+             "How are you doing on this fine day, my friend?", "A fine voice should sound like its speaker.",
+             "One, two, three, four, five, six and seven.", "Thank you very much for coming here tonight."]
+RATE = 14.0  # characters per second the synthetic clips are made to speak at
+
+
+def validate(input_path, output, *flags):
+    return prepare_codes.main(["--input", *map(str, input_path if isinstance(input_path, list) else [input_path]),
+                               "--output_jsonl", str(output), "--validate_only", "--num_workers", "0",
+                               *map(str, flags)])
+
+
+def rejects_of(output) -> dict:
+    return {reject["source"].rsplit("/", 1)[-1]: reject for reject in read_jsonl(f"{output}.rejects.jsonl")}
+
+
+def clips_of(output) -> dict:
+    report = json.loads((output.parent / f"{output.name}.report.json").read_text())
+    return {clip["source"].rsplit("/", 1)[-1]: clip for clip in report["clips_report"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# A dataset with every fault, checked once (validate only)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faulty_dataset(tmp_path_factory):
+    """raw.jsonl: two speakers, six clips each at RATE, and the faults, line by line (see `lines`)."""
+    folder = tmp_path_factory.mktemp("faulty")
+    lines = []
+
+    def row(name, samples, text, speaker, rate=24000, **extra):
+        if samples is not None:
+            write(folder / name, samples, rate)
+        lines.append(json.dumps(dict(audio=name, text=text, speaker=speaker, **extra)))
+
+    for speaker, pitch in (("anna", 210.0), ("bert", 110.0)):
+        for index, text in enumerate(SENTENCES):  # lines 1-6 anna, 7-12 bert
+            voice = speech(len(text) / RATE, pitch=pitch, seed=10 * index + len(speaker))
+            if index == 0:  # 1.5 s of room tone before, 1.8 s after
+                voice = np.concatenate([room_tone(1.5), voice, room_tone(1.8)])
+            row(f"{speaker}_{index}.wav", voice, text, speaker)
+    row("anna_0.wav", None, "The same audio again.", "anna")                                  # 13 duplicate audio
+    row("retake.wav", speech(len(SENTENCES[1]) / RATE, pitch=210, seed=99), SENTENCES[1], "anna")  # 14 duplicate text
+    row("wrong.wav", speech(1.2, pitch=210, seed=98), SENTENCES[2] + " " + SENTENCES[3], "anna")   # 15 ~5x the rate
+    row("loose.wav", speech(2.2, pitch=210, seed=97), SENTENCES[4] + " Again.", "anna")           # 16 ~1.7x the rate
+    row("truncated.wav", speech(3.12, pitch=210, seed=96), "This file was cut short.", "anna")    # 17
+    cut_short(folder / "truncated.wav", 0.4)
+    take = np.concatenate([room_tone(0.5), speech(4, pitch=110, seed=5), room_tone(0.8), speech(5, pitch=110, seed=6),
+                           room_tone(1.0), speech(6, pitch=110, seed=7), room_tone(0.7)])  # 24 s, pauses at 4.5, 10.3, 17.3 s
+    write(folder / "take.wav", take)
+    segments = [dict(start=0.3, end=4.7, text="w" * 56), dict(start=5.1, end=10.5, text="x" * 70),
+                dict(start=11.1, end=17.5, text="y" * 84)]
+    row("take.wav", None, "a transcript of the whole take", "bert", segments=segments)         # 18 aligned transcript
+    row("take.wav", None, "a transcript of the whole take", "bert")                            # 19 too long, no way to cut
+    row("narrow.wav", speech(3.0, rate=8000, pitch=110, seed=95), SENTENCES[2][:42], "bert", 8000)  # 20 low rate
+    row("clipped.wav", np.clip(4 * speech(3.0, pitch=110, seed=94), -1, 1), SENTENCES[3][:42], "bert")  # 21
+    row("quiet.wav", speech(3.0, pitch=110, seed=93, level=0.03), SENTENCES[4][:42], "bert")    # 22 -40 LUFS or so
+    silent = write(folder / "silent_ref.wav", np.zeros(48000))
+    row("bert_1.wav", None, SENTENCES[1], "bert", ref_audio=str(silent))                       # 23 silent reference
+    raw = folder / "raw.jsonl"
+    with open(raw, "wb") as out:
+        out.write(("\n".join(lines) + "\n").encode())
+        out.write(b'{"audio": "anna_1.wav", "text": "caf\xe9 in Latin-1", "speaker": "anna"}\n')  # 24 not UTF-8
+        out.write(b'{"audio": "anna_2.wav", "text": "cut sh\n')                                 # 25 cut mid-JSON
+        out.write((lines[2] + "\n").encode())                                                   # 26 fine again
+    return raw
+
+
+@pytest.fixture(scope="module")
+def faulty_report(faulty_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("faulty_out") / "train.jsonl"
+    summary = validate(faulty_dataset, output, "--max_seconds", 15, "--max_segment_seconds", 10)
+    return output, summary
+
+
+def test_bad_lines_are_rejected_on_their_own_line_and_the_rest_kept(faulty_dataset, faulty_report):
+    output, _ = faulty_report
+    rejects, clips = rejects_of(output), clips_of(output)
+    assert rejects["raw.jsonl:24"]["reason"] == "bad_row" and "not UTF-8" in rejects["raw.jsonl:24"]["problem"]
+    assert rejects["raw.jsonl:24"]["field"] == "(encoding)"
+    assert rejects["raw.jsonl:25"]["reason"] == "bad_row" and "not valid JSON" in rejects["raw.jsonl:25"]["problem"]
+    assert "raw.jsonl:26" in rejects and rejects["raw.jsonl:26"]["reason"] == "duplicate_audio"  # read, a copy of 3
+    assert "raw.jsonl:23" not in clips and "raw.jsonl:1" in clips
+
+
+def test_truncated_file_is_rejected_not_kept_in_part(faulty_report):
+    output, _ = faulty_report
+    reject = rejects_of(output)["raw.jsonl:17"]
+    assert reject["reason"] == "truncated_audio"
+    assert "3.12 s" in reject["problem"] and "1.25 s" in reject["problem"]
+
+
+def test_silence_at_the_edges_is_trimmed_to_the_padding(faulty_report):
+    output, _ = faulty_report
+    clips = clips_of(output)
+    speech_seconds = len(SENTENCES[0]) / RATE
+    padded = clips["raw.jsonl:1"]
+    assert padded["trimmed_seconds"] == pytest.approx(1.5 + 1.8 - 2 * 0.2, abs=0.2)
+    assert padded["seconds"] == pytest.approx(speech_seconds + 2 * 0.2, abs=0.2)
+    assert clips["raw.jsonl:2"]["trimmed_seconds"] < 0.25  # no silence to speak of: left as it is
+
+
+def test_long_take_with_an_aligned_transcript_becomes_its_segments(faulty_report):
+    output, _ = faulty_report
+    clips, rejects = clips_of(output), rejects_of(output)
+    pieces = [clips[f"raw.jsonl:18#{k}"] for k in (1, 2, 3)]
+    for piece, (start, end) in zip(pieces, ((0.5, 4.5), (5.3, 10.3), (11.3, 17.3))):
+        # each segment trimmed to its speech (+0.2 s) and rounded up to whole frames
+        assert piece["seconds"] == pytest.approx(end - start + 0.4, abs=0.25)
+        assert piece["characters_per_second"] == pytest.approx(14, abs=2)
+    too_long = rejects["raw.jsonl:19"]
+    assert too_long["reason"] == "too_long"
+    assert '"segments"' in too_long["problem"] and "--asr_model" in too_long["problem"]
+
+
+def test_wrong_transcripts_are_rejected_and_doubtful_ones_flagged(faulty_report):
+    output, _ = faulty_report
+    clips, rejects = clips_of(output), rejects_of(output)
+    assert rejects["raw.jsonl:15"]["reason"] == "speaking_rate"
+    assert "the speaker's median" in rejects["raw.jsonl:15"]["problem"]
+    assert 1.5 < clips["raw.jsonl:16"]["rate_ratio"] < 2.5 and "speaking_rate" in clips["raw.jsonl:16"]["flags"]
+    assert not any(clips[f"raw.jsonl:{n}"]["flags"] for n in range(1, 13))  # the speakers' own clips
+
+
+def test_low_rate_clipping_and_duplicates_are_named_per_clip(faulty_report):
+    output, summary = faulty_report
+    clips, rejects = clips_of(output), rejects_of(output)
+    assert "8000 Hz" in clips["raw.jsonl:20"]["flags"]["low_sample_rate"]
+    assert "full scale" in clips["raw.jsonl:21"]["flags"]["clipped"]
+    assert rejects["raw.jsonl:13"]["reason"] == "duplicate_audio" and "raw.jsonl:1" in rejects["raw.jsonl:13"]["problem"]
+    assert "raw.jsonl:2" in clips["raw.jsonl:14"]["flags"]["duplicate_text"]
+    assert summary["flagged_clips"]["low_sample_rate"] == 1 and summary["flagged_clips"]["clipped"] == 1
+    assert rejects["raw.jsonl:23"]["reason"] == "bad_ref_audio" and "silent" in rejects["raw.jsonl:23"]["problem"]
+
+
+def test_loudness_is_evened_out(faulty_report):
+    output, _ = faulty_report
+    clips = clips_of(output)
+    quiet, normal = clips["raw.jsonl:22"], clips["raw.jsonl:2"]
+    assert quiet["loudness_lufs"] < -35 and quiet["gain_db"] > 10
+    for clip in (quiet, normal):
+        assert clip["loudness_lufs"] + clip["gain_db"] == pytest.approx(-23.0, abs=0.05)
+    clipped = clips["raw.jsonl:21"]  # peaks at full scale: held at -1 dBFS, short of the target
+    assert clipped["gain_db"] <= -1.0 + 1e-6 and clipped["loudness_lufs"] + clipped["gain_db"] < -10
+
+
+def test_references_are_each_speakers_cleanest_clips(faulty_report):
+    output, _ = faulty_report
+    report = json.loads(output.with_name("train.jsonl.report.json").read_text())
+    for speaker in ("anna", "bert"):
+        references = report["speakers"][speaker]["references"]
+        assert len(references) == 4 and all(reference["clean"] for reference in references)
+        names = [reference["source"].rsplit("/", 1)[-1] for reference in references]
+        assert not {"raw.jsonl:1", "raw.jsonl:16", "raw.jsonl:20", "raw.jsonl:21"} & set(names)  # silence, flagged
+        assert all(3.0 <= reference["seconds"] <= 10.0 for reference in references)
+
+
+def test_report_has_every_clip_and_a_plot(faulty_report):
+    output, summary = faulty_report
+    report = json.loads(output.with_name("train.jsonl.report.json").read_text())
+    assert summary["complete"] is False and not output.exists()  # validate only: no dataset written
+    assert not output.with_name("train.jsonl.validate.partial").exists()
+    assert len(report["clips_report"]) == report["clips"] == summary["clips"]
+    for clip in report["clips_report"]:
+        assert {"seconds", "characters_per_second", "rate_ratio", "loudness_lufs", "snr_db", "flags"} <= set(clip)
+    anna = report["speakers"]["anna"]
+    assert anna["seconds"]["min"] <= anna["seconds"]["median"] <= anna["seconds"]["max"]
+    assert anna["characters_per_second"]["median"] == pytest.approx(RATE, abs=1.5)
+    assert output.with_name("train.jsonl.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces on their own: reading lines, truncation, voice activity, loudness
+# ---------------------------------------------------------------------------------------------
+
+def test_reader_numbers_lines_as_an_editor_does(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(b'{"audio": "a.wav",\r "text": "a lone CR is no line break"}\r\n'
+                    b'\xff\xfe not text\n'
+                    b'{"audio": "b.wav", "text": "th\n'
+                    b'{"audio": "c.wav", "text": "four"}')
+    items = list(read_input("jsonl", raw))
+    assert [item.source for item in items] == [f"{raw}:{n}" for n in (1, 2, 3, 4)]
+    assert [type(item).__name__ for item in items] == ["InputRow", "Reject", "Reject", "InputRow"]
+    assert "byte 0xff at column 1" in items[1].problem
+    clips = tmp_path / "clips"
+    write(clips / "a.wav", speech(1.0))
+    (clips / "a.txt").write_bytes(b"caf\xe9")
+    [reject] = read_input("folder", clips)
+    assert isinstance(reject, Reject) and "a.txt is not UTF-8" in reject.problem
+
+
+@pytest.mark.parametrize("name, options", [("clip.wav", dict(subtype="PCM_16")), ("clip.wav", dict(subtype="PCM_24")),
+                                           ("clip.flac", {}), ("clip.ogg", {}), ("clip.mp3", {})])
+def test_cut_files_are_found_out(tmp_path, name, options):
+    path = write(tmp_path / name, speech(3.12), **options)
+    assert audio.decode(path, 24000).truncated is None
+    cut_short(path, 0.4)
+    if name.endswith(".flac"):  # libsndfile gives up on a cut FLAC: unreadable, rejected all the same
+        with pytest.raises(RuntimeError, match="lost sync"):
+            audio.decode(path, 24000)
+        return
+    assert audio.decode(path, 24000).truncated.startswith("truncated: ")
+
+
+def test_voice_activity_finds_the_speech_and_the_pauses():
+    rate = 24000
+    padded = np.concatenate([room_tone(1.5), speech(2.0, seed=1), room_tone(2.0)])
+    late = np.concatenate([room_tone(4.0), speech(1.0, seed=2), room_tone(4.0)])  # beyond the edge windows
+    bounds = voice_activity.speech_bounds([padded, late, room_tone(3.0)], rate)
+    assert bounds[0][0] / rate == pytest.approx(1.5, abs=0.1) and bounds[0][1] / rate == pytest.approx(3.5, abs=0.1)
+    assert bounds[1][0] / rate == pytest.approx(4.0, abs=0.1) and bounds[1][1] / rate == pytest.approx(5.0, abs=0.1)
+    assert bounds[2] is None
+    take = np.concatenate([room_tone(0.5), speech(4, seed=3), room_tone(0.8), speech(5, seed=4), room_tone(0.2),
+                           speech(4, seed=5), room_tone(1.0), speech(3, seed=6), room_tone(0.5)])
+    def pieces(max_seconds):
+        return np.array(voice_activity.speech_pieces(take, rate, max_seconds, 0.4, 0.2)) / rate
+
+    # Cut at the 0.8 s and 1.0 s pauses, not at the 0.2 s one; each piece padded by 0.2 s.
+    np.testing.assert_allclose(pieces(12.0), [(0.3, 4.7), (5.1, 14.7), (15.3, 18.7)], atol=0.15)
+    # 9.6 s is too long for 8 s pieces: that one is cut at its longest inner pause.
+    np.testing.assert_allclose(pieces(8.0), [(0.3, 4.7), (5.1, 10.4), (10.4, 14.7), (15.3, 18.7)], atol=0.15)
+
+
+def test_trimming_cuts_only_quiet_sound():
+    """A steady tone is loud, but no speech to the detector (it stops hearing it within a second
+    or two): trimming leaves it whole and cuts only the room tone around it."""
+    from qwen3_tts_sft.tiny_model import synthetic_voice
+
+    tone = synthetic_voice(1.2, 24000, 140.0, np.random.default_rng(3))
+    samples = np.concatenate([room_tone(0.15), tone, room_tone(0.15)])  # heard as one window
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(True, 0.05, 15, 0.4, None))
+    [piece] = checks.pieces_of(PlannedClip("x", dict(audio="x.wav", text="t"), None, 1.5), samples,
+                               samples[:, None], 24000, 24000)
+    [bounds] = voice_activity.speech_bounds([piece.samples], 24000)
+    assert bounds[1] / 24000 < 1.0  # the detector alone would cut the tone's end off
+    checks.trim(piece, bounds, 24000)
+    assert 1.2 <= len(piece.samples) / 24000 <= 1.2 + 2 * 0.05 + 0.03
+
+
+def test_loudness_normalisation_reaches_the_target_and_never_clips():
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, -23.0))
+    quiet = speech(3.0, level=0.02)
+    spiky = speech(3.0, level=0.05)
+    spiky[30000] = 0.9  # one peak: reaching -23 LUFS would push it far past full scale
+    for samples in (quiet, spiky):
+        planned = PlannedClip("x", dict(audio="x.wav", text="t"), None, 3.0)
+        [piece] = checks.pieces_of(planned, samples, samples[:, None], 24000, 24000)
+        checks.finish(piece, 24000, 1920)
+        peak = float(np.max(np.abs(piece.samples)))
+        assert peak <= 10 ** (audio.PEAK_CEILING_DBFS / 20) + 1e-6
+        loudness = audio.integrated_loudness(piece.samples[:len(samples)], 24000)
+        if samples is quiet:
+            assert loudness == pytest.approx(-23.0, abs=0.05)
+        else:
+            assert peak == pytest.approx(10 ** (audio.PEAK_CEILING_DBFS / 20), rel=1e-4) and loudness < -23
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: segments, references written, the tokenizer path
+# ---------------------------------------------------------------------------------------------
+
+def test_model_folder_as_tokenizer_path_and_segment_references(tiny_model, tmp_path, capsys):
+    data = tmp_path / "data"
+    take = np.concatenate([room_tone(0.3), speech(3.5, seed=1), room_tone(0.8), speech(3.2, seed=2), room_tone(0.4)])
+    write(data / "take.wav", take)
+    segments = [dict(start=0.0, end=4.0, text="a" * 49), dict(start=4.3, end=8.2, text="b" * 45)]
+    raw = data / "raw.jsonl"
+    raw.write_text(json.dumps(dict(audio="take.wav", speaker="cleo", segments=segments)) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+    base = ["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0"]
+
+    not_a_tokenizer = tmp_path / "empty"
+    not_a_tokenizer.mkdir()
+    with pytest.raises(SystemExit, match="is not a speech tokenizer folder .*speech_tokenizer/"):
+        prepare_codes.main(base + ["--tokenizer_model_path", str(not_a_tokenizer)])
+    assert not output.parent.exists()  # nothing left to block the corrected command
+
+    summary = prepare_codes.main(base + ["--tokenizer_model_path", str(tiny_model)])
+
+    assert "is a model folder: using its speech tokenizer" in capsys.readouterr().out
+    assert summary["settings"]["tokenizer_model_path"] == str(tiny_model / "speech_tokenizer")
+    rows = read_jsonl(output)
+    assert [row["source"] for row in rows] == [f"{raw}:1#1", f"{raw}:1#2"]
+    assert [row["text"] for row in rows] == ["a" * 49, "b" * 45]
+    for row, segment in zip(rows, segments):
+        assert row["segment"] == dict(start=segment["start"], end=segment["end"])
+        assert len(row["audio_codes"]) == row["quality"]["frames"] == math.ceil(row["quality"]["seconds"] * 12.5 - 1e-6)
+    # The speaker has only pieces of a take: its references are those pieces, written out as encoded.
+    references = {row["ref_audio"] for row in rows}
+    assert len(references) == 2 and all(".references/cleo-" in path for path in references)
+    lengths = sorted(len(audio.load_mono(path, 24000)) for path in references)
+    assert lengths == pytest.approx(sorted(row["quality"]["seconds"] * 24000 for row in rows), abs=50)  # ms-rounded
+    for path in references:
+        assert audio.integrated_loudness(audio.load_mono(path, 24000), 24000) == pytest.approx(-23.0, abs=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference clips, inputs, speech recognition, the command line
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, message", [("silent", "silent"), ("long", "longer than --max_seconds"),
+                                           ("narrow", "8000 Hz"), ("short", "shorter than --min_seconds")])
+def test_ref_audio_is_checked_like_a_training_clip(tmp_path, kind, message):
+    samples = dict(silent=(np.zeros(72000), 24000), long=(speech(44.0), 24000), narrow=(speech(4.0, rate=8000), 8000),
+                   short=(speech(0.3), 24000))[kind]
+    ref = write(tmp_path / f"{kind}.wav", *samples)
+    write(tmp_path / "clip.wav", speech(2.0))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(dict(audio="clip.wav", text="A sentence.")) + "\n")
+    with pytest.raises(SystemExit, match=f"--ref_audio {ref}: .*{message}"):
+        validate(raw, tmp_path / "out.jsonl", "--ref_audio", ref)
+
+
+def test_metadata_csv_beside_its_clips_and_several_inputs(tmp_path):
+    ljs, folder = tmp_path / "ljs", tmp_path / "folder"
+    for index in range(2):
+        write(ljs / f"LJ{index}.wav", speech(2.0, seed=index))
+        write(folder / f"take_{index}.flac", speech(2.0, seed=10 + index))
+        (folder / f"take_{index}.txt").write_text(SENTENCES[index][:28])
+    (ljs / "metadata.csv").write_text("".join(f"LJ{index}|{SENTENCES[index][:28]}\n" for index in range(2)))
+
+    summary = validate([ljs, folder], tmp_path / "out.jsonl")
+    assert summary["clips"] == 4 and summary["rejected"] == 0
+    assert summary["settings"]["layout"] == ["ljspeech", "folder"]
+
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    (empty / "metadata.csv").write_text("LJ0|Its clip is not here.\n")
+    with pytest.raises(SystemExit, match="no usable clips") as stopped:
+        validate(empty, tmp_path / "none.jsonl")
+    assert stopped.value.code != 0
+    assert rejects_of(tmp_path / "none.jsonl")["metadata.csv:1"]["reason"] == "missing_audio"
+
+
+def test_speech_recognition_transcribes_cuts_and_checks(tmp_path):
+    whisper = write_tiny_whisper(tmp_path / "whisper")
+    clips = tmp_path / "clips"
+    write(clips / "untranscribed.wav", speech(2.0, seed=1))
+    write(clips / "transcribed.wav", speech(2.5, seed=2))
+    (clips / "transcribed.txt").write_text("Known text here.")
+    take = np.concatenate([room_tone(0.5), speech(6, seed=5), room_tone(0.8), speech(7, seed=6), room_tone(0.5)])
+    write(clips / "take.wav", take)
+    output = tmp_path / "out.jsonl"
+
+    without = validate(clips, tmp_path / "no_asr.jsonl", "--max_segment_seconds", 8)
+    assert without["clips"] == 1 and without["rejects_by_reason"]["missing_transcript"] == 2
+    assert "--asr_model" in rejects_of(tmp_path / "no_asr.jsonl")["take.wav"]["problem"]
+
+    # A random model says nonsense: the rate checks would reject it all, so they are off here.
+    summary = validate(clips, output, "--asr_model", whisper, "--asr_check", "--max_segment_seconds", 8,
+                       "--flag_rate_ratio", 100, "--reject_rate_ratio", 100)
+
+    report = clips_of(output)
+    assert set(report) == {"untranscribed.wav", "transcribed.wav", "take.wav#1", "take.wav#2"}
+    for name in ("untranscribed.wav", "take.wav#1", "take.wav#2"):
+        assert report[name]["text_from"] == "asr" and report[name]["cer"] is None
+    assert report["transcribed.wav"]["text_from"] is None and 0 <= report["transcribed.wav"]["cer"]
+    assert "transcript_mismatch" in report["transcribed.wav"]["flags"]  # nonsense against the real text
+    assert summary["transcribed_clips"] == 3 and summary["settings"]["asr_model"] == str(whisper)
+
+
+def test_help_imports_no_torch_and_shows_every_default():
+    check = ("import runpy, sys; sys.argv = ['prepare_codes.py', '--help']\n"
+             "try:\n    runpy.run_path('prepare_codes.py', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "heavy = [name for name in ('torch', 'transformers', 'qwen_tts') if name in sys.modules]\n"
+             "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--validate_only" in result.stdout and "--asr_model" in result.stdout
+    for action in prepare_codes.build_parser()._actions:
+        if action.option_strings != ["-h", "--help"]:
+            assert "default" in action.help, action.option_strings
+
+
+def test_row_checker_plans_long_takes_only_when_they_can_be_cut(tmp_path):
+    write(tmp_path / "take.wav", speech(40.0))
+    row = dict(audio=str(tmp_path / "take.wav"), text="Forty seconds of it.")
+    from qwen3_tts_sft.dataset_layouts import InputRow
+
+    item = InputRow("raw.jsonl:1", row, "")
+    assert RowChecker(Limits(0.5, 30)).check(item).reason == "too_long"
+    assert isinstance(RowChecker(Limits(0.5, 30), transcribe=True).check(item), PlannedClip)
+    with_segments = InputRow("raw.jsonl:2", dict(row, segments=[dict(start=1, end=5, text="Some.")]), "")
+    assert isinstance(RowChecker(Limits(0.5, 30)).check(with_segments), PlannedClip)
+    beyond = InputRow("raw.jsonl:3", dict(row, segments=[dict(start=38, end=45, text="Past the end.")]), "")
+    assert "after the audio's end" in RowChecker(Limits(0.5, 30)).check(beyond).problem
