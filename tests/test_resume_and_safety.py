@@ -6,8 +6,9 @@ import os
 import random
 import signal
 import subprocess
-import time
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,10 +32,11 @@ def trainer_command(model_dir, data, output, **flags):
     return [sys.executable, "sft_12hz_chatterbox.py", *trainer_argv(model_dir, data, output, **dict(RUN, **flags))]
 
 
-def start_and_wait_for(command, line_start: str) -> subprocess.Popen:
+def start_and_wait_for(command, line_start: str, **options) -> subprocess.Popen:
     """Start the trainer as a user would and return once it has printed a line starting with `line_start`."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    options = dict(dict(stderr=subprocess.DEVNULL), **options)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"), **options)
     for line in process.stdout:
         if line.startswith(line_start):
             return process
@@ -79,6 +81,44 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_model, twel
     train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest", save_steps=0,
           **{k: v for k, v in RUN.items() if k != "save_steps"})
     assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
+
+
+def test_sigterm_to_the_whole_job_with_data_workers_saves_and_exits_cleanly(tiny_model, twelve_clips, tmp_path):
+    """What Slurm preemption, `timeout` and `kill -TERM -PGID` do: every process of the job, the data
+    loader's workers (the default --num_workers 2) included, gets the signal."""
+    command = trainer_command(tiny_model, twelve_clips, tmp_path / "out", save_steps=0, num_workers=None)
+    with open(tmp_path / "stderr.txt", "w") as errors:
+        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        assert data_workers(process.pid)  # the signal reaches them too
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "stopped by SIGTERM" in output
+    saved = checkpoint.latest_checkpoint(tmp_path / "out")
+    assert saved is not None and saved.name.startswith("checkpoint-step-")
+    train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest",
+          **{k: v for k, v in RUN.items() if k != "save_steps"})
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
+
+
+def test_a_data_worker_lost_otherwise_stops_the_run_naming_it(tiny_model, twelve_clips, tmp_path):
+    command = trainer_command(tiny_model, twelve_clips, tmp_path / "out", save_steps=0, num_workers=None)
+    with open(tmp_path / "stderr.txt", "w") as errors:
+        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        worker = data_workers(process.pid)[0]
+        os.kill(worker, signal.SIGKILL)
+        process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert f"DataLoader worker (pid {worker}) is killed by signal: Killed" in (tmp_path / "stderr.txt").read_text()
+
+
+def data_workers(pid: int) -> list:
+    """The pids of the data loader worker processes of the trainer `pid` (torch names them pt_data_worker)."""
+    workers = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        if Path(f"/proc/{child}/comm").read_text().strip() == "pt_data_worker":
+            workers.append(int(child))
+    return workers
 
 
 def test_a_crash_during_save_leaves_no_half_written_checkpoint(tiny_model, twelve_clips, tmp_path, monkeypatch):
