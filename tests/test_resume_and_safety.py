@@ -1,9 +1,11 @@
 """Runs survive: exact resume after SIGKILL, a clean save on SIGTERM, no half-written checkpoint,
 no lost work on non-finite steps, eval at the right steps, and only safe file loading."""
 
+import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -202,6 +204,54 @@ def test_a_full_disk_is_reported_before_saving(tiny_model, twelve_clips, tmp_pat
     with pytest.raises(SystemExit) as raised:
         train(tiny_model, twelve_clips, tmp_path / "out", max_steps=1)
     assert "not enough disk space" in str(raised.value) and "GB are free" in str(raised.value)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, twelve_clips, tmp_path, monkeypatch):
+    real_save_file = checkpoint.save_file
+
+    def disk_fills_up_in_the_second_save(tensors, filename, *args, **kwargs):
+        if "checkpoint-step-2" in str(filename):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_up_in_the_second_save)
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, tmp_path / "out", **RUN)
+    message = str(raised.value)
+    assert "the disk filled up while saving checkpoint-step-2" in message
+    assert re.search(r"A checkpoint needs about \d+\.\d GB in ", message) and "--resume_from_checkpoint latest" in message
+    output = tmp_path / "out"
+    assert [folder.name for folder in checkpoint.list_checkpoints(output)] == ["checkpoint-step-1"]
+    assert not list(output.glob("*checkpoint-step-2*")) and not list(output.glob(".*" + checkpoint.PARTIAL_SUFFIX))
+    from qwen_tts import Qwen3TTSModel
+
+    assert Qwen3TTSModel.from_pretrained(str(output / "checkpoint-step-1")).model.talker is not None
+    monkeypatch.undo()
+    train(tiny_model, twelve_clips, output, resume_from_checkpoint="latest", max_steps=3, **RUN)
+    assert checkpoint.latest_checkpoint(output).name == "checkpoint-step-3"
+
+
+def test_latest_with_no_checkpoint_yet_starts_from_the_beginning(tiny_model, twelve_clips, tmp_path, capsys):
+    """One command for a job and its requeues, even when it was stopped before its first save."""
+    output = tmp_path / "out"
+    requeue = dict(RUN, resume_from_checkpoint="latest", save_steps=0)
+    train(tiny_model, twelve_clips, output, max_steps=1, **requeue)
+    assert f"no checkpoint in {output} yet, starting from the beginning" in capsys.readouterr().out
+    assert checkpoint.read_trainer_state(output / "checkpoint-step-1").progress.step == 1
+    train(tiny_model, twelve_clips, output, max_steps=2, **requeue)
+    assert "resumed from" in capsys.readouterr().out
+    assert checkpoint.read_trainer_state(output / "checkpoint-step-2").progress.step == 2
+
+
+def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model, twelve_clips, tmp_path, capsys):
+    """Tests and notebooks call main() again and again: each run gets its own precision (accelerate
+    keeps one state per process), and the signal handlers are back as they were after each."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for precision, compute in [("bf16", "compute bf16 autocast"), ("no", "compute fp32")]:
+        train(tiny_model, twelve_clips, tmp_path / precision, max_steps=1, mixed_precision=precision)
+        printed = capsys.readouterr().out
+        assert f"mixed precision: {precision}" in printed and compute in printed
+        assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
 
 
 def test_resume_reads_no_pickled_code(tiny_model, twelve_clips, tmp_path, monkeypatch):
