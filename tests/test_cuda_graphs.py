@@ -1,7 +1,7 @@
 """CUDA graphs (cuda_graphs.py): replayed micro-batches train exactly as eager ones.
 
-The GPU tests skip on a machine without CUDA (CI); they run on the GPU machine with
-`python -m pytest tests/test_cuda_graphs.py`.
+The GPU tests (marked `gpu`) skip on a machine without CUDA (CI); `python -m pytest -m gpu` runs
+them on a GPU machine, and so does the whole suite there.
 """
 
 import os
@@ -13,8 +13,6 @@ import torch
 
 from helpers import ROOT, build_run, read_jsonl, train, write_jsonl
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-
 
 @pytest.fixture(scope="module")
 def repeated_clips(coded_clips, tmp_path_factory):
@@ -22,10 +20,10 @@ def repeated_clips(coded_clips, tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("repeated") / "train.jsonl", read_jsonl(coded_clips) * 4)
 
 
-def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None):
+def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None, **flags):
     """Every step of one epoch through TrainingRun.optimizer_step; returns (per-step losses, weights, run)."""
     run = build_run(model_dir, data, out_dir, batch_size=1, gradient_accumulation_steps=4, lr=1e-3,
-                    lr_scheduler="constant_with_warmup", cuda_graphs=cuda_graphs)
+                    lr_scheduler="constant_with_warmup", cuda_graphs=cuda_graphs, **flags)
     if before_training is not None:
         before_training(run)
     losses = []
@@ -56,7 +54,7 @@ def eager_training(tiny_model, repeated_clips, tmp_path_factory):
     return train_steps(tiny_model, repeated_clips, tmp_path_factory.mktemp("eager"), "no")
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_replayed_micro_batches_train_as_eager_ones(tiny_model, repeated_clips, tmp_path, eager_training):
     graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
     recorded = graphs[2].graphs.recorded
@@ -64,7 +62,7 @@ def test_replayed_micro_batches_train_as_eager_ones(tiny_model, repeated_clips, 
     assert_same_training(tiny_model, repeated_clips, tmp_path / "init", eager_training, graphs)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_graphs_are_dropped_where_memory_is_short(tiny_model, repeated_clips, tmp_path, eager_training, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 10**9))  # a full GPU
     graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "auto")
@@ -80,10 +78,11 @@ def train_with_a_host_sync_while_recording(model_dir, data, out_dir):
             args[0].codec_ids.sum().item()
 
     train_steps(model_dir, data, out_dir, "yes",
-                lambda run: run.train_module.register_forward_pre_hook(host_sync_while_recording))
+                lambda run: run.train_module.register_forward_pre_hook(host_sync_while_recording),
+                torch_compile="no")  # a process of its own would compile the layers afresh; they are not the point
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_a_failed_recording_stops_with_what_to_do(tiny_model, repeated_clips, tmp_path):
     # In a child process: a failed recording leaves CUDA unusable in its process.
     code = ("import sys; import test_cuda_graphs as t; "
@@ -96,7 +95,7 @@ def test_a_failed_recording_stops_with_what_to_do(tiny_model, repeated_clips, tm
     assert "Resume from the last checkpoint with --cuda_graphs no" in result.stderr
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_replacing_a_recorded_gradient_is_refused(tiny_model, repeated_clips, tmp_path):
     _, _, run = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
     run.optimizer.zero_grad(set_to_none=True)  # what the eager loop does; the graphs hold the old tensors
@@ -105,7 +104,7 @@ def test_replacing_a_recorded_gradient_is_refused(tiny_model, repeated_clips, tm
         run.graphs.forward_backward(recorded.batch, recorded.loss_weights)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_trainer_cli_with_graphs_evaluates_and_saves(tiny_model, repeated_clips, tmp_path):
     out = train(tiny_model, repeated_clips, tmp_path / "run", batch_size=1, gradient_accumulation_steps=2,
                 eval_split=0.25, cuda_graphs="yes", save_steps=0)

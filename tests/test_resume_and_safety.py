@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-from qwen3_tts_sft import talker_step
-from helpers import ROOT, read_jsonl, train, trainer_argv, write_jsonl
+from helpers import ROOT, build_run, read_jsonl, train, trainer_argv, write_jsonl
 
 # 12 clips, 2 per step: 6 steps an epoch; saving every step lets a run resume from any point.
 RUN = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=2, save_steps=1, lr=1e-3, warmup_steps=2)
@@ -143,21 +142,41 @@ def test_a_crash_during_save_leaves_no_half_written_checkpoint(tiny_model, twelv
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips, tmp_path, monkeypatch, capsys):
-    real_forward = talker_step.TalkerTrainingModel.forward
-    calls = {"n": 0}
+    """The fault comes through a weight, set to NaN in place before a step: a replayed CUDA graph reads
+    it as the eager forward does, so on a GPU this checks the default path (compiled layers, CUDA
+    graphs, bf16), on CPU the eager one."""
+    import sft_12hz_chatterbox
 
-    def forward_with_nan(self, batch):
-        out = real_forward(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 3 or calls["n"] >= 8:  # one bad step, later only bad steps
-            out.codec0_loss_sum = out.codec0_loss_sum * float("nan")
-        return out
+    run = build_run(tiny_model, twelve_clips, tmp_path / "out", max_nonfinite_steps=3, **RUN)
+    weight = run.accelerator.unwrap_model(run.train_module).talker.codec_head.weight
+    take_step, bad_steps = run.optimizer_step, {3, 8, 9, 10}  # one bad step, later only bad steps
+    graph_replays = count_graph_replays(monkeypatch)
+    replays_in_bad_steps, weights_around_step_3 = [], []
 
-    monkeypatch.setattr(talker_step.TalkerTrainingModel, "forward", forward_with_nan)
-    with pytest.raises(SystemExit) as raised:
-        train(tiny_model, twelve_clips, tmp_path / "out", max_nonfinite_steps=3, **RUN)
+    def step_with_a_nan_weight(step, stop_asked):
+        number, replays_before = run.progress.step + 1, len(graph_replays)
+        if number not in bad_steps:
+            return take_step(step, stop_asked)
+        good_value = weight[0, 0].item()
+        if number == 3:
+            weights_around_step_3.append(trainable_weights(run))
+        with torch.no_grad():
+            weight[0, 0] = float("nan")  # in place: the memory a recorded graph reads
+        stop = take_step(step, stop_asked)
+        replays_in_bad_steps.append(len(graph_replays) - replays_before)
+        if number == 3:
+            with torch.no_grad():
+                weight[0, 0] = good_value
+            weights_around_step_3.append(trainable_weights(run))
+        return stop
+
+    run.optimizer_step = step_with_a_nan_weight
+    with pytest.raises(SystemExit) as raised, sft_12hz_chatterbox.StopRequest() as stop_request:
+        sft_12hz_chatterbox.train(run, stop_request)
     printed = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient; update skipped" in printed
+    before, after = weights_around_step_3
+    assert all(torch.equal(before[name], after[name]) for name in before)  # no weight moved
     assert "3 steps in a row had a non-finite loss" in str(raised.value)
     assert str(raised.value).split("Last good checkpoint: ")[1].startswith(str(tmp_path / "out" / "checkpoint-step-7"))
     assert not (tmp_path / "out" / "checkpoint-step-8").exists()  # no saves during a bad streak
@@ -165,6 +184,21 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips
     assert state.progress.nonfinite_in_a_row == 0
     weights = load_file(tmp_path / "out" / "checkpoint-step-7" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    if run.graphs is not None:  # the GPU default: the last bad steps ran as replayed graphs
+        assert sum(replays_in_bad_steps[1:]) > 0
+
+
+def trainable_weights(run) -> dict:
+    return {name: p.detach().clone() for name, p in run.train_module.named_parameters() if p.requires_grad}
+
+
+def count_graph_replays(monkeypatch) -> list:
+    """A list that grows by one each time a recorded CUDA graph is replayed."""
+    replays = []
+    if torch.cuda.is_available():
+        real_replay = torch.cuda.CUDAGraph.replay
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or real_replay(graph))
+    return replays
 
 
 def test_eval_loss_is_logged_at_eval_steps_and_at_the_end(tiny_model, twelve_clips, tmp_path):
