@@ -1,5 +1,7 @@
-"""Runs survive: exact resume after SIGKILL, a clean save on SIGTERM, no half-written checkpoint,
-no lost work on non-finite steps, eval at the right steps, and only safe file loading."""
+"""Runs survive: exact resume after SIGKILL, a clean save on SIGTERM or Ctrl-C (to the trainer or to
+the whole job, data workers included), no half-written checkpoint (a crash or a full disk), no lost
+work on non-finite steps, eval at the right steps, one command for a job and its requeues, runs of
+any precision one after another in one process, and only safe file loading."""
 
 import errno
 import json
@@ -87,19 +89,32 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_model, twel
 def test_sigterm_to_the_whole_job_with_data_workers_saves_and_exits_cleanly(tiny_model, twelve_clips, tmp_path):
     """What Slurm preemption, `timeout` and `kill -TERM -PGID` do: every process of the job, the data
     loader's workers (the default --num_workers 2) included, gets the signal."""
-    command = trainer_command(tiny_model, twelve_clips, tmp_path / "out", save_steps=0, num_workers=None)
-    with open(tmp_path / "stderr.txt", "w") as errors:
-        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
-        assert data_workers(process.pid)  # the signal reaches them too
-        os.killpg(process.pid, signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
-    assert "stopped by SIGTERM" in output
-    saved = checkpoint.latest_checkpoint(tmp_path / "out")
-    assert saved is not None and saved.name.startswith("checkpoint-step-")
+    saved = stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGTERM)
+    assert saved.name.startswith("checkpoint-step-")
     train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest",
           **{k: v for k, v in RUN.items() if k != "save_steps"})
     assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
+
+
+def test_ctrl_c_in_a_terminal_also_stops_the_whole_job_cleanly(tiny_model, twelve_clips, tmp_path):
+    """Ctrl-C sends SIGINT to every process of the terminal's foreground job."""
+    assert stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGINT).name.startswith("checkpoint-step-")
+
+
+def stop_the_whole_job(model_dir, data, output, stop_signal):
+    """Start the trainer with data workers as a job of its own, signal all its processes after step 2,
+    check that it said so and exited 0; return the checkpoint it saved."""
+    command = trainer_command(model_dir, data, output, save_steps=0, num_workers=None)
+    with open(output.parent / "stderr.txt", "w") as errors:
+        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        assert data_workers(process.pid)  # the signal reaches them too
+        os.killpg(process.pid, stop_signal)
+        printed, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, (output.parent / "stderr.txt").read_text()[-3000:]
+    assert f"stopped by {stop_signal.name}" in printed
+    saved = checkpoint.latest_checkpoint(output)
+    assert saved is not None
+    return saved
 
 
 def test_a_data_worker_lost_otherwise_stops_the_run_naming_it(tiny_model, twelve_clips, tmp_path):
