@@ -84,13 +84,14 @@ class TrainingRun:
     def micro_batch_loader(self, plan: EpochPlan, steps_done: int):
         """This process's micro-batches from step `steps_done` of the plan on, collated by workers."""
         batches = [batch for step in plan.micro_batches[steps_done:] for batch in step]
+        worker_start = functools.partial(leave_stop_signals_to_main, os.getpid()) if WORKERS_CAN_LEAVE_STOPS else None
         return torch.utils.data.DataLoader(
             self.train_set, batch_sampler=batches, collate_fn=collate, num_workers=self.args.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             # Its own random stream: creating a loader draws a seed, which would otherwise shift the
             # global stream (dropout's) between a resumed run and the uninterrupted one.
             generator=torch.Generator().manual_seed(self.args.seed),
-            worker_init_fn=functools.partial(leave_stop_signals_to_main, os.getpid()) if WORKERS_CAN_LEAVE_STOPS else None,
+            worker_init_fn=worker_start,
         )
 
     def steps(self):
@@ -364,8 +365,9 @@ def leave_stop_signals_to_main(main_pid: int, worker_id: int) -> None:
 
     Sent to the whole job, they would otherwise end the workers first, and the trainer with
     "DataLoader worker ... killed by signal". A worker still ends when the main process shuts the
-    loader down, sends it SIGTERM itself (as torch's own handler, and multiprocessing at exit, expect),
-    or dies (torch's watchdog); one lost for any other reason stays the loader's error, naming it.
+    loader down or sends it SIGTERM itself (torch's fallback and multiprocessing's cleanup at exit do;
+    torch's own handler exits quietly then too), and when the main process dies (torch's watchdog).
+    A worker lost any other way stays the loader's error, which names it.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # here and in the threads started from here
     threading.Thread(target=wait_for_stop_signals, args=(main_pid,), name="stop signals", daemon=True).start()

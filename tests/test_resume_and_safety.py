@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from qwen_tts import Qwen3TTSModel
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
@@ -98,7 +99,8 @@ def test_sigterm_to_the_whole_job_with_data_workers_saves_and_exits_cleanly(tiny
 
 def test_ctrl_c_in_a_terminal_also_stops_the_whole_job_cleanly(tiny_model, twelve_clips, tmp_path):
     """Ctrl-C sends SIGINT to every process of the terminal's foreground job."""
-    assert stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGINT).name.startswith("checkpoint-step-")
+    saved = stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGINT)
+    assert saved.name.startswith("checkpoint-step-")
 
 
 def stop_the_whole_job(model_dir, data, output, stop_signal):
@@ -268,12 +270,11 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, twe
         train(tiny_model, twelve_clips, tmp_path / "out", **RUN)
     message = str(raised.value)
     assert "the disk filled up while saving checkpoint-step-2" in message
-    assert re.search(r"A checkpoint needs about \d+\.\d GB in ", message) and "--resume_from_checkpoint latest" in message
+    assert re.search(r"A checkpoint needs about \d+\.\d GB in ", message)
+    assert "--resume_from_checkpoint latest" in message
     output = tmp_path / "out"
     assert [folder.name for folder in checkpoint.list_checkpoints(output)] == ["checkpoint-step-1"]
     assert not list(output.glob("*checkpoint-step-2*")) and not list(output.glob(".*" + checkpoint.PARTIAL_SUFFIX))
-    from qwen_tts import Qwen3TTSModel
-
     assert Qwen3TTSModel.from_pretrained(str(output / "checkpoint-step-1")).model.talker is not None
     monkeypatch.undo()
     train(tiny_model, twelve_clips, output, resume_from_checkpoint="latest", max_steps=3, **RUN)
@@ -283,13 +284,12 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, twe
 def test_latest_with_no_checkpoint_yet_starts_from_the_beginning(tiny_model, twelve_clips, tmp_path, capsys):
     """One command for a job and its requeues, even when it was stopped before its first save."""
     output = tmp_path / "out"
-    requeue = dict(RUN, resume_from_checkpoint="latest", save_steps=0)
-    train(tiny_model, twelve_clips, output, max_steps=1, **requeue)
+    command = dict(RUN, resume_from_checkpoint="latest", save_steps=0, max_steps=1)
+    train(tiny_model, twelve_clips, output, **command)
     assert f"no checkpoint in {output} yet, starting from the beginning" in capsys.readouterr().out
     assert checkpoint.read_trainer_state(output / "checkpoint-step-1").progress.step == 1
-    train(tiny_model, twelve_clips, output, max_steps=2, **requeue)
-    assert "resumed from" in capsys.readouterr().out
-    assert checkpoint.read_trainer_state(output / "checkpoint-step-2").progress.step == 2
+    requeued = build_run(tiny_model, twelve_clips, output, **command)
+    assert requeued.settings.resume_dir == output / "checkpoint-step-1" and requeued.progress.step == 1
 
 
 def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model, twelve_clips, tmp_path, capsys):
