@@ -59,9 +59,14 @@ def eager_training(tiny_model, repeated_clips, tmp_path_factory):
     return train_steps(tiny_model, repeated_clips, tmp_path_factory.mktemp("eager"), "no")
 
 
+@pytest.fixture(scope="module")
+def graph_training(tiny_model, repeated_clips, tmp_path_factory):
+    return train_steps(tiny_model, repeated_clips, tmp_path_factory.mktemp("graphs"), "yes")
+
+
 @pytest.mark.gpu
-def test_replayed_micro_batches_train_as_eager_ones(tiny_model, repeated_clips, tmp_path, eager_training):
-    graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
+def test_replayed_micro_batches_train_as_eager_ones(tiny_model, eager_training, graph_training):
+    graphs = graph_training
     recorded = graphs[2].graphs.recorded
     assert len(recorded) >= 2 and set(recorded) == graphs[2].graphs.warmed_up  # every shape warmed up, then recorded
     assert_same_training(tiny_model, eager_training, graphs)
@@ -101,8 +106,8 @@ def test_a_failed_recording_stops_with_what_to_do(tiny_model, repeated_clips, tm
 
 
 @pytest.mark.gpu
-def test_replacing_a_recorded_gradient_is_refused(tiny_model, repeated_clips, tmp_path):
-    _, _, run = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
+def test_replacing_a_recorded_gradient_is_refused(graph_training):
+    _, _, run = graph_training
     run.optimizer.zero_grad(set_to_none=True)  # what the eager loop does; the graphs hold the old tensors
     recorded = next(iter(run.graphs.recorded.values()))
     with pytest.raises(RuntimeError, match="set_to_none=False"):
