@@ -174,17 +174,18 @@ def main(argv=None):
 
     run = build_run(args)
     run.accelerator.print(run.banner())
-    if train(run):
+    with StopRequest() as stop_request:
+        finished = train(run, stop_request)
+    if finished:
         run.finish()
 
 
-def train(run) -> bool:
+def train(run, stop_request) -> bool:
     """The loop: one iteration is one optimizer step over batch x accumulation x processes clips.
     Returns False when a stop signal ended the run early (its state saved)."""
     from tqdm.auto import tqdm
 
     args, accelerator, progress = run.args, run.accelerator, run.progress
-    stop_request = StopRequest()
     bar = tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if accelerator.is_main_process else True)
     for step in run.steps():
@@ -213,12 +214,23 @@ def train(run) -> bool:
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT (what schedulers send before preemption) into a save-and-exit at the next step."""
+    """Turns SIGTERM / SIGINT (what schedulers send before preemption, and Ctrl-C) into a save-and-exit
+    at the next step, whether they are sent to this process or to the whole job (the data workers
+    leave them to this process: training_run.STOP_SIGNALS). Used as a context manager: the earlier
+    handlers are back afterwards, for whatever else runs in this process (tests, a notebook)."""
 
     def __init__(self):
+        from qwen3_tts_sft.training_run import STOP_SIGNALS
+
         self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
+        self.earlier_handlers = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        for signum, handler in self.earlier_handlers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
     def handle(self, signum, frame):
         if self.signal_name is not None:  # a second signal: stop now

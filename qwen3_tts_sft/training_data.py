@@ -167,17 +167,14 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
         raise DataError(f"{jsonl_path}: file not found")
     reader = ClipReader(ids, default_speaker, prompter, max_positions)
     clips, problems, rows = [], [], 0
-    with open(jsonl_path, encoding="utf-8") as lines:
+    with open(jsonl_path, "rb") as lines:  # decoded line by line: bytes that are not UTF-8 spoil one row only
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             rows += 1
             source = f"{jsonl_path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                row_problems, clip = [("(json)", f"not valid JSON ({error.msg} at column {error.colno})")], None
-            else:
+            row, row_problems = parse_line(line, line_number)
+            if not row_problems:
                 clip, row_problems = reader.row_problems(row, jsonl_path.parent)
             if row_problems:
                 problems += [f"{source}: {field}: {problem}" for field, problem in row_problems]
@@ -198,6 +195,22 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
             )
         log(f"{report}\nskipping {bad_rows} bad rows of {rows} in {jsonl_path}")
     return clips
+
+
+def parse_line(line: bytes, line_number: int) -> tuple:
+    """(the JSON value of one line of a JSONL file, []), or (None, [(field, problem)])."""
+    try:
+        # utf-8-sig on the first line: a byte-order mark (some Windows editors write one) is no part of the row.
+        text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        return None, [("(encoding)", f"byte {error.start + 1} of the line (0x{line[error.start]:02x}) is not UTF-8 "
+                                     f"text; save the file as UTF-8")]
+    text = text.rstrip("\r\n")  # given its newline, the parser would place an error at the end on the next line
+    try:
+        return json.loads(text), []
+    except json.JSONDecodeError as error:
+        cut_short = "; the line ends inside the JSON (cut short?)" if error.pos >= len(text) else ""
+        return None, [("(json)", f"not valid JSON ({error.msg} at column {error.colno}){cut_short}")]
 
 
 def format_problems(problems: list, limit: int = 50) -> str:

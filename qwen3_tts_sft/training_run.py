@@ -8,6 +8,9 @@ It owns the progress; hands out each optimizer step's micro-batches (`steps()`);
 import contextlib
 import functools
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,13 @@ from qwen3_tts_sft.checkpoint import TrainerState
 from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
 from qwen3_tts_sft.sequence_layout import collate
 from qwen3_tts_sft.training_data import EpochPlan, StepTargets, plan_epoch
+
+# What a scheduler (Slurm preemption, `timeout`) or Ctrl-C sends to stop a job. They are the main
+# process's to handle (sft_12hz_chatterbox.StopRequest: finish the step, save, exit), also when they
+# are sent to every process of the job, the data workers included (leave_stop_signals_to_main).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What that takes is on Linux; elsewhere (macOS, Windows) the workers keep torch's own handling.
+WORKERS_CAN_LEAVE_STOPS = hasattr(signal, "sigwaitinfo")
 
 
 @dataclass
@@ -76,6 +86,7 @@ class TrainingRun:
         padded to the plan's few batch shapes where CUDA graphs record one graph per shape."""
         batches = [batch for step in plan.micro_batches[steps_done:] for batch in step]
         shapes = plan.shapes if self.settings.cuda_graphs else None
+        worker_start = functools.partial(leave_stop_signals_to_main, os.getpid()) if WORKERS_CAN_LEAVE_STOPS else None
         return torch.utils.data.DataLoader(
             self.train_set, batch_sampler=batches, collate_fn=functools.partial(collate, shapes=shapes),
             num_workers=self.args.num_workers,
@@ -83,6 +94,7 @@ class TrainingRun:
             # Its own random stream: creating a loader draws a seed, which would otherwise shift the
             # global stream (dropout's) between a resumed run and the uninterrupted one.
             generator=torch.Generator().manual_seed(self.args.seed),
+            worker_init_fn=worker_start,
         )
 
     def steps(self):
@@ -90,7 +102,8 @@ class TrainingRun:
         progress = self.progress
         while progress.step < self.total_steps and progress.epoch < self.args.num_epochs:
             plan = self.first_plan if progress.epoch == 0 else self.plan(progress.epoch)
-            micro_batches = iter(self.micro_batch_loader(plan, progress.steps_done_in_epoch))
+            with stop_signals_held():  # the workers start here
+                micro_batches = iter(self.micro_batch_loader(plan, progress.steps_done_in_epoch))
             for index in range(progress.steps_done_in_epoch, len(plan.steps)):
                 batches = [next(micro_batches) for _ in plan.micro_batches[index]]
                 yield PlannedStep(batches, self.train_set.targets(plan.steps[index]), progress.epoch,
@@ -333,6 +346,41 @@ class TrainingRun:
             lines += [f"  model: {self.last_checkpoint}",
                       f"  hear it: python infer_test.py --model_path {self.last_checkpoint} --speaker {self.speaker_table[0].name}"]
         print("\n".join(lines))
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold the stop signals back in this thread while data workers start. Forked from it, a worker
+    starts with them held, so none can end it before it takes them over (leave_stop_signals_to_main);
+    one sent to this process meanwhile arrives when they are released."""
+    if not WORKERS_CAN_LEAVE_STOPS:
+        yield
+        return
+    held_before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held_before)
+
+
+def leave_stop_signals_to_main(main_pid: int, worker_id: int) -> None:
+    """A data worker's worker_init_fn: leave SIGTERM and SIGINT to the main process.
+
+    Sent to the whole job, they would otherwise end the workers first, and the trainer with
+    "DataLoader worker ... killed by signal". A worker still ends when the main process shuts the
+    loader down or sends it SIGTERM itself (torch's fallback and multiprocessing's cleanup at exit do;
+    torch's own handler exits quietly then too), and when the main process dies (torch's watchdog).
+    A worker lost any other way stays the loader's error, which names it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # here and in the threads started from here
+    threading.Thread(target=wait_for_stop_signals, args=(main_pid,), name="stop signals", daemon=True).start()
+
+
+def wait_for_stop_signals(main_pid: int) -> None:
+    """Take every stop signal sent to this worker: end it when the main process sent it, else ignore it."""
+    while True:
+        if signal.sigwaitinfo(STOP_SIGNALS).si_pid == main_pid:
+            os._exit(0)
 
 
 def plot_losses(history: list, path: Path) -> None:

@@ -109,7 +109,7 @@ def resolve_settings(args, accelerator) -> Settings:
                         "itself); drop one of them")
     graphs, drop_when_short = cuda_graphs_choice(args, device_type, accelerator.num_processes, problems)
     train_data = DataFingerprint.of(args.train_jsonl)
-    resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems)
+    resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems, log=accelerator.print)
     if resume_dir is not None and not problems:
         problems += resume_problems(args, checkpoint.read_trainer_state(resume_dir), train_data, accelerator)
     if problems:
@@ -157,12 +157,13 @@ def cuda_graphs_choice(args, device_type: str, num_processes: int, problems: lis
     return True, True
 
 
-def find_resume_checkpoint(args, output_dir: Path, problems: list):
+def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
     """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident."""
     existing = checkpoint.list_checkpoints(output_dir) if output_dir.is_dir() else []
     if args.resume_from_checkpoint == "latest":
         if not existing:
-            problems.append(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
+            # A job's first start, or a requeue of one stopped before its first save: one command serves both.
+            log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet, starting from the beginning")
             return None
         return existing[-1]
     if args.resume_from_checkpoint:

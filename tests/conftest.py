@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny model folder and a small coded dataset, built once per test run."""
+"""The `gpu` marker, fresh compiler caches for each file, and the session fixtures: the tiny model
+folder and a small coded dataset, built once per test run."""
 
 import os
 
@@ -7,6 +8,29 @@ import pytest
 from helpers import read_jsonl, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: without one they are skipped (CI), with one they run with the rest."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compiler_caches():
+    """Each test file starts with torch.compile's caches empty, as a process of its own would. On a GPU
+    the layers compile in every run; the variants left by other files' runs (precisions, LoRA, batch
+    sizes) would pile up, and past torch's recompile limit a layer runs eager, unlike in the trainer
+    processes that some tests compare with."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
 
 
 @pytest.fixture(scope="session")

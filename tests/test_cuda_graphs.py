@@ -1,20 +1,21 @@
 """CUDA graphs (cuda_graphs.py): replayed micro-batches train exactly as eager ones.
 
-The GPU tests skip on a machine without CUDA (CI); they run on the GPU machine with
-`python -m pytest tests/test_cuda_graphs.py`.
+The GPU tests (marked `gpu`) skip on a machine without CUDA (CI); `python -m pytest -m gpu` runs
+them on a GPU machine, and so does the whole suite there.
 """
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from qwen3_tts_sft import checkpoint
 from helpers import ROOT, build_run, read_jsonl, train, write_jsonl
 from qwen3_tts_sft import training_data
-
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,10 @@ def repeated_clips(coded_clips, tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("repeated") / "train.jsonl", read_jsonl(coded_clips) * 4)
 
 
-def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None):
+def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None, **flags):
     """Every step of one epoch through TrainingRun.optimizer_step; returns (per-step losses, weights, run)."""
     run = build_run(model_dir, data, out_dir, batch_size=1, gradient_accumulation_steps=4, lr=1e-3,
-                    lr_scheduler="constant_with_warmup", cuda_graphs=cuda_graphs)
+                    lr_scheduler="constant_with_warmup", cuda_graphs=cuda_graphs, **flags)
     if before_training is not None:
         before_training(run)
     losses = []
@@ -37,16 +38,17 @@ def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None
     return losses, weights, run
 
 
-def initial_weights(model_dir, data, out_dir, names):
-    module = build_run(model_dir, data, out_dir).train_module
-    return {name: p.detach().float().cpu() for name, p in module.named_parameters() if name in names}
+def initial_weights(model_dir, names):
+    """The trained weights as the run loads them: the base model's, in fp32."""
+    base = load_file(Path(model_dir) / checkpoint.MODEL_WEIGHTS)
+    return {name: base[name.removeprefix(checkpoint.TRAINING_MODULE_PREFIX)].float() for name in names}
 
 
-def assert_same_training(model_dir, data, out_dir, eager, graphs):
+def assert_same_training(model_dir, eager, graphs):
     """Same per-step losses, and weights within 1% of how far training moved them."""
     (eager_losses, eager_weights, _), (graph_losses, graph_weights, _) = eager, graphs
     assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
-    initial = initial_weights(model_dir, data, out_dir, eager_weights)
+    initial = initial_weights(model_dir, eager_weights)
     moved = max((eager_weights[name] - initial[name]).abs().max().item() for name in initial)
     differ = max((eager_weights[name] - graph_weights[name]).abs().max().item() for name in initial)
     assert moved > 1e-3 and differ < 0.01 * moved
@@ -57,22 +59,28 @@ def eager_training(tiny_model, repeated_clips, tmp_path_factory):
     return train_steps(tiny_model, repeated_clips, tmp_path_factory.mktemp("eager"), "no")
 
 
-@needs_gpu
-def test_replayed_micro_batches_train_as_eager_ones(tiny_model, repeated_clips, tmp_path, eager_training, monkeypatch):
+@pytest.fixture(scope="module")
+def graph_training(tiny_model, repeated_clips, tmp_path_factory):
     # Recordings made free: a batch-shape table of several sizes, so several graphs share the pool.
-    monkeypatch.setattr(training_data, "RECORDING_COST_IN_MICRO_BATCHES", 0)
-    graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training_data, "RECORDING_COST_IN_MICRO_BATCHES", 0)
+        return train_steps(tiny_model, repeated_clips, tmp_path_factory.mktemp("graphs"), "yes")
+
+
+@pytest.mark.gpu
+def test_replayed_micro_batches_train_as_eager_ones(tiny_model, eager_training, graph_training):
+    graphs = graph_training
     recorded = graphs[2].graphs.recorded
     assert len(recorded) >= 2 and set(recorded) == graphs[2].graphs.warmed_up  # every shape warmed up, then recorded
-    assert_same_training(tiny_model, repeated_clips, tmp_path / "init", eager_training, graphs)
+    assert_same_training(tiny_model, eager_training, graphs)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_graphs_are_dropped_where_memory_is_short(tiny_model, repeated_clips, tmp_path, eager_training, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 10**9))  # a full GPU
     graphs = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "auto")
     assert not graphs[2].graphs.enabled and not graphs[2].graphs.recorded
-    assert_same_training(tiny_model, repeated_clips, tmp_path / "init", eager_training, graphs)
+    assert_same_training(tiny_model, eager_training, graphs)
 
 
 def train_with_a_host_sync_while_recording(model_dir, data, out_dir):
@@ -83,10 +91,11 @@ def train_with_a_host_sync_while_recording(model_dir, data, out_dir):
             args[0].codec_ids.sum().item()
 
     train_steps(model_dir, data, out_dir, "yes",
-                lambda run: run.train_module.register_forward_pre_hook(host_sync_while_recording))
+                lambda run: run.train_module.register_forward_pre_hook(host_sync_while_recording),
+                torch_compile="no")  # a process of its own would compile the layers afresh; they are not the point
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_a_failed_recording_stops_with_what_to_do(tiny_model, repeated_clips, tmp_path):
     # In a child process: a failed recording leaves CUDA unusable in its process.
     code = ("import sys; import test_cuda_graphs as t; "
@@ -99,16 +108,16 @@ def test_a_failed_recording_stops_with_what_to_do(tiny_model, repeated_clips, tm
     assert "Resume from the last checkpoint with --cuda_graphs no" in result.stderr
 
 
-@needs_gpu
-def test_replacing_a_recorded_gradient_is_refused(tiny_model, repeated_clips, tmp_path):
-    _, _, run = train_steps(tiny_model, repeated_clips, tmp_path / "graphs", "yes")
+@pytest.mark.gpu
+def test_replacing_a_recorded_gradient_is_refused(graph_training):
+    _, _, run = graph_training
     run.optimizer.zero_grad(set_to_none=True)  # what the eager loop does; the graphs hold the old tensors
     recorded = next(iter(run.graphs.recorded.values()))
     with pytest.raises(RuntimeError, match="set_to_none=False"):
         run.graphs.forward_backward(recorded.batch, recorded.loss_weights)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_trainer_cli_with_graphs_evaluates_and_saves(tiny_model, repeated_clips, tmp_path):
     out = train(tiny_model, repeated_clips, tmp_path / "run", batch_size=1, gradient_accumulation_steps=2,
                 eval_split=0.25, cuda_graphs="yes", save_steps=0)

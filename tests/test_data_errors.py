@@ -89,6 +89,39 @@ def test_strict_stops_at_the_first_bad_row(good_row, tmp_path):
     assert "data.jsonl:301: language:" in str(raised.value) and ":302:" not in str(raised.value)
 
 
+def test_bytes_that_are_not_utf8_spoil_their_row_only(good_row, tmp_path):
+    good = json.dumps(good_row).encode()
+    latin1 = json.dumps(dict(good_row, text="caf\u00e9")).encode().replace(b"\\u00e9", "\u00e9".encode("latin-1"))
+    assert b"caf\xe9" in latin1  # what an editor saving in Latin-1 writes
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join([good] * 150 + [latin1] + [good] * 49) + b"\n")
+    messages = []
+    assert len(read_clips(path, IDS, log=messages.append, max_bad_fraction=0.01)) == 199
+    column = latin1.index(b"\xe9") + 1
+    assert f"mixed.jsonl:151: (encoding): byte {column} of the line (0xe9) is not UTF-8" in messages[0]
+    assert "skipping 1 bad rows of 200" in messages[0]
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS, strict=True)
+    assert "mixed.jsonl:151: (encoding):" in str(raised.value) and "--strict" in str(raised.value)
+
+
+def test_a_line_cut_short_is_named_at_its_own_line_and_end(good_row, tmp_path):
+    whole = json.dumps(good_row)
+    cut = whole[:whole.index('"audio_codes"') + len('"audio_codes": [[1, 2],')]
+    path = write_lines(tmp_path / "cut.jsonl", [whole, cut] + [whole] * 198)
+    messages = []
+    read_clips(path, IDS, log=messages.append)
+    assert f"cut.jsonl:2: (json): not valid JSON (Expecting value at column {len(cut) + 1}); the line ends " \
+           f"inside the JSON (cut short?)" in messages[0]
+    assert ":3:" not in messages[0]
+
+
+def test_a_byte_order_mark_does_not_spoil_the_first_row(good_row, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(good_row) + "\r\n").encode() * 2)  # as Windows Notepad saves
+    assert len(read_clips(path, IDS, strict=True)) == 2
+
+
 def test_default_speaker_name_and_language_case(good_row, tmp_path):
     row = {key: value for key, value in good_row.items() if key != "speaker"}
     clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(dict(row, language="English"))]), IDS,
@@ -102,6 +135,11 @@ def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_
         train(tiny_model, path, tmp_path / "out")
     assert "bad.jsonl:2: audio_codes:" in str(raised.value)
     assert not (tmp_path / "out").exists()
+    path.write_bytes(json.dumps(good_row).encode() + b"\n" + json.dumps(dict(good_row, text="\u00e9")).encode()
+                     .replace(b"\\u00e9", b"\xe9") + b"\n")
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, path, tmp_path / "out", strict=True)
+    assert "bad.jsonl:2: (encoding):" in str(raised.value)
 
 
 def test_length_limits_drop_and_count_long_clips(good_row, tmp_path):

@@ -138,11 +138,13 @@ def test_low_memory_run_trains_saves_and_refuses_a_mismatched_resume(tiny_model,
 
 
 def gradients_of_one_batch(model_dir, data, out_dir, **flags):
-    run = build_run(model_dir, data, out_dir, batch_size=4, **flags)
+    # fp32 and eager on a GPU too: the recomputation must give the same numbers, not merely close ones
+    # (bf16, or layers compiled with and without checkpointing, would round differently).
+    run = build_run(model_dir, data, out_dir, batch_size=4, mixed_precision="no", torch_compile="no", **flags)
     module = run.train_module
     layer_calls = []
     module.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
-    batch = next(run.steps()).micro_batches[0]
+    batch = next(run.steps()).micro_batches[0].to(run.device)
     out = module(batch)
     (out.codec0_loss_sum + out.sub_talker_loss_sum).backward()
     return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}, len(layer_calls)

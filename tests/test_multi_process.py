@@ -1,8 +1,9 @@
 """Two processes give the result of one process with the same clips per step, and write one checkpoint.
 
 The processes are started with torch.distributed.run, which is what `accelerate launch
---multi_gpu` runs on GPUs; on CPU they talk through gloo. (accelerate enables FSDP only on GPUs,
-so accelerate_configs/fsdp.yaml is not exercised here.)
+--multi_gpu` runs on GPUs; here they run on the CPU and talk through gloo, on a GPU machine too
+(where one GPU could not give each process its own, and fp32 on the CPU is what the comparison
+needs). accelerate enables FSDP only on GPUs, so accelerate_configs/fsdp.yaml is not exercised here.
 """
 
 import os
@@ -14,29 +15,33 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-from helpers import ROOT, train
+from helpers import ROOT, trainer_argv
 
-FLAGS = dict(num_epochs=2, lr=1e-3, warmup_steps=1, num_workers=0, report_to="none", logging_steps=1,
-             save_steps=0)
+FLAGS = dict(num_epochs=2, lr=1e-3, warmup_steps=1, save_steps=0)
+
+
+def train_on_cpu(launcher: list, model_dir, data, output, **flags) -> subprocess.CompletedProcess:
+    """The trainer in child processes that see no GPU, started by `launcher` (nothing: one process)."""
+    command = [sys.executable, *launcher, "sft_12hz_chatterbox.py",
+               *trainer_argv(model_dir, data, output, **FLAGS, **flags)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tiny_model, coded_clips, tmp_path_factory):
     """One process: 2 clips a micro-batch x 2 accumulation = 4 clips a step."""
     output = tmp_path_factory.mktemp("one") / "out"
-    return train(tiny_model, coded_clips, output, batch_size=2, gradient_accumulation_steps=2, **FLAGS)
+    train_on_cpu([], tiny_model, coded_clips, output, batch_size=2, gradient_accumulation_steps=2)
+    return output
 
 
 def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, one_process_run, tmp_path):
     # Two processes: 2 clips each x 1 accumulation = the same 4 clips a step.
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft_12hz_chatterbox.py",
-               "--init_model_path", str(tiny_model), "--train_jsonl", str(coded_clips),
-               "--output_model_path", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "1"]
-    for name, value in FLAGS.items():
-        command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = train_on_cpu(["-m", "torch.distributed.run", "--nproc_per_node", "2"], tiny_model, coded_clips,
+                          tmp_path / "two", batch_size=2, gradient_accumulation_steps=1)
     assert "2 per process x 1 accumulation x 2 processes = 4 clips per step" in result.stdout
     assert "processes: 2 (MULTI_CPU)" in result.stdout
     assert result.stdout.count("step 1:") == 1  # only the main process logs
@@ -48,7 +53,7 @@ def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, 
     assert one.keys() == two.keys()
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
-    assert checkpoint.read_trainer_state(tmp_path / "two" / "checkpoint-epoch-1")["num_processes"] == 2
+    assert checkpoint.read_trainer_state(tmp_path / "two" / "checkpoint-epoch-1").num_processes == 2
     base = load_file(tiny_model / "model.safetensors")
     trained = [name for name in one if not torch.equal(one[name], base[name.removeprefix("model.")].float())]
     assert trained  # the comparison is between trained weights, not two copies of the base

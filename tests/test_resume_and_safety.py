@@ -1,21 +1,26 @@
-"""Runs survive: exact resume after SIGKILL, a clean save on SIGTERM, no half-written checkpoint,
-no lost work on non-finite steps, eval at the right steps, and only safe file loading."""
+"""Runs survive: exact resume after SIGKILL, a clean save on SIGTERM or Ctrl-C (to the trainer or to
+the whole job, data workers included), no half-written checkpoint (a crash or a full disk), no lost
+work on non-finite steps, eval at the right steps, one command for a job and its requeues, runs of
+any precision one after another in one process, and only safe file loading."""
 
+import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
-import time
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from qwen_tts import Qwen3TTSModel
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-from qwen3_tts_sft import talker_step
-from helpers import ROOT, read_jsonl, train, trainer_argv, write_jsonl
+from helpers import ROOT, build_run, read_jsonl, train, trainer_argv, write_jsonl
 
 # 12 clips, 2 per step: 6 steps an epoch; saving every step lets a run resume from any point.
 RUN = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=2, save_steps=1, lr=1e-3, warmup_steps=2)
@@ -31,10 +36,11 @@ def trainer_command(model_dir, data, output, **flags):
     return [sys.executable, "sft_12hz_chatterbox.py", *trainer_argv(model_dir, data, output, **dict(RUN, **flags))]
 
 
-def start_and_wait_for(command, line_start: str) -> subprocess.Popen:
+def start_and_wait_for(command, line_start: str, **options) -> subprocess.Popen:
     """Start the trainer as a user would and return once it has printed a line starting with `line_start`."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    options = dict(dict(stderr=subprocess.DEVNULL), **options)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"), **options)
     for line in process.stdout:
         if line.startswith(line_start):
             return process
@@ -81,6 +87,58 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_model, twel
     assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
 
 
+def test_sigterm_to_the_whole_job_with_data_workers_saves_and_exits_cleanly(tiny_model, twelve_clips, tmp_path):
+    """What Slurm preemption, `timeout` and `kill -TERM -PGID` do: every process of the job, the data
+    loader's workers (the default --num_workers 2) included, gets the signal."""
+    saved = stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGTERM)
+    assert saved.name.startswith("checkpoint-step-")
+    train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest",
+          **{k: v for k, v in RUN.items() if k != "save_steps"})
+    assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
+
+
+def test_ctrl_c_in_a_terminal_also_stops_the_whole_job_cleanly(tiny_model, twelve_clips, tmp_path):
+    """Ctrl-C sends SIGINT to every process of the terminal's foreground job."""
+    saved = stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGINT)
+    assert saved.name.startswith("checkpoint-step-")
+
+
+def stop_the_whole_job(model_dir, data, output, stop_signal):
+    """Start the trainer with data workers as a job of its own, signal all its processes after step 2,
+    check that it said so and exited 0; return the checkpoint it saved."""
+    command = trainer_command(model_dir, data, output, save_steps=0, num_workers=None)
+    with open(output.parent / "stderr.txt", "w") as errors:
+        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        assert data_workers(process.pid)  # the signal reaches them too
+        os.killpg(process.pid, stop_signal)
+        printed, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, (output.parent / "stderr.txt").read_text()[-3000:]
+    assert f"stopped by {stop_signal.name}" in printed
+    saved = checkpoint.latest_checkpoint(output)
+    assert saved is not None
+    return saved
+
+
+def test_a_data_worker_lost_otherwise_stops_the_run_naming_it(tiny_model, twelve_clips, tmp_path):
+    command = trainer_command(tiny_model, twelve_clips, tmp_path / "out", save_steps=0, num_workers=None)
+    with open(tmp_path / "stderr.txt", "w") as errors:
+        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        worker = data_workers(process.pid)[0]
+        os.kill(worker, signal.SIGKILL)
+        process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert f"DataLoader worker (pid {worker}) is killed by signal: Killed" in (tmp_path / "stderr.txt").read_text()
+
+
+def data_workers(pid: int) -> list:
+    """The pids of the data loader worker processes of the trainer `pid` (torch names them pt_data_worker)."""
+    workers = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        if Path(f"/proc/{child}/comm").read_text().strip() == "pt_data_worker":
+            workers.append(int(child))
+    return workers
+
+
 def test_a_crash_during_save_leaves_no_half_written_checkpoint(tiny_model, twelve_clips, tmp_path, monkeypatch):
     real_export = checkpoint.export_model
 
@@ -101,21 +159,41 @@ def test_a_crash_during_save_leaves_no_half_written_checkpoint(tiny_model, twelv
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips, tmp_path, monkeypatch, capsys):
-    real_forward = talker_step.TalkerTrainingModel.forward
-    calls = {"n": 0}
+    """The fault comes through a weight, set to NaN in place before a step: a replayed CUDA graph reads
+    it as the eager forward does, so on a GPU this checks the default path (compiled layers, CUDA
+    graphs, bf16), on CPU the eager one."""
+    import sft_12hz_chatterbox
 
-    def forward_with_nan(self, batch):
-        out = real_forward(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 3 or calls["n"] >= 8:  # one bad step, later only bad steps
-            out.codec0_loss_sum = out.codec0_loss_sum * float("nan")
-        return out
+    run = build_run(tiny_model, twelve_clips, tmp_path / "out", max_nonfinite_steps=3, **RUN)
+    weight = run.accelerator.unwrap_model(run.train_module).talker.codec_head.weight
+    take_step, bad_steps = run.optimizer_step, {3, 8, 9, 10}  # one bad step, later only bad steps
+    graph_replays = count_graph_replays(monkeypatch)
+    replays_in_bad_steps, weights_around_step_3 = [], []
 
-    monkeypatch.setattr(talker_step.TalkerTrainingModel, "forward", forward_with_nan)
-    with pytest.raises(SystemExit) as raised:
-        train(tiny_model, twelve_clips, tmp_path / "out", max_nonfinite_steps=3, **RUN)
+    def step_with_a_nan_weight(step, stop_asked):
+        number, replays_before = run.progress.step + 1, len(graph_replays)
+        if number not in bad_steps:
+            return take_step(step, stop_asked)
+        good_value = weight[0, 0].item()
+        if number == 3:
+            weights_around_step_3.append(trainable_weights(run))
+        with torch.no_grad():
+            weight[0, 0] = float("nan")  # in place: the memory a recorded graph reads
+        stop = take_step(step, stop_asked)
+        replays_in_bad_steps.append(len(graph_replays) - replays_before)
+        if number == 3:
+            with torch.no_grad():
+                weight[0, 0] = good_value
+            weights_around_step_3.append(trainable_weights(run))
+        return stop
+
+    run.optimizer_step = step_with_a_nan_weight
+    with pytest.raises(SystemExit) as raised, sft_12hz_chatterbox.StopRequest() as stop_request:
+        sft_12hz_chatterbox.train(run, stop_request)
     printed = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient; update skipped" in printed
+    before, after = weights_around_step_3
+    assert all(torch.equal(before[name], after[name]) for name in before)  # no weight moved
     assert "3 steps in a row had a non-finite loss" in str(raised.value)
     assert str(raised.value).split("Last good checkpoint: ")[1].startswith(str(tmp_path / "out" / "checkpoint-step-7"))
     assert not (tmp_path / "out" / "checkpoint-step-8").exists()  # no saves during a bad streak
@@ -123,6 +201,21 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips
     assert state.progress.nonfinite_in_a_row == 0
     weights = load_file(tmp_path / "out" / "checkpoint-step-7" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    if run.graphs is not None:  # the GPU default: the last bad steps ran as replayed graphs
+        assert sum(replays_in_bad_steps[1:]) > 0
+
+
+def trainable_weights(run) -> dict:
+    return {name: p.detach().clone() for name, p in run.train_module.named_parameters() if p.requires_grad}
+
+
+def count_graph_replays(monkeypatch) -> list:
+    """A list that grows by one each time a recorded CUDA graph is replayed."""
+    replays = []
+    if torch.cuda.is_available():
+        real_replay = torch.cuda.CUDAGraph.replay
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or real_replay(graph))
+    return replays
 
 
 def test_eval_loss_is_logged_at_eval_steps_and_at_the_end(tiny_model, twelve_clips, tmp_path):
@@ -162,6 +255,52 @@ def test_a_full_disk_is_reported_before_saving(tiny_model, twelve_clips, tmp_pat
     with pytest.raises(SystemExit) as raised:
         train(tiny_model, twelve_clips, tmp_path / "out", max_steps=1)
     assert "not enough disk space" in str(raised.value) and "GB are free" in str(raised.value)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_model, twelve_clips, tmp_path, monkeypatch):
+    real_save_file = checkpoint.save_file
+
+    def disk_fills_up_in_the_second_save(tensors, filename, *args, **kwargs):
+        if "checkpoint-step-2" in str(filename):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_up_in_the_second_save)
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, tmp_path / "out", **RUN)
+    message = str(raised.value)
+    assert "the disk filled up while saving checkpoint-step-2" in message
+    assert re.search(r"A checkpoint needs about \d+\.\d GB in ", message)
+    assert "--resume_from_checkpoint latest" in message
+    output = tmp_path / "out"
+    assert [folder.name for folder in checkpoint.list_checkpoints(output)] == ["checkpoint-step-1"]
+    assert not list(output.glob("*checkpoint-step-2*")) and not list(output.glob(".*" + checkpoint.PARTIAL_SUFFIX))
+    assert Qwen3TTSModel.from_pretrained(str(output / "checkpoint-step-1")).model.talker is not None
+    monkeypatch.undo()
+    train(tiny_model, twelve_clips, output, resume_from_checkpoint="latest", max_steps=3, **RUN)
+    assert checkpoint.latest_checkpoint(output).name == "checkpoint-step-3"
+
+
+def test_latest_with_no_checkpoint_yet_starts_from_the_beginning(tiny_model, twelve_clips, tmp_path, capsys):
+    """One command for a job and its requeues, even when it was stopped before its first save."""
+    output = tmp_path / "out"
+    command = dict(RUN, resume_from_checkpoint="latest", save_steps=0, max_steps=1)
+    train(tiny_model, twelve_clips, output, **command)
+    assert f"no checkpoint in {output} yet, starting from the beginning" in capsys.readouterr().out
+    assert checkpoint.read_trainer_state(output / "checkpoint-step-1").progress.step == 1
+    requeued = build_run(tiny_model, twelve_clips, output, **command)
+    assert requeued.settings.resume_dir == output / "checkpoint-step-1" and requeued.progress.step == 1
+
+
+def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model, twelve_clips, tmp_path, capsys):
+    """Tests and notebooks call main() again and again: each run gets its own precision (accelerate
+    keeps one state per process), and the signal handlers are back as they were after each."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for precision, compute in [("bf16", "compute bf16 autocast"), ("no", "compute fp32")]:
+        train(tiny_model, twelve_clips, tmp_path / precision, max_steps=1, mixed_precision=precision)
+        printed = capsys.readouterr().out
+        assert f"mixed precision: {precision}" in printed and compute in printed
+        assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
 
 
 def test_resume_reads_no_pickled_code(tiny_model, twelve_clips, tmp_path, monkeypatch):
