@@ -87,7 +87,7 @@ def test_compiled_update_is_torch_adamw():
     assert torch.allclose(compiled, run_optimizer(torch.optim.AdamW, weight, gradients), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the recorded step needs a CUDA GPU")
+@pytest.mark.gpu  # the recorded step needs a CUDA GPU
 def test_recorded_optimizer_step_updates_as_the_launched_one():
     """On the GPU the step is recorded once the same tensors come back (gradients kept, as with CUDA
     graphs) and replayed: bit for bit the update of launching its kernels one by one."""
