@@ -195,10 +195,7 @@ def missing_model_problem(path: Path) -> str:
 
 def main(argv=None):
     args = check_args(parse_args(argv))
-    from qwen3_tts_sft.quiet import import_qwen_tts
-
-    import_qwen_tts()  # first, so that its notices about flash-attn and SoX stay unprinted
-    from qwen3_tts_sft.training_setup import AlreadyFinished, build_run
+    from qwen3_tts_sft.training_setup import AlreadyFinished, build_run  # quietly imports qwen_tts (quiet.py)
 
     try:
         run = build_run(args)

@@ -2,8 +2,9 @@
 
 qwen_tts 0.1.1 prints, at import, a flash-attn banner (for its 25 Hz tokenizer's whisper encoder),
 and the `sox` package it imports logs "SoX could not be found!" while its shell says
-"sox: not found". None of that concerns the 12 Hz models: the three commands call
-`import_qwen_tts()` before anything else imports qwen_tts, and every other line of output is kept.
+"sox: not found". None of that concerns the 12 Hz models. The package's modules that import qwen_tts
+(sequence_layout.py, speakers.py) call `import_qwen_tts()` first, so each of the three commands
+imports it quietly whatever it imports first; every other line of output is kept.
 """
 
 import contextlib

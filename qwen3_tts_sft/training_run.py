@@ -402,7 +402,7 @@ def hear_it(model_dir: Path, speakers: list) -> str:
 
 
 def gigabytes(size: int) -> str:
-    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
 
 
 def plot_losses(history: list, path: Path) -> None:

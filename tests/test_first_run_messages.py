@@ -200,6 +200,14 @@ def test_init_model_path_mistakes_say_what_to_pass(tiny_model, coded_clips, shor
     assert "this is a CustomVoice model (tts_model_type 'custom_voice'); fine-tune from a Base model" in message
 
 
+def test_the_commands_import_qwen_tts_without_its_notices():
+    result = subprocess.run([sys.executable, "-c", "import infer_test, prepare_codes, sft_12hz_chatterbox, qwen_tts"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "flash-attn" not in result.stdout + result.stderr and "SoX" not in result.stdout + result.stderr
+    assert "sox: not found" not in result.stderr
+
+
 def test_only_the_import_notices_are_silenced(capfd):
     with quiet.shell_stderr_without(quiet.SHELL_SOX_NOT_FOUND):
         subprocess.run(["sh", "-c", "echo 'sh: 1: sox: not found' >&2; echo 'a real problem' >&2"], check=True)
