@@ -50,7 +50,9 @@ def parse_args(argv=None):
     optim.add_argument("--max_steps", type=int, default=0,
                        help="stop after this many optimizer steps (0 = run all epochs)")
     optim.add_argument("--warmup_steps", type=int, default=100,
-                       help="linear warmup from 0 to --lr; avoids large first updates from fresh optimizer state")
+                       help="linear warmup from 0 to --lr; avoids large first updates from fresh optimizer state. "
+                            "About 5-10%% of the run's optimizer steps (the banner prints their number); the "
+                            "trainer warns when it covers more than half the run")
     optim.add_argument("--lr_scheduler", default="linear", choices=LR_SCHEDULERS,
                        help="shape after warmup; linear decays to 0 at the last step")
     optim.add_argument("--weight_decay", type=float, default=0.01,
@@ -108,16 +110,23 @@ def parse_args(argv=None):
                      help="write checkpoint-step-N every this many steps (0 = only per epoch)")
     run.add_argument("--eval_steps", type=int, default=2000,
                      help="eval loss every this many steps, and at the end (needs eval data)")
-    run.add_argument("--save_total_limit", type=int, default=0,
-                     help="keep only the newest N checkpoints (0 = keep all); the best eval one is also kept")
+    run.add_argument("--save_total_limit", type=int, default=2,
+                     help="keep only N checkpoints: the newest, and the best eval one counted among them "
+                          "(0 = keep all); the banner says what they take on disk")
     run.add_argument("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"],
                      help="dtype of the exported model.safetensors")
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="a checkpoint folder, or 'latest' for the newest in --output_model_path")
+    run.add_argument("--allow_schedule_change", action="store_true",
+                     help="let a resume change --num_epochs, --max_steps, --warmup_steps, --lr or --lr_scheduler: "
+                          "the rest of the run then follows the new schedule from the checkpoint's step (refused "
+                          "without it: the learning rate would jump)")
     run.add_argument("--overwrite_output_dir", action="store_true",
-                     help="delete checkpoints already in --output_model_path and start over")
+                     help="delete the checkpoints, tracker logs and loss curve already in --output_model_path "
+                          "(each named as it goes) and start over")
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"],
-                     help="tracker for losses and learning rate (written under --output_model_path/logs)")
+                     help="tracker for losses and learning rate (written under --output_model_path/logs, a "
+                          "folder per run; a resume writes on in its run's folder)")
     run.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
     run.add_argument("--group_by_length", action="store_true", default=True,
                      help="put clips of similar length in the same micro-batch (less padding, same randomness per step)")
@@ -154,7 +163,7 @@ def check_args(args):
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         problems.append("--resume_from_checkpoint and --overwrite_output_dir contradict each other")
     if not Path(args.init_model_path, "config.json").is_file():
-        problems.append(f"--init_model_path {args.init_model_path}: no config.json there (is it a downloaded model folder?)")
+        problems.append(missing_model_problem(Path(args.init_model_path)))
     if not Path(args.train_jsonl).is_file():
         problems.append(f"--train_jsonl {args.train_jsonl}: file not found")
     if args.eval_jsonl and not Path(args.eval_jsonl).is_file():
@@ -164,15 +173,34 @@ def check_args(args):
     return args
 
 
+def missing_model_problem(path: Path) -> str:
+    """What to pass instead of an --init_model_path without config.json."""
+    if not any(path.glob("checkpoint-*")):
+        return f"--init_model_path {path}: no config.json there (is it a downloaded model folder?)"
+    from qwen3_tts_sft import checkpoint  # imports torch: only on this mistake
+
+    found = checkpoint.list_checkpoints(path)
+    if not found:
+        return f"--init_model_path {path} is a training output folder, not a model: pass the Base model to fine-tune"
+    base = checkpoint.read_trainer_state(found[-1]).flags.get("init_model_path")
+    return (f"--init_model_path {path} is a training output folder (it holds {', '.join(f.name for f in found)}), "
+            f"not a model. To fine-tune, pass the Base model" + (f" (that run started from {base})" if base else "")
+            + f"; to continue that run, --output_model_path {path} --resume_from_checkpoint latest; to speak with "
+            f"its newest checkpoint, python infer_test.py --model_path {found[-1]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # main: set up, train, finish
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = check_args(parse_args(argv))
-    from qwen3_tts_sft.training_setup import build_run
+    from qwen3_tts_sft.training_setup import AlreadyFinished, build_run  # quietly imports qwen_tts (quiet.py)
 
-    run = build_run(args)
+    try:
+        run = build_run(args)
+    except AlreadyFinished:  # a resume of a run that has nothing left to train (it said so)
+        return
     run.accelerator.print(run.banner())
     with StopRequest() as stop_request:
         finished = train(run, stop_request)
@@ -188,6 +216,8 @@ def train(run, stop_request) -> bool:
     args, accelerator, progress = run.args, run.accelerator, run.progress
     bar = tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if accelerator.is_main_process else True)
+    # No terminal (output to a log file): tqdm hides its bar, so the run writes progress lines instead.
+    progress_lines = accelerator.is_main_process and bar.disable
     for step in run.steps():
         stop_asked = run.optimizer_step(step, stop_request.asked)
         bar.update(1)
@@ -203,6 +233,8 @@ def train(run, stop_request) -> bool:
         elif last_step or stop_asked or (args.save_steps and number % args.save_steps == 0 and
                                          not progress.nonfinite_in_a_row):  # keep the last good one
             run.save(f"checkpoint-step-{number}")
+        if progress_lines:
+            run.write_progress()
         if stop_asked:
             bar.close()
             accelerator.print(f"stopped by {stop_request.signal_name} at step {number}; the state is saved. "

@@ -53,6 +53,7 @@ class TrainingProgress:
     best_eval_loss: float = None
     best_eval_step: int = None
     best_checkpoint: str = None    # checkpoint saved at the best eval step, kept by --save_total_limit
+    tracker_run: str = None        # the run's tracker folder under logs/: a resume writes on in it
     log_history: list = field(default_factory=list)
 
 
@@ -63,6 +64,7 @@ class TrainerState:
 
     progress: TrainingProgress
     checkpoint: str = None         # the folder's own name
+    total_steps: int = None        # the run's length in optimizer steps: a checkpoint at it has nothing left
     flags: dict = field(default_factory=dict)        # the trainer's flags as given
     versions: dict = field(default_factory=dict)     # python, torch, transformers, accelerate, qwen_tts
     num_processes: int = 1
@@ -104,9 +106,7 @@ def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list
                  dtype: torch.dtype = torch.bfloat16) -> None:
     """Write an inference-ready model folder from a full `Qwen3TTSForConditionalGeneration` state dict."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for item in Path(base_dir).iterdir():
-        if item.name in NOT_COPIED or item.name.endswith(".safetensors") or item.name.startswith("."):
-            continue
+    for item in copied_from_base(base_dir):
         target = out_dir / item.name
         if item.is_dir():
             shutil.copytree(item, target)
@@ -139,6 +139,12 @@ def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list
     save_file(talker_weights, str(out_dir / MODEL_WEIGHTS), metadata={"format": "pt"})
     if encoder_weights:
         save_file(encoder_weights, str(out_dir / SPEAKER_ENCODER_WEIGHTS), metadata={"format": "pt"})
+
+
+def copied_from_base(base_dir: Path) -> list:
+    """The base model's files and folders that every checkpoint carries as they are."""
+    return [item for item in sorted(Path(base_dir).iterdir())
+            if not (item.name in NOT_COPIED or item.name.endswith(".safetensors") or item.name.startswith("."))]
 
 
 def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: list, state: TrainerState,
@@ -187,13 +193,16 @@ def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: 
     accelerator.wait_for_everyone()
 
 
-def checkpoint_bytes(train_module, low_memory: bool, save_dtype: torch.dtype) -> int:
-    """About how much disk one checkpoint takes: the exported weights, the training weights and AdamW's moments."""
+def checkpoint_bytes(train_module, low_memory: bool, save_dtype: torch.dtype, base_dir: Path) -> int:
+    """About how much disk one checkpoint takes: the exported weights, the training weights and AdamW's
+    moments, and the files copied from the base model (the speech tokenizer, the text tokenizer...)."""
     parameters = sum(p.numel() for p in train_module.parameters())
     trainable = sum(p.numel() for p in train_module.parameters() if p.requires_grad)
     export_bytes = torch.finfo(save_dtype).bits // 8
     weight_bytes = 2 if low_memory else 4
-    return parameters * (export_bytes + weight_bytes) + trainable * 2 * weight_bytes
+    copied = sum(path.stat().st_size for item in copied_from_base(base_dir)
+                 for path in ([item] if item.is_file() else item.rglob("*")) if path.is_file())
+    return parameters * (export_bytes + weight_bytes) + trainable * 2 * weight_bytes + copied
 
 
 def check_disk_space(final: Path, needed_bytes: int) -> None:

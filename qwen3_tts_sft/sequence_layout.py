@@ -33,7 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qwen_tts.inference.qwen3_tts_model import Qwen3TTSModel
+from qwen3_tts_sft.quiet import import_qwen_tts
+
+import_qwen_tts()  # before the import below, so that qwen_tts's notices about flash-attn and SoX stay unprinted
+from qwen_tts.inference.qwen3_tts_model import Qwen3TTSModel  # noqa: E402
 
 # The tokenized prompt is "<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n";
 # generate() keeps the first 3 ids as the role and drops the last 5.

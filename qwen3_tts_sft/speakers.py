@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from qwen_tts.core.models.modeling_qwen3_tts import mel_spectrogram
 
 from qwen3_tts_sft import audio
+from qwen3_tts_sft.quiet import import_qwen_tts
+
+import_qwen_tts()  # before the import below, so that qwen_tts's notices about flash-attn and SoX stay unprinted
+from qwen_tts.core.models.modeling_qwen3_tts import mel_spectrogram  # noqa: E402
 
 # Upstream's fine-tuning script puts its one speaker at codec id 3000; new speakers count up from
 # there, skipping ids the model already uses. Ids 2048.. are never generated (generate() suppresses

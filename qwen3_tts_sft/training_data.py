@@ -44,6 +44,11 @@ class DataError(Exception):
     """The data cannot be trained on; the message lists every problem found."""
 
 
+# A row with "audio" and no "audio_codes": a recordings list given where prepare_codes.py's output
+# belongs. Such rows are summed up in one message that gives the command, not listed one by one.
+NOT_ENCODED = "missing: the row has its audio but no codes yet"
+
+
 def resolve_path(value: str, jsonl_dir: Path) -> Path:
     """A path from the JSONL: as given if it exists from here, else relative to the JSONL's folder."""
     path = Path(value).expanduser()
@@ -89,7 +94,11 @@ class ClipReader:
         elif not text.strip():
             problems.append(("text", "is empty"))
 
-        codes = self.codes_array(row.get("audio_codes"), problems)
+        if row.get("audio_codes") is None and isinstance(row.get("audio"), str):
+            problems.append(("audio_codes", NOT_ENCODED))
+            codes = None
+        else:
+            codes = self.codes_array(row.get("audio_codes"), problems)
 
         ref_audio = row.get("ref_audio")
         ref_path = None
@@ -160,8 +169,10 @@ class ClipReader:
 
 
 def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict: bool = False,
-               max_bad_fraction: float = 0.01, log=print, prompter=None, max_positions: int = None) -> list:
-    """Read and check a codes JSONL. Returns the good clips; raises DataError when it must stop."""
+               max_bad_fraction: float = 0.01, log=print, prompter=None, max_positions: int = None,
+               tokenizer_path="MODEL/speech_tokenizer") -> list:
+    """Read and check a codes JSONL. Returns the good clips; raises DataError when it must stop.
+    `tokenizer_path` goes into the prepare_codes.py command suggested for rows not encoded yet."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise DataError(f"{jsonl_path}: file not found")
@@ -179,7 +190,8 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
             if row_problems:
                 problems += [f"{source}: {field}: {problem}" for field, problem in row_problems]
                 if strict:
-                    raise DataError("\n".join(problems) + "\n(stopped at the first bad row: --strict)")
+                    raise DataError(problem_report(problems, jsonl_path, tokenizer_path)
+                                    + "\n(stopped at the first bad row: --strict)")
                 continue
             clip.source = source
             clips.append(clip)
@@ -187,8 +199,10 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
         raise DataError(f"{jsonl_path}: no rows")
     bad_rows = rows - len(clips)
     if bad_rows:
-        report = format_problems(problems)
+        report = problem_report(problems, jsonl_path, tokenizer_path)
         if not clips or bad_rows / rows > max_bad_fraction:
+            if bad_rows == sum(map(is_not_encoded, problems)):  # the encoding command says what to do
+                raise DataError(report)
             raise DataError(
                 f"{report}\n{bad_rows} of {rows} rows in {jsonl_path} are bad, more than the "
                 f"{max_bad_fraction:.1%} allowed (--max_bad_fraction). Fix them or raise the limit."
@@ -211,6 +225,25 @@ def parse_line(line: bytes, line_number: int) -> tuple:
     except json.JSONDecodeError as error:
         cut_short = "; the line ends inside the JSON (cut short?)" if error.pos >= len(text) else ""
         return None, [("(json)", f"not valid JSON ({error.msg} at column {error.colno}){cut_short}")]
+def is_not_encoded(problem: str) -> bool:
+    return problem.endswith(f": audio_codes: {NOT_ENCODED}")
+
+
+def problem_report(problems: list, jsonl_path: Path, tokenizer_path) -> str:
+    """The problems as `file:line: field: problem` lines; rows not encoded yet as one message with the
+    command that encodes them."""
+    uncoded = [problem for problem in problems if is_not_encoded(problem)]
+    others = [problem for problem in problems if not is_not_encoded(problem)]
+    lines = [format_problems(others)] if others else []
+    if uncoded:
+        first_line = uncoded[0].split(": audio_codes:")[0]
+        output = jsonl_path.with_name(jsonl_path.stem + "_with_codes.jsonl")
+        lines.append(
+            f"{jsonl_path}: {len(uncoded)} rows (the first at {first_line}) have \"audio\" but no \"audio_codes\": "
+            f"the recordings are not encoded yet. prepare_codes.py turns them into 12 Hz codes; train on the file "
+            f"it writes:\n  python prepare_codes.py --tokenizer_model_path {tokenizer_path} --input_jsonl {jsonl_path} "
+            f"--output_jsonl {output}")
+    return "\n".join(lines)
 
 
 def format_problems(problems: list, limit: int = 50) -> str:

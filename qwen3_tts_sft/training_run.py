@@ -9,6 +9,7 @@ import contextlib
 import functools
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -30,6 +31,10 @@ from qwen3_tts_sft.training_data import EpochPlan, StepTargets, plan_epoch
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What that takes is on Linux; elsewhere (macOS, Windows) the workers keep torch's own handling.
 WORKERS_CAN_LEAVE_STOPS = hasattr(signal, "sigwaitinfo")
+
+LOSS_CURVE = "loss_curve.png"  # in the output folder, drawn at the end
+# Without a terminal (output to a log file) tqdm hides its bar: a progress line at least this often.
+PROGRESS_LINE_SECONDS = 30
 
 
 @dataclass
@@ -68,8 +73,12 @@ class TrainingRun:
                                            check_memory=self.settings.drop_graphs_when_short)
         self.last_checkpoint = None
         self.last_lr = self.last_loss = float("nan")
-        self.started = time.perf_counter()
+        self.checkpoint_bytes = checkpoint.checkpoint_bytes(self.accelerator.unwrap_model(train_module),
+                                                            self.args.low_memory, self.settings.save_dtype,
+                                                            Path(self.args.init_model_path))
+        self.started = self.last_line_at = time.perf_counter()
         self.start_step = progress.step
+        self.clips_this_run = 0
         self.reset_interval()
 
     # -----------------------------------------------------------------------------------------
@@ -186,6 +195,7 @@ class TrainingRun:
         # The CUDA graphs write into the gradient tensors they recorded: keep them, zeroed.
         self.optimizer.zero_grad(set_to_none=self.graphs is None)
         self.interval_clips += step.targets.clips
+        self.clips_this_run += step.targets.clips
         return stop
 
     @property
@@ -194,6 +204,43 @@ class TrainingRun:
 
     def postfix(self) -> str:
         return f"loss {self.last_loss:.3f}, lr {self.last_lr:.2e}"
+
+    def highest_lr(self, steps: int) -> float:
+        """The highest rate the first `steps` updates use. Every schedule here rises through the
+        warmup and then falls or stays, so it is the rate of the last warmup update they reach."""
+        schedule = self.scheduler.scheduler  # accelerate's wrapper holds the LambdaLR
+        return self.args.lr * schedule.lr_lambdas[0](min(self.args.warmup_steps, max(steps - 1, 0)))
+
+    def warmup_warning(self) -> str:
+        """A warning when the warmup takes more than half the run: the rate then stays far below --lr."""
+        args, steps = self.args, self.total_steps
+        if args.warmup_steps <= steps / 2:
+            return ""
+        peak = self.highest_lr(steps)
+        if peak < args.lr:
+            effect = f"the learning rate never gets above {peak:.3g} (--lr {args.lr:g}) and the run learns little"
+        else:
+            effect = f"the learning rate reaches --lr {args.lr:g} only at step {args.warmup_steps + 1}"
+        return (f"  warning: --warmup_steps {args.warmup_steps} covers more than half of the {steps} optimizer "
+                f"steps: {effect}. Warm up over about 5-10% of the steps (--warmup_steps {max(1, steps // 10)} "
+                f"here), or train for more steps.")
+
+    def elapsed_and_eta(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        done, left = self.progress.step - self.start_step, self.total_steps - self.progress.step
+        eta = tqdm.format_interval(elapsed / done * left) if done else "?"
+        return f"{tqdm.format_interval(elapsed)} elapsed, ETA {eta}"
+
+    def write_progress(self):
+        """A progress line, unless one was written less than PROGRESS_LINE_SECONDS ago."""
+        if time.perf_counter() - self.last_line_at >= PROGRESS_LINE_SECONDS:
+            rate = self.clips_this_run / (time.perf_counter() - self.started)
+            self.write_line(f"train step {self.progress.step}/{self.total_steps}: {rate:.1f} clips/s, "
+                            f"{self.elapsed_and_eta()}")
+
+    def write_line(self, line: str):
+        tqdm.write(line)  # above the progress bar, when there is one
+        self.last_line_at = time.perf_counter()
 
     # -----------------------------------------------------------------------------------------
     # Logging and eval
@@ -248,11 +295,16 @@ class TrainingRun:
         self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/code_predictor_loss": code_predictor})
 
     def report(self, values: dict):
+        """Log `values` (all train/ or all eval/) to the tracker and the history, and print them as one line."""
         step = self.progress.step
         self.accelerator.log(values, step=step)
         self.progress.log_history.append(dict(step=step, **values))
         if self.accelerator.is_main_process:
-            tqdm.write(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()))
+            numbers = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items())
+            if next(iter(values)).startswith("eval/"):
+                self.write_line(f"eval step {step}: {numbers}")
+            else:
+                self.write_line(f"train step {step}/{self.total_steps}: {numbers} ({self.elapsed_and_eta()})")
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints and the end
@@ -263,16 +315,15 @@ class TrainingRun:
         progress, final = self.progress, self.output_dir / name
         if progress.best_eval_step == progress.step:
             progress.best_checkpoint = name
-        state = TrainerState(progress, checkpoint=name, flags=vars(self.args), versions=self.settings.versions,
+        state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps, flags=vars(self.args),
+                             versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes,
                              train_data_sha256=self.settings.train_data.sha256,
                              speakers=[dict(name=s.name, codec_id=s.codec_id,
                                             reference_audio=[str(p) for p in s.reference_audio])
                                        for s in self.speaker_table])
-        needed = checkpoint.checkpoint_bytes(self.accelerator.unwrap_model(self.train_module), self.args.low_memory,
-                                             self.settings.save_dtype)
         checkpoint.save(self.accelerator, self.train_module, final, Path(self.args.init_model_path),
-                        self.speaker_table, state, self.settings.save_dtype, needed)
+                        self.speaker_table, state, self.settings.save_dtype, self.checkpoint_bytes)
         if self.accelerator.is_main_process:
             if self.args.save_total_limit:
                 protect = {progress.best_checkpoint} if progress.best_checkpoint else set()
@@ -288,6 +339,7 @@ class TrainingRun:
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         clips_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        peak_lr = self.highest_lr(self.total_steps)
         lines = [
             "***** Running training *****",
             f"  clips: {len(self.train_set.clips)} train"
@@ -299,7 +351,8 @@ class TrainingRun:
             f"  batch: {args.batch_size} per process x {args.gradient_accumulation_steps} accumulation x "
             f"{accelerator.num_processes} processes = {clips_per_step} clips per step",
             f"  steps: {self.steps_per_epoch} per epoch x {args.num_epochs} epochs -> {self.total_steps} optimizer "
-            f"steps, {args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr {args.lr}",
+            f"steps, {args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr "
+            f"{peak_lr:.3g}" + (f" (--lr {args.lr:g})" if peak_lr < args.lr else ""),
             f"  parameters: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen "
             + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
             + f"speaker encoder {'trained' if args.train_speaker_encoder else 'frozen'}, "
@@ -311,8 +364,15 @@ class TrainingRun:
             + f", torch.compile: {settings.torch_compile}"
             + (", CUDA graphs" if self.graphs is not None else ""),
             f"  checkpoints: {self.output_dir}/checkpoint-epoch-N"
-            + (f" and every {args.save_steps} steps" if args.save_steps else ""),
+            + (f" and every {args.save_steps} steps" if args.save_steps else "")
+            + f", about {gigabytes(self.checkpoint_bytes)} each; "
+            + (f"--save_total_limit {args.save_total_limit} keeps the newest {args.save_total_limit}, the best eval "
+               f"one counted among them: up to {gigabytes(self.checkpoint_bytes * (args.save_total_limit + 1))} "
+               f"while the next is written (0 keeps all)" if args.save_total_limit else
+               "--save_total_limit 0 keeps them all"),
         ]
+        if self.warmup_warning():
+            lines.append(self.warmup_warning())
         if self.first_plan.dropped:
             lines.append(f"  {self.first_plan.dropped} clips per epoch left out: too few to give every process "
                          f"a micro-batch")
@@ -327,7 +387,7 @@ class TrainingRun:
         if not self.accelerator.is_main_process:
             return
         history, progress = self.progress.log_history, self.progress
-        plot_losses(history, self.output_dir / "loss_curve.png")
+        plot_losses(history, self.output_dir / LOSS_CURVE)
         train = [e for e in history if "train/loss" in e]
         evals = [e for e in history if "eval/loss" in e]
         minutes = (time.perf_counter() - self.started) / 60
@@ -336,15 +396,19 @@ class TrainingRun:
         if train:
             lines.append(f"  train loss: {train[0]['train/loss']:.4f} at step {train[0]['step']} -> "
                          f"{train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
+        lines.append(f"  learning rate: reached {self.highest_lr(progress.step):.3g} (--lr {self.args.lr:g}, "
+                     f"{self.args.warmup_steps} warmup steps)")
+        if self.warmup_warning():
+            lines.append(self.warmup_warning())
         if evals:
             lines.append(f"  eval loss: {evals[-1]['eval/loss']:.4f} (best {progress.best_eval_loss:.4f} at step "
                          f"{progress.best_eval_step}" + (f", {progress.best_checkpoint})" if progress.best_checkpoint else ")"))
         if self.device.type == "cuda":
             lines.append(f"  peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated")
-        lines.append(f"  loss curve: {self.output_dir / 'loss_curve.png'}")
+        lines.append(f"  loss curve: {self.output_dir / LOSS_CURVE}")
         if self.last_checkpoint is not None:
             lines += [f"  model: {self.last_checkpoint}",
-                      f"  hear it: python infer_test.py --model_path {self.last_checkpoint} --speaker {self.speaker_table[0].name}"]
+                      f"  hear it: {hear_it(self.last_checkpoint, [speaker.name for speaker in self.speaker_table])}"]
         print("\n".join(lines))
 
 
@@ -381,6 +445,14 @@ def wait_for_stop_signals(main_pid: int) -> None:
     while True:
         if signal.sigwaitinfo(STOP_SIGNALS).si_pid == main_pid:
             os._exit(0)
+def hear_it(model_dir: Path, speakers: list) -> str:
+    """The infer_test.py command that speaks with a checkpoint in each of its voices."""
+    return f"python infer_test.py --model_path {shlex.quote(str(model_dir))} " + " ".join(
+        f"--speaker {shlex.quote(name)}" for name in speakers)
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
 
 
 def plot_losses(history: list, path: Path) -> None:

@@ -6,8 +6,11 @@ loads), the accelerator, the checkpoint to resume, the base model, the data and 
 module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
 """
 
+import json
+import os
 import platform
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +28,22 @@ from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vect
 from qwen3_tts_sft.talker_step import TalkerTrainingModel
 from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, make_prompter, read_clips,
                                          split_off_eval)
-from qwen3_tts_sft.training_run import TrainingRun
+from qwen3_tts_sft.training_run import LOSS_CURVE, TrainingRun, hear_it
 
 # Flags that decide which clips go into which step, or what the saved state holds: a resume with
 # other values would not continue the same run.
 DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout")
 STATE_FLAGS = ("low_memory", "lora_rank")
+# Flags that shape the learning-rate schedule: a resume with other values moves the rate from where
+# the run is, so it needs --allow_schedule_change.
+SCHEDULE_FLAGS = ("num_epochs", "max_steps", "warmup_steps", "lr", "lr_scheduler")
+TRACKER_DIR = "logs"        # under --output_model_path: one folder per run, named TRACKER_PROJECT-time
 TRACKER_PROJECT = "sft_12hz"
+MODEL_KINDS = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign"}  # tts_model_type -> model name
+
+
+class AlreadyFinished(Exception):
+    """The checkpoint to resume ends its run: there is nothing to train (said when raised)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Settings:
     save_dtype: torch.dtype
     train_data: DataFingerprint
     resume_dir: Path           # None: a fresh start
+    new_schedule: tuple        # SCHEDULE_FLAGS a resume changes (--allow_schedule_change)
     versions: dict
 
 
@@ -66,7 +79,14 @@ def build_run(args) -> TrainingRun:
                               num_training_steps=run.total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
     progress = resume_or_start(args, settings, accelerator)
+    if settings.new_schedule:
+        follow_new_schedule(scheduler, args.lr, progress.step, accelerator)
     run.start(train_module, optimizer, scheduler, progress)
+    if settings.resume_dir is not None and run.finished:  # the new schedule ends at or before the checkpoint
+        accelerator.print(finished_message(settings.resume_dir, progress, run.total_steps,
+                                           [speaker.name for speaker in speaker_table]))
+        accelerator.end_training()
+        raise AlreadyFinished
     return run
 
 
@@ -88,7 +108,7 @@ def make_accelerator(args) -> Accelerator:
         mixed_precision=mixed_precision_choice(args),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_model_path,
-                                            logging_dir=str(Path(args.output_model_path) / "logs")),
+                                            logging_dir=str(Path(args.output_model_path) / TRACKER_DIR)),
         step_scheduler_with_optimizer=False,
     )
 
@@ -110,10 +130,19 @@ def resolve_settings(args, accelerator) -> Settings:
     graphs, drop_when_short = cuda_graphs_choice(args, device_type, accelerator.num_processes, problems)
     train_data = DataFingerprint.of(args.train_jsonl)
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems, log=accelerator.print)
+    problems += base_model_problems(Path(args.init_model_path))
+    resumed = None
     if resume_dir is not None and not problems:
-        problems += resume_problems(args, checkpoint.read_trainer_state(resume_dir), train_data, accelerator)
+        resumed = checkpoint.read_trainer_state(resume_dir)
+        problems += resume_problems(args, resumed, train_data, accelerator)
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
+    new_schedule = schedule_changes(args, resumed) if resumed else ()
+    # The same schedule flags: the saved length is this run's length too.
+    if resumed and not new_schedule and resumed.progress.step >= (resumed.total_steps or float("inf")):
+        accelerator.print(finished_message(resume_dir, resumed.progress, resumed.total_steps,
+                                           [speaker["name"] for speaker in resumed.speakers]))
+        raise AlreadyFinished
     return Settings(
         mixed_precision=accelerator.mixed_precision,
         torch_compile=compile_choice(args, device_type, fsdp),
@@ -122,6 +151,7 @@ def resolve_settings(args, accelerator) -> Settings:
         save_dtype=getattr(torch, args.save_dtype),
         train_data=train_data,
         resume_dir=resume_dir,
+        new_schedule=new_schedule,
         versions=library_versions(),
     )
 
@@ -178,6 +208,27 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
     return None
 
 
+def base_model_problems(model_dir: Path) -> list:
+    """Why --init_model_path is not a Base model to fine-tune from, said before the model loads."""
+    if checkpoint.has_trainer_state(model_dir):
+        base = checkpoint.read_trainer_state(model_dir).flags.get("init_model_path")
+        return [f"--init_model_path {model_dir} is a checkpoint of a fine-tuning run, not a Base model. To continue "
+                f"its training, pass --resume_from_checkpoint {model_dir} (with that run's --output_model_path); "
+                f"to fine-tune anew, start from the Base model"
+                + (f" it came from: --init_model_path {base}" if base else "")]
+    model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("tts_model_type")
+    if model_type != "base":
+        return [f"--init_model_path {model_dir}: this is a {MODEL_KINDS.get(model_type, repr(model_type))} model "
+                f"(tts_model_type {model_type!r}); fine-tune from a Base model (Qwen3-TTS-12Hz-1.7B-Base or "
+                f"0.6B-Base): only a Base model has the speaker encoder that makes a new voice's vector"]
+    return []
+
+
+def schedule_changes(args, state) -> tuple:
+    """The SCHEDULE_FLAGS whose values differ from the checkpoint's."""
+    return tuple(name for name in SCHEDULE_FLAGS if name in state.flags and state.flags[name] != getattr(args, name))
+
+
 def resume_problems(args, state, train_data: DataFingerprint, accelerator) -> list:
     """Why this checkpoint cannot be continued with these flags (and, printed, which flags changed)."""
     saved = state.flags
@@ -187,10 +238,19 @@ def resume_problems(args, state, train_data: DataFingerprint, accelerator) -> li
         problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}")
     if state.train_data_sha256 != train_data.sha256:
         problems.append(f"{args.train_jsonl} differs from the file the checkpoint was trained on")
+    refused_changes = () if args.allow_schedule_change else schedule_changes(args, state)
+    problems += [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved[name]}"
+                 for name in refused_changes]
+    if refused_changes:
+        problems.append(f"({', '.join('--' + name for name in SCHEDULE_FLAGS)} shape the learning-rate schedule: "
+                        f"new values would move the rate away from where the run is, at step {state.progress.step}. "
+                        f"Keep the checkpoint's values, or pass --allow_schedule_change to follow the new schedule "
+                        f"from there)")
     if problems:
         return ["cannot resume this checkpoint:\n  " + "\n  ".join(problems)]
     changed = [f"--{name} {saved.get(name)} -> {value}" for name, value in sorted(vars(args).items())
-               if name in saved and saved[name] != value and name != "resume_from_checkpoint"]
+               if name in saved and saved[name] != value
+               and name not in ("resume_from_checkpoint", "allow_schedule_change")]
     if changed:
         accelerator.print("resuming with changed flags: " + ", ".join(changed))
     return []
@@ -213,6 +273,8 @@ def log_run_header(args, settings: Settings, accelerator) -> None:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in settings.versions.items()))
     print(f"device: {accelerator.device}, processes: {accelerator.num_processes} "
           f"({accelerator.distributed_type.value}), mixed precision: {settings.mixed_precision}")
+    if accelerator.device.type == "cpu":
+        print(f"  {why_no_gpu()}: training on the CPU, which is only practical for the tiny test model")
     print("flags: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
     print(f"train data: {args.train_jsonl}: {settings.train_data.lines} lines, sha256 {settings.train_data.sha256}")
 
@@ -221,6 +283,18 @@ def log_run_header(args, settings: Settings, accelerator) -> None:
 # Model, data, training module, optimizer
 # ---------------------------------------------------------------------------------------------
 
+def why_no_gpu() -> str:
+    """Why a run is on the CPU, for its header."""
+    if torch.cuda.is_available():
+        return "a CUDA GPU is there, but accelerate's config asks for the CPU (use_cpu)"
+    if not torch.backends.cuda.is_built():
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return f"no GPU is visible: CUDA_VISIBLE_DEVICES is set to {visible!r} and torch sees no GPU through it"
+    return "no CUDA GPU found (torch.cuda.is_available() is False)"
+
+
 def load_base_model(args):
     """The base model through the same loader a user's download goes through; fp32 master weights
     (bf16 with --low_memory)."""
@@ -228,11 +302,9 @@ def load_base_model(args):
 
     tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
                                         attn_implementation=args.attn_implementation)
-    if tts.model.speaker_encoder is None:
-        raise SystemExit(
-            f"error: {args.init_model_path} has no speaker encoder (tts_model_type "
-            f"{tts.model.tts_model_type!r}); fine-tune from a Base model"
-        )
+    if tts.model.speaker_encoder is None:  # base_model_problems refuses these before the load
+        raise SystemExit(f"error: {args.init_model_path} has no speaker encoder (tts_model_type "
+                         f"{tts.model.tts_model_type!r}): it is not a Base model; fine-tune from a Base model")
     tts.model.speech_tokenizer = None  # not needed for training; frees its memory
     return tts
 
@@ -243,7 +315,8 @@ def load_datasets(args, settings: Settings, ids, processor, config, accelerator)
         try:
             clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
                                log=accelerator.print, prompter=make_prompter(processor, config),
-                               max_positions=config.talker_config.max_position_embeddings)
+                               max_positions=config.talker_config.max_position_embeddings,
+                               tokenizer_path=Path(args.init_model_path) / "speech_tokenizer")
             return apply_length_limits(clips, args.max_audio_seconds, args.max_text_tokens, log=accelerator.print)
         except DataError as error:
             raise SystemExit(f"error: the training data cannot be used:\n{error}")
@@ -327,13 +400,14 @@ def make_optimizer(train_module, args, accelerator):
 # ---------------------------------------------------------------------------------------------
 
 def resume_or_start(args, settings: Settings, accelerator) -> TrainingProgress:
-    """Progress to continue from: a fresh one, or the checkpoint's (with accelerate's state loaded)."""
+    """Progress to continue from: a fresh one, or the checkpoint's (with accelerate's state loaded).
+    The tracker writes in the run's own folder under logs/, so a fresh start never mixes into an
+    earlier run's loss series."""
     output_dir, resume_dir = Path(args.output_model_path), settings.resume_dir
     if resume_dir is None:
         if accelerator.is_main_process:
             if args.overwrite_output_dir and output_dir.is_dir():
-                for folder in output_dir.glob("checkpoint-*"):
-                    shutil.rmtree(folder)
+                remove_earlier_runs(output_dir, accelerator.print)
             output_dir.mkdir(parents=True, exist_ok=True)
         progress = TrainingProgress(seed=args.seed)
     else:
@@ -341,8 +415,59 @@ def resume_or_start(args, settings: Settings, accelerator) -> TrainingProgress:
     if accelerator.is_main_process:
         checkpoint.remove_partials(output_dir)
     if args.report_to != "none":
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+        progress.tracker_run = progress.tracker_run or new_tracker_run(output_dir / TRACKER_DIR)
+        accelerator.init_trackers(progress.tracker_run, config=tracker_config(args))
     return progress
+
+
+def remove_earlier_runs(output_dir: Path, log=print) -> None:
+    """--overwrite_output_dir: delete what earlier runs left in `output_dir`, naming each thing."""
+    checkpoints = sorted(folder for folder in output_dir.glob("checkpoint-*") if folder.is_dir())
+    tracker_runs = sorted(folder.name for folder in (output_dir / TRACKER_DIR).glob("*"))
+    loss_curve = output_dir / LOSS_CURVE
+    if checkpoints:
+        log(f"--overwrite_output_dir: removing {len(checkpoints)} checkpoints from {output_dir} (with anything "
+            f"written into them, such as listening reports): " + ", ".join(folder.name for folder in checkpoints))
+    if tracker_runs:
+        log(f"--overwrite_output_dir: removing the tracker logs {output_dir / TRACKER_DIR}: " + ", ".join(tracker_runs))
+    if loss_curve.is_file():
+        log(f"--overwrite_output_dir: removing {loss_curve}")
+        loss_curve.unlink()
+    for folder in checkpoints:
+        shutil.rmtree(folder)
+    shutil.rmtree(output_dir / TRACKER_DIR, ignore_errors=True)
+
+
+def new_tracker_run(logs_dir: Path) -> str:
+    """A fresh run's tracker folder name: the project and the start time, unused in `logs_dir`."""
+    name = f"{TRACKER_PROJECT}-{time.strftime('%Y%m%d-%H%M%S')}"
+    taken = {folder.name for folder in logs_dir.glob(name + "*")}
+    return next(candidate for candidate in [name] + [f"{name}-{n}" for n in range(2, len(taken) + 2)]
+                if candidate not in taken)
+
+
+def follow_new_schedule(scheduler, lr: float, step: int, accelerator) -> None:
+    """--allow_schedule_change: the loaded schedule keeps its position (the step) but takes the new
+    flags' shape and peak rate; the next update already uses the new schedule's rate."""
+    schedule = scheduler.scheduler  # accelerate's wrapper holds the LambdaLR get_scheduler made
+    before = schedule.get_last_lr()[0]
+    schedule.base_lrs = [lr for _ in schedule.base_lrs]
+    for group, lr_lambda in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lr_lambda(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]  # what get_last_lr reports
+    accelerator.print(f"--allow_schedule_change: from step {step + 1} the learning rate follows the new schedule "
+                      f"({before:.3g} -> {schedule.get_last_lr()[0]:.3g})")
+
+
+def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: int, speakers: list) -> str:
+    lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
+             f"left to train. Its model is the run's result",
+             f"  hear it: {hear_it(resume_dir, speakers)}"]
+    if progress.best_checkpoint:
+        lines.append(f"  best eval loss: {progress.best_checkpoint} (step {progress.best_eval_step})")
+    lines.append("  to train further, resume with a larger --num_epochs or --max_steps and --allow_schedule_change")
+    return "\n".join(lines)
 
 
 def tracker_config(args) -> dict:

@@ -161,7 +161,8 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model, coded_clips,
 
 def test_low_memory_resume_is_bit_identical(tiny_model, coded_clips, tmp_path):
     """The bf16 moments and the rounding's random stream are saved and restored with the checkpoint."""
-    flags = dict(low_memory=True, batch_size=2, num_epochs=2, save_steps=1, lr=1e-3, warmup_steps=1)
+    flags = dict(low_memory=True, batch_size=2, num_epochs=2, save_steps=1, save_total_limit=0, lr=1e-3,
+                 warmup_steps=1)
     whole = train(tiny_model, coded_clips, tmp_path / "whole", **flags)
     resumed = train(tiny_model, coded_clips, tmp_path / "resumed", resume_from_checkpoint=whole / "checkpoint-step-3",
                     **flags)

@@ -60,7 +60,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_model, twelv
     seed = int(os.environ.get("TEST_SEED", "0"))  # another TEST_SEED kills at another step
     kill_after = random.Random(seed).randint(2, 10)
     print(f"killing after step {kill_after} (TEST_SEED {seed})")
-    process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "killed"), f"step {kill_after}:")
+    process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "killed"),
+                                 f"train step {kill_after}/")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert checkpoint.latest_checkpoint(tmp_path / "killed") is not None
@@ -75,7 +76,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_model, twelv
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_model, twelve_clips, tmp_path):
     process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "out", save_steps=0),
-                                 "step 2:")
+                                 "train step 2/")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0
@@ -308,7 +309,8 @@ def test_resume_reads_no_pickled_code(tiny_model, twelve_clips, tmp_path, monkey
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
-    train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest", max_steps=3, **RUN)
+    train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest", max_steps=3,
+          allow_schedule_change=True, **RUN)
     assert calls and all(flag is True for flag in calls)
 
 

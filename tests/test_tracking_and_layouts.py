@@ -11,7 +11,7 @@ def test_tensorboard_has_the_scalars_and_the_png_is_drawn(tiny_model, coded_clip
 
     output = train(tiny_model, coded_clips, tmp_path / "out", report_to="tensorboard", eval_split=0.25,
                    eval_steps=1, num_epochs=2)
-    event_files = list((output / "logs" / "sft_12hz").glob("events.out.tfevents.*"))  # hparams sit in a subfolder
+    event_files = list((output / "logs").glob("sft_12hz-*/events.out.tfevents.*"))  # hparams sit in a subfolder
     assert len(event_files) == 1
     events = EventAccumulator(str(event_files[0].parent))
     events.Reload()

@@ -16,7 +16,7 @@ def logged(output, name):
 def test_steps_warmup_and_decay_follow_the_flags(tiny_model, coded_clips, tmp_path, capsys):
     # 8 clips, 2 per micro-batch x 2 accumulation = 4 clips per step: 2 steps per epoch, 6 in 3 epochs.
     output = train(tiny_model, coded_clips, tmp_path / "out", batch_size=2, gradient_accumulation_steps=2,
-                   num_epochs=3, warmup_steps=2, lr=1e-3, lr_scheduler="linear")
+                   num_epochs=3, warmup_steps=2, lr=1e-3, lr_scheduler="linear", save_total_limit=0)
     printed = capsys.readouterr().out
     assert "= 4 clips per step" in printed
     assert "2 per epoch x 3 epochs -> 6 optimizer steps" in printed
