@@ -10,6 +10,9 @@ real special tokens at their real ids), processor config, model.safetensors and 
     tiny-0.6b  0.6B-shaped: the text width differs from the talker width
     1.7b, 0.6b the published shapes, for GPU benchmarks
 
+write_custom_voice_dir turns such a folder (or a checkpoint) into a CustomVoice model with
+built-in speakers, laid out as a CustomVoice download is.
+
 Run it on its own:  python -m qwen3_tts_sft.tiny_model --out demo_run/base_model [--size tiny] [--clips 6]
 """
 
@@ -402,6 +405,50 @@ def write_model_dir(out_dir, size: str = "tiny", seed: int = 0) -> Path:
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     write_speech_tokenizer(out_dir / "speech_tokenizer", SIZES[size]["speech_tokenizer"], seed + 1)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# CustomVoice models
+# ---------------------------------------------------------------------------------------------
+
+# The dialects a CustomVoice config adds to codec_language_id, with the ids the published
+# CustomVoice configs use (as independent ports of them list them; not checked against a download).
+CUSTOM_VOICE_DIALECT_IDS = {"beijing_dialect": 2074, "sichuan_dialect": 2062}
+# Built-in speakers for tests: {name: (codec id, spk_is_dialect entry)}, one plain and one dialect
+# speaker, at ids the published CustomVoice models give two of theirs.
+TINY_BUILT_IN_SPEAKERS = {"serena": (3066, False), "eric": (2875, "sichuan_dialect")}
+
+
+def write_custom_voice_dir(model_dir, out_dir, speakers: dict = None) -> Path:
+    """A CustomVoice model folder made from the model folder `model_dir` (a tiny Base model, or a
+    checkpoint whose speaker rows hold trained voices): tts_model_type custom_voice; `speakers`
+    ({name: (codec id, dialect or False)}, TINY_BUILT_IN_SPEAKERS by default) in spk_id and
+    spk_is_dialect, their vectors the codec embedding rows already at those ids; the dialects in
+    codec_language_id; and no speaker encoder weights, since qwen_tts builds no encoder for a
+    CustomVoice model. Returns its path."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS, NOT_COPIED, SPEAKER_ENCODER_PREFIX
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    speakers = TINY_BUILT_IN_SPEAKERS if speakers is None else speakers
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name not in NOT_COPIED:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
+    weights = load_file(str(model_dir / MODEL_WEIGHTS))
+    save_file({name: tensor for name, tensor in weights.items() if not name.startswith(SPEAKER_ENCODER_PREFIX)},
+              str(out_dir / MODEL_WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["tts_model_type"] = "custom_voice"
+    talker = config["talker_config"]
+    talker["codec_language_id"] = dict(talker["codec_language_id"], **CUSTOM_VOICE_DIALECT_IDS)
+    talker["spk_id"] = {name: codec_id for name, (codec_id, _) in speakers.items()}
+    talker["spk_is_dialect"] = {name: dialect for name, (_, dialect) in speakers.items()}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
 

@@ -17,11 +17,11 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
 from transformers import get_scheduler
 
-from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import checkpoint, replay, voices
 from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
 from qwen3_tts_sft.checkpoint import DataFingerprint, TrainingProgress
 from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds
-from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vectors
+from qwen3_tts_sft.speakers import reference_mels, speaker_vectors
 from qwen3_tts_sft.talker_step import TalkerTrainingModel
 from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, make_prompter, read_clips,
                                          split_off_eval)
@@ -57,16 +57,17 @@ def build_run(args) -> TrainingRun:
 
     tts = load_base_model(args)
     ids = SpecialIds.from_config(tts.model.config)
-    train_set, eval_set, speaker_table = load_datasets(args, settings, ids, tts.processor, tts.model.config,
-                                                       accelerator)
+    train_set, eval_set, speaker_table, replay_set = load_datasets(args, settings, ids, tts, accelerator)
     train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
     optimizer = make_optimizer(train_module, args, accelerator)
-    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table)
+    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table, replay_set)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=run.total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
     progress = resume_or_start(args, settings, accelerator)
     run.start(train_module, optimizer, scheduler, progress)
+    if progress.step == 0:
+        voices.log_starting_losses(run)  # the replay sets' loss before training, for the end-of-run report
     return run
 
 
@@ -112,6 +113,8 @@ def resolve_settings(args, accelerator) -> Settings:
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems)
     if resume_dir is not None and not problems:
         problems += resume_problems(args, checkpoint.read_trainer_state(resume_dir), train_data, accelerator)
+    resumed_state = checkpoint.read_trainer_state(resume_dir) if resume_dir and checkpoint.resumable(resume_dir) else None
+    problems += voices.flag_problems(args, resumed_state)  # the starting model's speakers, encoder, replay
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
     return Settings(
@@ -223,23 +226,25 @@ def log_run_header(args, settings: Settings, accelerator) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def load_base_model(args):
-    """The base model through the same loader a user's download goes through; fp32 master weights
-    (bf16 with --low_memory)."""
+    """The starting model (Base or CustomVoice) through the same loader a user's download goes
+    through; fp32 master weights (bf16 with --low_memory). A CustomVoice model gets a Base model's
+    speaker encoder for its new voices (voices.py)."""
     from qwen_tts import Qwen3TTSModel
 
     tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
                                         attn_implementation=args.attn_implementation)
-    if tts.model.speaker_encoder is None:
-        raise SystemExit(
-            f"error: {args.init_model_path} has no speaker encoder (tts_model_type "
-            f"{tts.model.tts_model_type!r}); fine-tune from a Base model"
-        )
+    if tts.model.speaker_encoder is None:  # refused there, naming --speaker_encoder_from, when none is found
+        voices.attach_speaker_encoder(tts.model, args)
     tts.model.speech_tokenizer = None  # not needed for training; frees its memory
     return tts
 
 
-def load_datasets(args, settings: Settings, ids, processor, config, accelerator) -> tuple:
-    """Checked, tokenized, length-limited train (and eval) datasets, and the speaker table."""
+def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
+    """Checked, tokenized, length-limited train (and eval) datasets, the speaker table (the new
+    speakers, then the starting model's own) and the replay set (None without --replay_speakers),
+    whose clips make up --replay_ratio of the train set."""
+    processor, config = tts.processor, tts.model.config
+
     def read(path):
         try:
             clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
@@ -253,11 +258,13 @@ def load_datasets(args, settings: Settings, ids, processor, config, accelerator)
     eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
     if args.eval_split:
         train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
-    speaker_table = assign_speakers(train_clips + (eval_clips or []), config.talker_config)
+    speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker)
+    replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))
+    rehearsal = replay.mixed_clips(replay_set, len(train_clips), args.replay_ratio, args.seed)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}
-    train_set = TalkerDataset(train_clips, ids, speaker_index, settings.layouts)
+    train_set = TalkerDataset(train_clips + rehearsal, ids, speaker_index, settings.layouts)
     eval_set = TalkerDataset(eval_clips, ids, speaker_index, settings.layouts) if eval_clips else None
-    return train_set, eval_set, speaker_table
+    return train_set, eval_set, speaker_table, replay_set
 
 
 def make_training_model(model, speaker_table, args, settings: Settings, accelerator) -> TalkerTrainingModel:
@@ -277,18 +284,24 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
     if settings.torch_compile == "layers":
         compile_layers(model)
     sample_rate = model.config.speaker_encoder_config.sample_rate
+    # The table lists the new speakers, then the kept ones, whose vectors are their rows as loaded.
+    new_speakers = [speaker for speaker in speaker_table if not speaker.kept]
+    kept = voices.kept_vectors(model, speaker_table)
     if args.train_speaker_encoder:
-        module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, sample_rate))
+        module = TalkerTrainingModel(model, speaker_vectors=kept, reference_mels=reference_mels(new_speakers, sample_rate))
     else:
         if settings.resume_dir is not None:
             vectors = checkpoint.load_speaker_vectors(settings.resume_dir)
         else:
             with torch.no_grad():
-                vectors = speaker_vectors(model.speaker_encoder, reference_mels(speaker_table, sample_rate))
+                vectors = speaker_vectors(model.speaker_encoder, reference_mels(new_speakers, sample_rate))
+            if kept is not None:
+                vectors = torch.cat([vectors, kept.to(vectors.dtype)])
         # Every process must fill the speaker slot with the same vector: take process 0's.
         vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
         module = TalkerTrainingModel(model, speaker_vectors=vectors)
     module.lora_config = lora_config  # the checkpoint export merges the adapters with it
+    module.speaker_encoder_config = voices.borrowed_encoder_config(args)  # the export writes it, when borrowed
     return module
 
 
