@@ -452,6 +452,45 @@ def write_custom_voice_dir(model_dir, out_dir, speakers: dict = None) -> Path:
     return out_dir
 
 
+def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm: float = 0.3) -> None:
+    """Change the model's speaker encoder (in model.safetensors) so that it tells the recordings in
+    `reference_audio` (wav paths) apart, as a trained encoder tells voices apart.
+
+    A random encoder maps every recording to nearly one point (cosine 0.95 and more between a
+    tone, noise and a voice), because the pooled statistics its last layer reads are nearly the
+    same for every input. Its last layer is changed to subtract their mean over these
+    recordings, x = k W (s - mean s), with k scaling the mean vector length to `vector_norm`:
+    the recordings' x-vectors then point in very different directions (two of them: opposite).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS
+    from qwen3_tts_sft.speakers import reference_mel
+    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())["speaker_encoder_config"]
+    weights = load_file(str(model_dir / MODEL_WEIGHTS))
+    prefix = "speaker_encoder."
+    encoder = Qwen3TTSSpeakerEncoder(Qwen3TTSSpeakerEncoderConfig(**config))
+    encoder.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+    pooled = []  # what the last layer reads, per recording
+    encoder.fc.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0].squeeze(-1)))
+    with torch.no_grad():
+        for path in reference_audio:
+            encoder(reference_mel(path, config["sample_rate"]))
+        statistics = torch.cat(pooled)
+        weight = encoder.fc.weight[:, :, 0].clone()
+        scale = vector_norm / ((statistics - statistics.mean(dim=0)) @ weight.T).norm(dim=1).mean()
+        encoder.fc.weight.copy_(scale * encoder.fc.weight)
+        encoder.fc.bias.copy_(-scale * statistics.mean(dim=0) @ weight.T)
+    dtype = weights[prefix + "fc.weight"].dtype
+    weights[prefix + "fc.weight"] = encoder.fc.weight.detach().to(dtype).contiguous()
+    weights[prefix + "fc.bias"] = encoder.fc.bias.detach().to(dtype).contiguous()
+    save_file(weights, str(model_dir / MODEL_WEIGHTS), metadata={"format": "pt"})
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic clips
 # ---------------------------------------------------------------------------------------------
