@@ -1,4 +1,4 @@
-"""Fine-tune a Qwen3-TTS 12 Hz Base model on your voice (or several voices), Chatterbox-style.
+"""Fine-tune a Qwen3-TTS 12 Hz model on your voice (or several voices), Chatterbox-style.
 
     CUDA_VISIBLE_DEVICES=0 python sft_12hz_chatterbox.py --init_model_path Qwen3-TTS-12Hz-1.7B-Base \\
       --train_jsonl train_with_codes.jsonl --output_model_path output --speaker_name my_speaker \\
@@ -7,8 +7,9 @@
 
 Runs with `python` (one GPU, or CPU) or `accelerate launch` (several GPUs). Each checkpoint
 folder loads with `Qwen3TTSModel.from_pretrained(folder)` and speaks with
-`generate_custom_voice(text, language="auto", speaker=NAME)`. README_CHATTERBOX_STYLE.md explains
-every setting.
+`generate_custom_voice(text, language="auto", speaker=NAME)`. Start from a Base model, or add
+voices to a CustomVoice model (or to a checkpoint of this trainer): its own speakers are kept, and
+--replay_speakers rehearses them. README_CHATTERBOX_STYLE.md explains every setting.
 """
 
 import argparse
@@ -29,7 +30,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     paths = parser.add_argument_group("data and model")
     paths.add_argument("--init_model_path", required=True,
-                       help="the Base model folder to start from (a download of Qwen3-TTS-12Hz-1.7B-Base or 0.6B-Base)")
+                       help="the model folder to start from: a Base model (a download of Qwen3-TTS-12Hz-1.7B-Base or "
+                            "0.6B-Base), a CustomVoice model, or a checkpoint of this trainer; a model's own "
+                            "speakers are kept")
     paths.add_argument("--train_jsonl", required=True, help="codes JSONL written by prepare_codes.py")
     paths.add_argument("--output_model_path", default="output", help="where checkpoint folders are written")
     paths.add_argument("--speaker_name", default=None,
@@ -38,6 +41,28 @@ def parse_args(argv=None):
     paths.add_argument("--eval_jsonl", default=None, help="held-out codes JSONL for eval loss")
     paths.add_argument("--eval_split", type=float, default=0.0,
                        help="hold out this fraction of --train_jsonl for eval instead (seeded); 0 = none")
+
+    voices = parser.add_argument_group("voices (adding speakers to a model that has some)")
+    voices.add_argument("--speaker_encoder_from", default=None, metavar="PATH",
+                        help="starting from a CustomVoice model (it has no speaker encoder): the Base model of the "
+                             "same size, or a checkpoint folder with speaker_encoder.safetensors, whose encoder makes "
+                             "the new voices' vectors. Not needed from a checkpoint of this trainer (it keeps one)")
+    voices.add_argument("--overwrite_speaker", action="store_true",
+                        help="a speaker name the starting model already has replaces that voice (same codec id) "
+                             "instead of being an error")
+    voices.add_argument("--replay_speakers", default=None, metavar="NAMES|all",
+                        help="comma-separated speakers of the starting model (or 'all') to rehearse: the frozen "
+                             "starting model speaks a replay set for each (greedy, cached in "
+                             "--output_model_path/replay/), mixed into training so their voices do not drift; "
+                             "their replay loss before and after is reported")
+    voices.add_argument("--replay_ratio", type=float, default=0.2,
+                        help="fraction of each epoch's clips drawn from the replay set (0: measure the drift only)")
+    voices.add_argument("--replay_languages", default="all",
+                        help="comma-separated languages the replay set is spoken in; 'all': auto and every language "
+                             "of the model, with infer_test.py's sentences (a dialect speaker speaks its dialect "
+                             "for chinese and auto)")
+    voices.add_argument("--replay_max_seconds", type=float, default=20.0,
+                        help="replay speech longer than this did not stop and is left out")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--batch_size", type=int, default=4, help="clips per micro-batch per GPU")
@@ -168,6 +193,12 @@ def check_args(args):
         problems.append(f"--train_jsonl {args.train_jsonl}: file not found")
     if args.eval_jsonl and not Path(args.eval_jsonl).is_file():
         problems.append(f"--eval_jsonl {args.eval_jsonl}: file not found")
+    if args.speaker_encoder_from and not Path(args.speaker_encoder_from).is_dir():
+        problems.append(f"--speaker_encoder_from {args.speaker_encoder_from}: no such folder")
+    if not 0 <= args.replay_ratio < 1:
+        problems.append("--replay_ratio must be in [0, 1)")
+    if args.replay_max_seconds <= 0:
+        problems.append("--replay_max_seconds must be positive")
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
     return args

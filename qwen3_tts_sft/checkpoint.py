@@ -3,8 +3,11 @@ them back, finding them again.
 
     output/checkpoint-step-500/          loads with Qwen3TTSModel.from_pretrained
         config.json                      the base config; tts_model_type custom_voice, spk_id, spk_is_dialect
-        model.safetensors                talker weights (bf16 by default), speaker rows filled in
-        speaker_encoder.safetensors      the speaker encoder, kept for speaker-similarity checks
+                                         (the starting model's speakers, then the new ones)
+        model.safetensors                talker weights (bf16 by default), speaker rows filled in (the
+                                         starting model's speakers' rows exactly as they were)
+        speaker_encoder.safetensors      the speaker encoder: for speaker-similarity checks, and for the
+                                         new voices of a run that starts from this checkpoint
         adapter/                         with LoRA: the adapter alone (the model above has it merged)
         generation_config.json, tokenizer files, speech_tokenizer/   copied from the base model
         trainer_state.json               progress, flags, versions, speakers (TrainerState, readable)
@@ -69,7 +72,8 @@ class TrainerState:
     versions: dict = field(default_factory=dict)     # python, torch, transformers, accelerate, qwen_tts
     num_processes: int = 1
     train_data_sha256: str = None  # DataFingerprint.sha256 of --train_jsonl
-    speakers: list = field(default_factory=list)     # [{name, codec_id, reference_audio: [paths]}]
+    speakers: list = field(default_factory=list)     # new ones: [{name, codec_id, reference_audio: [paths]}]
+    kept_speakers: list = field(default_factory=list)  # the starting model's: [{name, codec_id, dialect}]
 
     def to_json(self) -> dict:
         return dict(asdict(self.progress), **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"})
@@ -103,8 +107,13 @@ class DataFingerprint:
 # ---------------------------------------------------------------------------------------------
 
 def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list, speaker_vectors: torch.Tensor,
-                 dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write an inference-ready model folder from a full `Qwen3TTSForConditionalGeneration` state dict."""
+                 dtype: torch.dtype = torch.bfloat16, speaker_encoder_config: dict = None) -> None:
+    """Write an inference-ready model folder from a full `Qwen3TTSForConditionalGeneration` state dict.
+
+    `speakers` (speakers.Speaker) and `speaker_vectors` go into spk_id, spk_is_dialect and the codec
+    embedding rows; the base config's other speakers stay as they are. `speaker_encoder_config`
+    replaces the base config's when the encoder came from another model (voices.py).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in copied_from_base(base_dir):
         target = out_dir / item.name
@@ -118,12 +127,14 @@ def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list
     # transformers_version keeps inference tokenizing text as training did.
     config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
     config["tts_model_type"] = "custom_voice"
+    if speaker_encoder_config is not None:
+        config["speaker_encoder_config"] = speaker_encoder_config
     talker_config = config.setdefault("talker_config", {})
     spk_id = dict(talker_config.get("spk_id") or {})
     spk_is_dialect = dict(talker_config.get("spk_is_dialect") or {})
     for speaker in speakers:
         spk_id[speaker.name] = speaker.codec_id
-        spk_is_dialect[speaker.name] = False
+        spk_is_dialect[speaker.name] = speaker.dialect
     talker_config["spk_id"] = spk_id
     talker_config["spk_is_dialect"] = spk_is_dialect
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -172,7 +183,8 @@ def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: 
 
                 lora.save_adapter(model_state, module.lora_config, partial / "adapter")
                 model_state = lora.merged_state_dict(model_state, module.lora_config)
-            export_model(model_state, base_dir, partial, speaker_table, vectors, dtype=save_dtype)
+            export_model(model_state, base_dir, partial, speaker_table, vectors, dtype=save_dtype,
+                         speaker_encoder_config=module.speaker_encoder_config)
         del state_dict
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial / TRAINING_STATE_DIR))

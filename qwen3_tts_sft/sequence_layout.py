@@ -96,6 +96,14 @@ class SpecialIds:
         return [self.codec_think, self.codec_think_bos, self.language_ids[language], self.codec_think_eos]
 
 
+def prefix_language(language: str, dialect) -> str:
+    """The language whose id generate() puts in the prefix for a speaker: a dialect speaker's dialect
+    (its spk_is_dialect entry) replaces chinese and auto."""
+    if dialect and language.lower() in ("chinese", AUTO_LANGUAGE):
+        return dialect.lower()
+    return language.lower()
+
+
 def prompt_ids(processor, text: str) -> list:
     """Token ids of the prompt, tokenized exactly as `generate_custom_voice` tokenizes it."""
     prompt = Qwen3TTSModel._build_assistant_text(None, text)

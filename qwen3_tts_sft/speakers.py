@@ -3,6 +3,10 @@
 A speaker's vector is the mean x-vector (speaker-encoder output) of its reference clips. It fills
 the speaker slot of every training sequence of that speaker, and at export it is written into
 that speaker's row of the talker's codec embedding, which is where generate_custom_voice reads it.
+
+A model that already has speakers (a CustomVoice model, or a checkpoint of this trainer) keeps
+them: the table lists the new speakers first, then the model's own ("kept"), whose vectors are
+their codec embedding rows as loaded (voices.py).
 """
 
 from dataclasses import dataclass, field
@@ -33,11 +37,30 @@ class Speaker:
     name: str                  # lower-cased, as generate() looks it up
     codec_id: int
     reference_audio: list = field(default_factory=list)
+    dialect: object = False    # its spk_is_dialect entry: False, or the dialect's codec_language_id name
+    kept: bool = False         # a speaker of the starting model, kept as it was
+
+    def as_json(self) -> dict:
+        """Its entry in trainer_state.json."""
+        if self.kept:
+            return dict(name=self.name, codec_id=self.codec_id, dialect=self.dialect)
+        return dict(name=self.name, codec_id=self.codec_id, reference_audio=[str(p) for p in self.reference_audio])
 
 
-def assign_speakers(clips: list, talker_config) -> list:
-    """One Speaker per distinct clip speaker, in order of first appearance, each with a free codec id."""
-    taken = set((talker_config.spk_id or {}).values())
+def existing_speaker_ids(spk_id) -> dict:
+    """{name: codec id} of the speakers a model already has (its talker_config.spk_id), names
+    lower-cased as generate() reads them."""
+    return {name.lower(): codec_id for name, codec_id in (spk_id or {}).items()}
+
+
+def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False) -> list:
+    """One Speaker per distinct clip speaker, in order of first appearance, each with a free codec id.
+
+    A name the model already has is refused (ValueError), or with `overwrite_existing` keeps its
+    codec id: the new voice replaces the old one in that row.
+    """
+    existing = existing_speaker_ids(talker_config.spk_id)
+    taken = set(existing.values())
     taken |= set((talker_config.codec_language_id or {}).values())
     taken |= {talker_config.codec_pad_id, talker_config.codec_bos_id, talker_config.codec_eos_token_id,
               talker_config.codec_think_id, talker_config.codec_nothink_id,
@@ -46,6 +69,12 @@ def assign_speakers(clips: list, talker_config) -> list:
     next_id = FIRST_NEW_SPEAKER_ID
     for clip in clips:
         speaker = speakers.get(clip.speaker)
+        if speaker is None and clip.speaker in existing:
+            if not overwrite_existing:
+                raise ValueError(
+                    f"{clip.source}: speaker: {clip.speaker!r} is already a speaker of the starting model (codec id "
+                    f"{existing[clip.speaker]}); pick another name, or pass --overwrite_speaker to replace its voice")
+            speaker = speakers[clip.speaker] = Speaker(clip.speaker, existing[clip.speaker])
         if speaker is None:
             while next_id in taken:
                 next_id += 1

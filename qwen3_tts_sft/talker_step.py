@@ -33,13 +33,15 @@ class TalkerTrainingModel(nn.Module):
     """The talker and code predictor of `model`, and what fills each sequence's speaker slot.
 
     Give `speaker_vectors` [speakers, hidden] when the speaker encoder is frozen. When it trains,
-    give `reference_mels` (per speaker, its reference mels) instead: the vectors are then
-    recomputed by the encoder in every forward, so gradients reach it.
+    give `reference_mels` (per speaker, its reference mels) for the speakers it encodes, the first
+    ones of the table: their vectors are then recomputed by the encoder in every forward, so
+    gradients reach it. `speaker_vectors` then holds the fixed vectors of the speakers after them
+    (a starting model's own speakers, voices.py), or is None.
     """
 
     def __init__(self, model, speaker_vectors: torch.Tensor = None, reference_mels: list = None):
         super().__init__()
-        assert (speaker_vectors is None) != (reference_mels is None)
+        assert speaker_vectors is not None or reference_mels is not None
         self.model = model
         self.reference_mels = reference_mels
         self.register_buffer("fixed_speaker_vectors", speaker_vectors, persistent=False)
@@ -51,7 +53,10 @@ class TalkerTrainingModel(nn.Module):
     def speaker_vectors(self) -> torch.Tensor:
         if self.reference_mels is None:
             return self.fixed_speaker_vectors
-        return speakers.speaker_vectors(self.model.speaker_encoder, self.reference_mels)
+        encoded = speakers.speaker_vectors(self.model.speaker_encoder, self.reference_mels)
+        if self.fixed_speaker_vectors is None:
+            return encoded
+        return torch.cat([encoded, self.fixed_speaker_vectors.to(encoded.dtype)])
 
     def embed(self, batch: TalkerBatch, speaker_vectors: torch.Tensor) -> torch.Tensor:
         """Input vectors [B, T, hidden]: text track + codec track + speaker vector + frame codes."""

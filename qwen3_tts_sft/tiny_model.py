@@ -10,6 +10,9 @@ real special tokens at their real ids), processor config, model.safetensors and 
     tiny-0.6b  0.6B-shaped: the text width differs from the talker width
     1.7b, 0.6b the published shapes, for GPU benchmarks
 
+write_custom_voice_dir turns such a folder (or a checkpoint) into a CustomVoice model with
+built-in speakers, laid out as a CustomVoice download is.
+
 Run it on its own:  python -m qwen3_tts_sft.tiny_model --out demo_run/base_model [--size tiny] [--clips 6]
 """
 
@@ -403,6 +406,89 @@ def write_model_dir(out_dir, size: str = "tiny", seed: int = 0) -> Path:
     (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     write_speech_tokenizer(out_dir / "speech_tokenizer", SIZES[size]["speech_tokenizer"], seed + 1)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# CustomVoice models
+# ---------------------------------------------------------------------------------------------
+
+# The dialects a CustomVoice config adds to codec_language_id, with the ids the published
+# CustomVoice configs use (as independent ports of them list them; not checked against a download).
+CUSTOM_VOICE_DIALECT_IDS = {"beijing_dialect": 2074, "sichuan_dialect": 2062}
+# Built-in speakers for tests: {name: (codec id, spk_is_dialect entry)}, one plain and one dialect
+# speaker, at ids the published CustomVoice models give two of theirs.
+TINY_BUILT_IN_SPEAKERS = {"serena": (3066, False), "eric": (2875, "sichuan_dialect")}
+
+
+def write_custom_voice_dir(model_dir, out_dir, speakers: dict = None) -> Path:
+    """A CustomVoice model folder made from the model folder `model_dir` (a tiny Base model, or a
+    checkpoint whose speaker rows hold trained voices): tts_model_type custom_voice; `speakers`
+    ({name: (codec id, dialect or False)}, TINY_BUILT_IN_SPEAKERS by default) in spk_id and
+    spk_is_dialect, their vectors the codec embedding rows already at those ids; the dialects in
+    codec_language_id; and no speaker encoder weights, since qwen_tts builds no encoder for a
+    CustomVoice model. Returns its path."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS, NOT_COPIED, SPEAKER_ENCODER_PREFIX
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    speakers = TINY_BUILT_IN_SPEAKERS if speakers is None else speakers
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name not in NOT_COPIED:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
+    weights = load_file(str(model_dir / MODEL_WEIGHTS))
+    save_file({name: tensor for name, tensor in weights.items() if not name.startswith(SPEAKER_ENCODER_PREFIX)},
+              str(out_dir / MODEL_WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["tts_model_type"] = "custom_voice"
+    talker = config["talker_config"]
+    talker["codec_language_id"] = dict(talker["codec_language_id"], **CUSTOM_VOICE_DIALECT_IDS)
+    talker["spk_id"] = {name: codec_id for name, (codec_id, _) in speakers.items()}
+    talker["spk_is_dialect"] = {name: dialect for name, (_, dialect) in speakers.items()}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm: float = 0.3) -> None:
+    """Change the model's speaker encoder (in model.safetensors) so that it tells the recordings in
+    `reference_audio` (wav paths) apart, as a trained encoder tells voices apart.
+
+    A random encoder maps every recording to nearly one point (cosine 0.95 and more between a
+    tone, noise and a voice), because the pooled statistics its last layer reads are nearly the
+    same for every input. Its last layer is changed to subtract their mean over these
+    recordings, x = k W (s - mean s), with k scaling the mean vector length to `vector_norm`:
+    the recordings' x-vectors then point in very different directions (two of them: opposite).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS
+    from qwen3_tts_sft.speakers import reference_mel
+    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())["speaker_encoder_config"]
+    weights = load_file(str(model_dir / MODEL_WEIGHTS))
+    prefix = "speaker_encoder."
+    encoder = Qwen3TTSSpeakerEncoder(Qwen3TTSSpeakerEncoderConfig(**config))
+    encoder.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+    pooled = []  # what the last layer reads, per recording
+    encoder.fc.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0].squeeze(-1)))
+    with torch.no_grad():
+        for path in reference_audio:
+            encoder(reference_mel(path, config["sample_rate"]))
+        statistics = torch.cat(pooled)
+        weight = encoder.fc.weight[:, :, 0].clone()
+        scale = vector_norm / ((statistics - statistics.mean(dim=0)) @ weight.T).norm(dim=1).mean()
+        encoder.fc.weight.copy_(scale * encoder.fc.weight)
+        encoder.fc.bias.copy_(-scale * statistics.mean(dim=0) @ weight.T)
+    dtype = weights[prefix + "fc.weight"].dtype
+    weights[prefix + "fc.weight"] = encoder.fc.weight.detach().to(dtype).contiguous()
+    weights[prefix + "fc.bias"] = encoder.fc.bias.detach().to(dtype).contiguous()
+    save_file(weights, str(model_dir / MODEL_WEIGHTS), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import checkpoint, voices
 from qwen3_tts_sft.checkpoint import TrainerState
 from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
 from qwen3_tts_sft.sequence_layout import collate
@@ -47,14 +47,15 @@ class PlannedStep:
 
 
 class TrainingRun:
-    def __init__(self, args, settings, accelerator, train_set, eval_set, speaker_table):
+    def __init__(self, args, settings, accelerator, train_set, eval_set, speaker_table, replay_set=None):
         self.args = args              # the flags as given; read, never changed
         self.settings = settings      # what they mean on this machine (training_setup.Settings)
         self.accelerator = accelerator
         self.device = accelerator.device
         self.train_set = train_set
         self.eval_set = eval_set
-        self.speaker_table = speaker_table
+        self.speaker_table = speaker_table  # the new speakers, then the starting model's own (voices.py)
+        self.replay_set = replay_set        # replay.ReplaySet, or None
         self.output_dir = Path(args.output_model_path)
         self.first_plan = self.plan(epoch=0)
         self.steps_per_epoch = len(self.first_plan.steps)
@@ -271,28 +272,33 @@ class TrainingRun:
 
     def evaluate(self):
         """Mean eval loss per target, group 0 and code predictor separately, over the whole eval set."""
-        module, eval_set = self.train_module, self.eval_set
+        codec0, code_predictor = self.teacher_forced_losses(self.eval_set, range(len(self.eval_set)))
+        loss = codec0 + self.args.code_predictor_loss_weight * code_predictor
+        progress = self.progress
+        if progress.best_eval_loss is None or loss < progress.best_eval_loss:
+            progress.best_eval_loss, progress.best_eval_step = loss, progress.step
+        self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/code_predictor_loss": code_predictor})
+
+    def teacher_forced_losses(self, dataset, indices) -> tuple:
+        """(group 0, code predictor): mean loss per target over these examples of `dataset`, as the
+        training forward computes it (no update). Every process takes part, each with its share."""
+        module = self.train_module
         module.eval()
-        order = sorted(range(len(eval_set)), key=eval_set.length)
+        order = sorted(indices, key=dataset.length)
         batches = [order[i:i + self.args.batch_size] for i in range(0, len(order), self.args.batch_size)]
         mine = batches[self.accelerator.process_index::self.accelerator.num_processes]
         sums = torch.zeros(4, device=self.device)
         with torch.no_grad():
-            for indices in mine:
-                out = module(collate([eval_set[i] for i in indices]).to(self.device))
-                targets = eval_set.targets(indices)
+            for batch_indices in mine:
+                out = module(collate([dataset[i] for i in batch_indices]).to(self.device))
+                targets = dataset.targets(batch_indices)
                 sums += torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum,
                                      torch.tensor(float(targets.codec0), device=self.device),
                                      torch.tensor(float(targets.sub_talker), device=self.device)])
         module.train()
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, "sum")
-        codec0, code_predictor = (sums[0] / sums[2]).item(), (sums[1] / sums[3]).item()
-        loss = codec0 + self.args.code_predictor_loss_weight * code_predictor
-        progress = self.progress
-        if progress.best_eval_loss is None or loss < progress.best_eval_loss:
-            progress.best_eval_loss, progress.best_eval_step = loss, progress.step
-        self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/code_predictor_loss": code_predictor})
+        return (sums[0] / sums[2]).item(), (sums[1] / sums[3]).item()
 
     def report(self, values: dict):
         """Log `values` (all train/ or all eval/) to the tracker and the history, and print them as one line."""
@@ -319,9 +325,8 @@ class TrainingRun:
                              versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes,
                              train_data_sha256=self.settings.train_data.sha256,
-                             speakers=[dict(name=s.name, codec_id=s.codec_id,
-                                            reference_audio=[str(p) for p in s.reference_audio])
-                                       for s in self.speaker_table])
+                             speakers=[s.as_json() for s in self.speaker_table if not s.kept],
+                             kept_speakers=[s.as_json() for s in self.speaker_table if s.kept])
         checkpoint.save(self.accelerator, self.train_module, final, Path(self.args.init_model_path),
                         self.speaker_table, state, self.settings.save_dtype, self.checkpoint_bytes)
         if self.accelerator.is_main_process:
@@ -347,7 +352,7 @@ class TrainingRun:
             + f"; text layout {args.text_layout}"
             + (" (each clip in both: twice the examples)" if len(settings.layouts) > 1 else ""),
             "  speakers: " + ", ".join(f"{s.name} (codec id {s.codec_id}, {len(s.reference_audio)} reference clips)"
-                                        for s in self.speaker_table),
+                                        for s in self.speaker_table if not s.kept),
             f"  batch: {args.batch_size} per process x {args.gradient_accumulation_steps} accumulation x "
             f"{accelerator.num_processes} processes = {clips_per_step} clips per step",
             f"  steps: {self.steps_per_epoch} per epoch x {args.num_epochs} epochs -> {self.total_steps} optimizer "
@@ -379,10 +384,12 @@ class TrainingRun:
         if settings.resume_dir is not None:
             lines.append(f"  resumed from {settings.resume_dir} at step {self.progress.step} (epoch "
                          f"{self.progress.epoch}, step {self.progress.steps_done_in_epoch} of it)")
+        lines += voices.banner_lines(self)
         return "\n".join(lines)
 
     def finish(self):
         """End trackers, draw the loss curve, and print a one-screen summary."""
+        voice_lines = voices.report(self)  # measured by every process, so before the trackers end
         self.accelerator.end_training()
         if not self.accelerator.is_main_process:
             return
@@ -406,6 +413,7 @@ class TrainingRun:
         if self.device.type == "cuda":
             lines.append(f"  peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated")
         lines.append(f"  loss curve: {self.output_dir / LOSS_CURVE}")
+        lines += voice_lines
         if self.last_checkpoint is not None:
             lines += [f"  model: {self.last_checkpoint}",
                       f"  hear it: {hear_it(self.last_checkpoint, [speaker.name for speaker in self.speaker_table])}"]

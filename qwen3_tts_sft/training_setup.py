@@ -20,11 +20,11 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
 from transformers import get_scheduler
 
-from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import checkpoint, replay, voices
 from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
 from qwen3_tts_sft.checkpoint import DataFingerprint, TrainingProgress
 from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds
-from qwen3_tts_sft.speakers import assign_speakers, reference_mels, speaker_vectors
+from qwen3_tts_sft.speakers import reference_mels, speaker_vectors
 from qwen3_tts_sft.talker_step import TalkerTrainingModel
 from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, make_prompter, read_clips,
                                          split_off_eval)
@@ -39,7 +39,6 @@ STATE_FLAGS = ("low_memory", "lora_rank")
 SCHEDULE_FLAGS = ("num_epochs", "max_steps", "warmup_steps", "lr", "lr_scheduler")
 TRACKER_DIR = "logs"        # under --output_model_path: one folder per run, named TRACKER_PROJECT-time
 TRACKER_PROJECT = "sft_12hz"
-MODEL_KINDS = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign"}  # tts_model_type -> model name
 
 
 class AlreadyFinished(Exception):
@@ -70,11 +69,10 @@ def build_run(args) -> TrainingRun:
 
     tts = load_base_model(args)
     ids = SpecialIds.from_config(tts.model.config)
-    train_set, eval_set, speaker_table = load_datasets(args, settings, ids, tts.processor, tts.model.config,
-                                                       accelerator)
+    train_set, eval_set, speaker_table, replay_set = load_datasets(args, settings, ids, tts, accelerator)
     train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
     optimizer = make_optimizer(train_module, args, accelerator)
-    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table)
+    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table, replay_set)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=run.total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
@@ -87,6 +85,8 @@ def build_run(args) -> TrainingRun:
                                            [speaker.name for speaker in speaker_table]))
         accelerator.end_training()
         raise AlreadyFinished
+    if progress.step == 0:
+        voices.log_starting_losses(run)  # the replay sets' loss before training, for the end-of-run report
     return run
 
 
@@ -130,11 +130,12 @@ def resolve_settings(args, accelerator) -> Settings:
     graphs, drop_when_short = cuda_graphs_choice(args, device_type, accelerator.num_processes, problems)
     train_data = DataFingerprint.of(args.train_jsonl)
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems, log=accelerator.print)
-    problems += base_model_problems(Path(args.init_model_path))
+    note_checkpoint_start(Path(args.init_model_path), accelerator.print)
     resumed = None
     if resume_dir is not None and not problems:
         resumed = checkpoint.read_trainer_state(resume_dir)
         problems += resume_problems(args, resumed, train_data, accelerator)
+    problems += voices.flag_problems(args, resumed)  # the starting model's speakers, encoder, replay
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
     new_schedule = schedule_changes(args, resumed) if resumed else ()
@@ -208,20 +209,15 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
     return None
 
 
-def base_model_problems(model_dir: Path) -> list:
-    """Why --init_model_path is not a Base model to fine-tune from, said before the model loads."""
+def note_checkpoint_start(model_dir: Path, log) -> None:
+    """A checkpoint of this trainer is a start like any CustomVoice model (its voices are kept, new
+    ones added: voices.py); say so, in case the user meant to continue that run instead."""
     if checkpoint.has_trainer_state(model_dir):
         base = checkpoint.read_trainer_state(model_dir).flags.get("init_model_path")
-        return [f"--init_model_path {model_dir} is a checkpoint of a fine-tuning run, not a Base model. To continue "
-                f"its training, pass --resume_from_checkpoint {model_dir} (with that run's --output_model_path); "
-                f"to fine-tune anew, start from the Base model"
-                + (f" it came from: --init_model_path {base}" if base else "")]
-    model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("tts_model_type")
-    if model_type != "base":
-        return [f"--init_model_path {model_dir}: this is a {MODEL_KINDS.get(model_type, repr(model_type))} model "
-                f"(tts_model_type {model_type!r}); fine-tune from a Base model (Qwen3-TTS-12Hz-1.7B-Base or "
-                f"0.6B-Base): only a Base model has the speaker encoder that makes a new voice's vector"]
-    return []
+        log(f"note: --init_model_path {model_dir} is a checkpoint of a fine-tuning run: a new run starts from it, "
+            f"keeping its voices. To continue its training instead, pass --resume_from_checkpoint {model_dir} "
+            f"(with that run's --output_model_path)"
+            + (f"; to fine-tune anew from the Base model it came from: --init_model_path {base}" if base else ""))
 
 
 def schedule_changes(args, state) -> tuple:
@@ -296,21 +292,25 @@ def why_no_gpu() -> str:
 
 
 def load_base_model(args):
-    """The base model through the same loader a user's download goes through; fp32 master weights
-    (bf16 with --low_memory)."""
+    """The starting model (Base or CustomVoice) through the same loader a user's download goes
+    through; fp32 master weights (bf16 with --low_memory). A CustomVoice model gets a Base model's
+    speaker encoder for its new voices (voices.py)."""
     from qwen_tts import Qwen3TTSModel
 
     tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
                                         attn_implementation=args.attn_implementation)
-    if tts.model.speaker_encoder is None:  # base_model_problems refuses these before the load
-        raise SystemExit(f"error: {args.init_model_path} has no speaker encoder (tts_model_type "
-                         f"{tts.model.tts_model_type!r}): it is not a Base model; fine-tune from a Base model")
+    if tts.model.speaker_encoder is None:  # refused there, naming --speaker_encoder_from, when none is found
+        voices.attach_speaker_encoder(tts.model, args)
     tts.model.speech_tokenizer = None  # not needed for training; frees its memory
     return tts
 
 
-def load_datasets(args, settings: Settings, ids, processor, config, accelerator) -> tuple:
-    """Checked, tokenized, length-limited train (and eval) datasets, and the speaker table."""
+def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
+    """Checked, tokenized, length-limited train (and eval) datasets, the speaker table (the new
+    speakers, then the starting model's own) and the replay set (None without --replay_speakers),
+    whose clips make up --replay_ratio of the train set."""
+    processor, config = tts.processor, tts.model.config
+
     def read(path):
         try:
             clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
@@ -325,11 +325,13 @@ def load_datasets(args, settings: Settings, ids, processor, config, accelerator)
     eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
     if args.eval_split:
         train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
-    speaker_table = assign_speakers(train_clips + (eval_clips or []), config.talker_config)
+    speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker)
+    replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))
+    rehearsal = replay.mixed_clips(replay_set, len(train_clips), args.replay_ratio, args.seed)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}
-    train_set = TalkerDataset(train_clips, ids, speaker_index, settings.layouts)
+    train_set = TalkerDataset(train_clips + rehearsal, ids, speaker_index, settings.layouts)
     eval_set = TalkerDataset(eval_clips, ids, speaker_index, settings.layouts) if eval_clips else None
-    return train_set, eval_set, speaker_table
+    return train_set, eval_set, speaker_table, replay_set
 
 
 def make_training_model(model, speaker_table, args, settings: Settings, accelerator) -> TalkerTrainingModel:
@@ -349,18 +351,24 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
     if settings.torch_compile == "layers":
         compile_layers(model)
     sample_rate = model.config.speaker_encoder_config.sample_rate
+    # The table lists the new speakers, then the kept ones, whose vectors are their rows as loaded.
+    new_speakers = [speaker for speaker in speaker_table if not speaker.kept]
+    kept = voices.kept_vectors(model, speaker_table)
     if args.train_speaker_encoder:
-        module = TalkerTrainingModel(model, reference_mels=reference_mels(speaker_table, sample_rate))
+        module = TalkerTrainingModel(model, speaker_vectors=kept, reference_mels=reference_mels(new_speakers, sample_rate))
     else:
         if settings.resume_dir is not None:
             vectors = checkpoint.load_speaker_vectors(settings.resume_dir)
         else:
             with torch.no_grad():
-                vectors = speaker_vectors(model.speaker_encoder, reference_mels(speaker_table, sample_rate))
+                vectors = speaker_vectors(model.speaker_encoder, reference_mels(new_speakers, sample_rate))
+            if kept is not None:
+                vectors = torch.cat([vectors, kept.to(vectors.dtype)])
         # Every process must fill the speaker slot with the same vector: take process 0's.
         vectors = broadcast(vectors.to(accelerator.device)) if accelerator.num_processes > 1 else vectors
         module = TalkerTrainingModel(model, speaker_vectors=vectors)
     module.lora_config = lora_config  # the checkpoint export merges the adapters with it
+    module.speaker_encoder_config = voices.borrowed_encoder_config(args)  # the export writes it, when borrowed
     return module
 
 

@@ -1,0 +1,238 @@
+"""Adding voices to a model that has some: a CustomVoice model keeps its speakers, their dialects and
+their rows, and gains new ones; what a fine-tuned checkpoint can and cannot do in stock qwen_tts.
+
+The CustomVoice model here is the tiny random Base model turned into one as a download is laid out
+(tiny_model.write_custom_voice_dir): two built-in speakers, serena and eric (a Sichuan-dialect
+speaker), and no speaker encoder.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from qwen_tts import Qwen3TTSModel
+from safetensors.torch import load_file
+
+from helpers import forced_generation_logits, read_jsonl, train, write_jsonl
+from qwen3_tts_sft import checkpoint, tiny_model as tiny
+from qwen3_tts_sft.replay import replay_clip
+from qwen3_tts_sft.sequence_layout import SpecialIds, collate
+from qwen3_tts_sft.speakers import Speaker
+from qwen3_tts_sft.talker_step import TalkerTrainingModel
+from qwen3_tts_sft.training_data import TalkerDataset, make_prompter
+from test_checkpoint_contents import reference_xvector
+
+CODEC_EMBEDDING = "talker.model.codec_embedding.weight"
+BUILT_IN = {name: codec_id for name, (codec_id, _) in tiny.TINY_BUILT_IN_SPEAKERS.items()}
+
+
+@pytest.fixture(scope="module")
+def custom_voice(tiny_model, tmp_path_factory):
+    return tiny.write_custom_voice_dir(tiny_model, tmp_path_factory.mktemp("custom_voice") / "model")
+
+
+def new_voice_rows(coded_clips, name, count=4, recorded_by="alice"):
+    """`count` clips of one recorded voice (one reference clip), under a new speaker name."""
+    rows = [row for row in read_jsonl(coded_clips) if row["speaker"] == recorded_by]
+    return [dict(row, speaker=name) for row in rows[:count]]
+
+
+def test_the_tiny_custom_voice_model_loads_as_a_download_does(custom_voice):
+    tts = Qwen3TTSModel.from_pretrained(str(custom_voice), dtype=torch.float32)
+    assert tts.model.tts_model_type == "custom_voice"
+    assert tts.model.speaker_encoder is None  # qwen_tts builds no encoder for a CustomVoice model
+    assert tts.get_supported_speakers() == ["eric", "serena"]
+    assert not any(name.startswith("speaker_encoder.") for name in load_file(custom_voice / "model.safetensors"))
+
+
+def test_a_custom_voice_start_without_a_speaker_encoder_is_refused_naming_the_flag(custom_voice, coded_clips,
+                                                                                  tmp_path):
+    data = write_jsonl(tmp_path / "new.jsonl", new_voice_rows(coded_clips, "newvoice"))
+    with pytest.raises(SystemExit, match="has no speaker encoder.*--speaker_encoder_from"):
+        train(custom_voice, data, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def added_voice(custom_voice, tiny_model, coded_clips, tmp_path_factory):
+    """The custom_voice model with one voice added (newvoice, two training steps), saved in float32."""
+    folder = tmp_path_factory.mktemp("added_voice")
+    data = write_jsonl(folder / "new.jsonl", new_voice_rows(coded_clips, "NewVoice"))
+    # A strong weight decay: it shrinks every row of the codec embedding, the built-in speakers' too.
+    output = train(custom_voice, data, folder / "out", lr=1e-2, weight_decay=0.5, save_dtype="float32",
+                   speaker_encoder_from=tiny_model)
+    return output / "checkpoint-epoch-0"
+
+
+def test_a_custom_voice_model_keeps_its_speakers_dialects_and_rows_and_gains_one(added_voice, custom_voice,
+                                                                                 tiny_model):
+    config = json.loads((added_voice / "config.json").read_text())
+    base_config = json.loads((custom_voice / "config.json").read_text())
+    talker = config["talker_config"]
+    assert config["tts_model_type"] == "custom_voice"
+    assert talker["spk_id"] == dict(BUILT_IN, newvoice=3000)
+    assert talker["spk_is_dialect"] == {"serena": False, "eric": "sichuan_dialect", "newvoice": False}
+    assert talker["codec_language_id"] == base_config["talker_config"]["codec_language_id"]
+    tts = Qwen3TTSModel.from_pretrained(str(added_voice), dtype=torch.float32)
+    assert tts.get_supported_speakers() == ["eric", "newvoice", "serena"]
+
+    # The built-in speakers' rows are exactly the starting model's, though training moved them.
+    start = load_file(custom_voice / "model.safetensors")[CODEC_EMBEDDING]
+    exported = load_file(added_voice / checkpoint.MODEL_WEIGHTS)[CODEC_EMBEDDING]
+    trained = load_file(added_voice / checkpoint.TRAINING_STATE_DIR / "model.safetensors")["model." + CODEC_EMBEDDING]
+    for codec_id in BUILT_IN.values():
+        assert torch.equal(exported[codec_id], start[codec_id].float())  # bf16 values, saved in float32
+        assert not torch.equal(trained[codec_id], start[codec_id].float())  # the decay moved it in training
+
+    # The new voice's vector is its reference clip's x-vector by the Base model's encoder, which
+    # the checkpoint keeps beside the model.
+    state = checkpoint.read_trainer_state(added_voice)
+    assert [s["name"] for s in state.speakers] == ["newvoice"]
+    assert state.kept_speakers == [dict(name="serena", codec_id=3066, dialect=False),
+                                   dict(name="eric", codec_id=2875, dialect="sichuan_dialect")]
+    expected = reference_xvector(tiny_model, state.speakers[0]["reference_audio"][0])
+    assert torch.allclose(exported[3000], expected, atol=1e-6)
+    base = load_file(tiny_model / "model.safetensors")
+    encoder = load_file(added_voice / checkpoint.SPEAKER_ENCODER_WEIGHTS)
+    assert encoder.keys() == {name for name in base if name.startswith("speaker_encoder.")}
+    assert all(torch.equal(base[name].float(), encoder[name]) for name in encoder)
+    assert config["speaker_encoder_config"] == json.loads((tiny_model / "config.json").read_text())[
+        "speaker_encoder_config"]
+
+
+def test_a_built_in_name_is_refused_unless_overwritten(custom_voice, tiny_model, coded_clips, tmp_path):
+    data = write_jsonl(tmp_path / "eric.jsonl", new_voice_rows(coded_clips, "Eric", count=2))
+    with pytest.raises(SystemExit, match=r"eric.jsonl:1: speaker: 'eric' is already a speaker.*--overwrite_speaker"):
+        train(custom_voice, data, tmp_path / "refused", speaker_encoder_from=tiny_model)
+
+    folder = train(custom_voice, data, tmp_path / "out", speaker_encoder_from=tiny_model,
+                   overwrite_speaker=True) / "checkpoint-epoch-0"
+    talker = json.loads((folder / "config.json").read_text())["talker_config"]
+    assert talker["spk_id"] == BUILT_IN  # the same row, holding the new voice
+    assert talker["spk_is_dialect"] == {"serena": False, "eric": False}  # trained in the rows' own languages
+    state = checkpoint.read_trainer_state(folder)
+    row = load_file(folder / checkpoint.MODEL_WEIGHTS)[CODEC_EMBEDDING][BUILT_IN["eric"]]
+    expected = reference_xvector(tiny_model, state.speakers[0]["reference_audio"][0])
+    assert torch.allclose(row.float(), expected.to(torch.bfloat16).float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("speaker, language", [("eric", "chinese"), ("eric", "auto"), ("serena", "chinese")])
+def test_replay_clips_are_laid_out_as_generation_speaks_them(custom_voice, coded_clips, speaker, language):
+    """A dialect speaker speaks its dialect for chinese and auto (generate() swaps the language id):
+    its replay clips must be trained with that prefix, or training teaches another layout."""
+    tts = Qwen3TTSModel.from_pretrained(str(custom_voice), dtype=torch.float32)
+    model, config = tts.model.eval(), tts.model.config
+    ids = SpecialIds.from_config(config)
+    codes = np.array(read_jsonl(coded_clips)[0]["audio_codes"])
+    name_and_dialect = {name: dialect for name, (_, dialect) in tiny.TINY_BUILT_IN_SPEAKERS.items()}
+    kept = Speaker(speaker, BUILT_IN[speaker], dialect=name_and_dialect[speaker], kept=True)
+    row = dict(speaker=speaker, language=language, text="How are you today?", audio_codes=codes.tolist())
+    clip = replay_clip(row, kept, make_prompter(tts.processor, config), source="test")
+    vectors = model.talker.get_input_embeddings().weight[[kept.codec_id]].detach()
+    with torch.no_grad():
+        out = TalkerTrainingModel(model, speaker_vectors=vectors).eval()(
+            collate([TalkerDataset([clip], ids, {speaker: 0})[0]]))
+    gen_codec0, gen_sub = forced_generation_logits(model, clip.prompt, language, speaker, codes)
+    assert (gen_codec0 - out.codec0_logits[:len(gen_codec0)]).abs().max() < 1e-4
+    assert (gen_sub - out.sub_talker_logits[:len(codes)]).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# What a fine-tuned checkpoint can and cannot do in stock qwen_tts (each claim of the README's
+# "What a fine-tuned checkpoint can do" table has its test here)
+# ---------------------------------------------------------------------------------------------
+
+GREEDY = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=4)
+
+
+def custom_voice_codes(tts, speaker, instruct=None, text="How are you today?"):
+    """Greedy generate_custom_voice's codes, as handed to the speech decoder."""
+    captured, decode = [], tts.model.speech_tokenizer.decode
+    tts.model.speech_tokenizer.decode = lambda encoded: captured.append(encoded) or decode(encoded)
+    try:
+        wavs, _ = tts.generate_custom_voice(text, speaker=speaker, language="english", instruct=instruct, **GREEDY)
+    finally:
+        tts.model.speech_tokenizer.decode = decode
+    assert wavs[0].size > 0
+    return captured[0][0]["audio_codes"]
+
+
+def test_a_checkpoint_speaks_its_new_and_its_built_in_voices(added_voice):
+    tts = Qwen3TTSModel.from_pretrained(str(added_voice), dtype=torch.float32)
+    codes = {name: custom_voice_codes(tts, name) for name in ("newvoice", "serena", "eric")}
+    assert not torch.equal(codes["newvoice"], codes["serena"])  # each speaker's own row is read
+
+
+def prefill_length(tts, speaker, instruct=None) -> int:
+    """How many positions generate_custom_voice hands the talker before the first frame."""
+    lengths, talker_generate = [], tts.model.talker.generate
+
+    def recording_generate(**kwargs):
+        lengths.append(kwargs["inputs_embeds"].shape[1])
+        return talker_generate(**kwargs)
+
+    tts.model.talker.generate = recording_generate
+    try:
+        custom_voice_codes(tts, speaker, instruct)
+    finally:
+        tts.model.talker.generate = talker_generate
+    return lengths[0]
+
+
+def test_instructions_are_read_for_every_speaker_of_a_1_7b_shaped_checkpoint(added_voice):
+    """generate_custom_voice puts the instruction before the text, as a user turn, for built-in and
+    new speakers alike. (How well a new voice follows one is another matter: the trainer never
+    trains with instructions, and the replay set is spoken without them.)"""
+    tts = Qwen3TTSModel.from_pretrained(str(added_voice), dtype=torch.float32)
+    assert tts.model.tts_model_size == "1b7"
+    instruction = tts._build_instruct_text("Speak slowly.")
+    added = len(tts._tokenize_texts([instruction])[0][0])
+    for speaker in ("newvoice", "serena", "eric"):
+        assert prefill_length(tts, speaker, "Speak slowly.") == prefill_length(tts, speaker) + added
+
+
+def test_a_0_6b_custom_voice_model_ignores_instructions(tiny_model_06b, tmp_path):
+    """qwen_tts 0.1.1 drops `instruct` for tts_model_size 0b6: the same input and the same speech."""
+    tts = Qwen3TTSModel.from_pretrained(str(tiny.write_custom_voice_dir(tiny_model_06b, tmp_path / "cv06")),
+                                        dtype=torch.float32)
+    assert prefill_length(tts, "serena", "Speak slowly.") == prefill_length(tts, "serena")
+    assert torch.equal(custom_voice_codes(tts, "serena"), custom_voice_codes(tts, "serena", "Speak slowly."))
+
+
+def test_stock_voice_cloning_refuses_a_checkpoint(added_voice, coded_clips):
+    """A checkpoint is tts_model_type custom_voice, and qwen_tts clones voices with a "base" model only."""
+    tts = Qwen3TTSModel.from_pretrained(str(added_voice), dtype=torch.float32)
+    reference = read_jsonl(coded_clips)[0]["ref_audio"]
+    with pytest.raises(ValueError, match="does not support generate_voice_clone"):
+        tts.generate_voice_clone("How are you today?", ref_audio=reference, x_vector_only_mode=True)
+    with pytest.raises(ValueError, match="does not support create_voice_clone_prompt"):
+        tts.create_voice_clone_prompt(ref_audio=reference, x_vector_only_mode=True)
+
+
+def test_a_checkpoint_clones_from_an_x_vector_through_model_generate(added_voice, coded_clips):
+    """What does work: a speaker vector handed to the model's own generate() as an x-vector-only
+    voice-clone prompt (generate() does not check the model type). The speaker_encoder.safetensors
+    the checkpoint keeps makes such vectors from reference clips: the new speaker's row is its
+    reference clip's x-vector, and cloned from that vector the checkpoint speaks exactly as
+    generate_custom_voice does with the speaker."""
+    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
+    from qwen3_tts_sft.speakers import reference_mel
+
+    tts = Qwen3TTSModel.from_pretrained(str(added_voice), dtype=torch.float32)
+    encoder = Qwen3TTSSpeakerEncoder(Qwen3TTSSpeakerEncoderConfig(
+        **json.loads((added_voice / "config.json").read_text())["speaker_encoder_config"]))
+    weights, _ = checkpoint.speaker_encoder_weights(added_voice)
+    encoder.load_state_dict(weights)
+    reference = checkpoint.read_trainer_state(added_voice).speakers[0]["reference_audio"][0]
+    with torch.no_grad():
+        xvector = encoder(reference_mel(reference, 24000))[0]
+    row = tts.model.talker.get_input_embeddings().weight[3000]
+    assert torch.allclose(xvector, row, atol=1e-5)
+
+    prompt = tts._tokenize_texts([tts._build_assistant_text("How are you today?")])
+    cloned, _ = tts.model.generate(
+        input_ids=prompt, languages=["english"], non_streaming_mode=True,
+        voice_clone_prompt=dict(ref_code=[None], ref_spk_embedding=[row], x_vector_only_mode=[True], icl_mode=[False]),
+        **tts._merge_generate_kwargs(**GREEDY))
+    assert torch.equal(cloned[0], custom_voice_codes(tts, "newvoice"))
