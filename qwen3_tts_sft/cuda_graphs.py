@@ -50,7 +50,7 @@ def forward_backward(module, batch: TalkerBatch, loss_weights: torch.Tensor, bac
     1 / (targets of that kind in the whole step), times the code predictor's weight for the second.
     """
     out = module(batch)
-    loss_sums = torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum])
+    loss_sums = torch.stack([out.codec0_loss_sum, out.code_predictor_loss_sum])
     backward((loss_sums * loss_weights).sum())
     return loss_sums.detach()
 

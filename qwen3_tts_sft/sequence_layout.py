@@ -230,7 +230,7 @@ class TalkerBatch:
     codec0_targets: torch.Tensor    # [M] the ids they predict (frame codes, then codec_eos); IGNORE_INDEX on padding
     predicting_positions: torch.Tensor  # [F] flat positions whose hidden state feeds the code predictor
     target_codes: torch.Tensor    # [F, G] codes of the frame each of those positions predicts
-    sub_talker_labels: torch.Tensor  # [F, G-1] groups 1.. of those frames; IGNORE_INDEX on padding frames
+    code_predictor_labels: torch.Tensor  # [F, G-1] groups 1.. of those frames; IGNORE_INDEX on padding frames
     lengths: torch.Tensor         # [B]
     num_frames: torch.Tensor      # [] real frames (F counts padding frames too)
 
@@ -239,7 +239,7 @@ class TalkerBatch:
         return int((self.codec0_targets != IGNORE_INDEX).sum())
 
     @property
-    def num_sub_talker_targets(self) -> int:
+    def num_code_predictor_targets(self) -> int:
         return int(self.num_frames) * (self.target_codes.shape[1] - 1)
 
     def to(self, device) -> "TalkerBatch":
@@ -332,8 +332,8 @@ def collate(examples: list, shapes: BatchShapes = None) -> TalkerBatch:
     padding = frame_rows - num_frames
     predicting_positions.append(np.zeros(padding, dtype=np.int64))
     target_codes = np.concatenate([target_codes, np.zeros((padding, num_groups), dtype=np.int64)])
-    sub_talker_labels = target_codes[:, 1:].copy()
-    sub_talker_labels[num_frames:] = IGNORE_INDEX
+    code_predictor_labels = target_codes[:, 1:].copy()
+    code_predictor_labels[num_frames:] = IGNORE_INDEX
     return TalkerBatch(
         text_ids=padded("text_ids", 0, np.int64),
         codec_ids=padded("codec_ids", 0, np.int64),
@@ -347,7 +347,7 @@ def collate(examples: list, shapes: BatchShapes = None) -> TalkerBatch:
         codec0_targets=torch.from_numpy(np.concatenate(codec0_targets)),
         predicting_positions=torch.from_numpy(np.concatenate(predicting_positions)),
         target_codes=torch.from_numpy(target_codes),
-        sub_talker_labels=torch.from_numpy(sub_talker_labels),
+        code_predictor_labels=torch.from_numpy(code_predictor_labels),
         lengths=torch.from_numpy(lengths),
         num_frames=torch.tensor(num_frames),
     )

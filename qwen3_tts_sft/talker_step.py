@@ -19,9 +19,9 @@ from qwen3_tts_sft.sequence_layout import TalkerBatch
 @dataclass
 class TalkerStepOutput:
     codec0_loss_sum: torch.Tensor   # summed cross-entropy of group 0 (frames and codec_eos)
-    sub_talker_loss_sum: torch.Tensor  # summed cross-entropy of groups 1..15
+    code_predictor_loss_sum: torch.Tensor  # summed cross-entropy of groups 1..15
     codec0_logits: torch.Tensor     # [M, vocab] at every predicting position, batch-major
-    sub_talker_logits: torch.Tensor  # [F, groups-1, codebook] for every predicted frame (and padding frames)
+    code_predictor_logits: torch.Tensor  # [F, groups-1, codebook] for every predicted frame (and padding frames)
 
 
 # FSDP finds the forward's output tensors through pytree to hook the backward (where it gathers the
@@ -83,13 +83,13 @@ class TalkerTrainingModel(nn.Module):
         codec0_logits = self.talker.codec_head(hidden[batch.codec0_positions])
         codec0_loss_sum = F.cross_entropy(codec0_logits.float(), batch.codec0_targets, reduction="sum")
 
-        sub_talker_logits = self.sub_talker_logits(hidden[batch.predicting_positions], batch.target_codes)
-        sub_talker_loss_sum = F.cross_entropy(
-            sub_talker_logits.flatten(0, 1).float(), batch.sub_talker_labels.flatten(), reduction="sum"
+        code_predictor_logits = self.code_predictor_logits(hidden[batch.predicting_positions], batch.target_codes)
+        code_predictor_loss_sum = F.cross_entropy(
+            code_predictor_logits.flatten(0, 1).float(), batch.code_predictor_labels.flatten(), reduction="sum"
         )
-        return TalkerStepOutput(codec0_loss_sum, sub_talker_loss_sum, codec0_logits, sub_talker_logits)
+        return TalkerStepOutput(codec0_loss_sum, code_predictor_loss_sum, codec0_logits, code_predictor_logits)
 
-    def sub_talker_logits(self, predicting_hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def code_predictor_logits(self, predicting_hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Logits of groups 1..G-1 [F, G-1, codebook] from the hidden state that predicted each frame.
 
         Input sequence per frame, as in generation: [talker hidden, group 0 (talker embedding),

@@ -331,7 +331,7 @@ class TalkerDataset(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class StepTargets:
     codec0: int        # group-0 targets: every frame and each clip's codec_eos
-    sub_talker: int    # code-predictor targets: groups 1.. of every frame
+    code_predictor: int  # code-predictor targets: groups 1.. of every frame
     clips: int
 
 

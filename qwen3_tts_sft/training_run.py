@@ -141,7 +141,7 @@ class TrainingRun:
         processes), so the summed gradients equal those of one big batch. Returns whether a stop
         was asked on any process.
         """
-        codec0_targets, code_predictor_targets = step.targets.codec0, step.targets.sub_talker
+        codec0_targets, code_predictor_targets = step.targets.codec0, step.targets.code_predictor
         weight = self.args.code_predictor_loss_weight
         # DDP averages gradients over processes; the losses are already global sums over targets.
         scale = self.accelerator.num_processes
@@ -292,9 +292,9 @@ class TrainingRun:
             for batch_indices in mine:
                 out = module(collate([dataset[i] for i in batch_indices]).to(self.device))
                 targets = dataset.targets(batch_indices)
-                sums += torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum,
+                sums += torch.stack([out.codec0_loss_sum, out.code_predictor_loss_sum,
                                      torch.tensor(float(targets.codec0), device=self.device),
-                                     torch.tensor(float(targets.sub_talker), device=self.device)])
+                                     torch.tensor(float(targets.code_predictor), device=self.device)])
         module.train()
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, "sum")

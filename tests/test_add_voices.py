@@ -134,7 +134,7 @@ def test_replay_clips_are_laid_out_as_generation_speaks_them(custom_voice, coded
             collate([TalkerDataset([clip], ids, {speaker: 0})[0]]))
     gen_codec0, gen_sub = forced_generation_logits(model, clip.prompt, language, speaker, codes)
     assert (gen_codec0 - out.codec0_logits[:len(gen_codec0)]).abs().max() < 1e-4
-    assert (gen_sub - out.sub_talker_logits[:len(codes)]).abs().max() < 1e-4
+    assert (gen_sub - out.code_predictor_logits[:len(codes)]).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

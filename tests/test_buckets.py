@@ -32,9 +32,9 @@ def loss_and_gradients(module, examples, shapes=None):
     batch = collate(examples, shapes)
     module.zero_grad(set_to_none=True)
     out = module(batch)
-    (out.codec0_loss_sum + 0.3 * out.sub_talker_loss_sum).backward()
+    (out.codec0_loss_sum + 0.3 * out.code_predictor_loss_sum).backward()
     gradients = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-    return torch.stack([out.codec0_loss_sum, out.sub_talker_loss_sum]).detach(), gradients, batch
+    return torch.stack([out.codec0_loss_sum, out.code_predictor_loss_sum]).detach(), gradients, batch
 
 
 def assert_same(a, b):

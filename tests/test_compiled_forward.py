@@ -36,10 +36,10 @@ def model_and_batches(tiny_model, coded_clips):
 def losses_and_gradients(module, batch):
     module.zero_grad(set_to_none=True)
     out = module(batch)
-    loss = out.codec0_loss_sum / batch.num_codec0_targets + 0.3 * out.sub_talker_loss_sum / batch.num_sub_talker_targets
+    loss = out.codec0_loss_sum / batch.num_codec0_targets + 0.3 * out.code_predictor_loss_sum / batch.num_code_predictor_targets
     loss.backward()
     gradients = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-    return out.codec0_loss_sum.detach(), out.sub_talker_loss_sum.detach(), gradients
+    return out.codec0_loss_sum.detach(), out.code_predictor_loss_sum.detach(), gradients
 
 
 def test_training_forward_has_no_graph_break(model_and_batches):

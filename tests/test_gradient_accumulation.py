@@ -17,7 +17,7 @@ def one_step(model_dir, data, out_dir, batch_size, accumulation, classic_bug=Fal
     if classic_bug:  # what the loss would be if each micro-batch were averaged on its own
         for batch in step.micro_batches:
             out = run.train_module(batch.to(run.device))
-            loss = out.codec0_loss_sum / batch.num_codec0_targets + 0.3 * out.sub_talker_loss_sum / batch.num_sub_talker_targets
+            loss = out.codec0_loss_sum / batch.num_codec0_targets + 0.3 * out.code_predictor_loss_sum / batch.num_code_predictor_targets
             (loss / len(step.micro_batches)).backward()
     else:
         run.optimizer.step = run.optimizer.zero_grad = lambda *args, **kwargs: None

@@ -52,7 +52,7 @@ def test_training_logits_equal_generation_logits(tiny_model, coded_clips, tmp_pa
         gen_codec0, gen_sub = forced_generation_logits(reloaded, clip.prompt, clip.language, clip.speaker, codes,
                                                        non_streaming_mode=layout == NON_STREAMING)
         train_codec0 = out.codec0_logits[codec0_row:codec0_row + frames + 1]
-        train_sub = out.sub_talker_logits[frame_row:frame_row + frames]
+        train_sub = out.code_predictor_logits[frame_row:frame_row + frames]
         codec0_row, frame_row = codec0_row + frames + 1, frame_row + frames
 
         assert gen_codec0.shape == train_codec0.shape and gen_sub.shape == train_sub.shape

@@ -45,7 +45,7 @@ def test_lora_trains_adapters_and_saves_a_merged_model_and_the_adapter(tiny_mode
         from_merged = TalkerTrainingModel(tts.model, speaker_vectors=vectors).eval()(batch)
         from_adapter = TalkerTrainingModel(adapted_tts.model, speaker_vectors=vectors).eval()(batch)
     assert torch.allclose(from_merged.codec0_logits, from_adapter.codec0_logits, atol=1e-4)
-    assert torch.allclose(from_merged.sub_talker_logits, from_adapter.sub_talker_logits, atol=1e-4)
+    assert torch.allclose(from_merged.code_predictor_logits, from_adapter.code_predictor_logits, atol=1e-4)
 
 
 def test_merging_is_w_plus_scaled_b_a():

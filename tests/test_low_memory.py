@@ -146,7 +146,7 @@ def gradients_of_one_batch(model_dir, data, out_dir, **flags):
     module.talker.model.layers[0].register_forward_pre_hook(lambda *_: layer_calls.append(1))
     batch = next(run.steps()).micro_batches[0].to(run.device)
     out = module(batch)
-    (out.codec0_loss_sum + out.sub_talker_loss_sum).backward()
+    (out.codec0_loss_sum + out.code_predictor_loss_sum).backward()
     return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}, len(layer_calls)
 
 
