@@ -301,16 +301,22 @@ class TrainingRun:
         return (sums[0] / sums[2]).item(), (sums[1] / sums[3]).item()
 
     def report(self, values: dict):
-        """Log `values` (all train/ or all eval/) to the tracker and the history, and print them as one line."""
+        """Log `values` to the tracker and the history, and print them as one line: train/ or eval/
+        values (train/loss ...) labelled as such, per-speaker ones (train/NAME/loss, replay/NAME/loss
+        of voices.py) as voice losses."""
         step = self.progress.step
         self.accelerator.log(values, step=step)
         self.progress.log_history.append(dict(step=step, **values))
-        if self.accelerator.is_main_process:
-            numbers = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items())
-            if next(iter(values)).startswith("eval/"):
-                self.write_line(f"eval step {step}: {numbers}")
-            else:
-                self.write_line(f"train step {step}/{self.total_steps}: {numbers} ({self.elapsed_and_eta()})")
+        if not self.accelerator.is_main_process:
+            return
+        if any(key.count("/") > 1 for key in values):
+            self.write_line(f"voice losses at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+            return
+        numbers = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items())
+        if next(iter(values)).startswith("eval/"):
+            self.write_line(f"eval step {step}: {numbers}")
+        else:
+            self.write_line(f"train step {step}/{self.total_steps}: {numbers} ({self.elapsed_and_eta()})")
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints and the end
