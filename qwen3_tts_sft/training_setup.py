@@ -95,9 +95,10 @@ def build_run(args) -> TrainingRun:
 # ---------------------------------------------------------------------------------------------
 
 def make_accelerator(args) -> Accelerator:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision = mixed_precision_choice(args)
+    # TF32 matrix products with bf16 autocast (what is not autocast still multiplies quickly); with
+    # --mixed_precision no, fp32 really is fp32 (the tests compare exact numbers that way on a GPU too).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "bf16"
     # accelerate keeps one state per process and refuses a second precision: a run started earlier
     # in this process (a test, a notebook) must not decide this one's.
     AcceleratorState._reset_state()
@@ -105,7 +106,7 @@ def make_accelerator(args) -> Accelerator:
     # Accumulation is done by the loop (exact target-count normalisation), so accelerate gets 1,
     # and the scheduler steps once per optimizer step whatever the number of processes.
     return Accelerator(
-        mixed_precision=mixed_precision_choice(args),
+        mixed_precision=precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_model_path,
                                             logging_dir=str(Path(args.output_model_path) / TRACKER_DIR)),
