@@ -751,8 +751,10 @@ class DatasetSummary:
 
 def print_summary(report: dict):
     speed = report["throughput"]
-    written = f"to {report['output']}" if report["complete"] else "(nothing written: validate only, or no clips)"
-    print(f"\n{report['clips']} clips, {report['hours']:.2f} h of audio, {written}")
+    written = (f"written to {report['output']}" if report["complete"] else
+               "checked (--validate_only: nothing encoded)" if report["settings"]["tokenizer_model_path"] is None
+               else "usable: nothing written")
+    print(f"\n{report['clips']} clips, {report['hours']:.2f} h of audio {written}")
     print(f"  speaking rate {report['characters_per_second']} characters/s; "
           f"clipped clips kept: {report['clipped_clips']}; transcribed: {report['transcribed_clips']}")
     for name, speaker in report["speakers"].items():

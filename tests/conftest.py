@@ -51,7 +51,9 @@ def tiny_model_06b(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def coded_clips(tmp_path_factory, tiny_model):
-    """Eight synthetic clips of two speakers (auto and English), coded by prepare_codes.py."""
+    """Eight synthetic clips of two speakers (auto and English), coded by prepare_codes.py, as
+    recorded: not trimmed or normalised (the trainer tests, test_overfit_speaks_the_clip among
+    them, were written against the codes of these clips as they are)."""
     import prepare_codes
     from qwen3_tts_sft import tiny_model as tiny
 
@@ -59,7 +61,8 @@ def coded_clips(tmp_path_factory, tiny_model):
     raw = tiny.write_synthetic_clips(folder, count=8, seed=0, speakers=("alice", "bob"), languages=("auto", "english"))
     coded = folder / "train_with_codes.jsonl"
     prepare_codes.main(["--tokenizer_model_path", str(tiny_model / "speech_tokenizer"), "--input_jsonl", str(raw),
-                        "--output_jsonl", str(coded), "--batch_size", "4", "--device", "cpu"])
+                        "--output_jsonl", str(coded), "--batch_size", "4", "--device", "cpu",
+                        "--no_trim", "--no_loudness_normalisation"])
     return coded
 
 
