@@ -113,8 +113,8 @@ def resolve_settings(args, accelerator) -> Settings:
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems)
     if resume_dir is not None and not problems:
         problems += resume_problems(args, checkpoint.read_trainer_state(resume_dir), train_data, accelerator)
-    resumed_state = checkpoint.read_trainer_state(resume_dir) if resume_dir and checkpoint.resumable(resume_dir) else None
-    problems += voices.flag_problems(args, resumed_state)  # the starting model's speakers, encoder, replay
+    resumed = checkpoint.read_trainer_state(resume_dir) if resume_dir and checkpoint.resumable(resume_dir) else None
+    problems += voices.flag_problems(args, resumed)  # the starting model's speakers and encoder, the replay flags
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
     return Settings(
@@ -288,7 +288,8 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
     new_speakers = [speaker for speaker in speaker_table if not speaker.kept]
     kept = voices.kept_vectors(model, speaker_table)
     if args.train_speaker_encoder:
-        module = TalkerTrainingModel(model, speaker_vectors=kept, reference_mels=reference_mels(new_speakers, sample_rate))
+        module = TalkerTrainingModel(model, speaker_vectors=kept,
+                                     reference_mels=reference_mels(new_speakers, sample_rate))
     else:
         if settings.resume_dir is not None:
             vectors = checkpoint.load_speaker_vectors(settings.resume_dir)
