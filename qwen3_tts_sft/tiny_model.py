@@ -452,7 +452,7 @@ def write_custom_voice_dir(model_dir, out_dir, speakers: dict = None) -> Path:
     return out_dir
 
 
-def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm: float = 0.3) -> None:
+def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm: float = 1.0) -> None:
     """Change the model's speaker encoder (in model.safetensors) so that it tells the recordings in
     `reference_audio` (wav paths) apart, as a trained encoder tells voices apart.
 
@@ -460,7 +460,10 @@ def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm:
     tone, noise and a voice), because the pooled statistics its last layer reads are nearly the
     same for every input. Its last layer is changed to subtract their mean over these
     recordings, x = k W (s - mean s), with k scaling the mean vector length to `vector_norm`:
-    the recordings' x-vectors then point in very different directions (two of them: opposite).
+    the recordings' x-vectors then point in very different directions (two of them: opposite),
+    and another recording of the same synthetic voice still lands next to its own (cosine 0.99
+    in a trial). The length: at 0.3 (the random encoder's own) two voices saying one sentence
+    still began with the same frame after 60 training steps in a trial; at 1.0 both came back.
     """
     from safetensors.torch import load_file, save_file
 

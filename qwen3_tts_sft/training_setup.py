@@ -356,7 +356,8 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
     new_speakers = [speaker for speaker in speaker_table if not speaker.kept]
     kept = voices.kept_vectors(model, speaker_table)
     if args.train_speaker_encoder:
-        module = TalkerTrainingModel(model, speaker_vectors=kept, reference_mels=reference_mels(new_speakers, sample_rate))
+        module = TalkerTrainingModel(model, speaker_vectors=kept,
+                                     reference_mels=reference_mels(new_speakers, sample_rate))
     else:
         if settings.resume_dir is not None:
             vectors = checkpoint.load_speaker_vectors(settings.resume_dir)

@@ -205,85 +205,88 @@ def banner_lines(run) -> list:
 
 
 def replay_losses(run) -> dict:
-    """{rehearsed speaker: loss per target of its replay clips}, in the layout they were spoken in."""
+    """{rehearsed speaker: loss per target of its replay clips}, in the layout they were spoken in;
+    {} without a replay set. Every process must call it (they share the measuring)."""
     from qwen3_tts_sft.sequence_layout import NON_STREAMING
     from qwen3_tts_sft.training_data import TalkerDataset
 
     replay_set = run.replay_set
+    if replay_set is None or not replay_set.clips:
+        return {}
     dataset = TalkerDataset(replay_set.clips, run.train_set.ids, run.train_set.speaker_index, (NON_STREAMING,))
-    losses = {}
-    for speaker in replay_set.speakers:
-        indices = [i for i, clip in enumerate(replay_set.clips) if clip.speaker == speaker.name]
-        if indices:
-            losses[speaker.name] = total_loss(run, run.teacher_forced_losses(dataset, indices))
-    return losses
+    return {speaker.name: dataset_loss(run, dataset, [i for i, clip in enumerate(replay_set.clips)
+                                                      if clip.speaker == speaker.name])
+            for speaker in replay_set.speakers if replay_set.clips_of(speaker.name)}
 
 
-def total_loss(run, losses: tuple) -> float:
-    """Group 0 plus the weighted code predictor, as train/loss and eval/loss are."""
-    codec0, code_predictor = losses
+def dataset_loss(run, dataset, indices: list) -> float:
+    """Loss per target of these examples: group 0 plus the weighted code predictor, as train/loss is."""
+    codec0, code_predictor = run.teacher_forced_losses(dataset, indices)
     return codec0 + run.args.code_predictor_loss_weight * code_predictor
 
 
 def log_starting_losses(run) -> None:
     """The replay sets' loss before the first step (the starting model's), logged at step 0."""
-    if run.replay_set is not None and run.replay_set.clips:
-        run.report({f"replay/{name}/loss": loss for name, loss in replay_losses(run).items()})
+    losses = replay_losses(run)
+    if losses:
+        run.report({f"replay/{name}/loss": loss for name, loss in losses.items()})
+
+
+def measure(run) -> dict:
+    """{"kept": {name: its replay loss at the start and now, ...}, "new": {name: its train and eval
+    loss now, ...}}. Every process must call it."""
+    started = {}
+    for entry in run.progress.log_history:
+        if entry["step"] == 0:  # log_starting_losses
+            started.update({key.split("/")[1]: value for key, value in entry.items() if key.startswith("replay/")})
+    now = replay_losses(run)
+    summary = dict(kept={}, new={})
+    for speaker in run.speaker_table:
+        if speaker.kept:
+            clips = len(run.replay_set.clips_of(speaker.name)) if run.replay_set is not None else 0
+            summary["kept"][speaker.name] = dict(codec_id=speaker.codec_id, dialect=speaker.dialect,
+                                                 replay_clips=clips, replay_loss_start=started.get(speaker.name),
+                                                 replay_loss_end=now.get(speaker.name))
+            continue
+        entry = summary["new"][speaker.name] = dict(codec_id=speaker.codec_id)
+        for split, dataset in (("train", run.train_set), ("eval", run.eval_set)):
+            indices = [i for i, clip in enumerate(dataset.clips) if clip.speaker == speaker.name] if dataset else []
+            if split == "train" and indices:
+                indices = indices[::math.ceil(len(indices) / REPORT_TRAIN_CLIPS)]
+            entry[f"{split}_clips"] = len(indices)
+            entry[f"{split}_loss"] = dataset_loss(run, dataset, indices) if indices else None
+    return summary
 
 
 def report(run) -> list:
-    """For each kept speaker, its replay loss at the start and now; for each new speaker, its train
-    and eval loss now. Logged, written to REPORT_FILE, and returned as the summary's lines. Every
-    process must call it (they share the measuring)."""
-    values = {}
-    if run.replay_set is not None and run.replay_set.clips:
-        values.update({f"replay/{name}/loss": loss for name, loss in replay_losses(run).items()})
-    new_speakers = [speaker for speaker in run.speaker_table if not speaker.kept]
-    clip_counts = {}
-    for speaker in new_speakers:
-        for split, dataset in (("train", run.train_set), ("eval", run.eval_set)):
-            indices = [] if dataset is None else [i for i, clip in enumerate(dataset.clips) if clip.speaker == speaker.name]
-            if split == "train":
-                indices = indices[::math.ceil(len(indices) / REPORT_TRAIN_CLIPS)] if indices else []
-            if indices:
-                values[f"{split}/{speaker.name}/loss"] = total_loss(run, run.teacher_forced_losses(dataset, indices))
-                clip_counts[f"{split}/{speaker.name}"] = len(indices)
+    """measure(run), logged, written to REPORT_FILE, and said as the summary's lines (on the main
+    process). Every process must call it."""
+    summary = measure(run)
+    values = {f"replay/{name}/loss": entry["replay_loss_end"] for name, entry in summary["kept"].items()
+              if entry["replay_loss_end"] is not None}
+    values.update({f"{split}/{name}/loss": entry[f"{split}_loss"] for name, entry in summary["new"].items()
+                   for split in ("train", "eval") if entry[f"{split}_loss"] is not None})
     if values:
         run.report(values)
     if not run.accelerator.is_main_process:
         return []
-    started = {}
-    for entry in run.progress.log_history:
-        if entry["step"] == 0:
-            started.update({key: value for key, value in entry.items() if key.startswith("replay/")})
-    summary = dict(kept={}, new={})
-    rehearsed = {s.name for s in run.replay_set.speakers} if run.replay_set is not None else set()
-    lines = [f"  voices (loss per target, group 0 + {run.args.code_predictor_loss_weight} x code predictor; "
-             f"{run.output_dir / REPORT_FILE}):"]
-    for speaker in run.speaker_table:
-        if speaker.kept:
-            start, end = started.get(f"replay/{speaker.name}/loss"), values.get(f"replay/{speaker.name}/loss")
-            summary["kept"][speaker.name] = dict(codec_id=speaker.codec_id, dialect=speaker.dialect,
-                                                 replay_clips=len(run.replay_set.clips_of(speaker.name))
-                                                 if speaker.name in rehearsed else 0,
-                                                 replay_loss_start=start, replay_loss_end=end)
-            if end is None:
-                why = "none of its replay speech stopped in time" if speaker.name in rehearsed else "no replay set"
-                lines.append(f"    {speaker.name}: kept; not measured ({why})")
-            else:
-                change = f"{start:.4f} at the start -> {end:.4f} now ({end - start:+.4f})" if start is not None \
-                    else f"{end:.4f} now (not measured at the start of this run)"
-                lines.append(f"    {speaker.name}: kept; replay loss {change}, over "
-                             f"{summary['kept'][speaker.name]['replay_clips']} clips")
-        else:
-            entry = dict(codec_id=speaker.codec_id)
-            described = []
-            for split in ("train", "eval"):
-                loss = values.get(f"{split}/{speaker.name}/loss")
-                entry[f"{split}_loss"], entry[f"{split}_clips"] = loss, clip_counts.get(f"{split}/{speaker.name}", 0)
-                if loss is not None:
-                    described.append(f"{split} loss {loss:.4f} over {entry[f'{split}_clips']} clips")
-            summary["new"][speaker.name] = entry
-            lines.append(f"    {speaker.name}: new (codec id {speaker.codec_id}); " + ", ".join(described or ["no clips"]))
     (run.output_dir / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    rehearsed = {speaker.name for speaker in run.replay_set.speakers} if run.replay_set is not None else set()
+    lines = [f"  voices, loss per target (group 0 + {run.args.code_predictor_loss_weight} x code predictor), "
+             f"also in {run.output_dir / REPORT_FILE}:"]
+    for name, entry in summary["kept"].items():
+        start, end = entry["replay_loss_start"], entry["replay_loss_end"]
+        if end is None:
+            why = "none of its replay speech stopped in time" if name in rehearsed else "no replay set"
+            lines.append(f"    {name}: kept; not measured ({why})")
+        elif start is None:
+            lines.append(f"    {name}: kept; replay loss {end:.4f} now, over {entry['replay_clips']} clips (not "
+                         f"measured at the start of this run)")
+        else:
+            lines.append(f"    {name}: kept; replay loss {start:.4f} at the start -> {end:.4f} now "
+                         f"({end - start:+.4f}), over {entry['replay_clips']} clips")
+    for name, entry in summary["new"].items():
+        losses = [f"{split} loss {entry[f'{split}_loss']:.4f} over {entry[f'{split}_clips']} clips"
+                  for split in ("train", "eval") if entry[f"{split}_loss"] is not None]
+        lines.append(f"    {name}: new (codec id {entry['codec_id']}); " + ", ".join(losses))
     return lines

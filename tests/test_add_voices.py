@@ -236,3 +236,74 @@ def test_a_checkpoint_clones_from_an_x_vector_through_model_generate(added_voice
         voice_clone_prompt=dict(ref_code=[None], ref_spk_embedding=[row], x_vector_only_mode=[True], icl_mode=[False]),
         **tts._merge_generate_kwargs(**GREEDY))
     assert torch.equal(cloned[0], custom_voice_codes(tts, "newvoice"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Voices the tiny model tells apart: a CustomVoice model whose built-in speakers speak, a voice
+# added to it, and a fourth added to that
+# ---------------------------------------------------------------------------------------------
+
+LEARNING = dict(batch_size=4, lr=1e-2, warmup_steps=2, code_predictor_loss_weight=1.0)
+
+
+def voices_model(tiny_model, folder, voices: tuple) -> tuple:
+    """(a copy of the tiny Base model whose speaker encoder tells `voices` apart, {voice: its
+    reference clip}).
+
+    The random tiny speaker encoder maps every recording to nearly one vector (cosine 0.95 and
+    more between a tone, noise and a synthetic voice), so the talker could hardly tell voices
+    apart. tiny_model.make_speaker_encoder_separate changes its last layer to subtract what these
+    voices' recordings have in common, as a trained encoder in effect does: their x-vectors then
+    point in clearly different directions (asserted here).
+    """
+    import shutil
+
+    import soundfile as sf
+
+    shutil.copytree(tiny_model, folder / "base")
+    rng = np.random.default_rng(21)
+    references = {}
+    for index, voice in enumerate(voices):
+        references[voice] = str(folder / f"ref_{voice}.wav")
+        sf.write(references[voice], tiny.synthetic_voice(2.0, 24000, 110.0 + 60 * index, rng), 24000)
+    tiny.make_speaker_encoder_separate(folder / "base", list(references.values()))
+    base = Qwen3TTSModel.from_pretrained(str(folder / "base"), dtype=torch.float32).model
+    vectors = torch.stack([reference_xvector_of(base, path) for path in references.values()])
+    cosines = torch.nn.functional.cosine_similarity(vectors[:, None], vectors[None], dim=-1)
+    assert cosines[~torch.eye(len(voices), dtype=bool)].max() < 0.5
+    return folder / "base", references
+
+
+def reference_xvector_of(model, path):
+    import soundfile as sf
+
+    audio, rate = sf.read(path, dtype="float32")
+    return model.extract_speaker_embedding(audio, rate)
+
+
+def voice_row(voice, references, text, codes, language="english"):
+    return dict(text=text, audio_codes=np.asarray(codes).tolist(), ref_audio=references[voice], speaker=voice,
+                language=language)
+
+
+def greedy_codes(folder, text, speaker, language, max_new_tokens):
+    from test_overfit_speaks_the_clip import generated_codes
+
+    tts = Qwen3TTSModel.from_pretrained(str(folder), dtype=torch.float32)
+    return generated_codes(tts, text, speaker, language, max_new_tokens)
+
+
+def test_two_voices_saying_the_same_sentence_each_come_back_as_their_own(tiny_model, coded_clips, tmp_path):
+    """The strongest check that speakers are not mixed up, on the trainer as it is (a Base model,
+    the speaker encoder frozen): two voices say the same sentence, in clips whose codes differ from
+    the first frame on, so only the speaker vector tells the talker which clip to speak. After
+    training, greedy speech gives each voice its own clip back, exactly."""
+    base, references = voices_model(tiny_model, tmp_path, ("voice_a", "voice_b"))
+    rows, text = read_jsonl(coded_clips), "How are you today?"
+    clips = {"voice_a": np.array(rows[0]["audio_codes"])[:4], "voice_b": np.array(rows[1]["audio_codes"])[1:5]}
+    assert not np.array_equal(clips["voice_a"][0], clips["voice_b"][0])
+    data = write_jsonl(tmp_path / "two.jsonl", [voice_row(voice, references, text, codes)
+                                                for voice, codes in clips.items()] * 120)
+    folder = train(base, data, tmp_path / "out", lr_scheduler="linear", **LEARNING) / "checkpoint-epoch-0"
+    for voice, codes in clips.items():
+        assert np.array_equal(greedy_codes(folder, text, voice, "english", len(codes) + 4), codes), voice
