@@ -109,7 +109,7 @@ def stop_the_whole_job(model_dir, data, output, stop_signal):
     check that it said so and exited 0; return the checkpoint it saved."""
     command = trainer_command(model_dir, data, output, save_steps=0, num_workers=None)
     with open(output.parent / "stderr.txt", "w") as errors:
-        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        process = start_and_wait_for(command, "train step 2/", start_new_session=True, stderr=errors)
         assert data_workers(process.pid)  # the signal reaches them too
         os.killpg(process.pid, stop_signal)
         printed, _ = process.communicate(timeout=120)
@@ -123,7 +123,7 @@ def stop_the_whole_job(model_dir, data, output, stop_signal):
 def test_a_data_worker_lost_otherwise_stops_the_run_naming_it(tiny_model, twelve_clips, tmp_path):
     command = trainer_command(tiny_model, twelve_clips, tmp_path / "out", save_steps=0, num_workers=None)
     with open(tmp_path / "stderr.txt", "w") as errors:
-        process = start_and_wait_for(command, "step 2:", start_new_session=True, stderr=errors)
+        process = start_and_wait_for(command, "train step 2/", start_new_session=True, stderr=errors)
         worker = data_workers(process.pid)[0]
         os.kill(worker, signal.SIGKILL)
         process.communicate(timeout=120)
