@@ -178,7 +178,9 @@ def checkpoint_speaker_vectors(tts, requested: list, state, model_path: Path) ->
 
 def load_model(model_path, device):
     import torch
-    from qwen_tts import Qwen3TTSModel
+
+    from qwen3_tts_sft.quiet import import_qwen_tts
+    Qwen3TTSModel = import_qwen_tts().Qwen3TTSModel
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return Qwen3TTSModel.from_pretrained(str(model_path), dtype=dtype, device_map=device)

@@ -405,6 +405,12 @@ def die_with_parent(_worker_id):
         pass
 
 
+def load_tokenizer(path, device):
+    from qwen3_tts_sft.quiet import import_qwen_tts  # without its flash-attn and SoX notices
+
+    return import_qwen_tts().Qwen3TTSTokenizer.from_pretrained(path, device_map=device)
+
+
 def decode_and_encode(todo: list, args, checks: AudioChecks, progress, show_reject, done_seconds: float,
                       total: int) -> dict:
     """Decode `todo` (and transcribe, and encode unless --validate_only), appending each input row's
@@ -414,9 +420,7 @@ def decode_and_encode(todo: list, args, checks: AudioChecks, progress, show_reje
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, sample_rate, frame_samples = None, audio.TOKENIZER_SAMPLE_RATE, audio.SAMPLES_PER_FRAME
     if not args.validate_only:
-        from qwen_tts import Qwen3TTSTokenizer
-
-        tokenizer = Qwen3TTSTokenizer.from_pretrained(args.tokenizer_model_path, device_map=device)
+        tokenizer = load_tokenizer(args.tokenizer_model_path, device)
         sample_rate, frame_samples = tokenizer.get_input_sample_rate(), tokenizer.get_encode_downsample_rate()
     transcriber = None
     if args.asr_model:
