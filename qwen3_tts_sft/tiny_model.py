@@ -25,6 +25,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from qwen3_tts_sft.quiet import import_qwen_tts
+
 # Ids and tables shared by every released Qwen3-TTS 12 Hz model, from the published config.json
 # and tokenizer_config.json. The tiny model keeps them, so the trainer sees the real id layout.
 FIRST_SPECIAL_TEXT_ID = 151643
@@ -348,6 +350,7 @@ def write_text_tokenizer(out_dir: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def write_speech_tokenizer(out_dir: Path, size: str, seed: int) -> None:
+    import_qwen_tts()  # without its flash-attn and SoX notices
     from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,18 +378,21 @@ def write_speech_tokenizer(out_dir: Path, size: str, seed: int) -> None:
 def make_decoder_audible(decoder, target_std: float = 0.1) -> None:
     """Random decoder weights at the usual 0.02 scale shrink the signal ~10x a layer, so the tiny
     decoder would output silence. Use PyTorch's fan-in initialisation for its convolutions, then
-    scale the last one so decoded random codes come out at a speech-like level."""
+    scale the last one so decoded random codes come out at a speech-like level, centred on zero as a
+    trained decoder's are (random weights leave a DC offset larger than the signal)."""
     convolutions = [m for m in decoder.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
     for convolution in convolutions:
         convolution.reset_parameters()
-    codes = torch.randint(0, decoder.config.codebook_size, (1, decoder.config.num_quantizers, 25),
+    codes = torch.randint(0, decoder.config.codebook_size, (4, decoder.config.num_quantizers, 25),
                           generator=torch.Generator().manual_seed(0))
-    std = decoder(codes).std().item()
-    convolutions[-1].weight.mul_(target_std / max(std, 1e-12))
+    last = convolutions[-1]
+    last.weight.mul_(target_std / max(decoder(codes).std().item(), 1e-12))
+    last.bias.sub_(decoder(codes).mean())
 
 
 def write_model_dir(out_dir, size: str = "tiny", seed: int = 0) -> Path:
     """Write a complete random Qwen3-TTS Base model directory and return its path."""
+    import_qwen_tts()  # without its flash-attn and SoX notices
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
     from safetensors.torch import save_file
 
@@ -469,6 +475,7 @@ def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm:
 
     from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS
     from qwen3_tts_sft.speakers import reference_mel
+    import_qwen_tts()  # without its flash-attn and SoX notices
     from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
 
@@ -566,7 +573,10 @@ def main():
     print(f"wrote {args.size} model to {model_dir}")
     if args.clips:
         jsonl = write_synthetic_clips(Path(args.out).parent / "clips", args.clips, args.seed)
-        print(f"wrote {args.clips} clips; raw JSONL at {jsonl}")
+        # Their sentences, one a line: what the demo asks the fine-tuned model to say (infer_test --text_file).
+        texts = dict.fromkeys(json.loads(line)["text"] for line in jsonl.read_text().splitlines())
+        (jsonl.parent / "sentences.txt").write_text("".join(text + "\n" for text in texts))
+        print(f"wrote {args.clips} clips; raw JSONL at {jsonl}, their sentences in {jsonl.parent / 'sentences.txt'}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The two README commands: the demo runs the whole pipeline, and CI runs exactly the README's test command."""
 
+import json
 import os
 import re
 import subprocess
@@ -28,11 +29,17 @@ def test_the_demo_runs_the_whole_pipeline(tmp_path):
     result = subprocess.run(["bash", "demo.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PYTHON=os.sys.executable, RUN=str(tmp_path / "demo")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "demo finished" in result.stdout
-    wavs = sorted((tmp_path / "demo" / "speech").glob("*.wav"))
-    assert len(wavs) == 4 and all(w.stat().st_size > 1000 for w in wavs)  # the built-in English sentences
-    assert (tmp_path / "demo" / "speech" / "report.json").is_file()
-    assert (tmp_path / "demo" / "output" / "checkpoint-epoch-4" / "model.safetensors").is_file()
+    assert "demo passed" in result.stdout
+    speech = tmp_path / "demo" / "speech"
+    report = json.loads((speech / "report.json").read_text())
+    # The fine-tuned model said the clips' four sentences, stopped on its own after each, and every
+    # listening check passed.
+    assert report["passed"] and report["failures"] == [] and report["checks"]["stop"] == "passed"
+    sentences = (tmp_path / "demo" / "clips" / "sentences.txt").read_text().splitlines()
+    assert [sentence["text"] for sentence in report["sentences"]] == sentences and len(sentences) == 4
+    wavs = sorted(speech.glob("*.wav"))
+    assert len(wavs) == 4 and all(w.stat().st_size > 1000 for w in wavs)
+    assert (tmp_path / "demo" / "output" / "checkpoint-epoch-3" / "model.safetensors").is_file()
 
 
 def test_ci_fails_when_no_test_ran(tmp_path):
