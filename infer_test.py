@@ -203,15 +203,7 @@ def load_speaker_encoder(config, model_path: Path, base_path, device):
 
 def load_asr(path, device):
     """A transcriber (wav, sample_rate) -> text from a local transformers speech-recognition model."""
-    from transformers import pipeline
-
-    recognizer = pipeline("automatic-speech-recognition", model=str(path), device=device)
-    rate = recognizer.feature_extractor.sampling_rate
-
-    def transcribe(wav, sample_rate):
-        samples = listening.finite_at_rate(wav, sample_rate, rate)
-        return recognizer({"raw": samples, "sampling_rate": rate})["text"].strip()
-    return transcribe
+    return listening.speech_recognizer(path, device)
 
 
 # ---------------------------------------------------------------------------------------------
