@@ -15,6 +15,7 @@ set aside (eager), and no parameter replaced: CUDA graph replays read them in pl
 """
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from qwen3_tts_sft import listening
-from qwen3_tts_sft.audio import SpeakingRates
+from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.listening import FLOOR_CHECKS, SCORING_SENTENCES, SpeakSettings, Thresholds
 from qwen3_tts_sft.sequence_layout import NON_STREAMING
 
@@ -38,6 +39,7 @@ BEST_LINK = "best"             # in --output_model_path, with --load_best_model_
 METRICS = {"eval_loss": "lowest", "speaker_similarity": "highest", "listening_score": "highest"}
 LISTENING_METRICS = ("speaker_similarity", "listening_score")
 GENERATE_BATCH = 16            # sentences spoken together: a default set in one batch, bounded for memory
+CAP_MARGIN_SECONDS = 2.0       # the default frame cap's room beyond the slowest speech still judged natural
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Listener:
     items: dict            # {language: [(speaker, index, text)]}
     rates: dict            # the training data's speaking rates (SpeakingRates.rates())
     layouts: tuple         # the text layouts the run trains
-    max_new_tokens: int    # frame cap; 0: listening.auto_frame_cap
+    max_new_tokens: int    # frame cap; 0: frame_cap of each language's sentences
     transcribe: object     # (wav, sample_rate) -> text, or None (no CER)
 
     @property
@@ -120,9 +122,9 @@ def listen(run) -> tuple:
             for layout in listener.layouts:
                 sentences, layout_wavs = [], []
                 for language, items in listener.items.items():
+                    cap = listener.max_new_tokens or frame_cap(items, listener.rates)
                     settings = SpeakSettings(language=language, non_streaming_mode=layout == NON_STREAMING,
-                                             greedy=True, max_new_tokens=listener.max_new_tokens,
-                                             batch_size=GENERATE_BATCH)
+                                             greedy=True, max_new_tokens=cap, batch_size=GENERATE_BATCH)
                     spoken, spoken_wavs = listening.speak_and_measure(
                         listener.tts, items, vectors, model.speaker_encoder, listener.rates, settings, generate,
                         encoder_rate)
@@ -137,6 +139,18 @@ def listen(run) -> tuple:
         model.train(was_training)
         hf_logging.set_verbosity(verbosity)
     return entry_of(layouts, time.perf_counter() - started), wavs
+
+
+def frame_cap(items: list, rates: dict) -> int:
+    """The default frame cap of (speaker, index, text) items: the longest text spoken by the slowest
+    of their speakers at 1/max_sentence_rate_ratio of its training rate (slower fails that check
+    anyway), plus CAP_MARGIN_SECONDS. It bounds what a model that never stops costs at each
+    evaluation: a third of infer_test.py's cap (5 s + 0.5 s a character) for the built-in long lines."""
+    slowest = min(listening.training_rate_for(rates, name) or 0 for name, _, _ in items)
+    if not slowest:
+        return listening.auto_frame_cap([text for _, _, text in items])
+    longest = max(len(text) for _, _, text in items)
+    return math.ceil(FRAMES_PER_SECOND * (CAP_MARGIN_SECONDS + Thresholds.max_sentence_rate_ratio * longest / slowest))
 
 
 SENTENCE_FIELDS = ("speaker", "index", "text", "frames", "stopped", "seconds", "rms_dbfs", "silent_fraction",

@@ -7,7 +7,6 @@ The tiny model speaks noise that never stops, so the ranking test plants what it
 forced along alice's clip (then codec_eos) and a stand-in voice at her pitch for the speech decoder,
 then a wrong speaker vector at one step and a layout that never stops at another."""
 
-import json
 import shutil
 
 import numpy as np
@@ -102,7 +101,7 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
                                                                            monkeypatch, capsys):
     alice_rows = [row for row in read_jsonl(coded_clips) if row["speaker"] == "alice"]
     clip = min(alice_rows, key=lambda row: len(row["audio_codes"]))
-    data = write_jsonl(tmp_path / "alice.jsonl", alice_rows)  # 4 clips x 2 layouts, 2 a step: 4 steps
+    data = write_jsonl(tmp_path / "alice.jsonl", alice_rows)  # 4 clips x 2 layouts, 2 a step: 4 steps, 3 run
     sentences = tmp_path / "sentences.txt"
     sentences.write_text(clip["text"] + "\n")
     codes = np.asarray(clip["audio_codes"])
@@ -137,11 +136,11 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
     monkeypatch.setattr(listening, "vector_voice", vector_voice)
     output = train(tiny_model, data, tmp_path / "out", text_layout="both", eval_generate_steps=1,
                    eval_sentences=sentences, eval_max_new_tokens=cap, metric_for_best_model="listening_score",
-                   load_best_model_at_end=True, save_total_limit=1, save_steps=0)
+                   load_best_model_at_end=True, save_total_limit=1, save_steps=0, max_steps=3)
     monkeypatch.undo()
 
     scores = {entry["step"]: entry for entry in scoring.read_scores(output / scoring.SCORES_FILE)}
-    assert sorted(scores) == [1, 2, 3, 4]
+    assert sorted(scores) == [1, 2, 3]
     good = scores[1]
     assert good["floors_passed"] and good["stopped"] == good["sentences"] == 2
     assert good["speaker_similarity"] > 0.9
@@ -150,8 +149,8 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
     assert not scores[3]["floors_passed"] and scores[3]["listening_score"] < 0
     assert scores[3]["layouts"]["non_streaming"]["score"] == pytest.approx(good["listening_score"])
 
-    # Step 1 won (step 4 ties it, and the earlier of equals wins): kept beside the newest, linked as best/.
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-epoch-0", "checkpoint-step-1"]
+    # Step 1 won: kept beside the newest (the last step), linked as best/; no planted one was ever saved.
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-step-1", "checkpoint-step-3"]
     assert (output / scoring.BEST_LINK).resolve() == (output / "checkpoint-step-1").resolve()
     summary = capsys.readouterr().out.split("***** Training finished *****")[1]
     assert "best: step 1, checkpoint-step-1: highest listening_score" in summary
