@@ -295,7 +295,7 @@ class TrainingRun:
         separately, over the whole eval set) and listening (scoring.py). Each is an entry of the
         progress's evaluations, ranked by --metric_for_best_model."""
         progress = self.progress
-        entry = dict(step=progress.step, epoch=progress.epoch, eval_loss=None, checkpoint=None)
+        entry = dict(step=progress.step, eval_loss=None, checkpoint=None)
         if self.loss_due(last_step):
             codec0, code_predictor = self.teacher_forced_losses(self.eval_set, range(len(self.eval_set)))
             loss = codec0 + self.args.code_predictor_loss_weight * code_predictor

@@ -509,7 +509,8 @@ def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: 
              f"left to train. Its model is the run's result",
              f"  hear it: {hear_it(resume_dir, speakers)}"]
     if progress.best_checkpoint:
-        lines.append(f"  best eval loss: {progress.best_checkpoint} (step {progress.best_eval_step})")
+        lines.append(f"  best by --metric_for_best_model: {progress.best_checkpoint} (step "
+                     f"{progress.best_step or progress.best_eval_step}; the table in {scoring.SCORES_FILE})")
     lines.append("  to train further, resume with a larger --num_epochs or --max_steps and --allow_schedule_change")
     return "\n".join(lines)
 
