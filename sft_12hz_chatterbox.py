@@ -162,14 +162,14 @@ def parse_args(argv=None):
     listen.add_argument("--eval_generate_steps", type=int, default=None, metavar="N",
                         help="every N steps and at the end, speak the eval sentences in every new voice, greedily, "
                              "in each trained text layout, with the weights as they stand, and measure them as "
-                             "infer_test.py does (scores.jsonl, the tracker's scalars and audio). Default: with each "
-                             "eval loss (--eval_steps and the end) when there is eval data; 0: never")
+                             "infer_test.py does (scores.jsonl, the tracker's scalars and audio). 0: never; unset "
+                             "(None): with each eval loss (--eval_steps and the end), so only with eval data")
     listen.add_argument("--eval_sentences", default=None, metavar="FILE",
                         help="UTF-8 file of sentences to speak, one a line (default: 4 built-in ones in each voice's "
                              "language: a very short line, numbers, a question, a long line)")
     listen.add_argument("--eval_max_new_tokens", type=int, default=0,
-                        help="frame cap of that speech (12.5 a second); 0: 5 s + 0.5 s a character of the longest "
-                             "sentence, as infer_test.py")
+                        help="frame cap of that speech (12.5 a second); 0: the longest sentence at a third of the "
+                             "voice's training speaking rate, plus 2 s (slower speech fails the rate check anyway)")
     listen.add_argument("--asr_model", default=None, metavar="PATH",
                         help="local transformers speech-recognition model folder: adds the character error rate")
     listen.add_argument("--metric_for_best_model", default="eval_loss",

@@ -513,7 +513,9 @@ class TrainingRun:
                  f"--metric_for_best_model {metric}):"]
         lines += ["  " + line for line in scoring.table_rows(evaluations, winner=best)]
         if best is None:
-            lines.append(f"  best: none of the evaluations measured {metric}")
+            lines.append(f"  best: none of the evaluations measured {metric}" + (
+                " (--metric_for_best_model listening_score ranks them by what they sound like)"
+                if metric == "eval_loss" else ""))
         else:
             kept = best["checkpoint"] or "not saved (an evaluation between saves)"
             lines.append(f"  best: step {best['step']}, {kept}: {scoring.why_best(best, metric)}")
