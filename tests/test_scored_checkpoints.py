@@ -193,3 +193,21 @@ def test_compare_prints_checkpoints_and_scores_side_by_side(listened, capsys, tm
     assert str(on / "checkpoint-step-2") in rows[2] and "0/2" in rows[2]
     assert (tmp_path / "checkpoint-step-2" / "report.json").is_file()
     assert table[-1].startswith("* the best: ")
+
+
+def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_earlier_step():
+    def entry(step, similarity, floors_passed=True, eval_loss=None):
+        return dict(step=step, speaker_similarity=similarity, listening_score=similarity if floors_passed else -0.5,
+                    floors_passed=floors_passed, eval_loss=eval_loss)
+    runs_away = entry(1, 0.95, floors_passed=False, eval_loss=1.0)  # the most similar voice, but one sentence never stops
+    stops, same = entry(2, 0.7, eval_loss=2.0), entry(3, 0.7, eval_loss=3.0)
+    evaluations = [runs_away, stops, same]
+    assert scoring.choose_best(evaluations, "speaker_similarity") is stops
+    assert scoring.choose_best(evaluations, "listening_score") is stops
+    assert scoring.choose_best(evaluations, "eval_loss") is runs_away  # the loss alone cannot tell
+    assert scoring.choose_best([entry(4, None)], "speaker_similarity") is None
+    assert "every sentence stopped" in scoring.why_best(stops, "speaker_similarity")
+    # The default frame cap: the longest text at a third of the slowest voice's training rate, plus 2 s.
+    items = [("alice", 0, "x" * 30), ("bob", 0, "y" * 15)]
+    assert scoring.frame_cap(items, {"alice": 15.0, "bob": 10.0}) == 138  # 12.5/s x (2 s + 3 x 30 chars / 10 a s)
+    assert scoring.frame_cap(items, None) == listening.auto_frame_cap(["x" * 30])
