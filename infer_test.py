@@ -7,6 +7,8 @@ loudness and silence (with the DC offset removed), clipping. Per speaker: speaki
 the training data's, speaker similarity (cosine between the x-vector of the generated audio and
 the speaker's vector in the checkpoint), and, with --asr_model, the character error rate. Wavs,
 report.json and a table go to --out_dir. The measures live in qwen3_tts_sft/listening.py.
+With --compare instead of --model_path: several checkpoints (each checked so) or a training run's
+scores.jsonl, one row each, side by side.
 Exit status: 0 when every check passes, 1 when one fails (report.json says which and by how
 much), 2 when the check could not run (bad arguments, missing files, or an error).
 README_CHATTERBOX_STYLE.md explains the report.

@@ -511,7 +511,9 @@ class TrainingRun:
         best = scoring.choose_best(evaluations, metric)
         lines = [f"  evaluations (also in {self.output_dir / scoring.SCORES_FILE}; * the best by "
                  f"--metric_for_best_model {metric}):"]
-        lines += ["  " + line for line in scoring.table_rows(evaluations, winner=best)]
+        labels = [name or "" if not name or (self.output_dir / name).is_dir() else f"{name} (removed)"
+                  for name in (entry["checkpoint"] for entry in evaluations)]
+        lines += ["  " + line for line in scoring.table_rows(evaluations, labels, winner=best)]
         if best is None:
             lines.append(f"  best: none of the evaluations measured {metric}" + (
                 " (--metric_for_best_model listening_score ranks them by what they sound like)"
