@@ -7,6 +7,8 @@ loudness and silence (with the DC offset removed), clipping. Per speaker: speaki
 the training data's, speaker similarity (cosine between the x-vector of the generated audio and
 the speaker's vector in the checkpoint), and, with --asr_model, the character error rate. Wavs,
 report.json and a table go to --out_dir. The measures live in qwen3_tts_sft/listening.py.
+With --compare instead of --model_path: several checkpoints (each checked so) or a training run's
+scores.jsonl, one row each, side by side.
 Exit status: 0 when every check passes, 1 when one fails (report.json says which and by how
 much), 2 when the check could not run (bad arguments, missing files, or an error).
 README_CHATTERBOX_STYLE.md explains the report.
@@ -203,15 +205,7 @@ def load_speaker_encoder(config, model_path: Path, base_path, device):
 
 def load_asr(path, device):
     """A transcriber (wav, sample_rate) -> text from a local transformers speech-recognition model."""
-    from transformers import pipeline
-
-    recognizer = pipeline("automatic-speech-recognition", model=str(path), device=device)
-    rate = recognizer.feature_extractor.sampling_rate
-
-    def transcribe(wav, sample_rate):
-        samples = listening.finite_at_rate(wav, sample_rate, rate)
-        return recognizer({"raw": samples, "sampling_rate": rate})["text"].strip()
-    return transcribe
+    return listening.speech_recognizer(path, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +225,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model_path", required=True,
+    parser.add_argument("--model_path",
                         help="a checkpoint folder written by sft_12hz_chatterbox.py (output/checkpoint-*)")
+    parser.add_argument("--compare", nargs="+", metavar="PATH",
+                        help="instead of --model_path: several checkpoint folders, each checked as --model_path "
+                             "would be (wavs in each one's infer_test/, or --out_dir/NAME), or a training output "
+                             "folder's scores.jsonl (or the folder), printed side by side, one row each")
     parser.add_argument("--speaker", action="append",
                         help="speaker to test (repeatable); default: every speaker the checkpoint was trained on")
     parser.add_argument("--language", default="auto", help="passed to generation; picks the built-in sentences")
@@ -280,6 +278,8 @@ def parse_args(argv=None):
     limits.add_argument("--max_cer", type=float, default=Thresholds.max_cer,
                         help="a speaker's mean character error rate (with --asr_model) at most this")
     args = parser.parse_args(argv)
+    if bool(args.model_path) == bool(args.compare):
+        parser.error("give --model_path (one checkpoint) or --compare (several, or a scores.jsonl)")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.max_new_tokens and args.max_new_tokens < 3:
@@ -327,11 +327,24 @@ def main(argv=None):
     args = parse_args(argv)
     import torch  # the model code loads only now, so reading the command line (and --help) is instant
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compare:
+        compare(args)
+        return
+    model_path = Path(args.model_path)
+    out_dir = Path(args.out_dir or model_path / "infer_test")
+    report = check(args, model_path, out_dir)
+    print_table(report, out_dir)
+    if report["failures"] and not args.report_only:
+        raise SystemExit(1)
+
+
+def check(args, model_path: Path, out_dir: Path) -> dict:
+    """Speak, measure and judge one checkpoint; write its wavs and report.json to `out_dir`; return the report."""
     from qwen3_tts_sft import checkpoint
 
     limits = Thresholds(**{name: getattr(args, name) for name in Thresholds.__dataclass_fields__})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_path = Path(args.model_path)
+    device = args.device
     require_model_folder(model_path)
     require_speakers(model_path)
     if args.asr_model and not Path(args.asr_model).exists():
@@ -343,7 +356,6 @@ def main(argv=None):
         stop("--compare_base needs the base model: pass --base_model_path")
     texts = read_sentences(args)
     rates, rate_source = find_training_rates(args, flags)
-    out_dir = Path(args.out_dir or model_path / "infer_test")
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = SpeakSettings(language=args.language, non_streaming_mode=args.text_layout == "non_streaming",
                              greedy=args.greedy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -375,8 +387,8 @@ def main(argv=None):
     report = dict(
         passed=heard.passed, score=heard.score, checks=heard.check_results(),
         failures=[asdict(f) for f in heard.failures], skipped={check: why_skipped[check] for check in heard.skipped},
-        model_path=str(model_path), device=device, language=args.language,
-        non_streaming_mode=settings.non_streaming_mode, greedy=args.greedy, seed=args.seed,
+        model_path=str(model_path), step=state.progress.step if state else None, device=device,
+        language=args.language, non_streaming_mode=settings.non_streaming_mode, greedy=args.greedy, seed=args.seed,
         thresholds=asdict(limits), training_rate=dict(source=rate_source if rates else None, characters_per_second=rates),
         speaker_encoder=encoder_source, base_model_path=base_path if args.compare_base else None,
         asr_model=args.asr_model,
@@ -385,9 +397,46 @@ def main(argv=None):
         speakers=heard.speakers, sentences=sentences,
     )
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print_table(report, out_dir)
-    if heard.failures and not args.report_only:
-        raise SystemExit(1)
+    return report
+
+
+def compare(args) -> None:
+    """--compare: one row per checkpoint (checked here, as --model_path) or per evaluation of a
+    scores.jsonl, side by side, the best listening score starred (scoring.table_rows)."""
+    from qwen3_tts_sft import scoring
+
+    entries, labels = [], []
+    for path in map(Path, args.compare):
+        scores = path / scoring.SCORES_FILE if path.is_dir() and not (path / "config.json").is_file() else path
+        if scores.is_file():
+            try:
+                evaluations = scoring.read_scores(scores)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                stop(f"--compare {scores}: not a scores.jsonl ({error})")
+            entries += evaluations
+            labels += [f"{scores.parent.name}/{entry.get('checkpoint') or 'step ' + str(entry['step'])}"
+                       for entry in evaluations]
+            continue
+        out_dir = Path(args.out_dir) / path.name if args.out_dir else path / "infer_test"
+        report = check(args, path, out_dir)
+        entries.append(report_entry(report, "non_streaming" if report["non_streaming_mode"] else "streaming"))
+        labels.append(str(path))
+    listened = [entry for entry in entries if entry.get("listening_score") is not None]
+    best = scoring.choose_best(listened, "listening_score")
+    print("\n".join(scoring.table_rows(entries, labels, winner=best)))
+    if best is not None:
+        print(f"* the best: {labels[entries.index(best)]}, {scoring.why_best(best, 'listening_score')}")
+
+
+def report_entry(report: dict, layout: str) -> dict:
+    """A report.json as a scores.jsonl entry (scoring.entry_of's fields that a table shows)."""
+    similarities = [s["speaker_similarity"] for s in report["speakers"]]
+    return dict(step=report["step"], eval_loss=None, listening_score=report["score"],
+                speaker_similarity=None if None in similarities else min(similarities),
+                floors_passed=not any(f["check"] in listening.FLOOR_CHECKS for f in report["failures"]),
+                stopped=sum(s["stopped"] for s in report["sentences"]), sentences=len(report["sentences"]),
+                listen_seconds=report["overall"]["generation_seconds"],
+                layouts={layout: dict(speakers=report["speakers"])})
 
 
 def compare_with_base(base_path, device, items, settings, vectors, sentences, encoder_and_rate, out_dir):

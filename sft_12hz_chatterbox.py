@@ -158,6 +158,30 @@ def parse_args(argv=None):
     run.add_argument("--no_group_by_length", action="store_false", dest="group_by_length",
                      help="micro-batches of clips in plain random order")
 
+    listen = parser.add_argument_group("listening (checkpoints chosen by what they sound like; README_CHATTERBOX_STYLE.md)")
+    listen.add_argument("--eval_generate_steps", type=int, default=None, metavar="N",
+                        help="every N steps and at the end, speak the eval sentences in every new voice, greedily, "
+                             "in each trained text layout, with the weights as they stand, and measure them as "
+                             "infer_test.py does (scores.jsonl, the tracker's scalars and audio). 0: never; unset "
+                             "(None): with each eval loss (--eval_steps and the end), so only with eval data")
+    listen.add_argument("--eval_sentences", default=None, metavar="FILE",
+                        help="UTF-8 file of sentences to speak, one a line (default: 4 built-in ones in each voice's "
+                             "language: a very short line, numbers, a question, a long line)")
+    listen.add_argument("--eval_max_new_tokens", type=int, default=0,
+                        help="frame cap of that speech (12.5 a second); 0: the longest sentence at a third of the "
+                             "voice's training speaking rate, plus 2 s (slower speech fails the rate check anyway)")
+    listen.add_argument("--asr_model", default=None, metavar="PATH",
+                        help="local transformers speech-recognition model folder: adds the character error rate")
+    listen.add_argument("--metric_for_best_model", default="eval_loss",
+                        choices=["eval_loss", "speaker_similarity", "listening_score"],
+                        help="what ranks the evaluations; the best one's checkpoint is kept by --save_total_limit. "
+                             "eval_loss: lowest; speaker_similarity: highest worst-voice similarity; listening_score: "
+                             "highest combined score (similarity x pace x (1 - CER) x share of clean sentences). Both "
+                             "listening metrics rank an evaluation where a sentence did not stop below all others")
+    listen.add_argument("--load_best_model_at_end", action="store_true",
+                        help="the run's result is its best checkpoint: each new best is saved (even between "
+                             "--save_steps), output/best links to it, and the summary names it")
+
     data = parser.add_argument_group("data checks")
     data.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping bad rows")
     data.add_argument("--max_bad_fraction", type=float, default=0.01,
@@ -199,9 +223,43 @@ def check_args(args):
         problems.append("--replay_ratio must be in [0, 1)")
     if args.replay_max_seconds <= 0:
         problems.append("--replay_max_seconds must be positive")
+    problems += listening_problems(args)
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
     return args
+
+
+def listening_problems(args) -> list:
+    """The listening flags that cannot work together (see the "listening" group)."""
+    problems = []
+    eval_data = bool(args.eval_jsonl or args.eval_split)
+    every = args.eval_generate_steps
+    listening = bool(every) or (every is None and eval_data)
+    if every is not None and every < 0:
+        problems.append("--eval_generate_steps must not be negative (0: never)")
+    if args.eval_max_new_tokens and args.eval_max_new_tokens < 3:
+        problems.append("--eval_max_new_tokens must be at least 3: generation makes at least 2 frames")
+    if args.eval_sentences:
+        path = Path(args.eval_sentences)
+        if not path.is_file():
+            problems.append(f"--eval_sentences {path}: file not found")
+        elif not path.read_text(encoding="utf-8", errors="replace").strip():
+            problems.append(f"--eval_sentences {path} holds no sentences")
+    if args.asr_model and not Path(args.asr_model).exists():
+        problems.append(f"--asr_model {args.asr_model}: not found")
+    unused = [flag for flag, given in (("--eval_sentences", args.eval_sentences), ("--asr_model", args.asr_model),
+                                       ("--eval_max_new_tokens", args.eval_max_new_tokens)) if given]
+    why_not = ("--eval_generate_steps 0" if every == 0 else
+               "no eval data (--eval_jsonl or --eval_split) and no --eval_generate_steps N")
+    if unused and not listening:
+        problems.append(f"{', '.join(unused)}: nothing is spoken with {why_not}")
+    if args.metric_for_best_model != "eval_loss" and not listening:
+        problems.append(f"--metric_for_best_model {args.metric_for_best_model} is measured by speaking, and nothing "
+                        f"is spoken with {why_not}")
+    if args.metric_for_best_model == "eval_loss" and args.load_best_model_at_end and not eval_data:
+        problems.append("--load_best_model_at_end with --metric_for_best_model eval_loss needs eval data "
+                        "(--eval_jsonl or --eval_split)")
+    return problems
 
 
 def missing_model_problem(path: Path) -> str:
@@ -257,12 +315,12 @@ def train(run, stop_request) -> bool:
         number, last_step = progress.step, progress.step >= run.total_steps
         if number % args.logging_steps == 0 or last_step:
             run.log_training()
-        if run.eval_set is not None and (last_step or (args.eval_steps and number % args.eval_steps == 0)):
-            run.evaluate()
+        if run.evaluation_due(last_step):
+            run.evaluate(last_step)  # eval loss, and speaking with the weights as they stand
         if step.ends_epoch:
             run.save(f"checkpoint-epoch-{step.epoch}")
-        elif last_step or stop_asked or (args.save_steps and number % args.save_steps == 0 and
-                                         not progress.nonfinite_in_a_row):  # keep the last good one
+        elif last_step or stop_asked or run.best_unsaved or (args.save_steps and number % args.save_steps == 0 and
+                                                             not progress.nonfinite_in_a_row):  # keep the last good one
             run.save(f"checkpoint-step-{number}")
         if progress_lines:
             run.write_progress()

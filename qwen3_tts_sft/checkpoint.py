@@ -55,9 +55,13 @@ class TrainingProgress:
     nonfinite_in_a_row: int = 0
     best_eval_loss: float = None
     best_eval_step: int = None
-    best_checkpoint: str = None    # checkpoint saved at the best eval step, kept by --save_total_limit
+    best_step: int = None          # the evaluation --metric_for_best_model ranks first (scoring.choose_best)
+    best_checkpoint: str = None    # checkpoint saved at best_step, kept by --save_total_limit
     tracker_run: str = None        # the run's tracker folder under logs/: a resume writes on in it
     log_history: list = field(default_factory=list)
+    # One entry per evaluation: eval loss and listening measures, and the checkpoint saved at its step
+    # (scoring.py; scores.jsonl lists them).
+    evaluations: list = field(default_factory=list)
 
 
 @dataclass
@@ -311,8 +315,11 @@ def latest_checkpoint(output_dir: Path):
 
 
 def remove_old_checkpoints(output_dir: Path, keep: int, protect=()) -> list:
-    """Delete all but the newest `keep` checkpoints (never one named in `protect`); return the deleted."""
-    checkpoints = [c for c in list_checkpoints(output_dir) if c.name not in protect]
+    """Delete all but the newest `keep` checkpoints (never one named in `protect`, which count among
+    them; the newest always stays, so a run resumes where it was); return the deleted."""
+    found = list_checkpoints(output_dir)
+    protect = set(protect) | {folder.name for folder in found[-1:]}
+    checkpoints = [c for c in found if c.name not in protect]
     keep_slots = max(0, keep - sum(1 for name in protect if (Path(output_dir) / name).exists()))
     doomed = checkpoints[:max(0, len(checkpoints) - keep_slots)]
     for folder in doomed:

@@ -33,6 +33,49 @@ CHECKS = ["finite", "stop", "dc_offset", "rms", "silence", "clipping", "sentence
           "speaker_similarity", "cer"]
 FLOOR_CHECKS = {"finite", "stop"}  # a sentence that fails one of these makes the speaker's score negative
 
+# What the trainer speaks at its listening evaluations (scoring.py), per language: a very short line
+# (where models fail to stop or stop at once), numbers, a question, and a long line (where speed
+# drifts and speech runs away). Few on purpose: they are generated at every evaluation.
+SCORING_SENTENCES = {
+    "english": ["Yes.", "The train leaves at 7:45 from platform 12, and a ticket costs 23 dollars.",
+                "Could you tell me where the nearest pharmacy is?",
+                "When we finally reached the top of the hill, the whole valley lay below us in the evening light, "
+                "and for a long moment nobody said a word."],
+    "chinese": ["好的。", "火车7点45分从12号站台出发，票价是23元。", "请问最近的药店在哪里？",
+                "当我们终于爬到山顶的时候，整个山谷都沉浸在傍晚的光线里，很长一段时间里没有人说一句话。"],
+    "german": ["Ja.", "Der Zug fährt um 7:45 Uhr von Gleis 12 ab, und die Fahrkarte kostet 23 Euro.",
+               "Können Sie mir sagen, wo die nächste Apotheke ist?",
+               "Als wir endlich oben auf dem Hügel ankamen, lag das ganze Tal im Abendlicht unter uns, und eine "
+               "lange Weile sagte niemand ein Wort."],
+    "spanish": ["Sí.", "El tren sale a las 7:45 del andén 12, y el billete cuesta 23 euros.",
+                "¿Podría decirme dónde está la farmacia más cercana?",
+                "Cuando por fin llegamos a lo alto de la colina, todo el valle se extendía bajo nosotros con la luz "
+                "de la tarde, y durante un largo rato nadie dijo una palabra."],
+    "french": ["Oui.", "Le train part à 7 h 45 du quai 12, et le billet coûte 23 euros.",
+               "Pourriez-vous me dire où se trouve la pharmacie la plus proche ?",
+               "Quand nous sommes enfin arrivés en haut de la colline, toute la vallée s'étendait sous nous dans la "
+               "lumière du soir, et pendant un long moment personne n'a dit un mot."],
+    "italian": ["Sì.", "Il treno parte alle 7:45 dal binario 12, e il biglietto costa 23 euro.",
+                "Potrebbe dirmi dov'è la farmacia più vicina?",
+                "Quando finalmente arrivammo in cima alla collina, tutta la valle si stendeva sotto di noi nella luce "
+                "della sera, e per un lungo momento nessuno disse una parola."],
+    "portuguese": ["Sim.", "O trem sai às 7h45 da plataforma 12, e a passagem custa 23 reais.",
+                   "Você poderia me dizer onde fica a farmácia mais próxima?",
+                   "Quando finalmente chegamos ao topo da colina, todo o vale se estendia abaixo de nós na luz do fim "
+                   "de tarde, e por um longo momento ninguém disse uma palavra."],
+    "japanese": ["はい。", "電車は7時45分に12番線から出発し、切符は230円です。", "一番近い薬局はどこか教えていただけますか？",
+                 "ようやく丘の頂上にたどり着いたとき、谷全体が夕方の光の中に広がっていて、しばらくの間、誰も一言も話しませんでした。"],
+    "korean": ["네.", "기차는 7시 45분에 12번 승강장에서 출발하고, 표는 2300원입니다.",
+               "가장 가까운 약국이 어디에 있는지 알려 주시겠어요?",
+               "마침내 언덕 꼭대기에 올랐을 때 온 골짜기가 저녁 햇살 속에 우리 발아래 펼쳐져 있었고, 한참 동안 아무도 말을 하지 "
+               "않았습니다."],
+    "russian": ["Да.", "Поезд отправляется в 7:45 с платформы 12, а билет стоит 23 рубля.",
+                "Не подскажете, где ближайшая аптека?",
+                "Когда мы наконец поднялись на вершину холма, вся долина лежала под нами в вечернем свете, и долгое "
+                "время никто не произносил ни слова."],
+}
+SCORING_SENTENCES["auto"] = SCORING_SENTENCES["english"]
+
 
 @dataclass
 class Thresholds:
@@ -325,6 +368,42 @@ def custom_voice(tts):
     def generate(texts, names, options):
         return tts.generate_custom_voice(texts, speaker=names, **options)
     return generate
+
+
+def vector_voice(tts, vectors: dict, prompter):
+    """A generate(texts, speakers, options) for speak_in_batches that puts vectors[speaker] in the
+    speaker slot itself, for a model whose config does not name the speaker yet (a run in training):
+    stock generate's x-vector-only voice prompt fills the very slot a spk_id row fills, so the
+    talker sees what generate_custom_voice would show it once the vector is exported as that row.
+    prompter: text -> prompt ids, tokenized as generate_custom_voice does (training_data.make_prompter)."""
+    import torch
+
+    model = tts.model
+
+    def generate(texts, names, options):
+        options = dict(options)
+        language, non_streaming_mode = options.pop("language"), options.pop("non_streaming_mode")
+        device = next(model.talker.parameters()).device
+        prompt = dict(ref_code=None, ref_spk_embedding=[vectors[name] for name in names],
+                      x_vector_only_mode=[True] * len(texts), icl_mode=[False] * len(texts))
+        codes, _ = model.generate(input_ids=[torch.tensor([prompter(text)], device=device) for text in texts],
+                                  voice_clone_prompt=prompt, languages=[language] * len(texts),
+                                  non_streaming_mode=non_streaming_mode, **tts._merge_generate_kwargs(**options))
+        return model.speech_tokenizer.decode([{"audio_codes": frames} for frames in codes])
+    return generate
+
+
+def speech_recognizer(path, device):
+    """A transcriber (wav, sample_rate) -> text from a local transformers speech-recognition model."""
+    from transformers import pipeline
+
+    recognizer = pipeline("automatic-speech-recognition", model=str(path), device=device)
+    rate = recognizer.feature_extractor.sampling_rate
+
+    def transcribe(wav, sample_rate):
+        samples = finite_at_rate(wav, sample_rate, rate)
+        return recognizer({"raw": samples, "sampling_rate": rate})["text"].strip()
+    return transcribe
 
 
 def speak(tts, generate):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qwen3_tts_sft import checkpoint, voices
+from qwen3_tts_sft import checkpoint, scoring, voices
 from qwen3_tts_sft.checkpoint import TrainerState
 from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
 from qwen3_tts_sft.sequence_layout import collate
@@ -47,7 +47,8 @@ class PlannedStep:
 
 
 class TrainingRun:
-    def __init__(self, args, settings, accelerator, train_set, eval_set, speaker_table, replay_set=None):
+    def __init__(self, args, settings, accelerator, train_set, eval_set, speaker_table, replay_set=None,
+                 listener=None):
         self.args = args              # the flags as given; read, never changed
         self.settings = settings      # what they mean on this machine (training_setup.Settings)
         self.accelerator = accelerator
@@ -56,6 +57,7 @@ class TrainingRun:
         self.eval_set = eval_set
         self.speaker_table = speaker_table  # the new speakers, then the starting model's own (voices.py)
         self.replay_set = replay_set        # replay.ReplaySet, or None
+        self.listener = listener            # scoring.Listener on the main process of a listening run, else None
         self.output_dir = Path(args.output_model_path)
         self.first_plan = self.plan(epoch=0)
         self.steps_per_epoch = len(self.first_plan.steps)
@@ -81,6 +83,12 @@ class TrainingRun:
         self.start_step = progress.step
         self.clips_this_run = 0
         self.reset_interval()
+        if progress.evaluations:  # a resume: its checkpoint's history, ranked by this run's metric
+            best = scoring.choose_best(progress.evaluations, self.args.metric_for_best_model)
+            if best is not None:
+                progress.best_step, progress.best_checkpoint = best["step"], best["checkpoint"] or progress.best_checkpoint
+            if self.accelerator.is_main_process:
+                scoring.write_scores(self.output_dir, progress.evaluations)
 
     # -----------------------------------------------------------------------------------------
     # The data of each step
@@ -270,14 +278,60 @@ class TrainingRun:
         self.report(values)
         self.reset_interval()
 
-    def evaluate(self):
-        """Mean eval loss per target, group 0 and code predictor separately, over the whole eval set."""
-        codec0, code_predictor = self.teacher_forced_losses(self.eval_set, range(len(self.eval_set)))
-        loss = codec0 + self.args.code_predictor_loss_weight * code_predictor
+    def due(self, every: int, last_step: bool) -> bool:
+        return last_step or bool(every) and self.progress.step % every == 0
+
+    def evaluation_due(self, last_step: bool) -> bool:
+        return self.loss_due(last_step) or self.listening_due(last_step)
+
+    def loss_due(self, last_step: bool) -> bool:
+        return self.eval_set is not None and self.due(self.args.eval_steps, last_step)
+
+    def listening_due(self, last_step: bool) -> bool:
+        return self.settings.listening and self.due(self.settings.listen_steps, last_step)
+
+    def evaluate(self, last_step: bool = False):
+        """The evaluations due at this step: the eval loss (mean per target, group 0 and code predictor
+        separately, over the whole eval set) and listening (scoring.py). Each is an entry of the
+        progress's evaluations, ranked by --metric_for_best_model."""
         progress = self.progress
-        if progress.best_eval_loss is None or loss < progress.best_eval_loss:
-            progress.best_eval_loss, progress.best_eval_step = loss, progress.step
-        self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/code_predictor_loss": code_predictor})
+        entry = dict(step=progress.step, eval_loss=None, checkpoint=None)
+        if self.loss_due(last_step):
+            codec0, code_predictor = self.teacher_forced_losses(self.eval_set, range(len(self.eval_set)))
+            loss = codec0 + self.args.code_predictor_loss_weight * code_predictor
+            if progress.best_eval_loss is None or loss < progress.best_eval_loss:
+                progress.best_eval_loss, progress.best_eval_step = loss, progress.step
+            self.report({"eval/loss": loss, "eval/codec0_loss": codec0, "eval/code_predictor_loss": code_predictor})
+            entry["eval_loss"] = loss
+        if self.listening_due(last_step):
+            entry.update(self.listen())
+        progress.evaluations.append(entry)
+        best = scoring.choose_best(progress.evaluations, self.args.metric_for_best_model)
+        if best is not None:
+            progress.best_step = best["step"]
+            progress.best_checkpoint = best["checkpoint"] or progress.best_checkpoint
+        if self.accelerator.is_main_process:
+            scoring.write_scores(self.output_dir, progress.evaluations)
+
+    def listen(self) -> dict:
+        """Speak and measure with the weights as they stand (scoring.listen) on the main process, log
+        it there; every process gets the measures, the others waiting meanwhile."""
+        measured = [None]
+        if self.accelerator.is_main_process:
+            measured[0], wavs = scoring.listen(self)
+            scoring.log_listening(self, measured[0], wavs)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(measured)
+        return measured[0]
+
+    @property
+    def best_unsaved(self) -> bool:
+        """--load_best_model_at_end and this step's evaluation is the new best: it must be saved."""
+        entry = self.progress.evaluations[-1] if self.progress.evaluations else None
+        return bool(self.args.load_best_model_at_end and entry is not None and entry["step"] == self.progress.step
+                    and self.progress.best_step == self.progress.step and entry["checkpoint"] is None)
 
     def teacher_forced_losses(self, dataset, indices) -> tuple:
         """(group 0, code predictor): mean loss per target over these examples of `dataset`, as the
@@ -325,7 +379,10 @@ class TrainingRun:
     def save(self, name: str):
         """Write checkpoint `name` (checkpoint.save), then keep only the newest --save_total_limit."""
         progress, final = self.progress, self.output_dir / name
-        if progress.best_eval_step == progress.step:
+        for entry in progress.evaluations:
+            if entry["step"] == progress.step:
+                entry["checkpoint"] = name
+        if progress.best_step == progress.step:
             progress.best_checkpoint = name
         state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps, flags=vars(self.args),
                              versions=self.settings.versions,
@@ -340,6 +397,10 @@ class TrainingRun:
                 protect = {progress.best_checkpoint} if progress.best_checkpoint else set()
                 for folder in checkpoint.remove_old_checkpoints(self.output_dir, self.args.save_total_limit, protect):
                     tqdm.write(f"removed old checkpoint {folder}")
+            if progress.evaluations:
+                scoring.write_scores(self.output_dir, progress.evaluations)  # with the checkpoint's name
+            if self.args.load_best_model_at_end and progress.best_checkpoint:
+                scoring.link_best(self.output_dir, progress.best_checkpoint)
             tqdm.write(f"saved {final}")
         self.last_checkpoint = final
 
@@ -382,6 +443,8 @@ class TrainingRun:
                f"while the next is written (0 keeps all)" if args.save_total_limit else
                "--save_total_limit 0 keeps them all"),
         ]
+        if settings.listening:
+            lines.append(self.listening_line())
         if self.warmup_warning():
             lines.append(self.warmup_warning())
         if self.first_plan.dropped:
@@ -392,6 +455,16 @@ class TrainingRun:
                          f"{self.progress.epoch}, step {self.progress.steps_done_in_epoch} of it)")
         lines += voices.banner_lines(self)
         return "\n".join(lines)
+
+    def listening_line(self) -> str:
+        args, settings = self.args, self.settings
+        when = f"every {settings.listen_steps} steps and at the end" if settings.listen_steps else "at the end"
+        new_voices = [speaker for speaker in self.speaker_table if not speaker.kept]
+        count = f"{self.listener.sentences} sentences" if self.listener else "sentences"
+        return (f"  listening: {when}, {count} ({len(new_voices)} voices x "
+                f"{'--eval_sentences' if args.eval_sentences else 'built-in sentences'} x {len(settings.layouts)} "
+                f"layouts), greedy, measured as infer_test.py does; best by --metric_for_best_model "
+                f"{args.metric_for_best_model}" + (", linked as best/" if args.load_best_model_at_end else ""))
 
     def finish(self):
         """End trackers, draw the loss curve, and print a one-screen summary."""
@@ -415,15 +488,40 @@ class TrainingRun:
             lines.append(self.warmup_warning())
         if evals:
             lines.append(f"  eval loss: {evals[-1]['eval/loss']:.4f} (best {progress.best_eval_loss:.4f} at step "
-                         f"{progress.best_eval_step}" + (f", {progress.best_checkpoint})" if progress.best_checkpoint else ")"))
+                         f"{progress.best_eval_step})")
+        lines += self.evaluation_lines()
         if self.device.type == "cuda":
             lines.append(f"  peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated")
         lines.append(f"  loss curve: {self.output_dir / LOSS_CURVE}")
         lines += voice_lines
-        if self.last_checkpoint is not None:
-            lines += [f"  model: {self.last_checkpoint}",
-                      f"  hear it: {hear_it(self.last_checkpoint, [speaker.name for speaker in self.speaker_table])}"]
+        result = self.last_checkpoint
+        if self.args.load_best_model_at_end and progress.best_checkpoint:
+            result = scoring.link_best(self.output_dir, progress.best_checkpoint)
+        if result is not None:
+            lines += [f"  model: {result}" + (f" (-> {progress.best_checkpoint})" if result != self.last_checkpoint else ""),
+                      f"  hear it: {hear_it(result, [speaker.name for speaker in self.speaker_table])}"]
         print("\n".join(lines))
+
+    def evaluation_lines(self) -> list:
+        """The table of evaluations, and which one won and why."""
+        progress, metric = self.progress, self.args.metric_for_best_model
+        evaluations = progress.evaluations
+        if not evaluations:
+            return []
+        best = scoring.choose_best(evaluations, metric)
+        lines = [f"  evaluations (also in {self.output_dir / scoring.SCORES_FILE}; * the best by "
+                 f"--metric_for_best_model {metric}):"]
+        labels = [name or "" if not name or (self.output_dir / name).is_dir() else f"{name} (removed)"
+                  for name in (entry["checkpoint"] for entry in evaluations)]
+        lines += ["  " + line for line in scoring.table_rows(evaluations, labels, winner=best)]
+        if best is None:
+            lines.append(f"  best: none of the evaluations measured {metric}" + (
+                " (--metric_for_best_model listening_score ranks them by what they sound like)"
+                if metric == "eval_loss" else ""))
+        else:
+            kept = best["checkpoint"] or "not saved (an evaluation between saves)"
+            lines.append(f"  best: step {best['step']}, {kept}: {scoring.why_best(best, metric)}")
+        return lines
 
 
 @contextlib.contextmanager

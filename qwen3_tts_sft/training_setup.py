@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
 from transformers import get_scheduler
 
-from qwen3_tts_sft import checkpoint, replay, voices
+from qwen3_tts_sft import checkpoint, replay, scoring, voices
 from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
 from qwen3_tts_sft.checkpoint import DataFingerprint, TrainingProgress
 from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds
@@ -59,6 +59,8 @@ class Settings:
     resume_dir: Path           # None: a fresh start
     new_schedule: tuple        # SCHEDULE_FLAGS a resume changes (--allow_schedule_change)
     versions: dict
+    listening: bool = False    # speak and measure at evaluations (scoring.py)
+    listen_steps: int = 0      # every this many steps, and at the end (0: at the end only)
 
 
 def build_run(args) -> TrainingRun:
@@ -67,12 +69,17 @@ def build_run(args) -> TrainingRun:
     settings = resolve_settings(args, accelerator)
     log_run_header(args, settings, accelerator)
 
-    tts = load_base_model(args)
+    listens_here = settings.listening and accelerator.is_main_process  # the others wait while it speaks
+    tts = load_base_model(args, keep_speech_decoder=listens_here)
     ids = SpecialIds.from_config(tts.model.config)
     train_set, eval_set, speaker_table, replay_set = load_datasets(args, settings, ids, tts, accelerator)
     train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
     optimizer = make_optimizer(train_module, args, accelerator)
-    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table, replay_set)
+    listener = None
+    if listens_here:
+        listener = scoring.make_listener(args, settings, tts, make_prompter(tts.processor, tts.model.config),
+                                         speaker_table, train_set.clips, accelerator.device)
+    run = TrainingRun(args, settings, accelerator, train_set, eval_set, speaker_table, replay_set, listener)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=run.total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
@@ -137,6 +144,7 @@ def resolve_settings(args, accelerator) -> Settings:
         resumed = checkpoint.read_trainer_state(resume_dir)
         problems += resume_problems(args, resumed, train_data, accelerator)
     problems += voices.flag_problems(args, resumed)  # the starting model's speakers, encoder, replay
+    listening, listen_steps = listening_choice(args, fsdp, problems, accelerator.print)
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
     new_schedule = schedule_changes(args, resumed) if resumed else ()
@@ -155,7 +163,26 @@ def resolve_settings(args, accelerator) -> Settings:
         resume_dir=resume_dir,
         new_schedule=new_schedule,
         versions=library_versions(),
+        listening=listening, listen_steps=listen_steps,
     )
+
+
+def listening_choice(args, fsdp: bool, problems: list, log) -> tuple:
+    """(listen, every how many steps; 0: at the end only): what --eval_generate_steps means here.
+    The flags were checked together already (sft_12hz_chatterbox.listening_problems)."""
+    every = args.eval_generate_steps
+    if every == 0 or (every is None and not (args.eval_jsonl or args.eval_split)):
+        return False, 0
+    if fsdp:  # FSDP shards the weights over the processes: no one process holds a whole model to speak with
+        if every is not None or args.metric_for_best_model in scoring.LISTENING_METRICS:
+            problems.append(f"--eval_generate_steps / --metric_for_best_model {args.metric_for_best_model}: speaking "
+                            f"needs the whole model on one process, and FSDP shards it; pass --eval_generate_steps 0 "
+                            f"and check checkpoints with infer_test.py --compare")
+        else:
+            log("note: no listening evaluations under FSDP (it shards the model); check checkpoints with "
+                "infer_test.py --compare")
+        return False, 0
+    return True, args.eval_steps if every is None else every
 
 
 def compile_choice(args, device_type: str, fsdp: bool) -> str:
@@ -292,17 +319,19 @@ def why_no_gpu() -> str:
     return "no CUDA GPU found (torch.cuda.is_available() is False)"
 
 
-def load_base_model(args):
+def load_base_model(args, keep_speech_decoder: bool = False):
     """The starting model (Base or CustomVoice) through the same loader a user's download goes
     through; fp32 master weights (bf16 with --low_memory). A CustomVoice model gets a Base model's
-    speaker encoder for its new voices (voices.py)."""
+    speaker encoder for its new voices (voices.py). The speech tokenizer is dropped unless the run
+    speaks (scoring.py)."""
     from qwen_tts import Qwen3TTSModel
 
     tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
                                         attn_implementation=args.attn_implementation)
     if tts.model.speaker_encoder is None:  # refused there, naming --speaker_encoder_from, when none is found
         voices.attach_speaker_encoder(tts.model, args)
-    tts.model.speech_tokenizer = None  # not needed for training; frees its memory
+    if not keep_speech_decoder:
+        tts.model.speech_tokenizer = None  # not needed for training; frees its memory
     return tts
 
 
@@ -435,6 +464,11 @@ def remove_earlier_runs(output_dir: Path, log=print) -> None:
     checkpoints = sorted(folder for folder in output_dir.glob("checkpoint-*") if folder.is_dir())
     tracker_runs = sorted(folder.name for folder in (output_dir / TRACKER_DIR).glob("*"))
     loss_curve = output_dir / LOSS_CURVE
+    scores, best = output_dir / scoring.SCORES_FILE, output_dir / scoring.BEST_LINK
+    for item in (scores, best):
+        if item.is_symlink() or item.is_file():
+            log(f"--overwrite_output_dir: removing {item}")
+            item.unlink()
     if checkpoints:
         log(f"--overwrite_output_dir: removing {len(checkpoints)} checkpoints from {output_dir} (with anything "
             f"written into them, such as listening reports): " + ", ".join(folder.name for folder in checkpoints))
@@ -475,7 +509,8 @@ def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: 
              f"left to train. Its model is the run's result",
              f"  hear it: {hear_it(resume_dir, speakers)}"]
     if progress.best_checkpoint:
-        lines.append(f"  best eval loss: {progress.best_checkpoint} (step {progress.best_eval_step})")
+        lines.append(f"  best by --metric_for_best_model: {progress.best_checkpoint} (step "
+                     f"{progress.best_step or progress.best_eval_step}; the table in {scoring.SCORES_FILE})")
     lines.append("  to train further, resume with a larger --num_epochs or --max_steps and --allow_schedule_change")
     return "\n".join(lines)
 

@@ -22,9 +22,10 @@ def write_jsonl(path, rows) -> Path:
     return Path(path)
 
 
-# What the tests train with unless they say otherwise: small, quick, deterministic steps.
+# What the tests train with unless they say otherwise: small, quick, deterministic steps; no speaking at
+# evaluations (the tiny model's speech never stops, so it runs to the frame cap: test_scored_checkpoints).
 TEST_FLAGS = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, lr=1e-3,
-                  logging_steps=1, num_workers=0, report_to="none")
+                  logging_steps=1, num_workers=0, report_to="none", eval_generate_steps=0)
 
 
 def trainer_argv(model_dir, train_jsonl, output_dir, **flags) -> list:

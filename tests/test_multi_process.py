@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft import checkpoint, scoring
 from helpers import ROOT, trainer_argv
 
 FLAGS = dict(num_epochs=2, lr=1e-3, warmup_steps=1, save_steps=0)
@@ -39,12 +39,18 @@ def one_process_run(tiny_model, coded_clips, tmp_path_factory):
 
 
 def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, one_process_run, tmp_path):
-    # Two processes: 2 clips each x 1 accumulation = the same 4 clips a step.
+    # Two processes: 2 clips each x 1 accumulation = the same 4 clips a step. The main process speaks
+    # at steps 2 and 4 while the other waits (scoring.py); training is the same.
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("Hi.\n")
     result = train_on_cpu(["-m", "torch.distributed.run", "--nproc_per_node", "2"], tiny_model, coded_clips,
-                          tmp_path / "two", batch_size=2, gradient_accumulation_steps=1)
+                          tmp_path / "two", batch_size=2, gradient_accumulation_steps=1, eval_generate_steps=2,
+                          eval_sentences=sentences, eval_max_new_tokens=4)
     assert "2 per process x 1 accumulation x 2 processes = 4 clips per step" in result.stdout
     assert "processes: 2 (MULTI_CPU)" in result.stdout
     assert result.stdout.count("train step 1/") == 1  # only the main process logs
+    assert result.stdout.count("listen step 2: ") == result.stdout.count("listen step 4: ") == 1
+    assert [entry["step"] for entry in scoring.read_scores(tmp_path / "two" / scoring.SCORES_FILE)] == [2, 4]
     assert "flash-attn" not in result.stdout + result.stderr and "SoX" not in result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
     assert not list((tmp_path / "two").glob(".*"))  # no partial or duplicate folders

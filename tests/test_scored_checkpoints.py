@@ -1,0 +1,213 @@
+"""Checkpoints chosen by listening: the trainer speaks at its evaluations with the weights as they
+stand, logs what it heard (scores.jsonl, tensorboard scalars and audio) without changing training,
+ranks the evaluations, keeps and links the best, and a resume keeps the history; infer_test.py
+--compare shows the evaluations side by side.
+
+The tiny model speaks noise that never stops, so the ranking test plants what it needs: generation
+forced along alice's clip (then codec_eos) and a stand-in voice at her pitch for the speech decoder,
+then a wrong speaker vector at one step and a layout that never stops at another."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from qwen_tts import Qwen3TTSModel
+
+import infer_test
+import sft_12hz_chatterbox
+from qwen3_tts_sft import checkpoint, listening, scoring, tiny_model
+from helpers import forced_heads, read_jsonl, train, write_jsonl
+
+ALICE_PITCH_HZ = 110.0  # tiny_model.write_synthetic_clips voices its first speaker at 110 Hz
+RUN = dict(max_steps=4, save_steps=2)  # 8 clips, 2 a step
+LISTEN = dict(eval_generate_steps=2, eval_max_new_tokens=6, report_to="tensorboard")  # a few frames at steps 2, 4
+
+
+@pytest.fixture(scope="module")
+def one_sentence(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sentences") / "sentences.txt"
+    path.write_text("Hi there.\n\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def listened(tiny_model, coded_clips, one_sentence, tmp_path_factory):
+    """A run that listens at steps 2 and 4 (8 clips, 2 a step), with tensorboard, and its twin without."""
+    folder = tmp_path_factory.mktemp("listened")
+    on = train(tiny_model, coded_clips, folder / "on", eval_sentences=one_sentence, **RUN, **LISTEN)
+    off = train(tiny_model, coded_clips, folder / "off", eval_generate_steps=0, **RUN)
+    return on, off
+
+
+def test_scores_and_audio_at_the_listening_steps_and_training_is_unchanged(listened, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    on, off = listened
+    scores = scoring.read_scores(on / scoring.SCORES_FILE)
+    assert [entry["step"] for entry in scores] == [2, 4]
+    assert [entry["checkpoint"] for entry in scores] == ["checkpoint-step-2", "checkpoint-epoch-0"]
+    for entry in scores:
+        speakers = entry["layouts"]["non_streaming"]["speakers"]
+        assert [s["speaker"] for s in speakers] == ["alice", "bob"]
+        assert all(-1 <= s["speaker_similarity"] <= 1 and s["rate_ratio"] > 0 for s in speakers)
+        assert entry["sentences"] == 2 and entry["listen_seconds"] > 0
+        assert entry["listening_score"] == -1.0 and not entry["floors_passed"]  # random weights: 6 frames, no stop
+    assert not (off / scoring.SCORES_FILE).exists()
+
+    events = EventAccumulator(str(next((on / "logs").glob("sft_12hz-*"))), size_guidance={"audio": 0})
+    events.Reload()
+    assert [e.step for e in events.Audio("listen/non_streaming/alice/0")] == [2, 4]
+    assert [e.step for e in events.Audio("listen/non_streaming/bob/0")] == [2, 4]
+    assert [e.step for e in events.Scalars("listen/score")] == [2, 4]
+    assert "listen/non_streaming/alice/speaker_similarity" in events.Tags()["scalars"]
+
+    # Speaking draws no randomness and leaves the model in train mode: the same losses and weights.
+    def losses(output):
+        history = checkpoint.read_trainer_state(output / "checkpoint-epoch-0").progress.log_history
+        return [entry["train/loss"] for entry in history if "train/loss" in entry]
+    assert losses(on) == losses(off) and len(losses(on)) == 4
+    weights_on = (on / "checkpoint-epoch-0" / checkpoint.MODEL_WEIGHTS).read_bytes()
+    assert weights_on == (off / "checkpoint-epoch-0" / checkpoint.MODEL_WEIGHTS).read_bytes()
+
+
+def test_resume_keeps_the_evaluation_history(listened, tiny_model, coded_clips, one_sentence, tmp_path):
+    on, _ = listened
+    output = tmp_path / "resumed"
+    shutil.copytree(on, output, symlinks=True)
+    train(tiny_model, coded_clips, output, eval_sentences=one_sentence, resume_from_checkpoint=output / "checkpoint-step-2",
+          **RUN, **LISTEN)
+    first, again = scoring.read_scores(on / scoring.SCORES_FILE), scoring.read_scores(output / scoring.SCORES_FILE)
+    assert [entry["step"] for entry in again] == [2, 4]  # step 4 measured again, not listed twice
+    assert again[0] == first[0]  # step 2 as the checkpoint saved it
+    assert again[1]["speaker_similarity"] == pytest.approx(first[1]["speaker_similarity"], abs=1e-5)
+    state = checkpoint.read_trainer_state(output / "checkpoint-epoch-0")
+    assert [entry["step"] for entry in state.progress.evaluations] == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted bad checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def stand_in_voice(encoded):
+    """The speech decoder's answer to codes: a voice at alice's pitch, 1920 samples a frame."""
+    rng = np.random.default_rng(1)
+    rate = tiny_model.SAMPLE_RATE
+    return [tiny_model.synthetic_voice(len(item["audio_codes"]) / 12.5, rate, ALICE_PITCH_HZ, rng)
+            for item in encoded], rate
+
+
+def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_model, coded_clips, tmp_path,
+                                                                           monkeypatch, capsys):
+    alice_rows = [row for row in read_jsonl(coded_clips) if row["speaker"] == "alice"]
+    clip = min(alice_rows, key=lambda row: len(row["audio_codes"]))
+    data = write_jsonl(tmp_path / "alice.jsonl", alice_rows)  # 4 clips x 2 layouts, 2 a step: 4 steps, 3 run
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text(clip["text"] + "\n")
+    codes = np.asarray(clip["audio_codes"])
+    cap = len(codes) + 4
+    runaway = np.concatenate([codes] * (cap // len(codes) + 2))  # codec_eos would come after the cap
+    planted = {2: "wrong speaker vector", 3: "streaming never stops"}
+    real_listen, real_voice = scoring.listen, listening.vector_voice
+    good_vectors, current_step = {}, [0]
+
+    def listen(run):
+        current_step[0] = run.progress.step
+        module = run.accelerator.unwrap_model(run.train_module)
+        vectors = module.fixed_speaker_vectors
+        good_vectors.setdefault("alice", vectors[0].clone())
+        vectors[0].copy_(good_vectors["alice"])  # in place, as CUDA graphs need; undoes an earlier plant
+        if planted.get(run.progress.step) == "wrong speaker vector":
+            vectors[0].copy_(torch.randn(vectors.shape[1], generator=torch.Generator().manual_seed(0)))
+        return real_listen(run)
+
+    def vector_voice(tts, vectors, prompter):
+        tts.model.speech_tokenizer.decode = stand_in_voice
+        generate = real_voice(tts, vectors, prompter)
+        eos = tts.model.config.talker_config.codec_eos_token_id
+
+        def forced(texts, names, options):  # the heads are forced only while this batch speaks
+            runs_away = planted.get(current_step[0]) == "streaming never stops" and not options["non_streaming_mode"]
+            with forced_heads(tts.model, runaway if runs_away else codes, eos):
+                return generate(texts, names, options)
+        return forced
+
+    monkeypatch.setattr(scoring, "listen", listen)
+    monkeypatch.setattr(listening, "vector_voice", vector_voice)
+    output = train(tiny_model, data, tmp_path / "out", text_layout="both", eval_generate_steps=1,
+                   eval_sentences=sentences, eval_max_new_tokens=cap, metric_for_best_model="listening_score",
+                   load_best_model_at_end=True, save_total_limit=1, save_steps=0, max_steps=3)
+    monkeypatch.undo()
+
+    scores = {entry["step"]: entry for entry in scoring.read_scores(output / scoring.SCORES_FILE)}
+    assert sorted(scores) == [1, 2, 3]
+    good = scores[1]
+    assert good["floors_passed"] and good["stopped"] == good["sentences"] == 2
+    assert good["speaker_similarity"] > 0.9
+    assert scores[2]["speaker_similarity"] < listening.Thresholds.min_speaker_similarity
+    assert scores[2]["listening_score"] < good["listening_score"]
+    assert not scores[3]["floors_passed"] and scores[3]["listening_score"] < 0
+    assert scores[3]["layouts"]["non_streaming"]["score"] == pytest.approx(good["listening_score"])
+
+    # Step 1 won: kept beside the newest (the last step), linked as best/; no planted one was ever saved.
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-step-1", "checkpoint-step-3"]
+    assert (output / scoring.BEST_LINK).resolve() == (output / "checkpoint-step-1").resolve()
+    summary = capsys.readouterr().out.split("***** Training finished *****")[1]
+    assert "best: step 1, checkpoint-step-1: highest listening_score" in summary
+    assert "among the evaluations where every sentence stopped" in summary
+    assert f"model: {output / 'best'} (-> checkpoint-step-1)" in summary
+    assert "* checkpoint-step-1 " in summary
+
+    tts = Qwen3TTSModel.from_pretrained(str(output / "best"), dtype=torch.float32)
+    row = tts.model.talker.get_input_embeddings().weight[tts.model.config.talker_config.spk_id["alice"]]
+    assert torch.allclose(row, good_vectors["alice"].to(row.dtype), atol=1e-2)  # the good vector, in bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and infer_test.py --compare
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(metric_for_best_model="listening_score"), "--metric_for_best_model listening_score is measured by speaking"),
+    (dict(load_best_model_at_end=True), "--load_best_model_at_end with --metric_for_best_model eval_loss needs eval"),
+    (dict(eval_split=0.25, eval_generate_steps=0, asr_model="."), "--asr_model: nothing is spoken with "
+                                                                  "--eval_generate_steps 0"),
+    (dict(eval_generate_steps=2, eval_sentences="nowhere.txt"), "--eval_sentences nowhere.txt: file not found"),
+])
+def test_listening_flags_that_cannot_work_are_refused_by_name(tiny_model, coded_clips, tmp_path, flags, message):
+    from helpers import trainer_argv
+
+    argv = trainer_argv(tiny_model, coded_clips, tmp_path, **flags)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
+
+
+def test_compare_prints_checkpoints_and_scores_side_by_side(listened, capsys, tmp_path):
+    on, _ = listened
+    infer_test.main(["--compare", str(on), str(on / "checkpoint-step-2"), "--text", "Hi.", "--max_new_tokens", "4",
+                     "--greedy", "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out.splitlines()
+    table = printed[printed.index(next(line for line in printed if "similarity" in line and "stopped" in line)):]
+    rows = table[1:4]
+    assert "on/checkpoint-step-2" in rows[0] and "on/checkpoint-epoch-0" in rows[1]
+    assert str(on / "checkpoint-step-2") in rows[2] and "0/2" in rows[2]
+    assert (tmp_path / "checkpoint-step-2" / "report.json").is_file()
+    assert table[-1].startswith("* the best: ")
+
+
+def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_earlier_step():
+    def entry(step, similarity, floors_passed=True, eval_loss=None):
+        return dict(step=step, speaker_similarity=similarity, listening_score=similarity if floors_passed else -0.5,
+                    floors_passed=floors_passed, eval_loss=eval_loss)
+    runs_away = entry(1, 0.95, floors_passed=False, eval_loss=1.0)  # the most similar voice, but one sentence never stops
+    stops, same = entry(2, 0.7, eval_loss=2.0), entry(3, 0.7, eval_loss=3.0)
+    evaluations = [runs_away, stops, same]
+    assert scoring.choose_best(evaluations, "speaker_similarity") is stops
+    assert scoring.choose_best(evaluations, "listening_score") is stops
+    assert scoring.choose_best(evaluations, "eval_loss") is runs_away  # the loss alone cannot tell
+    assert scoring.choose_best([entry(4, None)], "speaker_similarity") is None
+    assert "every sentence stopped" in scoring.why_best(stops, "speaker_similarity")
+    # The default frame cap: the longest text at a third of the slowest voice's training rate, plus 2 s.
+    items = [("alice", 0, "x" * 30), ("bob", 0, "y" * 15)]
+    assert scoring.frame_cap(items, {"alice": 15.0, "bob": 10.0}) == 138  # 12.5/s x (2 s + 3 x 30 chars / 10 a s)
+    assert scoring.frame_cap(items, None) == listening.auto_frame_cap(["x" * 30])
