@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the trainer drops longer clips by default (--max_audio_seconds 30), and long "
                               "clips take the most GPU memory there; a longer take is cut at its pauses when it "
                               "has a transcript per segment or --asr_model is given (default: %(default)s)")
-    filters.add_argument("--silence_dbfs", type=float, default=-50.0,
+    filters.add_argument("--silence_dbfs", type=float, default=audio.SILENCE_DBFS,
                          help="clips whose overall RMS level is below this are silent; speech recorded at any "
                               "usable gain sits well above it, a take of room noise below (default: %(default)s)")
     filters.add_argument("--clipped_fraction", type=float, default=0.001,

@@ -39,6 +39,10 @@ QUIET_BELOW_LOUDEST_DB = 35.0
 # encoder padding are a few frames off; a cut file is off by much more).
 TRUNCATION_TOLERANCE = dict(fraction=0.01, seconds=0.05)
 
+# RMS level below which a clip holds no voice: speech recorded at any usable gain sits well above it,
+# a take of room noise below (prepare_codes.py --silence_dbfs).
+SILENCE_DBFS = -50.0
+
 
 def rms_dbfs(samples: np.ndarray) -> float:
     """RMS level in dB relative to full scale; -inf for digital silence or no samples."""
@@ -231,3 +235,19 @@ def probe(path) -> tuple:
     except Exception as error:  # soundfile raises several types for unreadable files
         return None, ("unreadable_audio", f"unreadable ({error})")
     return (seconds, None) if seconds > 0 else (None, ("empty_audio", "holds no samples"))
+
+
+def reference_problem(decoded: DecodedAudio, silence_dbfs: float = SILENCE_DBFS):
+    """Why decoded audio cannot be a reference clip, or None. A speaker's vector comes from its
+    reference clips alone, so each must be whole, finite, hold a voice, and be recorded at a rate
+    that keeps the upper half of the voice."""
+    if decoded.truncated:
+        return decoded.truncated
+    if not decoded.finite:
+        return "holds NaN or infinite samples"
+    if decoded.level_dbfs < silence_dbfs:
+        return f"silent: level {decoded.level_dbfs:.1f} dBFS is below {silence_dbfs:g} dBFS"
+    if decoded.file_rate < LOW_SAMPLE_RATE:
+        return (f"recorded at {decoded.file_rate} Hz, below {LOW_SAMPLE_RATE} Hz: a speaker vector "
+                f"from it misses the upper half of the voice")
+    return None

@@ -509,16 +509,5 @@ class AudioChecks:
             decoded = audio.decode(path, sample_rate)
         except Exception as error:
             return f"unreadable ({error})"
-        if decoded.truncated:
-            return decoded.truncated
-        if not decoded.finite:
-            return "holds NaN or infinite samples"
-        problem = self.limits.problem(len(decoded.samples) / sample_rate)
-        if problem:
-            return problem[1]
-        if decoded.level_dbfs < self.silence_dbfs:
-            return f"silent: level {decoded.level_dbfs:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}"
-        if decoded.file_rate < audio.LOW_SAMPLE_RATE:
-            return (f"recorded at {decoded.file_rate} Hz, below {audio.LOW_SAMPLE_RATE} Hz: a speaker vector "
-                    f"from it misses the upper half of the voice")
-        return None
+        length_problem = self.limits.problem(len(decoded.samples) / sample_rate)
+        return audio.reference_problem(decoded, self.silence_dbfs) or (length_problem[1] if length_problem else None)

@@ -37,6 +37,7 @@ class Speaker:
     name: str                  # lower-cased, as generate() looks it up
     codec_id: int
     reference_audio: list = field(default_factory=list)
+    unusable_references: list = field(default_factory=list)  # [(source line, path, why)], left out
     dialect: object = False    # its spk_is_dialect entry: False, or the dialect's codec_language_id name
     kept: bool = False         # a speaker of the starting model, kept as it was
 
@@ -53,11 +54,14 @@ def existing_speaker_ids(spk_id) -> dict:
     return {name.lower(): codec_id for name, codec_id in (spk_id or {}).items()}
 
 
-def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False) -> list:
-    """One Speaker per distinct clip speaker, in order of first appearance, each with a free codec id.
+def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False, reference_problem=None) -> list:
+    """One Speaker per distinct clip speaker, in order of first appearance, each with a free codec id
+    and up to MAX_REFERENCE_CLIPS reference clips.
 
     A name the model already has is refused (ValueError), or with `overwrite_existing` keeps its
-    codec id: the new voice replaces the old one in that row.
+    codec id: the new voice replaces the old one in that row. With `reference_problem` (path -> why
+    it cannot be a reference, or None), unusable references are left out and listed on the speaker;
+    a speaker left with none is refused (ValueError).
     """
     existing = existing_speaker_ids(talker_config.spk_id)
     taken = set(existing.values())
@@ -65,7 +69,7 @@ def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False
     taken |= {talker_config.codec_pad_id, talker_config.codec_bos_id, talker_config.codec_eos_token_id,
               talker_config.codec_think_id, talker_config.codec_nothink_id,
               talker_config.codec_think_bos_id, talker_config.codec_think_eos_id}
-    speakers = {}
+    speakers, unusable = {}, {}  # unusable: path -> why it cannot be a reference (None: it can)
     next_id = FIRST_NEW_SPEAKER_ID
     for clip in clips:
         speaker = speakers.get(clip.speaker)
@@ -82,9 +86,34 @@ def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False
                 raise ValueError(f"no free codec id left for speaker {clip.speaker!r}")
             speaker = speakers[clip.speaker] = Speaker(clip.speaker, next_id)
             taken.add(next_id)
-        if clip.ref_audio not in speaker.reference_audio and len(speaker.reference_audio) < MAX_REFERENCE_CLIPS:
+        if clip.ref_audio in speaker.reference_audio or len(speaker.reference_audio) >= MAX_REFERENCE_CLIPS:
+            continue
+        if clip.ref_audio not in unusable:
+            unusable[clip.ref_audio] = reference_problem(clip.ref_audio) if reference_problem else None
+            if unusable[clip.ref_audio]:
+                speaker.unusable_references.append((clip.source, clip.ref_audio, unusable[clip.ref_audio]))
+        if not unusable[clip.ref_audio]:
             speaker.reference_audio.append(clip.ref_audio)
+    for speaker in speakers.values():
+        if not speaker.reference_audio:
+            raise ValueError(f"speaker {speaker.name!r} has no usable reference clip (its vector comes from them):\n"
+                             + "\n".join(f"  {source}: ref_audio: {path}: {why}"
+                                         for source, path, why in speaker.unusable_references))
     return list(speakers.values())
+
+
+def reference_problem(path: Path, max_seconds: float = 0.0):
+    """Why a reference clip named by the training data cannot give its speaker's vector, or None:
+    the checks prepare_codes.py applies to references, and no longer than --max_audio_seconds."""
+    try:
+        decoded = audio.decode(path, audio.TOKENIZER_SAMPLE_RATE)
+    except Exception as error:  # soundfile raises several types for unreadable files
+        return f"unreadable ({error})"
+    seconds = len(decoded.samples) / audio.TOKENIZER_SAMPLE_RATE
+    if max_seconds and seconds > max_seconds and not decoded.truncated:
+        return (f"{seconds:.1f} s long, over --max_audio_seconds {max_seconds:g}: a reference is one utterance "
+                f"of a few seconds")
+    return audio.reference_problem(decoded)
 
 
 def reference_mel(path: Path, sample_rate: int) -> torch.Tensor:

@@ -355,7 +355,8 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
     eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
     if args.eval_split:
         train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
-    speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker)
+    speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker,
+                                         args.max_audio_seconds, log=accelerator.print)
     replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))
     rehearsal = replay.mixed_clips(replay_set, len(train_clips), args.replay_ratio, args.seed)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from qwen3_tts_sft import checkpoint, replay
-from qwen3_tts_sft.speakers import Speaker, assign_speakers, existing_speaker_ids
+from qwen3_tts_sft.speakers import Speaker, assign_speakers, existing_speaker_ids, reference_problem
 
 BASE, CUSTOM_VOICE = "base", "custom_voice"  # the tts_model_type values a run can start from
 NO_ENCODER_HINT = ("pass --speaker_encoder_from with the Base model of the same size (Qwen3-TTS-12Hz-1.7B-Base "
@@ -140,15 +140,21 @@ def attach_speaker_encoder(model, args) -> Path:
 # The speaker table
 # ---------------------------------------------------------------------------------------------
 
-def speaker_table(clips: list, model, overwrite_existing: bool) -> list:
+def speaker_table(clips: list, model, overwrite_existing: bool, max_audio_seconds: float = 0.0, log=print) -> list:
     """The new speakers of `clips` (in order of first appearance), then every speaker of the starting
-    model that they do not replace, each kept with its codec id and dialect. Raises SystemExit when
-    a clip names a speaker the model has and overwriting was not asked for."""
+    model that they do not replace, each kept with its codec id and dialect. Reference clips that
+    cannot give a voice's vector (silent, cut short, too long, low rate) are left out, each named.
+    Raises SystemExit when a clip names a speaker the model has and overwriting was not asked for,
+    or a new speaker has no usable reference clip."""
     talker_config = model.config.talker_config
     try:
-        new = assign_speakers(clips, talker_config, overwrite_existing)
+        new = assign_speakers(clips, talker_config, overwrite_existing,
+                              reference_problem=lambda path: reference_problem(path, max_audio_seconds))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    for speaker in new:
+        for source, path, why in speaker.unusable_references:
+            log(f"{source}: ref_audio: {path}: {why}; left out of {speaker.name}'s voice vector")
     replaced = {speaker.name for speaker in new}
     dialects = {name.lower(): dialect for name, dialect in (talker_config.spk_is_dialect or {}).items()}
     kept = [Speaker(name, codec_id, dialect=dialects.get(name, False), kept=True)

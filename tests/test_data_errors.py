@@ -178,3 +178,32 @@ def test_reference_audio_at_any_rate_and_channel_count_is_used(good_row, tmp_pat
     assert abs(original.shape[1] - resampled.shape[1]) <= 1
     frames = min(original.shape[1], resampled.shape[1])
     assert (original[:, :frames] - resampled[:, :frames]).abs().mean() < 0.5  # log-mel: same audio, resampled
+
+
+def test_unusable_reference_clips_are_left_out_of_the_voice_and_named(tiny_model, coded_clips, tmp_path, capsys):
+    """A hand-made JSONL may name a silent or a 40 s reference: the trainer leaves it out of the
+    speaker's vector and names it (file, line, field); a voice with no usable reference is refused."""
+    import numpy as np
+    import soundfile as sf
+
+    from qwen3_tts_sft import checkpoint
+
+    rows = [row for row in read_jsonl(coded_clips) if row["speaker"] == "alice"]
+    silent, long_take = tmp_path / "silent.wav", tmp_path / "long_take.wav"
+    sf.write(silent, np.zeros(48000, dtype=np.float32), 24000)
+    sf.write(long_take, 0.1 * np.sin(np.arange(24000 * 40) / 10).astype(np.float32), 24000)
+    data = tmp_path / "train.jsonl"
+    write_lines(data, [json.dumps(dict(rows[0], ref_audio=str(silent)))]
+                + [json.dumps(row) for row in rows[1:]])
+    output = train(tiny_model, data, tmp_path / "out", max_steps=1)
+    printed = capsys.readouterr().out
+    assert f"{data}:1: ref_audio: {silent}: silent: level -inf dBFS is below -50 dBFS; left out of alice's voice" in printed
+    references = checkpoint.read_trainer_state(output / "checkpoint-step-1").speakers[0]["reference_audio"]
+    assert references == [rows[1]["ref_audio"]]
+
+    write_lines(data, [json.dumps(dict(row, ref_audio=str(long_take))) for row in rows])
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, data, tmp_path / "out2", max_steps=1)
+    message = str(raised.value)
+    assert "speaker 'alice' has no usable reference clip" in message
+    assert f"{data}:1: ref_audio: {long_take}: 40.0 s long, over --max_audio_seconds 30" in message
