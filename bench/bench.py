@@ -59,6 +59,10 @@ def parse_args(argv=None):
                              "frames (many CUDA graphs) instead of to the plan's table of a few shapes")
     parser.add_argument("--no_optimizer_graph", action="store_true",
                         help="experiment: run the --low_memory optimizer step eagerly instead of as a recorded graph")
+    parser.add_argument("--listen", action="store_true",
+                        help="after the timed steps, one listening evaluation as the trainer runs it at each eval "
+                             "(scoring.listen: the built-in sentences, greedy, the default frame cap), timed, and its "
+                             "share of the training time between evals at the default --eval_steps")
     parser.add_argument("--profile", type=int, default=0,
                         help="after timing, profile this many more steps and print the busiest kernels")
     return parser.parse_args(argv)
@@ -162,6 +166,22 @@ def profile_steps(run, steps, count: int, work: Path, device):
     profiler.export_chrome_trace(str(work / "trace.json"))
 
 
+def listening_cost(run, step_seconds: float, synchronize) -> dict:
+    """One listening evaluation with the weights as they stand (a random model never stops: every
+    sentence runs to the frame cap, the most it can cost), and its share of the time from one eval to
+    the next at the run's --eval_steps."""
+    from qwen3_tts_sft import scoring
+
+    synchronize()
+    started = time.perf_counter()
+    entry, _ = scoring.listen(run)
+    synchronize()
+    seconds = time.perf_counter() - started
+    training = run.args.eval_steps * step_seconds
+    return dict(listen_seconds=seconds, listen_sentences=entry["sentences"], listen_stopped=entry["stopped"],
+                listen_share_at_eval_steps=seconds / (seconds + training), eval_steps=run.args.eval_steps)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -182,6 +202,8 @@ def main(argv=None):
              "--lr_scheduler", "constant_with_warmup", "--warmup_steps", "0"]
     if device.type == "cpu":
         flags += ["--mixed_precision", "no", "--num_workers", "0"]
+    if args.listen:  # a listener, as eval data would give; bench.py itself says when it listens
+        flags += ["--eval_generate_steps", str(total or 10 ** 9)]
 
     started = time.perf_counter()
     run = build_run(sft.check_args(sft.parse_args(flags + args.trainer_flags.split())))
@@ -230,6 +252,7 @@ def main(argv=None):
     seconds = loop_end - timed_start
     if args.profile:
         profile_steps(run, steps, args.profile, work, device)
+    listened = listening_cost(run, seconds / args.steps, synchronize) if args.listen else {}
 
     peak = matmul_peak_tflops(device)
     model_tflops = timed["flops"] / seconds / 1e12
@@ -271,6 +294,7 @@ def main(argv=None):
         run_loop_samples_per_second=run_clips / (loop_end - loop_start),  # from the first step on
         run_peak_memory_allocated_gb=max(warmup_peaks[0], torch.cuda.max_memory_allocated()) / 1e9 if on_gpu else nan,
         run_peak_memory_reserved_gb=max(warmup_peaks[1], torch.cuda.max_memory_reserved()) / 1e9 if on_gpu else nan,
+        **listened,
     )
     out = Path(args.json or work / f"bench_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,7 @@ for name in "$@"; do
     1.7b_lora16) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16" ;;
     1.7b_lora16_low_memory) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--lora_rank 16 --low_memory" ;;
     0.6b_default) bench "$name" --size 0.6b "${ten_seconds[@]}" ;;
+    1.7b_listen) bench "$name" --size 1.7b "${ten_seconds[@]}" --listen ;;  # one listening evaluation's cost
     0.6b_low_memory) bench "$name" --size 0.6b "${ten_seconds[@]}" --trainer_flags="--low_memory" ;;
     tiny_cpu) bench "$name" --size tiny --device cpu --steps 2 --warmup 1 ;;  # checks this script anywhere
     codes) codes_throughput ;;

@@ -31,6 +31,16 @@ def fresh_compiler_caches():
 
     torch._dynamo.reset()
     yield
+    if torch.cuda.is_available():
+        # What this file's runs left (compiled graphs, CUDA graphs and their pools) is freed here,
+        # between files, not by a garbage collection that happens to start inside the next file's
+        # compilation (one whole-suite GPU run aborted in torch.compile's fake-tensor cache during one).
+        import gc
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -46,3 +46,10 @@ def test_bench_runs_script_records_each_named_run(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [row["name"] for row in rows] == ["tiny_cpu"] and FIELDS <= rows[0].keys()
     assert "unknown run no_such_run" in (tmp_path / "log.txt").read_text()
+
+
+def test_bench_times_a_listening_evaluation_against_the_training_between_evals(tmp_path):
+    result = bench.main(["--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--clips", "16",
+                         "--work_dir", str(tmp_path), "--listen", "--trainer_flags=--eval_max_new_tokens 4"])
+    assert result["listen_sentences"] == 4 and result["eval_steps"] == 2000  # the built-in set, one voice
+    assert result["listen_seconds"] > 0 and 0 < result["listen_share_at_eval_steps"] < 1
