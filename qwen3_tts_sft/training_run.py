@@ -84,7 +84,7 @@ class TrainingRun:
         self.clips_this_run = 0
         self.reset_interval()
         if progress.evaluations:  # a resume: its checkpoint's history, ranked by this run's metric
-            best = scoring.choose_best(progress.evaluations, self.args.metric_for_best_model)
+            best = self.best_evaluation()
             if best is not None:
                 progress.best_step, progress.best_checkpoint = best["step"], best["checkpoint"] or progress.best_checkpoint
             if self.accelerator.is_main_process:
@@ -306,12 +306,20 @@ class TrainingRun:
         if self.listening_due(last_step):
             entry.update(self.listen())
         progress.evaluations.append(entry)
-        best = scoring.choose_best(progress.evaluations, self.args.metric_for_best_model)
+        best = self.best_evaluation()
         if best is not None:
             progress.best_step = best["step"]
             progress.best_checkpoint = best["checkpoint"] or progress.best_checkpoint
         if self.accelerator.is_main_process:
             scoring.write_scores(self.output_dir, progress.evaluations)
+
+    def best_evaluation(self):
+        """The best evaluation by --metric_for_best_model whose weights can still be had: a resume
+        under another metric may favour one whose checkpoint --save_total_limit removed under the old
+        one (evaluations between saves have none, and rank as before)."""
+        on_hand = [entry for entry in self.progress.evaluations
+                   if not entry["checkpoint"] or (self.output_dir / entry["checkpoint"]).is_dir()]
+        return scoring.choose_best(on_hand, self.args.metric_for_best_model)
 
     def listen(self) -> dict:
         """Speak and measure with the weights as they stand (scoring.listen) on the main process, log

@@ -85,6 +85,28 @@ def test_resume_keeps_the_evaluation_history(listened, tiny_model, coded_clips, 
     assert [entry["step"] for entry in state.progress.evaluations] == [2, 4]
 
 
+def test_a_resume_under_another_metric_never_links_a_removed_checkpoint(listened, tiny_model, coded_clips,
+                                                                       one_sentence, tmp_path):
+    """Under the old metric --save_total_limit removed step 2's checkpoint; ranked by the new one,
+    step 2 would win. The resumed run picks the best it still has, and best/ never dangles."""
+    import json
+
+    on, _ = listened
+    output = tmp_path / "resumed"
+    shutil.copytree(on, output, symlinks=True)
+    shutil.rmtree(output / "checkpoint-step-2")
+    state_file = output / "checkpoint-epoch-0" / checkpoint.TRAINER_STATE
+    state = json.loads(state_file.read_text())
+    state["evaluations"][0]["speaker_similarity"] = 1.0  # step 2: the best by similarity
+    state_file.write_text(json.dumps(state))
+    train(tiny_model, coded_clips, output, eval_sentences=one_sentence, resume_from_checkpoint="latest",
+          metric_for_best_model="speaker_similarity", load_best_model_at_end=True, allow_schedule_change=True,
+          num_epochs=2, **dict(RUN, max_steps=6), **LISTEN)
+    best = (output / scoring.BEST_LINK).resolve()
+    assert best.is_dir() and best.name != "checkpoint-step-2"
+    assert Qwen3TTSModel.from_pretrained(str(best)).model.talker is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Planted bad checkpoints
 # ---------------------------------------------------------------------------------------------
