@@ -136,7 +136,8 @@ def parse_args(argv=None):
     run.add_argument("--eval_steps", type=int, default=2000,
                      help="eval loss every this many steps, and at the end (needs eval data)")
     run.add_argument("--save_total_limit", type=int, default=2,
-                     help="keep only N checkpoints: the newest, and the best eval one counted among them "
+                     help="keep only N checkpoints: the newest, and the best by --metric_for_best_model counted "
+                          "among them "
                           "(0 = keep all); the banner says what they take on disk")
     run.add_argument("--save_dtype", default="bfloat16", choices=["bfloat16", "float32"],
                      help="dtype of the exported model.safetensors")

@@ -446,9 +446,11 @@ class TrainingRun:
             f"  checkpoints: {self.output_dir}/checkpoint-epoch-N"
             + (f" and every {args.save_steps} steps" if args.save_steps else "")
             + f", about {gigabytes(self.checkpoint_bytes)} each; "
-            + (f"--save_total_limit {args.save_total_limit} keeps the newest {args.save_total_limit}, the best eval "
-               f"one counted among them: up to {gigabytes(self.checkpoint_bytes * (args.save_total_limit + 1))} "
-               f"while the next is written (0 keeps all)" if args.save_total_limit else
+            + (f"--save_total_limit {args.save_total_limit} keeps the newest {args.save_total_limit}, the best by "
+               f"--metric_for_best_model counted among them: up to "
+               f"{gigabytes(self.checkpoint_bytes * (args.save_total_limit + 1))} while the next is written "
+               f"(0 keeps all)"
+               if args.save_total_limit else
                "--save_total_limit 0 keeps them all"),
         ]
         if settings.listening:

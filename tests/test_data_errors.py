@@ -197,7 +197,8 @@ def test_unusable_reference_clips_are_left_out_of_the_voice_and_named(tiny_model
                 + [json.dumps(row) for row in rows[1:]])
     output = train(tiny_model, data, tmp_path / "out", max_steps=1)
     printed = capsys.readouterr().out
-    assert f"{data}:1: ref_audio: {silent}: silent: level -inf dBFS is below -50 dBFS; left out of alice's voice" in printed
+    assert (f"{data}:1: ref_audio: {silent}: silent: level -inf dBFS is below -50 dBFS; left out of alice's "
+            "voice vector") in printed
     references = checkpoint.read_trainer_state(output / "checkpoint-step-1").speakers[0]["reference_audio"]
     assert references == [rows[1]["ref_audio"]]
 

@@ -97,7 +97,8 @@ def test_the_banner_states_which_checkpoints_are_kept_and_their_disk_cost(short_
     stated = float(banner.split(", about ")[1].split(" MB each; ")[0]) * 1e6
     written = sum(path.stat().st_size for path in (short_run[0] / "checkpoint-epoch-0").rglob("*") if path.is_file())
     assert 0.9 < stated / written < 1.1
-    kept = banner.split(" MB each; --save_total_limit 2 keeps the newest 2, the best eval one counted among them: "
+    kept = banner.split(" MB each; --save_total_limit 2 keeps the newest 2, the best by --metric_for_best_model "
+                        "counted among them: "
                         "up to ")[1]
     number, unit = kept.split(" while the next is written (0 keeps all)")[0].split()
     assert 2.9 < float(number) * {"MB": 1e6, "GB": 1e9}[unit] / stated < 3.1  # two kept and the next one
