@@ -471,9 +471,11 @@ class TrainingRun:
         when = f"every {settings.listen_steps} steps and at the end" if settings.listen_steps else "at the end"
         new_voices = [speaker for speaker in self.speaker_table if not speaker.kept]
         count = f"{self.listener.sentences} sentences" if self.listener else "sentences"
-        return (f"  listening: {when}, {count} ({len(new_voices)} voices x "
-                f"{'--eval_sentences' if args.eval_sentences else 'built-in sentences'} x {len(settings.layouts)} "
-                f"layouts), greedy, measured as infer_test.py does; best by --metric_for_best_model "
+        voice_count, layout_count = len(new_voices), len(settings.layouts)
+        return (f"  listening: {when}, {count} ({voice_count} voice{'s' * (voice_count != 1)} x "
+                f"{'--eval_sentences' if args.eval_sentences else 'built-in sentences'} x {layout_count} "
+                f"layout{'s' * (layout_count != 1)}), greedy, measured as infer_test.py does; best by "
+                f"--metric_for_best_model "
                 f"{args.metric_for_best_model}" + (", linked as best/" if args.load_best_model_at_end else ""))
 
     def finish(self):
