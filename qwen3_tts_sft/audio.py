@@ -237,10 +237,16 @@ def probe(path) -> tuple:
     return (seconds, None) if seconds > 0 else (None, ("empty_audio", "holds no samples"))
 
 
-def reference_problem(decoded: DecodedAudio, silence_dbfs: float = SILENCE_DBFS):
-    """Why decoded audio cannot be a reference clip, or None. A speaker's vector comes from its
-    reference clips alone, so each must be whole, finite, hold a voice, and be recorded at a rate
-    that keeps the upper half of the voice."""
+def reference_problem(path, sample_rate: int, length_problem=lambda seconds: None,
+                      silence_dbfs: float = SILENCE_DBFS):
+    """Why the file at `path` cannot be a reference clip, or None. A speaker's vector comes from its
+    reference clips alone, so each must be readable, whole, finite, hold a voice, be recorded at a
+    rate that keeps the upper half of the voice, and pass `length_problem` (seconds -> why not, or
+    None: the caller's bounds)."""
+    try:
+        decoded = decode(path, sample_rate)
+    except Exception as error:  # soundfile raises several types for unreadable files
+        return f"unreadable ({error})"
     if decoded.truncated:
         return decoded.truncated
     if not decoded.finite:
@@ -250,4 +256,4 @@ def reference_problem(decoded: DecodedAudio, silence_dbfs: float = SILENCE_DBFS)
     if decoded.file_rate < LOW_SAMPLE_RATE:
         return (f"recorded at {decoded.file_rate} Hz, below {LOW_SAMPLE_RATE} Hz: a speaker vector "
                 f"from it misses the upper half of the voice")
-    return None
+    return length_problem(len(decoded.samples) / sample_rate)

@@ -505,9 +505,7 @@ class AudioChecks:
     def reference_problem(self, path: str, sample_rate: int):
         """Why a file cannot be a reference clip, or None: the checks of a training clip, and its
         rate must not be low (the speaker vector comes from it alone)."""
-        try:
-            decoded = audio.decode(path, sample_rate)
-        except Exception as error:
-            return f"unreadable ({error})"
-        length_problem = self.limits.problem(len(decoded.samples) / sample_rate)
-        return audio.reference_problem(decoded, self.silence_dbfs) or (length_problem[1] if length_problem else None)
+        def length_problem(seconds):
+            reason_and_problem = self.limits.problem(seconds)
+            return reason_and_problem[1] if reason_and_problem else None
+        return audio.reference_problem(path, sample_rate, length_problem, self.silence_dbfs)

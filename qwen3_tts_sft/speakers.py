@@ -69,7 +69,7 @@ def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False
     taken |= {talker_config.codec_pad_id, talker_config.codec_bos_id, talker_config.codec_eos_token_id,
               talker_config.codec_think_id, talker_config.codec_nothink_id,
               talker_config.codec_think_bos_id, talker_config.codec_think_eos_id}
-    speakers, unusable = {}, {}  # unusable: path -> why it cannot be a reference (None: it can)
+    speakers, problems = {}, {}  # reference path -> why it cannot be one (None: it can)
     next_id = FIRST_NEW_SPEAKER_ID
     for clip in clips:
         speaker = speakers.get(clip.speaker)
@@ -88,11 +88,11 @@ def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False
             taken.add(next_id)
         if clip.ref_audio in speaker.reference_audio or len(speaker.reference_audio) >= MAX_REFERENCE_CLIPS:
             continue
-        if clip.ref_audio not in unusable:
-            unusable[clip.ref_audio] = reference_problem(clip.ref_audio) if reference_problem else None
-            if unusable[clip.ref_audio]:
-                speaker.unusable_references.append((clip.source, clip.ref_audio, unusable[clip.ref_audio]))
-        if not unusable[clip.ref_audio]:
+        if clip.ref_audio not in problems:
+            problems[clip.ref_audio] = reference_problem(clip.ref_audio) if reference_problem else None
+            if problems[clip.ref_audio]:
+                speaker.unusable_references.append((clip.source, clip.ref_audio, problems[clip.ref_audio]))
+        if not problems[clip.ref_audio]:
             speaker.reference_audio.append(clip.ref_audio)
     for speaker in speakers.values():
         if not speaker.reference_audio:
@@ -105,15 +105,12 @@ def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False
 def reference_problem(path: Path, max_seconds: float = 0.0):
     """Why a reference clip named by the training data cannot give its speaker's vector, or None:
     the checks prepare_codes.py applies to references, and no longer than --max_audio_seconds."""
-    try:
-        decoded = audio.decode(path, audio.TOKENIZER_SAMPLE_RATE)
-    except Exception as error:  # soundfile raises several types for unreadable files
-        return f"unreadable ({error})"
-    seconds = len(decoded.samples) / audio.TOKENIZER_SAMPLE_RATE
-    if max_seconds and seconds > max_seconds and not decoded.truncated:
-        return (f"{seconds:.1f} s long, over --max_audio_seconds {max_seconds:g}: a reference is one utterance "
-                f"of a few seconds")
-    return audio.reference_problem(decoded)
+    def length_problem(seconds):
+        if max_seconds and seconds > max_seconds:
+            return (f"{seconds:.1f} s long, over --max_audio_seconds {max_seconds:g}: a reference is one "
+                    f"utterance of a few seconds")
+        return None
+    return audio.reference_problem(path, audio.TOKENIZER_SAMPLE_RATE, length_problem)
 
 
 def reference_mel(path: Path, sample_rate: int) -> torch.Tensor:

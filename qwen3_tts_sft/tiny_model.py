@@ -27,6 +27,8 @@ import torch
 
 from qwen3_tts_sft.quiet import import_qwen_tts
 
+import_qwen_tts()  # before the qwen_tts imports below, so that its flash-attn and SoX notices stay unprinted
+
 # Ids and tables shared by every released Qwen3-TTS 12 Hz model, from the published config.json
 # and tokenizer_config.json. The tiny model keeps them, so the trainer sees the real id layout.
 FIRST_SPECIAL_TEXT_ID = 151643
@@ -350,7 +352,6 @@ def write_text_tokenizer(out_dir: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def write_speech_tokenizer(out_dir: Path, size: str, seed: int) -> None:
-    import_qwen_tts()  # without its flash-attn and SoX notices
     from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -392,7 +393,6 @@ def make_decoder_audible(decoder, target_std: float = 0.1) -> None:
 
 def write_model_dir(out_dir, size: str = "tiny", seed: int = 0) -> Path:
     """Write a complete random Qwen3-TTS Base model directory and return its path."""
-    import_qwen_tts()  # without its flash-attn and SoX notices
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
     from safetensors.torch import save_file
 
@@ -475,7 +475,6 @@ def make_speaker_encoder_separate(model_dir, reference_audio: list, vector_norm:
 
     from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS
     from qwen3_tts_sft.speakers import reference_mel
-    import_qwen_tts()  # without its flash-attn and SoX notices
     from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
 
