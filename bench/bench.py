@@ -16,6 +16,7 @@ Prints a table and writes every figure as JSON.
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -225,10 +226,16 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    on_gpu = device.type == "cuda"
     timed = dict(flops=0.0, talker_tokens=0.0, padded_tokens=0.0, predictor_tokens=0.0, frames=0.0, padded_frames=0.0,
                  clips=0)
     run_clips, warmup_peaks = 0, (0, 0)
+    # One event after each step: the GPU's timeline per step, without a synchronize that would change
+    # the overlap of host and GPU. Steps far above the median are first runs, recordings, compiles.
+    step_ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.warmup + args.steps + 1)] if on_gpu else []
     loop_start = time.perf_counter()
+    if step_ends:
+        step_ends[0].record()
     for number in range(args.warmup + args.steps):
         if number == args.warmup:
             synchronize()
@@ -244,20 +251,24 @@ def main(argv=None):
             timed["clips"] += step.targets.clips
         run_clips += step.targets.clips
         run.optimizer_step(step, stop_asked=False)
+        if step_ends:
+            step_ends[number + 1].record()
         if number == 0:
             synchronize()
             first_step_seconds = time.perf_counter() - loop_start
     synchronize()
     loop_end = time.perf_counter()
+    nan = float("nan")
     seconds = loop_end - timed_start
     if args.profile:
         profile_steps(run, steps, args.profile, work, device)
     listened = listening_cost(run, seconds / args.steps, synchronize) if args.listen else {}
 
+    step_ms = [start.elapsed_time(end) for start, end in zip(step_ends, step_ends[1:])]
+    median_ms = statistics.median(step_ms) if step_ms else nan
     peak = matmul_peak_tflops(device)
     model_tflops = timed["flops"] / seconds / 1e12
     trainer_args, settings = run.args, run.settings
-    on_gpu, nan = device.type == "cuda", float("nan")
     trainer_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate wraps it
     result = dict(
         size=args.size, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -270,6 +281,7 @@ def main(argv=None):
         batch_shapes=len(run.first_plan.shapes.sizes) if run.graphs else 0,  # the plan's table, used with CUDA graphs
         cuda_graphs_recorded=len(run.graphs.recorded) if run.graphs else 0,  # batch shapes, one graph each
         cuda_graphs_first_runs=len(run.graphs.warmed_up) if run.graphs else 0,  # shapes seen, each run once first
+        cuda_graphs_recordings=run.graphs.recordings if run.graphs else 0,  # a shape recorded again counts again
         optimizer_graph=getattr(trainer_optimizer, "graph", None) is not None,  # the --low_memory step recorded
         timed_steps=args.steps,
         samples_per_second=timed["clips"] / seconds,
@@ -294,6 +306,12 @@ def main(argv=None):
         run_loop_samples_per_second=run_clips / (loop_end - loop_start),  # from the first step on
         run_peak_memory_allocated_gb=max(warmup_peaks[0], torch.cuda.max_memory_allocated()) / 1e9 if on_gpu else nan,
         run_peak_memory_reserved_gb=max(warmup_peaks[1], torch.cuda.max_memory_reserved()) / 1e9 if on_gpu else nan,
+        # Per step on the GPU's timeline: the median, what the slower steps cost beyond it (first runs
+        # of a shape, recordings, compiles), and the slowest ten as [step, ms].
+        step_ms_median=median_ms,
+        seconds_above_median=sum(max(0.0, ms - median_ms) for ms in step_ms) / 1e3 if step_ms else nan,
+        slowest_steps=[[number, round(step_ms[number], 1)] for number in
+                       sorted(range(len(step_ms)), key=step_ms.__getitem__, reverse=True)[:10]],
         **listened,
     )
     out = Path(args.json or work / f"bench_{args.size}.json")

@@ -93,6 +93,7 @@ class MicroBatchGraphs:
         self.enabled = True
         self.optimizer_has_stepped = False  # set by the loop: from then on the memory in use is the run's
         self.recorded = {}       # batch shape -> RecordedMicroBatch
+        self.recordings = 0      # graphs recorded so far, a shape recorded again counted again
         self.warmed_up = set()   # shapes that have run once as usual
         self.pool = torch.cuda.MemPool()  # every graph's memory, and every first run's
         self.stream = torch.cuda.Stream()  # where graphs are recorded and first runs run: the pool's blocks belong to it
@@ -172,6 +173,7 @@ class MicroBatchGraphs:
         """Record the graph of `shape`, with `batch` and `loss_weights` as its input buffers."""
         self.make_gradients()
         self.check_gradients()
+        self.recordings += 1
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the data loader's pin-memory thread makes CUDA calls meanwhile.
