@@ -45,9 +45,11 @@ def merged_state_dict(state_dict: dict, config: LoraConfig) -> dict:
             continue
         layer, leaf = name.split(".base_layer.")
         if leaf == "weight":
-            a = state_dict[f"{layer}.lora_A.{ADAPTER}.weight"].float()
-            b = state_dict[f"{layer}.lora_B.{ADAPTER}.weight"].float()
-            tensor = (tensor.float() + scaling * (b @ a)).to(tensor.dtype)
+            # In float64: the trainer lets a GPU's fp32 products use TF32 (10-bit mantissa), which would
+            # make the merged weight differ from base + adapter by far more than fp32 rounding.
+            a = state_dict[f"{layer}.lora_A.{ADAPTER}.weight"].double()
+            b = state_dict[f"{layer}.lora_B.{ADAPTER}.weight"].double()
+            tensor = (tensor.double() + scaling * (b @ a)).to(tensor.dtype)
         merged[f"{layer}.{leaf}"] = tensor
     return merged
 

@@ -84,10 +84,18 @@ def test_progress_lines_without_a_terminal_and_labelled_eval_lines(short_run):
 
 
 def test_the_header_says_why_it_trains_on_the_cpu(short_run, monkeypatch):
-    assert ("no CUDA GPU found (torch.cuda.is_available() is False): training on the CPU, which is only "
-            "practical for the tiny test model") in short_run[1]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    header = short_run[1].split("flags: ")[0]
+    if training_setup.torch.cuda.is_available():  # a GPU box: the run took it and says so, with no excuse
+        assert "device: cuda" in header and "training on the CPU" not in header
+    else:
+        assert ("no CUDA GPU found (torch.cuda.is_available() is False): training on the CPU, which is only "
+                "practical for the tiny test model") in header
+    # The reasons, whatever this machine has: none visible, none found, a torch without CUDA.
+    monkeypatch.setattr(training_setup.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training_setup.torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert training_setup.why_no_gpu() == "no CUDA GPU found (torch.cuda.is_available() is False)"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert training_setup.why_no_gpu() == ("no GPU is visible: CUDA_VISIBLE_DEVICES is set to '' and torch sees "
                                            "no GPU through it")
 
