@@ -33,6 +33,7 @@ launcher's ranks are the shards and process 0 merges when all are done. The chec
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 from qwen3_tts_sft import audio, data_report
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
+from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
 from qwen3_tts_sft.dataset_layouts import (FLAGS, REJECT_REASONS, AudioChecks, Limits, Processing, Reject, RowChecker,
                                            detect_layout, input_order, read_input)
 
@@ -213,7 +215,10 @@ def speech_tokenizer_folder(value: str) -> str:
             return None
 
     if not path.is_dir():
-        raise SystemExit(f"error: --tokenizer_model_path {value}: no such folder")
+        hub_name = value.count("/") == 1 and not value.startswith((".", "/", "~"))
+        raise SystemExit(f"error: --tokenizer_model_path {value}: no such folder" + (
+            f". It looks like a Hugging Face model name: download it first (huggingface-cli download {value} "
+            f"--local-dir DIR) and pass DIR" if hub_name else ""))
     if model_type(path) == TOKENIZER_MODEL_TYPE:
         return str(path)
     inner = path / "speech_tokenizer"
@@ -251,11 +256,29 @@ def run_settings(args, inputs: list) -> dict:
                 max_segment_seconds=args.max_segment_seconds, min_pause_seconds=args.min_pause_seconds,
                 asr_model=absolute(args.asr_model), asr_check=args.asr_check, max_cer=args.max_cer,
                 references_per_speaker=args.references_per_speaker,
-                shard_index=args.shard_index, num_shards=args.num_shards)
+                shard_index=args.shard_index, num_shards=args.num_shards, input_fingerprint=input_fingerprint(inputs))
 
 
 def settings_differences(earlier: dict, now: dict) -> list:
-    return [f"--{key} {earlier.get(key)} (now {now.get(key)})" for key in now if earlier.get(key) != now.get(key)]
+    """The flags that differ. The input's contents are not a flag: a resumed run checks them row by
+    row (ProgressFile.todo), a finished one encodes again (already_complete)."""
+    return [f"--{key} {earlier.get(key)} (now {now.get(key)})" for key in now
+            if key != "input_fingerprint" and earlier.get(key) != now.get(key)]
+
+
+def input_fingerprint(inputs: list) -> str:
+    """sha256 of the inputs as they are now: a file's bytes; a folder's file names, sizes and times."""
+    digest = hashlib.sha256()
+    for _, path in inputs:
+        if path.is_dir():
+            for file in sorted(item for item in path.rglob("*") if item.is_file()):
+                stat = file.stat()
+                digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        else:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,16 +292,27 @@ def main(argv=None):
         return merge_shards(output, args.num_shards)
     if not args.validate_only:
         args.tokenizer_model_path = speech_tokenizer_folder(args.tokenizer_model_path)
+    args.languages = languages_of_tokenizer_folder(args.tokenizer_model_path)
+    if args.language is not None:
+        problem = language_problem(args.language, args.languages)
+        if problem:
+            raise SystemExit(f"error: --language {problem}")
+        args.language = args.language.strip().lower()
     inputs = [detect_layout(Path(value).expanduser().resolve()) for value in args.input]
+    if output in [path for _, path in inputs]:
+        raise SystemExit(f"error: --output_jsonl {args.output_jsonl} is also an --input: it would be overwritten. "
+                         f"Choose another --output_jsonl.")
     settings = run_settings(args, inputs)
     own_output = shard_output(output, args.shard_index, args.num_shards)
+    own_output.parent.mkdir(parents=True, exist_ok=True)
     if args.validate_only and own_output.exists():
         raise SystemExit(f"error: {own_output} exists: --validate_only would overwrite its rejects, summary and "
                          f"report. Choose another --output_jsonl to check the data.")
     try:
+        summary = None
         if not args.validate_only and own_output.exists() and not beside(own_output, ".partial").exists():
             summary = already_complete(own_output, settings)
-        else:
+        if summary is None:
             summary = prepare(args, inputs, own_output, settings)
     except KeyboardInterrupt:
         partial = progress_path(own_output, args.validate_only)
@@ -294,13 +328,21 @@ def progress_path(output: Path, validate_only: bool) -> Path:
 
 
 def already_complete(output: Path, settings: dict):
+    """The summary of an OUTPUT this command has already written from this input, or None where the
+    input has changed since (rows added or fixed): then it is encoded again."""
     summary_path = beside(output, ".summary.json")
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    differences = settings_differences(summary["settings"], settings) if summary else []
+    if not summary_path.exists():
+        raise SystemExit(f"error: {output} exists, but not as prepare_codes.py's output (no {summary_path.name} "
+                         f"beside it). Choose another --output_jsonl, or delete it.")
+    summary = json.loads(summary_path.read_text())
+    differences = settings_differences(summary["settings"], settings)
     if differences:
         raise SystemExit(f"error: {output} is complete, but was written with other settings: {', '.join(differences)}. "
                          f"Delete it, or choose another --output_jsonl.")
-    print(f"{output} is already complete; nothing to do (delete it to encode again)")
+    if summary["settings"].get("input_fingerprint") != settings["input_fingerprint"]:
+        print(f"the input has changed since {output} was written: encoding it again")
+        return None
+    print(f"{output} is already complete and the input is unchanged; nothing to do (delete it to encode again)")
     return summary
 
 
@@ -314,7 +356,8 @@ def prepare(args, inputs: list, output: Path, settings: dict) -> dict:
         problem = problem[1] if problem else checks.reference_problem(settings["ref_audio"], audio.TOKENIZER_SAMPLE_RATE)
         if problem:
             raise SystemExit(f"error: --ref_audio {args.ref_audio}: {problem}")
-    checker = RowChecker(limits, settings["ref_audio"], args.speaker, args.language, transcribe=bool(args.asr_model))
+    checker = RowChecker(limits, settings["ref_audio"], args.speaker, args.language, args.languages,
+                         transcribe=bool(args.asr_model))
     planned, rejects = [], []
     for layout, input_path in inputs:
         found = len(planned) + len(rejects)

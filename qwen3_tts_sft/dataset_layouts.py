@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen3_tts_sft import audio
+from qwen3_tts_sft.languages import PUBLISHED_LANGUAGE_IDS, language_problem, model_languages
 
 # Files the folder and LJSpeech layouts take as audio: what soundfile (libsndfile 1.1+) decodes.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
@@ -176,13 +177,21 @@ def ljspeech_rows(metadata: Path):
         if not texts:
             yield Reject(source, "missing_transcript", "text", "the line has no text column (id|text)", line)
             continue
+        if len(texts) > 2:  # which column is the text is anyone's guess: keep no wrong transcript
+            yield Reject(source, "bad_row", "text", f"the line has {len(texts) + 1} columns where LJSpeech has 2 or 3 "
+                         f"(id|text|normalized text): is there a \"|\" inside the text?", line)
+            continue
         text = texts[1] if len(texts) > 1 and texts[1] else texts[0]
-        yield InputRow(source, dict(audio=str(find_audio(clips, clip_id).resolve()), text=text), line)
+        audio_path = find_audio((clips, metadata.parent), clip_id)
+        yield InputRow(source, dict(audio=str(audio_path.resolve()), text=text), line)
 
 
-def find_audio(folder: Path, clip_id: str) -> Path:
-    """folder/clip_id if it names a file, else folder/clip_id.<ext> (wav first); the .wav path when none exists."""
-    candidates = [folder / clip_id] + [folder / (clip_id + extension) for extension in AUDIO_EXTENSIONS]
+def find_audio(folders: tuple, clip_id: str) -> Path:
+    """The first file named clip_id, or clip_id.<ext> (wav first), in the folders in turn (wavs/, then
+    metadata.csv's own folder, where an id like wavs/0001.wav is relative to); the first .wav path
+    when none exists."""
+    candidates = [folder / name for folder in folders
+                  for name in [clip_id] + [clip_id + extension for extension in AUDIO_EXTENSIONS]]
     return next((path for path in candidates if path.is_file()), candidates[1])
 
 
@@ -190,8 +199,10 @@ def folder_rows(folder: Path):
     audio_files = sorted((str(path.resolve()) for path in folder.rglob("*")
                           if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()))
     for audio_file in audio_files:
-        transcript = next((path for path in (Path(audio_file).with_suffix(ext) for ext in TRANSCRIPT_EXTENSIONS)
-                           if path.is_file()), None)
+        # take.txt, take.TXT, take.lab, and take.wav.txt as some tools write it.
+        names = [Path(audio_file).with_suffix(case(ext)) for ext in TRANSCRIPT_EXTENSIONS for case in (str, str.upper)]
+        names += [Path(audio_file + ext) for ext in TRANSCRIPT_EXTENSIONS]
+        transcript = next((path for path in names if path.is_file()), None)
         if transcript is None:
             stem = Path(audio_file).stem
             yield InputRow(audio_file, dict(audio=audio_file), None,
@@ -229,9 +240,10 @@ class RowChecker:
     """
 
     def __init__(self, limits: Limits, ref_audio: str = None, speaker: str = None, language: str = None,
-                 transcribe: bool = False):
+                 languages: list = None, transcribe: bool = False):
         self.limits = limits
         self.defaults = dict(speaker=speaker, language=language)
+        self.languages = languages or model_languages(PUBLISHED_LANGUAGE_IDS)  # what a row's language may be
         self.ref_audio = ref_audio
         self.transcribe = transcribe
         self.probes = {}  # path -> probe(path); one reference clip serves many rows
@@ -266,6 +278,11 @@ class RowChecker:
                 continue
             if not isinstance(value, str) or not value.strip():
                 return reject("bad_row", field_name, "is not a name")
+            if field_name == "language":
+                problem = language_problem(value, self.languages)
+                if problem:
+                    return reject("bad_row", "language", problem)
+                value = value.strip().lower()
             row[field_name] = value
 
         audio_file = row.get("audio")

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
+from qwen3_tts_sft.languages import model_languages
 from qwen3_tts_sft.sequence_layout import AUTO_LANGUAGE, prefix_language
 from qwen3_tts_sft.training_data import Clip
 
@@ -55,12 +56,6 @@ def named_speakers(args) -> list:
     if not args.replay_speakers or args.replay_speakers.strip().lower() == ALL:
         return []
     return [name.strip().lower() for name in args.replay_speakers.split(",") if name.strip()]
-
-
-def model_languages(codec_language_id: dict) -> list:
-    """The languages generate_custom_voice takes: auto and the model's languages (dialects are reached
-    through their speakers only)."""
-    return [AUTO_LANGUAGE] + [name.lower() for name in (codec_language_id or {}) if "dialect" not in name.lower()]
 
 
 def languages(args, codec_language_id: dict) -> list:

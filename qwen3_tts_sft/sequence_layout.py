@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qwen3_tts_sft.languages import AUTO_LANGUAGE, model_languages
 from qwen3_tts_sft.quiet import import_qwen_tts
 
 import_qwen_tts()  # before the import below, so that qwen_tts's notices about flash-attn and SoX stay unprinted
@@ -42,7 +43,6 @@ from qwen_tts.inference.qwen3_tts_model import Qwen3TTSModel  # noqa: E402
 # generate() keeps the first 3 ids as the role and drops the last 5.
 ROLE_LENGTH = 3
 PROMPT_SUFFIX_LENGTH = 5
-AUTO_LANGUAGE = "auto"
 NON_STREAMING, STREAMING = "non_streaming", "streaming"  # generate(non_streaming_mode=True / False)
 IGNORE_INDEX = -100  # label of positions that predict nothing (torch cross_entropy's default)
 
@@ -86,7 +86,7 @@ class SpecialIds:
 
     def supported_languages(self) -> list:
         """Languages a row may name; dialects are reached through dialect speakers only."""
-        return [AUTO_LANGUAGE] + sorted(name for name in self.language_ids if "dialect" not in name)
+        return model_languages(self.language_ids)
 
     def codec_prefix(self, language: str) -> list:
         """Codec-track control ids before the speaker slot."""

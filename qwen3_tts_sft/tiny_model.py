@@ -25,6 +25,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from qwen3_tts_sft.languages import PUBLISHED_LANGUAGE_IDS
 from qwen3_tts_sft.quiet import import_qwen_tts
 
 import_qwen_tts()  # before the qwen_tts imports below, so that its flash-attn and SoX notices stay unprinted
@@ -52,18 +53,6 @@ CODEC_SPECIAL_IDS = dict(
     codec_think_bos_id=2156,
     codec_think_eos_id=2157,
 )
-CODEC_LANGUAGE_ID = {
-    "chinese": 2055,
-    "english": 2050,
-    "german": 2053,
-    "italian": 2070,
-    "portuguese": 2071,
-    "spanish": 2054,
-    "japanese": 2058,
-    "korean": 2064,
-    "french": 2061,
-    "russian": 2069,
-}
 TALKER_VOCAB_SIZE = 3072  # codes 0..2047, then control, language and speaker ids
 CODEBOOK_SIZE = 2048
 NUM_CODE_GROUPS = 16
@@ -171,7 +160,7 @@ def model_config(size: str) -> dict:
         initializer_range=0.02,
         use_cache=True,
         position_id_per_seconds=13,
-        codec_language_id=dict(CODEC_LANGUAGE_ID),
+        codec_language_id=dict(PUBLISHED_LANGUAGE_IDS),
         spk_id={},
         spk_is_dialect={},
         model_type="qwen3_tts_talker",

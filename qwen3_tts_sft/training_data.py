@@ -19,6 +19,7 @@ import torch
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
+from qwen3_tts_sft.languages import language_problem
 from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
                                            check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
                                            prompt_ids)
@@ -80,7 +81,7 @@ class ClipReader:
         self.prompter = prompter
         self.max_positions = max_positions
         self.check_audio = check_audio
-        self.languages = set(ids.supported_languages())
+        self.languages = ids.supported_languages()
         self.readable = {}
 
     def row_problems(self, row, jsonl_dir: Path) -> tuple:
@@ -111,19 +112,21 @@ class ClipReader:
                 problems.append(("ref_audio", f"{ref_audio}: {problem}"))
 
         language = row.get("language", AUTO_LANGUAGE)
-        if not isinstance(language, str) or language.lower() not in self.languages:
-            problems.append(("language", f"{language!r} is not one of {sorted(self.languages)}"))
+        problem = language_problem(language, self.languages)
+        if problem:
+            problems.append(("language", problem))
 
         speaker = row.get("speaker", self.default_speaker)
         if speaker is None:
-            problems.append(("speaker", "missing, and no --speaker_name was given"))
+            problems.append(("speaker", "missing, and no --speaker_name was given (pass --speaker_name NAME, "
+                                        "or give the row a \"speaker\")"))
         elif not isinstance(speaker, str) or not speaker.strip():
             problems.append(("speaker", "is not a name"))
 
         if problems:
             return None, problems
         clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
-                    speaker=speaker.strip().lower(), language=language.lower())
+                    speaker=speaker.strip().lower(), language=language.strip().lower())
         if self.prompter is not None:
             try:
                 clip.prompt = self.prompter(text)
@@ -187,6 +190,8 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
             row, row_problems = parse_line(line, line_number)
             if not row_problems:
                 clip, row_problems = reader.row_problems(row, jsonl_path.parent)
+            if ("audio_codes", NOT_ENCODED) in row_problems:  # its other fields are prepare_codes.py's to check
+                row_problems = [("audio_codes", NOT_ENCODED)]
             if row_problems:
                 problems += [f"{source}: {field}: {problem}" for field, problem in row_problems]
                 if strict:
@@ -203,6 +208,8 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
         if not clips or bad_rows / rows > max_bad_fraction:
             if bad_rows == sum(map(is_not_encoded, problems)):  # the encoding command says what to do
                 raise DataError(report)
+            if not clips:
+                raise DataError(f"{report}\nnone of the {rows} rows in {jsonl_path} can be trained on")
             raise DataError(
                 f"{report}\n{bad_rows} of {rows} rows in {jsonl_path} are bad, more than the "
                 f"{max_bad_fraction:.1%} allowed (--max_bad_fraction). Fix them or raise the limit."
@@ -234,7 +241,7 @@ def problem_report(problems: list, jsonl_path: Path, tokenizer_path) -> str:
     command that encodes them."""
     uncoded = [problem for problem in problems if is_not_encoded(problem)]
     others = [problem for problem in problems if not is_not_encoded(problem)]
-    lines = [format_problems(others)] if others else []
+    lines = [format_problems(others, jsonl_path)] if others else []
     if uncoded:
         first_line = uncoded[0].split(": audio_codes:")[0]
         output = jsonl_path.with_name(jsonl_path.stem + "_with_codes.jsonl")
@@ -246,10 +253,24 @@ def problem_report(problems: list, jsonl_path: Path, tokenizer_path) -> str:
     return "\n".join(lines)
 
 
-def format_problems(problems: list, limit: int = 50) -> str:
-    shown = problems[:limit]
-    more = f"\n... and {len(problems) - limit} more problems" if len(problems) > limit else ""
-    return "\n".join(shown) + more
+def format_problems(problems: list, jsonl_path: Path, limit: int = 50) -> str:
+    """`file:line: field: problem` lines. A problem that many rows share (a flag not given, one wrong
+    language everywhere) is one line that counts them, so the rest stay in view."""
+    prefix = f"{jsonl_path}:"
+    by_problem = {}  # "field: problem" -> its lines, in order
+    for problem in problems:
+        line, _, what = problem[len(prefix):].partition(": ")
+        by_problem.setdefault(what, []).append(line)
+    shown = []
+    for problem in problems:
+        line, _, what = problem[len(prefix):].partition(": ")
+        lines = by_problem[what]
+        if len(lines) <= 3:
+            shown.append(problem)
+        elif line == lines[0]:
+            shown.append(f"{jsonl_path}: {len(lines)} rows (lines {lines[0]}, {lines[1]}, ... {lines[-1]}): {what}")
+    more = f"\n... and {len(shown) - limit} more problems" if len(shown) > limit else ""
+    return "\n".join(shown[:limit]) + more
 
 
 def apply_length_limits(clips: list, max_audio_seconds: float = None, max_text_tokens: int = None,

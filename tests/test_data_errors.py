@@ -73,6 +73,36 @@ def test_each_bad_field_is_reported_with_file_line_and_field(good_row, tmp_path)
     assert "11 of 12 rows" in report
 
 
+def test_a_problem_every_row_shares_is_one_line_with_its_fix(good_row, tmp_path):
+    """No --speaker_name and no speaker in any row: one line that counts the rows and names the flag,
+    a wrong language with what was meant, and no advice to raise the bad-row limit."""
+    rows = [dict(good_row, text=f"Row {index}.", language="en") for index in range(6)]
+    for row in rows:
+        row.pop("speaker")
+    path = write_lines(tmp_path / "nameless.jsonl", [json.dumps(row) for row in rows])
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS)
+    report = str(raised.value).splitlines()
+    assert report == [
+        f"{path}: 6 rows (lines 1, 2, ... 6): language: 'en' is not one of ['auto', 'chinese', 'english']; "
+        f"did you mean 'english'?",
+        f"{path}: 6 rows (lines 1, 2, ... 6): speaker: missing, and no --speaker_name was given (pass "
+        f"--speaker_name NAME, or give the row a \"speaker\")",
+        f"none of the 6 rows in {path} can be trained on"]
+
+
+def test_a_recordings_list_is_named_as_such_and_nothing_else(good_row, tmp_path):
+    """Rows with audio but no codes (prepare_codes.py's input): one message with the command; their
+    missing references and speakers are prepare_codes.py's to handle, so they are not listed."""
+    rows = [dict(audio=f"wavs/{index}.wav", text=f"Row {index}.") for index in range(5)]
+    path = write_lines(tmp_path / "raw.jsonl", [json.dumps(row) for row in rows])
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS)
+    report = str(raised.value)
+    assert report.startswith(f"{path}: 5 rows (the first at {path}:1) have \"audio\" but no \"audio_codes\"")
+    assert "python prepare_codes.py" in report and "ref_audio" not in report and "speaker" not in report
+
+
 def test_a_few_bad_rows_are_skipped_and_no_good_row_is_lost(good_row, tmp_path):
     lines = [json.dumps(dict(good_row, text=f"clip {i}")) for i in range(199)] + ["{broken"]
     messages = []

@@ -176,8 +176,9 @@ def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer,
 
 def test_ljspeech_layout(speech_tokenizer, tmp_path):
     ljs = tmp_path / "LJSpeech"
-    for clip_id, seconds in (("LJ001", 0.6), ("LJ003", 0.7), ("LJ004", 0.6), ("LJ005", 0.6)):
-        write_audio(ljs / "wavs" / f"{clip_id}.wav", voice(seconds, 22050, len(clip_id)), 22050)
+    for clip_id, seconds in (("LJ001", 0.6), ("LJ003", 0.7), ("LJ004", 0.6), ("LJ005", 0.6), ("LJ007", 0.6),
+                             ("LJ008", 0.6)):
+        write_audio(ljs / "wavs" / f"{clip_id}.wav", voice(seconds, 22050, int(clip_id[2:])), 22050)
     write_audio(ljs / "wavs" / "LJ002.flac", voice(0.8, 22050, 2), 22050)
     ref = write_audio(tmp_path / "ref.wav", voice(2.0, 24000, 9), 24000)
     (ljs / "metadata.csv").write_text(
@@ -187,7 +188,9 @@ def test_ljspeech_layout(speech_tokenizer, tmp_path):
         "\n"
         "LJ004|\n"
         "LJ005\n"
-        "LJ006|Its audio is missing.|Its audio is missing.\n")
+        "LJ006|Its audio is missing.|Its audio is missing.\n"
+        "LJ007|It was 20|C.|It was twenty C.\n"  # a "|" inside the text: which column is it?
+        "wavs/LJ008.wav|A path as some tools write the id.\n")
     output = tmp_path / "ljs.jsonl"
 
     summary = prepare(speech_tokenizer, ljs, output, "--ref_audio", ref, "--speaker", "Linda", "--language", "english")
@@ -195,15 +198,15 @@ def test_ljspeech_layout(speech_tokenizer, tmp_path):
     rows = read_jsonl(output)
     metadata = ljs / "metadata.csv"
     assert [row["text"] for row in rows] == ['Raw "text" eighteen sixty-nine.', "Only raw text.",
-                                             "Raw text, no normalized."]
+                                             "Raw text, no normalized.", "A path as some tools write the id."]
     assert [row["audio"] for row in rows] == [str(ljs / "wavs" / name)
-                                              for name in ("LJ001.wav", "LJ002.flac", "LJ003.wav")]
-    for row, seconds in zip(rows, (0.6, 0.8, 0.7)):
+                                              for name in ("LJ001.wav", "LJ002.flac", "LJ003.wav", "LJ008.wav")]
+    for row, seconds in zip(rows, (0.6, 0.8, 0.7, 0.6)):
         check_codes(row, seconds)
         assert (row["ref_audio"], row["speaker"], row["language"]) == (str(ref), "Linda", "english")
     assert rejects_by_source(output) == {f"{metadata}:5": "empty_transcript", f"{metadata}:6": "missing_transcript",
-                                         f"{metadata}:7": "missing_audio"}
-    assert list(summary["speakers"]) == ["linda"]  # grouped as the trainer does and summary["clips"] == 3
+                                         f"{metadata}:7": "missing_audio", f"{metadata}:8": "bad_row"}
+    assert list(summary["speakers"]) == ["linda"]  # grouped as the trainer does and summary["clips"] == 4
 
 
 def test_folder_layout_with_txt_and_lab_transcripts(speech_tokenizer, tmp_path):
@@ -215,6 +218,10 @@ def test_folder_layout_with_txt_and_lab_transcripts(speech_tokenizer, tmp_path):
     write_audio(clips / "c.wav", voice(0.6, 24000, 3), 24000)
     write_audio(clips / "d.wav", voice(0.6, 24000, 4), 24000)
     (clips / "d.txt").write_text("\n")
+    write_audio(clips / "e.wav", voice(0.6, 24000, 5), 24000)
+    (clips / "e.TXT").write_text("Upper-case extension.")
+    write_audio(clips / "f.wav", voice(0.6, 24000, 6), 24000)
+    (clips / "f.wav.txt").write_text("Named after the whole file name.")
     (clips / "notes.md").write_text("not audio")
     output = tmp_path / "folder.jsonl"
 
@@ -222,10 +229,12 @@ def test_folder_layout_with_txt_and_lab_transcripts(speech_tokenizer, tmp_path):
 
     rows = read_jsonl(output)
     assert [(row["source"], row["text"]) for row in rows] == [(str(clips / "a.wav"), "First line, second line."),
+                                                              (str(clips / "e.wav"), "Upper-case extension."),
+                                                              (str(clips / "f.wav"), "Named after the whole file name."),
                                                               (str(clips / "sub" / "b.flac"), "From a lab file.")]
-    # No --ref_audio: the speaker's cleanest clips are its references (here both of its two), in turn.
-    assert {row["ref_audio"] for row in rows} == {row["audio"] for row in rows}
-    check_codes(rows[1], 0.7)
+    # No --ref_audio: the speaker's cleanest clips are its references, in turn.
+    assert {row["ref_audio"] for row in rows} <= {row["audio"] for row in rows}
+    check_codes(rows[3], 0.7)
     assert rejects_by_source(output) == {str(clips / "c.wav"): "missing_transcript",
                                          str(clips / "d.wav"): "empty_transcript"}
 
@@ -339,6 +348,44 @@ def test_rerun_of_a_complete_output_does_nothing(speech_tokenizer, clip_set, ref
     prepare(speech_tokenizer, clip_set, reference_run, "--batch_size", 2)
     assert "already complete" in capsys.readouterr().out
     assert reference_run.stat().st_mtime_ns == before
+
+
+def test_rows_added_after_a_complete_run_are_encoded_on_the_next(speech_tokenizer, tmp_path, capsys):
+    """Fixing rejected rows or adding recordings, then running the same command again, encodes them."""
+    rows = [dict(audio=str(write_audio(tmp_path / f"clip_{index}.wav", voice(0.6, 24000, index), 24000)),
+                 text=f"Sentence number {index}.", speaker="alice") for index in range(3)]
+    raw, output = write_jsonl(tmp_path / "raw.jsonl", rows[:2]), tmp_path / "out" / "train.jsonl"
+    prepare(speech_tokenizer, raw, output)
+    assert len(read_jsonl(output)) == 2
+    write_jsonl(raw, rows)
+
+    prepare(speech_tokenizer, raw, output)
+    assert "the input has changed since" in capsys.readouterr().out
+    assert [row["text"] for row in read_jsonl(output)] == [row["text"] for row in rows]
+    prepare(speech_tokenizer, raw, output)
+    assert "already complete and the input is unchanged" in capsys.readouterr().out
+
+
+def test_an_output_that_is_an_input_or_not_ours_is_refused(speech_tokenizer, clip_set, tmp_path):
+    with pytest.raises(SystemExit, match="is also an --input"):
+        prepare(speech_tokenizer, clip_set, clip_set)
+    stranger = tmp_path / "train.jsonl"
+    stranger.write_text("{}\n")
+    with pytest.raises(SystemExit, match="not as prepare_codes.py's output"):
+        prepare(speech_tokenizer, clip_set, stranger)
+
+
+def test_languages_are_checked_before_encoding_with_what_was_meant(speech_tokenizer, tiny_model, clip_set, tmp_path):
+    with pytest.raises(SystemExit, match=r"--language 'en' is not one of .*; did you mean 'english'\?"):
+        prepare(speech_tokenizer, clip_set, tmp_path / "a.jsonl", "--language", "en")
+    rows = [dict(row, language=language) for row, language in
+            zip(read_jsonl(clip_set)[1:4], ("English", "de-DE", "klingon"))]
+    raw = write_jsonl(clip_set.with_name("languages.jsonl"), rows)
+    output = tmp_path / "b.jsonl"
+    prepare(tiny_model, raw, output)  # a model folder: its own config names the languages
+    assert [row["language"] for row in read_jsonl(output)] == ["english"]
+    problems = [reject["problem"] for reject in read_jsonl(f"{output}.rejects.jsonl")]
+    assert problems[0].endswith("did you mean 'german'?") and "'klingon' is not one of" in problems[1]
 
 
 def test_shards_merge_into_the_same_dataset(speech_tokenizer, clip_set, reference_run, tmp_path):
