@@ -293,12 +293,9 @@ def read_sentences(args) -> list:
     sentences = list(args.text or [])
     if args.text_file:
         try:
-            lines = Path(args.text_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            stop(f"--text_file {args.text_file}: {error}")
-        sentences += [line.strip() for line in lines if line.strip()]
-        if not sentences:
-            stop(f"--text_file {args.text_file} holds no sentences")
+            sentences += listening.sentences_in_file(args.text_file)
+        except ValueError as problem:
+            stop(f"--text_file {args.text_file}: {problem}")
     if sentences:
         return sentences
     if args.language.lower() not in SENTENCES:

@@ -230,6 +230,8 @@ def probe(path) -> tuple:
     path = Path(path)
     if not path.is_file():
         return None, ("missing_audio", "file not found")
+    if path.stat().st_size == 0:
+        return None, ("empty_audio", "the file is empty (0 bytes)")
     try:
         seconds = duration_seconds(path)
     except Exception as error:  # soundfile raises several types for unreadable files

@@ -116,8 +116,8 @@ def is_clean(clip: ClipInfo) -> bool:
 
 
 def reference_rank(clip: ClipInfo) -> tuple:
-    """Sorts the best reference first: clean, of a suitable length, with little silence cut (the
-    trainer reads a whole clip's file as it is), least noisy, then input order."""
+    """Sorts the best reference first: clean, of a suitable length, with little silence cut (its own
+    file serves, see reference_file), least noisy, then input order."""
     low, high = REFERENCE_SECONDS
     outside = max(low - clip.seconds, clip.seconds - high, 0.0)
     much_silence = clip.segment is None and (clip.quality.get("trimmed_seconds") or 0.0) > MAX_REFERENCE_SILENCE
@@ -125,9 +125,10 @@ def reference_rank(clip: ClipInfo) -> tuple:
 
 
 def reference_file(clip: ClipInfo, folder: Path, number: int) -> str:
-    """The file a chosen reference clip is read from: its own, or for a piece of a long take, the
-    piece as it was encoded (cut, loudness-normalised), written into `folder`."""
-    if clip.segment is None:
+    """The file a chosen reference clip is read from: its own, or for a piece of a long take or a clip
+    trimmed of more than MAX_REFERENCE_SILENCE, the audio as it was encoded (cut, loudness-normalised),
+    written into `folder`: the trainer reads a reference file whole, silence and all."""
+    if clip.segment is None and (clip.quality.get("trimmed_seconds") or 0.0) <= MAX_REFERENCE_SILENCE:
         return clip.row_audio
     rate = audio.TOKENIZER_SAMPLE_RATE
     quality = clip.quality

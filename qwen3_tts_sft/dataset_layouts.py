@@ -154,7 +154,7 @@ def jsonl_rows(path: Path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            yield Reject(source, "bad_row", "(json)", f"not valid JSON ({error.msg} at column {error.colno})", line)
+            yield Reject(source, "bad_row", "(json)", json_problem(error, line), line)
             continue
         if not isinstance(row, dict):
             yield Reject(source, "bad_row", "(row)", "is not a JSON object", line)
@@ -163,6 +163,14 @@ def jsonl_rows(path: Path):
             if isinstance(row.get(field_name), str) and row[field_name].strip():
                 row[field_name] = str(resolve_path(row[field_name], path.parent).resolve())
         yield InputRow(source, row, line)
+
+
+def json_problem(error: json.JSONDecodeError, line: str) -> str:
+    """What is wrong with a line that is not JSON, where, and whether it looks cut short."""
+    where = " " if error.msg.endswith(" at") else " at "  # "Unterminated string starting at"
+    cut_short = error.pos >= len(line.rstrip()) or error.msg.startswith("Unterminated string")
+    return (f"not valid JSON ({error.msg}{where}column {error.colno})"
+            + ("; the line ends inside the JSON (cut short?)" if cut_short else ""))
 
 
 def ljspeech_rows(metadata: Path):

@@ -19,6 +19,7 @@ import math
 import time
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -139,6 +140,20 @@ class Listening:
 # ---------------------------------------------------------------------------------------------
 # Measurements on arrays
 # ---------------------------------------------------------------------------------------------
+
+
+def sentences_in_file(path) -> list:
+    """A file's sentences, one a line, blank lines skipped; ValueError saying what is wrong with it."""
+    try:
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is no part of the first sentence.
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(str(error)) from None
+    sentences = [line.strip() for line in lines if line.strip()]
+    if not sentences:
+        raise ValueError("holds no sentences")
+    return sentences
+
 
 def dbfs(samples: np.ndarray) -> float:
     """audio.rms_dbfs, with DBFS_FLOOR for silence (a report holds no -inf)."""

@@ -62,13 +62,9 @@ class Listener:
 def read_sentences(path) -> list:
     """--eval_sentences: one sentence a line (blank lines skipped); SystemExit naming the flag."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"error: --eval_sentences {path}: {error}")
-    sentences = [line.strip() for line in lines if line.strip()]
-    if not sentences:
-        raise SystemExit(f"error: --eval_sentences {path} holds no sentences")
-    return sentences
+        return listening.sentences_in_file(path)
+    except ValueError as problem:
+        raise SystemExit(f"error: --eval_sentences {path}: {problem}") from None
 
 
 def make_listener(args, settings, tts, prompter, speaker_table, train_clips, device) -> Listener:

@@ -19,6 +19,7 @@ import torch
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
+from qwen3_tts_sft.dataset_layouts import json_problem
 from qwen3_tts_sft.languages import language_problem
 from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
                                            check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
@@ -230,8 +231,7 @@ def parse_line(line: bytes, line_number: int) -> tuple:
     try:
         return json.loads(text), []
     except json.JSONDecodeError as error:
-        cut_short = "; the line ends inside the JSON (cut short?)" if error.pos >= len(text) else ""
-        return None, [("(json)", f"not valid JSON ({error.msg} at column {error.colno}){cut_short}")]
+        return None, [("(json)", json_problem(error, text))]
 def is_not_encoded(problem: str) -> bool:
     return problem.endswith(f": audio_codes: {NOT_ENCODED}")
 

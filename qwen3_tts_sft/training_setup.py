@@ -261,7 +261,8 @@ def resume_problems(args, state, train_data: DataFingerprint, accelerator) -> li
     if state.num_processes != accelerator.num_processes:
         problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}")
     if state.train_data_sha256 != train_data.sha256:
-        problems.append(f"{args.train_jsonl} differs from the file the checkpoint was trained on")
+        problems.append(f"{args.train_jsonl} differs from the file the checkpoint was trained on "
+                        f"({saved.get('train_jsonl')}, sha256 {state.train_data_sha256[:12]}...)")
     refused_changes = () if args.allow_schedule_change else schedule_changes(args, state)
     problems += [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved[name]}"
                  for name in refused_changes]

@@ -145,6 +145,14 @@ def test_a_line_cut_short_is_named_at_its_own_line_and_end(good_row, tmp_path):
            f"inside the JSON (cut short?)" in messages[0]
     assert ":3:" not in messages[0]
 
+    # Cut inside a string: the parser names where the string starts, which is still a line cut short.
+    in_text = whole[:whole.index('"text"') + len('"text": "Hel')]
+    path = write_lines(tmp_path / "cut_text.jsonl", [in_text] + [whole] * 199)
+    read_clips(path, IDS, log=messages.append)
+    column = in_text.index('"Hel') + 1
+    assert f"cut_text.jsonl:1: (json): not valid JSON (Unterminated string starting at column {column}); the line " \
+           f"ends inside the JSON (cut short?)" in messages[1]
+
 
 def test_a_byte_order_mark_does_not_spoil_the_first_row(good_row, tmp_path):
     path = tmp_path / "bom.jsonl"

@@ -318,6 +318,22 @@ def test_model_folder_as_tokenizer_path_and_segment_references(tiny_model, tmp_p
         assert audio.integrated_loudness(audio.load_mono(path, 24000), 24000) == pytest.approx(-23.0, abs=0.3)
 
 
+def test_a_reference_with_long_silences_is_written_trimmed(tiny_model, tmp_path):
+    """The trainer reads a reference file whole: a chosen clip that lost seconds of edge silence to
+    trimming is written out as it was encoded, not named as its silent original."""
+    data = tmp_path / "data"
+    padded = np.concatenate([room_tone(3.0), speech(3.5, seed=3), room_tone(4.0)])
+    write(data / "padded.wav", padded)
+    raw = data / "raw.jsonl"
+    raw.write_text(json.dumps(dict(audio="padded.wav", speaker="dora", text="d" * 49)) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+    prepare_codes.main(["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0",
+                        "--tokenizer_model_path", str(tiny_model)])
+    row, = read_jsonl(output)
+    assert row["quality"]["trimmed_seconds"] > 6 and ".references/dora-1" in row["ref_audio"]
+    assert len(audio.load_mono(row["ref_audio"], 24000)) == pytest.approx(row["quality"]["seconds"] * 24000, abs=50)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference clips, inputs, speech recognition, the command line
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,16 @@ def failed_checks(wav, frames=12, cap=100, training_rate=None):
 # Checks on arrays
 # ---------------------------------------------------------------------------------------------
 
+def test_a_sentence_file_from_a_windows_editor_reads_as_written(tmp_path):
+    """--text_file and --eval_sentences: a byte-order mark and CRLF line ends are no part of a sentence."""
+    path = tmp_path / "sentences.txt"
+    path.write_bytes("Hello there.\r\n\r\nSecond one.\r\n".encode("utf-8-sig"))
+    assert listening.sentences_in_file(path) == ["Hello there.", "Second one."]
+    path.write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no sentences"):
+        listening.sentences_in_file(path)
+
+
 def test_audio_checks_pass_a_voice_and_catch_silence_clipping_and_nan():
     good = voice()
     assert failed_checks(good) == {}

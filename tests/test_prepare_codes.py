@@ -153,7 +153,7 @@ def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer,
     assert rows[2]["text"] == "Vorbis."
     assert rows[3]["clipped_fraction"] > 0.05 and "clipped_fraction" not in rows[0]
 
-    expected = {7: "too_long", 8: "too_short", 9: "empty_audio", 10: "unreadable_audio", 11: "unreadable_audio",
+    expected = {7: "too_long", 8: "too_short", 9: "empty_audio", 10: "unreadable_audio", 11: "empty_audio",
                 12: "missing_transcript", 13: "empty_transcript", 14: "missing_audio", 15: "bad_ref_audio",
                 16: "bad_row", 17: "bad_row", 5: "silent", 6: "silent"}
     assert rejects_by_source(output) == {f"{raw}:{n}": reason for n, reason in expected.items()}
@@ -165,7 +165,8 @@ def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer,
 
     assert summary == json.loads((output.parent / "train.jsonl.summary.json").read_text())
     assert summary["clips"] == 4 and summary["rejected"] == 13 and summary["clipped_clips"] == 1
-    assert summary["rejects_by_reason"]["silent"] == 2 and summary["rejects_by_reason"]["unreadable_audio"] == 2
+    assert summary["rejects_by_reason"]["silent"] == 2 and summary["rejects_by_reason"]["unreadable_audio"] == 1
+    assert summary["rejects_by_reason"]["empty_audio"] == 2  # no samples, and no bytes at all
     assert sum(summary["duration_histogram"].values()) == 4 and summary["duration_histogram"]["0-1 s"] == 4
     seconds = sum(len(row["audio_codes"]) for row in rows) / 12.5
     assert summary["characters_per_second"] == pytest.approx(sum(len(r["text"]) for r in rows) / seconds, abs=1e-3)

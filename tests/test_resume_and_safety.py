@@ -249,6 +249,11 @@ def test_an_existing_run_is_not_overwritten_by_accident(tiny_model, twelve_clips
     with pytest.raises(SystemExit) as raised:
         train(tiny_model, twelve_clips, tmp_path / "out", resume_from_checkpoint="latest", batch_size=3)
     assert "--batch_size is 3 but the checkpoint was made with 2" in str(raised.value)
+    # Other data under the same flags: both files are named.
+    other = write_jsonl(tmp_path / "other.jsonl", read_jsonl(twelve_clips)[:10])
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, other, tmp_path / "out", resume_from_checkpoint="latest")
+    assert f"{other} differs from the file the checkpoint was trained on ({twelve_clips}, sha256 " in str(raised.value)
 
 
 def test_a_full_disk_is_reported_before_saving(tiny_model, twelve_clips, tmp_path, monkeypatch):
