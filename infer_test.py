@@ -414,6 +414,11 @@ def compare(args) -> None:
             labels += [f"{scores.parent.name}/{entry.get('checkpoint') or 'step ' + str(entry['step'])}"
                        for entry in evaluations]
             continue
+        if path.is_dir() and not (path / "config.json").is_file() and checkpoints_in(path):
+            folders = " ".join(str(folder) for folder, _ in checkpoints_in(path))
+            stop(f"--compare {path}: this training output holds no {scoring.SCORES_FILE}: the run made no "
+                 f"evaluations (it needs eval data, --eval_jsonl or --eval_split, or --eval_generate_steps). "
+                 f"Its checkpoints can be checked and compared here instead: --compare {folders}")
         out_dir = Path(args.out_dir) / path.name if args.out_dir else path / "infer_test"
         report = check(args, path, out_dir)
         entries.append(report_entry(report, "non_streaming" if report["non_streaming_mode"] else "streaming"))

@@ -4,7 +4,8 @@
 # accepts, accelerate 1.12.0), the audio packages, and soundfile's cffi and pycparser. Each at the
 # version this checkout's .venv installed from requirements.txt. Run here, from the repository root,
 # after the install command; on the GPU machine, carry .whl and begin the command with
-#   pip install -q --no-index --no-deps .whl/*.whl &&
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+# (a plain `pip install` into that machine's system Python failed there without a word on stdout)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(qwen-tts transformers accelerate tokenizers huggingface-hub peft safetensors silero-vad pyloudnorm

@@ -217,6 +217,19 @@ def test_compare_prints_checkpoints_and_scores_side_by_side(listened, capsys, tm
     assert table[-1].startswith("* the best: ")
 
 
+def test_compare_on_an_output_without_evaluations_lists_its_checkpoints(tiny_model, tmp_path, capsys):
+    output = tmp_path / "out"
+    for name in ("checkpoint-epoch-0", "checkpoint-epoch-1"):
+        (output / name).mkdir(parents=True)
+        (output / name / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as raised:
+        infer_test.main(["--compare", str(output)])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert f"holds no {scoring.SCORES_FILE}: the run made no evaluations" in error
+    assert f"--compare {output / 'checkpoint-epoch-0'} {output / 'checkpoint-epoch-1'}" in error
+
+
 def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_earlier_step():
     def entry(step, similarity, floors_passed=True, eval_loss=None):
         return dict(step=step, speaker_similarity=similarity, listening_score=similarity if floors_passed else -0.5,
