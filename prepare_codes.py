@@ -802,8 +802,9 @@ def print_summary(report: dict):
                "checked (--validate_only: nothing encoded)" if report["settings"]["tokenizer_model_path"] is None
                else "usable: nothing written")
     print(f"\n{report['clips']} clips, {report['hours']:.2f} h of audio {written}")
-    print(f"  speaking rate {report['characters_per_second']} characters/s; "
-          f"clipped clips kept: {report['clipped_clips']}; transcribed: {report['transcribed_clips']}")
+    if report["clips"]:
+        print(f"  speaking rate {report['characters_per_second']} characters/s; "
+              f"clipped clips kept: {report['clipped_clips']}; transcribed: {report['transcribed_clips']}")
     for name, speaker in report["speakers"].items():
         print(f"  speaker {name}: {speaker['clips']} clips, {speaker['hours']:.2f} h, "
               f"{speaker['characters_per_second']} characters/s")
