@@ -29,6 +29,10 @@ SAMPLES_PER_FRAME = 1920
 # Recordings below this rate lack the upper half of the speech band (fricatives, sibilants);
 # upsampling does not bring it back.
 LOW_SAMPLE_RATE = 16000
+# A mean sample beyond this (a fraction of full scale) is a DC offset that clicks where the sound
+# starts and stops: infer_test.py fails speech with one, and prepare_codes.py centres a recording
+# with one (the model would learn it otherwise).
+MAX_DC_OFFSET = 0.05
 # Loudness normalisation lowers its gain rather than push a peak above this: clear of clipping,
 # with a margin for the overshoot of later resampling.
 PEAK_CEILING_DBFS = -1.0
@@ -151,6 +155,19 @@ def read_native(path) -> tuple:
     if audio.shape[0] == 0:
         raise ValueError("the file holds no samples")
     return audio, file_rate
+
+
+def remove_dc_offset(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """The samples without their DC offset: the mean taken out, then a first-order high-pass at
+    about 20 Hz, below any voice, for an offset that drifts or sits under the speech only."""
+    from scipy.signal import lfilter, lfilter_zi
+
+    pole = math.exp(-2 * math.pi * 20.0 / sample_rate)
+    b, a = [1.0, -1.0], [1.0, -pole]
+    centred = samples - samples.mean()
+    # Started as if the first sample had always been there: no step (a click) at the start.
+    filtered, _ = lfilter(b, a, centred, zi=lfilter_zi(b, a) * centred[0])
+    return filtered.astype(np.float32)
 
 
 def to_mono(audio: np.ndarray, file_rate: int, sample_rate: int) -> np.ndarray:

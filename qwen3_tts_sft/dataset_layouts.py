@@ -58,6 +58,7 @@ REJECT_REASONS = (
 # Why a kept clip is flagged: in its row's "flags" ({name: what}) and counted in the report.
 FLAGS = (
     "low_sample_rate",     # recorded below audio.LOW_SAMPLE_RATE
+    "dc_offset",           # a mean sample beyond audio.MAX_DC_OFFSET: centred before encoding
     "clipped",             # more than --clipped_fraction of its samples at full scale
     "no_speech_found",     # the voice-activity detector heard no speech: not trimmed
     "speaking_rate",       # characters per second beyond --flag_rate_ratio of the speaker's median
@@ -422,6 +423,9 @@ class AudioChecks:
             return rejected("truncated_audio", truncated)
         if not np.isfinite(samples).all():
             return rejected("unreadable_audio", "holds NaN or infinite samples")
+        dc_offset = float(samples.mean()) if len(samples) else 0.0
+        if abs(dc_offset) > audio.MAX_DC_OFFSET:  # no sound in it; the silence checks and the codes would see it
+            samples = audio.remove_dc_offset(samples, sample_rate)
         level = audio.rms_dbfs(samples)
         if level < self.silence_dbfs:
             return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
@@ -432,8 +436,12 @@ class AudioChecks:
             if self.references[ref_audio]:
                 return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {self.references[ref_audio]}")]
 
-        return (self.pieces_of(clip, samples, native, file_rate, sample_rate)
-                or rejected("silent", "the voice-activity detector heard no speech to cut"))
+        pieces = self.pieces_of(clip, samples, native, file_rate, sample_rate)
+        if abs(dc_offset) > audio.MAX_DC_OFFSET:
+            for piece in pieces:
+                piece.flags["dc_offset"] = (f"the recording's mean sample was {dc_offset:+.3f} of full scale "
+                                            f"(beyond ±{audio.MAX_DC_OFFSET}): removed before encoding")
+        return pieces or rejected("silent", "the voice-activity detector heard no speech to cut")
 
     def pieces_of(self, clip: PlannedClip, samples: np.ndarray, native: np.ndarray, file_rate: int,
                   sample_rate: int) -> list:

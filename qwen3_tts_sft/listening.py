@@ -85,7 +85,7 @@ class Thresholds:
     min_rms_dbfs: float = -40.0            # speech sits near -30..-15 dBFS; 10 dB under quiet speech is broken
     max_silent_fraction: float = 0.5       # read speech pauses for well under half of a sentence
     max_clipped_fraction: float = 0.001    # 24 clipped samples a second at 24 kHz are already audible crackle
-    max_dc_offset: float = 0.05            # a step of 5% of full scale clicks at the start and end; decoders centre on 0
+    max_dc_offset: float = audio.MAX_DC_OFFSET  # decoders centre on 0
     max_rate_ratio: float = 1.5            # sessions differ by 20-30% in rate; 2x is the "too fast/slow" complaint
     max_sentence_rate_ratio: float = 3.0   # one sentence is noisier (pauses, length); 3x is cut off or drawn out
     min_speaker_similarity: float = 0.5    # the usual same/different-speaker boundary for ECAPA x-vectors

@@ -7,6 +7,7 @@ Most runs use --validate_only (no encoding); one encodes, on the tiny speech tok
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -332,6 +333,21 @@ def test_a_reference_with_long_silences_is_written_trimmed(tiny_model, tmp_path)
     row, = read_jsonl(output)
     assert row["quality"]["trimmed_seconds"] > 6 and ".references/dora-1" in row["ref_audio"]
     assert len(audio.load_mono(row["ref_audio"], 24000)) == pytest.approx(row["quality"]["seconds"] * 24000, abs=50)
+
+
+def test_a_recording_with_a_dc_offset_is_centred_trimmed_and_flagged(tiny_model, tmp_path):
+    """A mean sample of +0.3 (a faulty interface) holds no sound: left in, it would hide the edge
+    silence from trimming and teach the model a click. The clip is centred, trimmed and flagged."""
+    data = tmp_path / "data"
+    write(data / "offset.wav", np.concatenate([room_tone(2.0), speech(3.0, seed=4), room_tone(2.0)]) + 0.3)
+    raw = data / "raw.jsonl"
+    raw.write_text(json.dumps(dict(audio="offset.wav", speaker="emil", text="e" * 42)) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+    prepare_codes.main(["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0",
+                        "--tokenizer_model_path", str(tiny_model)])
+    row, = read_jsonl(output)
+    assert re.search(r"mean sample was \+0\.3\d\d of full scale", row["flags"]["dc_offset"])
+    assert row["quality"]["trimmed_seconds"] > 3
 
 
 # ---------------------------------------------------------------------------------------------
