@@ -208,9 +208,21 @@ def truncation(path, decoded_frames: int, file_rate: int):
 
 def declared_wav_frames(path):
     """Frames a RIFF WAV's data chunk says it holds, or None for other files (or an unusual WAV)."""
+    data = wav_data_chunk(path)
+    if data is None:
+        return None
+    size, block_align, _ = data
+    # 0xFFFFFFFF: streamed or RF64, size unknown here
+    return size // block_align if block_align and size != 0xFFFFFFFF else None
+
+
+def wav_data_chunk(path):
+    """(the data chunk's declared size, the block align, the bytes that follow its header) of a RIFF
+    WAV, or None for other files (or an unusual WAV)."""
     with open(path, "rb") as handle:
         if handle.read(12)[8:12] != b"WAVE":
             return None
+        file_size = handle.seek(0, 2)
         handle.seek(12)
         block_align = None
         while len(header := handle.read(8)) == 8:
@@ -219,8 +231,7 @@ def declared_wav_frames(path):
                 block_align = struct.unpack("<H", handle.read(16)[12:14])[0]
                 handle.seek(size - 16 + (size & 1), 1)
             elif chunk == b"data":
-                # 0xFFFFFFFF: streamed or RF64, size unknown here
-                return size // block_align if block_align and size != 0xFFFFFFFF else None
+                return size, block_align, file_size - handle.tell()
             else:
                 handle.seek(size + (size & 1), 1)
     return None
@@ -253,7 +264,14 @@ def probe(path) -> tuple:
         seconds = duration_seconds(path)
     except Exception as error:  # soundfile raises several types for unreadable files
         return None, ("unreadable_audio", f"unreadable ({error})")
-    return (seconds, None) if seconds > 0 else (None, ("empty_audio", "holds no samples"))
+    if seconds > 0:
+        return seconds, None
+    data = wav_data_chunk(path)
+    if data is not None and data[0] == 0 and data[2] > 0:  # a recorder that streams the audio fills the size in last
+        return None, ("unreadable_audio", f"its header says it holds no samples, but {data[2]} bytes of audio follow: "
+                                          f"its recorder never finished writing it. Re-save it with the length fixed "
+                                          f"(sox --ignore-length IN.wav OUT.wav)")
+    return None, ("empty_audio", "holds no samples")
 
 
 def reference_problem(path, sample_rate: int, length_problem=lambda seconds: None,

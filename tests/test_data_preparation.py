@@ -227,6 +227,20 @@ def test_cut_files_are_found_out(tmp_path, name, options):
     assert audio.decode(path, 24000).truncated.startswith("truncated: ")
 
 
+def test_a_wav_its_recorder_never_finished_is_named_as_such(tmp_path):
+    """Size fields left at 0 by a recorder that streams the audio and fills them in last: the audio is
+    there but no tool can tell how much; rejected with the fix, not as an empty file."""
+    path = write(tmp_path / "streamed.wav", speech(3.0), subtype="PCM_16")
+    raw = bytearray(path.read_bytes())
+    data = raw.index(b"data")
+    raw[4:8] = raw[data + 4:data + 8] = b"\0\0\0\0"
+    path.write_bytes(bytes(raw))
+    seconds, (reason, problem) = audio.probe(path)
+    assert seconds is None and reason == "unreadable_audio"
+    assert f"but {3 * 24000 * 2} bytes of audio follow" in problem and "sox --ignore-length" in problem
+    assert audio.probe(write(tmp_path / "empty.wav", np.zeros(0)))[1] == ("empty_audio", "holds no samples")
+
+
 def test_voice_activity_finds_the_speech_and_the_pauses():
     rate = 24000
     padded = np.concatenate([room_tone(1.5), speech(2.0, seed=1), room_tone(2.0)])
