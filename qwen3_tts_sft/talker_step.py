@@ -75,6 +75,11 @@ class TalkerTrainingModel(nn.Module):
 
     def forward(self, batch: TalkerBatch) -> TalkerStepOutput:
         embeds = self.embed(batch, self.speaker_vectors())
+        if torch.is_grad_enabled() and not embeds.requires_grad:
+            # Nothing before the first layer trains (LoRA): its input would need no gradient while
+            # every later layer's does, and the compiled layers, which guard on that, would compile
+            # a second graph. Such an embeds is a leaf, so it can just be marked.
+            embeds.requires_grad_()
         # Right padding only: every real position attends to real positions, so no mask is needed
         # and attention can take its fastest causal path. Positions are 0..T-1 as in generation.
         hidden = self.talker.model(inputs_embeds=embeds, use_cache=False).last_hidden_state

@@ -76,6 +76,29 @@ def test_compiled_layers_match_eager_for_any_length(model_and_batches, monkeypat
             assert torch.allclose(grads[name], grads_c[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_lora_layers_compile_once_though_nothing_before_them_trains(tiny_model, model_and_batches):
+    """With LoRA nothing before the first talker layer trains; its input is marked as needing a
+    gradient anyway, so the first layer shares the graph of the others instead of compiling its own
+    (the guard on requires_grad): one compile fewer before the first step."""
+    from qwen_tts import Qwen3TTSModel
+
+    from qwen3_tts_sft import lora
+
+    _, vectors, batches = model_and_batches
+    model = Qwen3TTSModel.from_pretrained(str(tiny_model), dtype=torch.float32).model
+    lora.add_adapters(model, rank=4, alpha=8, dropout=0.0, target_modules=lora.DEFAULT_TARGET_MODULES)
+    module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_layers(model, backend="eager")  # dynamo's guards alone decide what recompiles
+        _, _, gradients = losses_and_gradients(module, batches[0])
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
+    assert gradients and all(".lora_" in name for name in gradients)
+
+
 def test_gradient_checkpointing_inside_compiled_layers_gives_the_eager_gradient(model_and_batches, monkeypatch):
     """--gradient_checkpointing with the GPU default: each compiled layer is recomputed in the backward."""
     model, vectors, batches = model_and_batches
