@@ -333,33 +333,32 @@ def test_model_folder_as_tokenizer_path_and_segment_references(tiny_model, tmp_p
         assert audio.integrated_loudness(audio.load_mono(path, 24000), 24000) == pytest.approx(-23.0, abs=0.3)
 
 
-def test_a_reference_with_long_silences_is_written_trimmed(tiny_model, tmp_path):
-    """The trainer reads a reference file whole: a chosen clip that lost seconds of edge silence to
-    trimming is written out as it was encoded, not named as its silent original."""
-    data = tmp_path / "data"
-    padded = np.concatenate([room_tone(3.0), speech(3.5, seed=3), room_tone(4.0)])
-    write(data / "padded.wav", padded)
-    raw = data / "raw.jsonl"
-    raw.write_text(json.dumps(dict(audio="padded.wav", speaker="dora", text="d" * 49)) + "\n")
-    output = tmp_path / "out" / "train.jsonl"
+def encode_one(tiny_model, folder, samples, speaker: str, text: str) -> dict:
+    """prepare_codes.py on one recording of `speaker`; its output row."""
+    raw = folder / "data" / "raw.jsonl"
+    write(raw.with_name("clip.wav"), samples)
+    raw.write_text(json.dumps(dict(audio="clip.wav", speaker=speaker, text=text)) + "\n")
+    output = folder / "out" / "train.jsonl"
     prepare_codes.main(["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0",
                         "--tokenizer_model_path", str(tiny_model)])
     row, = read_jsonl(output)
+    return row
+
+
+def test_a_reference_with_long_silences_is_written_trimmed(tiny_model, tmp_path):
+    """The trainer reads a reference file whole: a chosen clip that lost seconds of edge silence to
+    trimming is written out as it was encoded, not named as its silent original."""
+    padded = np.concatenate([room_tone(3.0), speech(3.5, seed=3), room_tone(4.0)])
+    row = encode_one(tiny_model, tmp_path, padded, "dora", "d" * 49)
     assert row["quality"]["trimmed_seconds"] > 6 and ".references/dora-1" in row["ref_audio"]
     assert len(audio.load_mono(row["ref_audio"], 24000)) == pytest.approx(row["quality"]["seconds"] * 24000, abs=50)
 
 
-def test_a_recording_with_a_dc_offset_is_centred_trimmed_and_flagged(tiny_model, tmp_path):
+def test_a_recording_with_a_dc_offset_is_removed_trimmed_and_flagged(tiny_model, tmp_path):
     """A mean sample of +0.3 (a faulty interface) holds no sound: left in, it would hide the edge
-    silence from trimming and teach the model a click. The clip is centred, trimmed and flagged."""
-    data = tmp_path / "data"
-    write(data / "offset.wav", np.concatenate([room_tone(2.0), speech(3.0, seed=4), room_tone(2.0)]) + 0.3)
-    raw = data / "raw.jsonl"
-    raw.write_text(json.dumps(dict(audio="offset.wav", speaker="emil", text="e" * 42)) + "\n")
-    output = tmp_path / "out" / "train.jsonl"
-    prepare_codes.main(["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0",
-                        "--tokenizer_model_path", str(tiny_model)])
-    row, = read_jsonl(output)
+    silence from trimming and teach the model a click. It is removed, the clip trimmed and flagged."""
+    offset = np.concatenate([room_tone(2.0), speech(3.0, seed=4), room_tone(2.0)]) + 0.3
+    row = encode_one(tiny_model, tmp_path, offset, "emil", "e" * 42)
     assert re.search(r"mean sample was \+0\.3\d\d of full scale", row["flags"]["dc_offset"])
     assert row["quality"]["trimmed_seconds"] > 3
 
