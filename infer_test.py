@@ -414,8 +414,9 @@ def compare(args) -> None:
             labels += [f"{scores.parent.name}/{entry.get('checkpoint') or 'step ' + str(entry['step'])}"
                        for entry in evaluations]
             continue
-        if path.is_dir() and not (path / "config.json").is_file() and checkpoints_in(path):
-            folders = " ".join(str(folder) for folder, _ in checkpoints_in(path))
+        checkpoints = [] if (path / "config.json").is_file() or not path.is_dir() else checkpoints_in(path)
+        if checkpoints:
+            folders = " ".join(str(folder) for folder, _ in checkpoints)
             stop(f"--compare {path}: this training output holds no {scoring.SCORES_FILE}: the run made no "
                  f"evaluations (it needs eval data, --eval_jsonl or --eval_split, or --eval_generate_steps). "
                  f"Its checkpoints can be checked and compared here instead: --compare {folders}")

@@ -292,9 +292,9 @@ def main(argv=None):
         return merge_shards(output, args.num_shards)
     if not args.validate_only:
         args.tokenizer_model_path = speech_tokenizer_folder(args.tokenizer_model_path)
-    args.languages = languages_of_tokenizer_folder(args.tokenizer_model_path)
+    languages = languages_of_tokenizer_folder(args.tokenizer_model_path)
     if args.language is not None:
-        problem = language_problem(args.language, args.languages)
+        problem = language_problem(args.language, languages)
         if problem:
             raise SystemExit(f"error: --language {problem}")
         args.language = args.language.strip().lower()
@@ -313,7 +313,7 @@ def main(argv=None):
         if not args.validate_only and own_output.exists() and not beside(own_output, ".partial").exists():
             summary = already_complete(own_output, settings)
         if summary is None:
-            summary = prepare(args, inputs, own_output, settings)
+            summary = prepare(args, inputs, own_output, settings, languages)
     except KeyboardInterrupt:
         partial = progress_path(own_output, args.validate_only)
         raise SystemExit(f"interrupted; run the same command again to carry on from {partial}") from None
@@ -346,7 +346,8 @@ def already_complete(output: Path, settings: dict):
     return summary
 
 
-def prepare(args, inputs: list, output: Path, settings: dict) -> dict:
+def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -> dict:
+    """Check, decode and encode what is not done yet, then publish; `languages`: what a row may name."""
     limits = Limits(args.min_seconds, args.max_seconds)
     checks = AudioChecks(limits, args.silence_dbfs, args.clipped_fraction, args.reject_clipped,
                          Processing(args.trim, args.trim_padding_seconds, args.max_segment_seconds,
@@ -356,7 +357,7 @@ def prepare(args, inputs: list, output: Path, settings: dict) -> dict:
         problem = problem[1] if problem else checks.reference_problem(settings["ref_audio"], audio.TOKENIZER_SAMPLE_RATE)
         if problem:
             raise SystemExit(f"error: --ref_audio {args.ref_audio}: {problem}")
-    checker = RowChecker(limits, settings["ref_audio"], args.speaker, args.language, args.languages,
+    checker = RowChecker(limits, settings["ref_audio"], args.speaker, args.language, languages,
                          transcribe=bool(args.asr_model))
     planned, rejects = [], []
     for layout, input_path in inputs:

@@ -30,8 +30,8 @@ SAMPLES_PER_FRAME = 1920
 # upsampling does not bring it back.
 LOW_SAMPLE_RATE = 16000
 # A mean sample beyond this (a fraction of full scale) is a DC offset that clicks where the sound
-# starts and stops: infer_test.py fails speech with one, and prepare_codes.py centres a recording
-# with one (the model would learn it otherwise).
+# starts and stops: infer_test.py fails speech with one, and prepare_codes.py removes it from a
+# recording (the model would learn it otherwise).
 MAX_DC_OFFSET = 0.05
 # Loudness normalisation lowers its gain rather than push a peak above this: clear of clipping,
 # with a margin for the overshoot of later resampling.

@@ -58,7 +58,7 @@ REJECT_REASONS = (
 # Why a kept clip is flagged: in its row's "flags" ({name: what}) and counted in the report.
 FLAGS = (
     "low_sample_rate",     # recorded below audio.LOW_SAMPLE_RATE
-    "dc_offset",           # a mean sample beyond audio.MAX_DC_OFFSET: centred before encoding
+    "dc_offset",           # a mean sample beyond audio.MAX_DC_OFFSET: removed before encoding
     "clipped",             # more than --clipped_fraction of its samples at full scale
     "no_speech_found",     # the voice-activity detector heard no speech: not trimmed
     "speaking_rate",       # characters per second beyond --flag_rate_ratio of the speaker's median
@@ -424,7 +424,8 @@ class AudioChecks:
         if not np.isfinite(samples).all():
             return rejected("unreadable_audio", "holds NaN or infinite samples")
         dc_offset = float(samples.mean()) if len(samples) else 0.0
-        if abs(dc_offset) > audio.MAX_DC_OFFSET:  # no sound in it; the silence checks and the codes would see it
+        has_dc_offset = abs(dc_offset) > audio.MAX_DC_OFFSET
+        if has_dc_offset:  # no sound in it; the silence checks and the codes would see it
             samples = audio.remove_dc_offset(samples, sample_rate)
         level = audio.rms_dbfs(samples)
         if level < self.silence_dbfs:
@@ -437,7 +438,7 @@ class AudioChecks:
                 return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {self.references[ref_audio]}")]
 
         pieces = self.pieces_of(clip, samples, native, file_rate, sample_rate)
-        if abs(dc_offset) > audio.MAX_DC_OFFSET:
+        if has_dc_offset:
             for piece in pieces:
                 piece.flags["dc_offset"] = (f"the recording's mean sample was {dc_offset:+.3f} of full scale "
                                             f"(beyond ±{audio.MAX_DC_OFFSET}): removed before encoding")

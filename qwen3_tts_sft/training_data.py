@@ -181,7 +181,7 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
     if not jsonl_path.is_file():
         raise DataError(f"{jsonl_path}: file not found")
     reader = ClipReader(ids, default_speaker, prompter, max_positions)
-    clips, problems, rows = [], [], 0
+    clips, problems, rows = [], [], 0  # problems: (line number, "field: problem")
     with open(jsonl_path, "rb") as lines:  # decoded line by line: bytes that are not UTF-8 spoil one row only
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -194,7 +194,7 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
             if ("audio_codes", NOT_ENCODED) in row_problems:  # its other fields are prepare_codes.py's to check
                 row_problems = [("audio_codes", NOT_ENCODED)]
             if row_problems:
-                problems += [f"{source}: {field}: {problem}" for field, problem in row_problems]
+                problems += [(line_number, f"{field}: {problem}") for field, problem in row_problems]
                 if strict:
                     raise DataError(problem_report(problems, jsonl_path, tokenizer_path)
                                     + "\n(stopped at the first bad row: --strict)")
@@ -232,18 +232,20 @@ def parse_line(line: bytes, line_number: int) -> tuple:
         return json.loads(text), []
     except json.JSONDecodeError as error:
         return None, [("(json)", json_problem(error, text))]
-def is_not_encoded(problem: str) -> bool:
-    return problem.endswith(f": audio_codes: {NOT_ENCODED}")
+
+
+def is_not_encoded(problem: tuple) -> bool:
+    return problem[1] == f"audio_codes: {NOT_ENCODED}"
 
 
 def problem_report(problems: list, jsonl_path: Path, tokenizer_path) -> str:
-    """The problems as `file:line: field: problem` lines; rows not encoded yet as one message with the
-    command that encodes them."""
+    """The problems ((line, "field: problem") pairs) as `file:line: field: problem` lines; rows not
+    encoded yet as one message with the command that encodes them."""
     uncoded = [problem for problem in problems if is_not_encoded(problem)]
     others = [problem for problem in problems if not is_not_encoded(problem)]
     lines = [format_problems(others, jsonl_path)] if others else []
     if uncoded:
-        first_line = uncoded[0].split(": audio_codes:")[0]
+        first_line = f"{jsonl_path}:{uncoded[0][0]}"
         output = jsonl_path.with_name(jsonl_path.stem + "_with_codes.jsonl")
         lines.append(
             f"{jsonl_path}: {len(uncoded)} rows (the first at {first_line}) have \"audio\" but no \"audio_codes\": "
@@ -256,17 +258,14 @@ def problem_report(problems: list, jsonl_path: Path, tokenizer_path) -> str:
 def format_problems(problems: list, jsonl_path: Path, limit: int = 50) -> str:
     """`file:line: field: problem` lines. A problem that many rows share (a flag not given, one wrong
     language everywhere) is one line that counts them, so the rest stay in view."""
-    prefix = f"{jsonl_path}:"
     by_problem = {}  # "field: problem" -> its lines, in order
-    for problem in problems:
-        line, _, what = problem[len(prefix):].partition(": ")
+    for line, what in problems:
         by_problem.setdefault(what, []).append(line)
     shown = []
-    for problem in problems:
-        line, _, what = problem[len(prefix):].partition(": ")
+    for line, what in problems:
         lines = by_problem[what]
         if len(lines) <= 3:
-            shown.append(problem)
+            shown.append(f"{jsonl_path}:{line}: {what}")
         elif line == lines[0]:
             shown.append(f"{jsonl_path}: {len(lines)} rows (lines {lines[0]}, {lines[1]}, ... {lines[-1]}): {what}")
     more = f"\n... and {len(shown) - limit} more problems" if len(shown) > limit else ""
