@@ -285,17 +285,21 @@ def missing_model_problem(path: Path) -> str:
 
 def main(argv=None):
     args = check_args(parse_args(argv))
-    from qwen3_tts_sft.training_setup import AlreadyFinished, build_run  # quietly imports qwen_tts (quiet.py)
+    from qwen3_tts_sft.training_setup import AlreadyFinished, build_run, free_memory  # quietly imports qwen_tts
 
     try:
         run = build_run(args)
     except AlreadyFinished:  # a resume of a run that has nothing left to train (it said so)
         return
-    run.accelerator.print(run.banner())
-    with StopRequest() as stop_request:
-        finished = train(run, stop_request)
-    if finished:
-        run.finish()
+    try:
+        run.accelerator.print(run.banner())
+        with StopRequest() as stop_request:
+            finished = train(run, stop_request)
+        if finished:
+            run.finish()
+    finally:
+        del run
+        free_memory()
 
 
 def train(run, stop_request) -> bool:

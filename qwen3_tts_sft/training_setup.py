@@ -6,6 +6,7 @@ loads), the accelerator, the checkpoint to resume, the base model, the data and 
 module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
 """
 
+import gc
 import json
 import os
 import platform
@@ -119,6 +120,17 @@ def make_accelerator(args) -> Accelerator:
                                             logging_dir=str(Path(args.output_model_path) / TRACKER_DIR)),
         step_scheduler_with_optimizer=False,
     )
+
+
+def free_memory():
+    """What a finished run held (its model, compiled layers, CUDA graphs and their memory pools) is
+    freed when main() returns, so a process that goes on (a notebook, the tests) starts its next run
+    clean. Left to a garbage collection that happened to start inside the next run's torch.compile,
+    the freeing aborted the whole process (seen on an H100)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def mixed_precision_choice(args) -> str:

@@ -4,6 +4,7 @@ work on non-finite steps, eval at the right steps, one command for a job and its
 any precision one after another in one process, and only safe file loading."""
 
 import errno
+import gc
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -299,12 +301,30 @@ def test_latest_with_no_checkpoint_yet_starts_from_the_beginning(tiny_model, twe
     assert f"already finished: {output / 'checkpoint-step-1'} is at step 1" in capsys.readouterr().out
 
 
-def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model, twelve_clips, tmp_path, capsys):
+def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model, twelve_clips, tmp_path, capsys,
+                                                                   monkeypatch):
     """Tests and notebooks call main() again and again: each run gets its own precision (accelerate
-    keeps one state per process), and the signal handlers are back as they were after each."""
+    keeps one state per process), the signal handlers are back as they were after each, and the
+    model a run trained is freed when main() returns, not by a later garbage collection (one that
+    started inside the next run's compilation aborted a whole GPU test run)."""
+    from qwen3_tts_sft import training_setup
+
+    trained_modules, real_build_run = [], training_setup.build_run
+
+    def build_run_and_watch(args):
+        run = real_build_run(args)
+        trained_modules.append(weakref.ref(run.train_module))
+        return run
+
+    monkeypatch.setattr(training_setup, "build_run", build_run_and_watch)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     for precision, compute in [("bf16", "compute bf16 autocast"), ("no", "compute fp32")]:
-        train(tiny_model, twelve_clips, tmp_path / precision, max_steps=1, mixed_precision=precision)
+        gc.disable()  # only main() itself may collect
+        try:
+            train(tiny_model, twelve_clips, tmp_path / precision, max_steps=1, mixed_precision=precision)
+        finally:
+            gc.enable()
+        assert trained_modules[-1]() is None
         printed = capsys.readouterr().out
         assert f"mixed precision: {precision}" in printed and compute in printed
         assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
