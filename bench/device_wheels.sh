@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(qwen-tts transformers accelerate tokenizers huggingface-hub peft safetensors silero-vad pyloudnorm
-          soundfile soxr cffi pycparser librosa audioread pooch platformdirs decorator sox)
+          soundfile soxr cffi pycparser librosa audioread pooch platformdirs decorator sox pytest-xdist execnet)
 pins=()
 for name in "${packages[@]}"; do
   version=$(.venv/bin/pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}')

@@ -8,6 +8,13 @@ import pytest
 from helpers import read_jsonl, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests spread over worker processes (pytest -n): one thread each, for them and the commands they
+    # start, or the workers' torch thread pools fight over the same cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
