@@ -39,6 +39,13 @@ PEAK_CEILING_DBFS = -1.0
 # Trimming cuts only audio this far below a clip's loud frames (and heard as no speech): a voice
 # the detector misses is never cut. Weak consonants sit 20-30 dB below the vowels.
 QUIET_BELOW_LOUDEST_DB = 35.0
+# Sound within this of a recording's loud frames is as loud as its speech: a long take's pieces
+# that leave much of it out missed speech the detector did not hear (or loud noise between sentences).
+SPEECH_BELOW_LOUDEST_DB = 20.0
+# A long take whose pieces leave out more than this much speech-loud sound (seconds, and share of
+# the take) is flagged speech_missed.
+MISSED_SPEECH = dict(seconds=2.0, fraction=0.2)
+LOUDNESS_FRAMES_PER_SECOND = 100  # loudness is measured in 10 ms frames
 # A file that decodes this much shorter than its header says is truncated (MP3 headers and
 # encoder padding are a few frames off; a cut file is off by much more).
 TRUNCATION_TOLERANCE = dict(fraction=0.01, seconds=0.05)
@@ -99,17 +106,37 @@ def speech_to_noise_db(samples: np.ndarray, sample_rate: int) -> float:
     return 10 * math.log10(max(loud, 1e-20) / max(quiet, 1e-20))
 
 
-def loud_bounds(samples: np.ndarray, sample_rate: int, below_loudest_db: float = QUIET_BELOW_LOUDEST_DB):
-    """(first, last + 1) sample of the 10 ms frames within `below_loudest_db` of the clip's loud
-    frames (their 95th percentile), or None for silence. What lies outside is quiet."""
-    frame = sample_rate // 100
+def loud_frames(samples: np.ndarray, sample_rate: int, below_loudest_db: float) -> np.ndarray:
+    """Per 10 ms frame (LOUDNESS_FRAMES_PER_SECOND), whether it is within `below_loudest_db` of the
+    recording's loud frames (their 95th percentile). All False for digital silence."""
+    frame = sample_rate // LOUDNESS_FRAMES_PER_SECOND
     frames = -(-len(samples) // frame)
     padded = np.pad(samples, (0, frames * frame - len(samples)))
     power = np.mean(np.square(padded.reshape(frames, frame), dtype=np.float64), axis=1)
     if not power.any():
+        return np.zeros(frames, dtype=bool)
+    return power >= np.percentile(power, 95) * 10 ** (-below_loudest_db / 10)
+
+
+def loud_bounds(samples: np.ndarray, sample_rate: int, below_loudest_db: float = QUIET_BELOW_LOUDEST_DB):
+    """(first, last + 1) sample of the loud frames (loud_frames), or None for silence. What lies
+    outside is quiet."""
+    loud = np.flatnonzero(loud_frames(samples, sample_rate, below_loudest_db))
+    if not len(loud):
         return None
-    loud = np.flatnonzero(power >= np.percentile(power, 95) * 10 ** (-below_loudest_db / 10))
+    frame = sample_rate // LOUDNESS_FRAMES_PER_SECOND
     return int(loud[0] * frame), min(len(samples), int((loud[-1] + 1) * frame))
+
+
+def loud_seconds_outside(samples: np.ndarray, sample_rate: int, spans: list,
+                         below_loudest_db: float = SPEECH_BELOW_LOUDEST_DB) -> float:
+    """Seconds of the recording as loud as its speech (within `below_loudest_db` of its loud
+    frames) that lie outside every (start, end) span."""
+    loud = loud_frames(samples, sample_rate, below_loudest_db)
+    frame = sample_rate // LOUDNESS_FRAMES_PER_SECOND
+    for start, end in spans:
+        loud[start // frame:-(-end // frame)] = False
+    return np.count_nonzero(loud) / LOUDNESS_FRAMES_PER_SECOND
 
 
 def content_hash(samples: np.ndarray) -> str:

@@ -61,6 +61,7 @@ FLAGS = (
     "dc_offset",           # a mean sample beyond audio.MAX_DC_OFFSET: removed before encoding
     "clipped",             # more than --clipped_fraction of its samples at full scale
     "no_speech_found",     # the voice-activity detector heard no speech: not trimmed
+    "speech_missed",       # a long take's pieces leave out much sound as loud as speech (audio.MISSED_SPEECH)
     "speaking_rate",       # characters per second beyond --flag_rate_ratio of the speaker's median
     "duplicate_text",      # the same text as an earlier clip
     "transcript_mismatch", # speech recognition disagrees with its text (--asr_check, above --max_cer)
@@ -381,6 +382,19 @@ class Processing:
     loudness_lufs: float = None      # the target of loudness normalisation; None: off
 
 
+def speech_missed(samples: np.ndarray, sample_rate: int, spans: list):
+    """What a long take's pieces (cut by the voice-activity detector) leave out, when that is much
+    sound as loud as speech: said on every piece, so a take the detector mostly missed is not lost
+    without a word. None otherwise."""
+    total = len(samples) / sample_rate
+    missed = audio.loud_seconds_outside(samples, sample_rate, spans)
+    if missed <= max(audio.MISSED_SPEECH["seconds"], audio.MISSED_SPEECH["fraction"] * total):
+        return None
+    kept = sum(end - start for start, end in spans) / sample_rate
+    return (f"the voice-activity detector cut {len(spans)} piece(s), {kept:.1f} s of this {total:.1f} s take; "
+            f"{missed:.1f} s of sound as loud as speech lies outside them and was left out. If it is speech, "
+            f"give the take's sentences as \"segments\" (start, end, text) to keep it")
+
 @dataclass
 class AudioChecks:
     """The checks and processing that need the decoded audio. They run in the decoding worker processes."""
@@ -448,10 +462,10 @@ class AudioChecks:
                   sample_rate: int) -> list:
         """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
         `native`: the file's own samples [frames, channels], where clipping is measured."""
-        spans, texts, trim = self.spans(clip, samples, sample_rate)
+        spans, texts, trim, missed = self.spans(clip, samples, sample_rate)
         pieces = []
         for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
-            whole = len(spans) == 1 and clip.segments is None
+            whole = clip.segments is None and spans == [(0, len(samples))]  # else a piece: named #n, its span kept
             source = clip.source if whole else f"{clip.source}#{number}"
             row = dict(clip.row) if whole else dict(clip.row, segment=dict(start=round(start / sample_rate, 3),
                                                                            end=round(end / sample_rate, 3)))
@@ -462,16 +476,19 @@ class AudioChecks:
             scale = file_rate / sample_rate  # the span in the file's own samples, where clipping is measured
             piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)])
             piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
+            if missed:
+                piece.flags["speech_missed"] = missed
             pieces.append(piece)
         return pieces
 
     def spans(self, clip: PlannedClip, samples: np.ndarray, sample_rate: int) -> tuple:
-        """([(start, end) samples], [text or None per span], whether to trim each span's edges)."""
+        """([(start, end) samples], [text or None per span], whether to trim each span's edges, what
+        the voice-activity detector's pieces left out (speech_missed) or None)."""
         settings = self.processing
         if clip.segments is not None:
             spans = [(round(s["start"] * sample_rate), min(len(samples), round(s["end"] * sample_rate)))
                      for s in clip.segments]
-            return spans, [s["text"] for s in clip.segments], settings.trim
+            return spans, [s["text"] for s in clip.segments], settings.trim, None
         seconds = len(samples) / sample_rate
         # Cut: a take too long to keep whole (only planned when recognition is on), or a long clip
         # that recognition transcribes anyway, which may as well come out in sentence-sized pieces.
@@ -480,8 +497,9 @@ class AudioChecks:
 
             spans = voice_activity.speech_pieces(samples, sample_rate, settings.max_piece_seconds,
                                                  settings.min_pause_seconds, settings.padding_seconds)
-            return spans, [None] * len(spans), False  # the pieces already end at speech, plus padding
-        return [(0, len(samples))], [clip.row.get("text")], settings.trim
+            # The pieces already end at speech, plus padding: not trimmed again.
+            return spans, [None] * len(spans), False, speech_missed(samples, sample_rate, spans)
+        return [(0, len(samples))], [clip.row.get("text")], settings.trim, None
 
     def trim(self, piece: Decoded, bounds, sample_rate: int):
         """Cut the silence before and after the speech down to the padding. Silence is what the

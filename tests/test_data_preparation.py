@@ -276,6 +276,28 @@ def test_trimming_cuts_only_quiet_sound():
     assert 1.2 <= len(piece.samples) / 24000 <= 1.2 + 2 * 0.05 + 0.03
 
 
+def test_a_long_take_the_detector_mostly_misses_is_flagged_not_lost_quietly():
+    """A long take is cut where the detector hears speech. Sound as loud as speech that no piece holds
+    (a voice it does not take for speech, here a steady tone) is said on each piece; a take of
+    speech and pauses is cut without that flag."""
+    rate = 24000
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(True, 0.2, 15, 0.4, None))
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(20 * rate) / rate)).astype(np.float32)
+    missed_take = np.concatenate([room_tone(0.5), speech(4, seed=3), room_tone(0.8), tone, room_tone(0.5)])
+    spoken_take = np.concatenate([room_tone(0.5), speech(8, seed=3), room_tone(0.8), speech(9, seed=4),
+                                  room_tone(1.0), speech(7, seed=6), room_tone(0.5)])
+    for take, missed in ((missed_take, True), (spoken_take, False)):
+        planned = PlannedClip("take.wav", dict(audio="take.wav"), None, len(take) / rate)  # no text: to be transcribed
+        pieces = checks.pieces_of(planned, take, take[:, None], rate, rate)
+        assert pieces and all(piece.source.startswith("take.wav#") for piece in pieces)
+        flags = [piece.flags.get("speech_missed") for piece in pieces]
+        if missed:
+            left_out = float(re.search(r"([0-9.]+) s of sound as loud as speech", flags[0]).group(1))
+            assert all(flag == flags[0] for flag in flags) and 12 < left_out <= 20.5 and '"segments"' in flags[0]
+        else:
+            assert flags == [None] * len(pieces)
+
+
 def test_loudness_normalisation_reaches_the_target_and_never_clips():
     checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, -23.0))
     quiet = speech(3.0, level=0.02)
