@@ -50,8 +50,8 @@ from qwen3_tts_sft import audio, data_report
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
 from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
-from qwen3_tts_sft.dataset_layouts import (FLAGS, REJECT_REASONS, AudioChecks, Limits, Processing, Reject, RowChecker,
-                                           detect_layout, input_order, read_input)
+from qwen3_tts_sft.dataset_layouts import (FLAGS, JSONL_ROW_FIELDS, REJECT_REASONS, AudioChecks, Limits, Processing,
+                                           Reject, RowChecker, detect_layout, input_order, read_input)
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
@@ -394,7 +394,7 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
                  for index, row in enumerate(entry["kept"])]
         decode_rejects += entry["rejected"]
     summary = publish(output, kept, [asdict(reject) for reject in rejects] + decode_rejects, settings, throughput,
-                      write_rows=not args.validate_only, check_dataset=args.num_shards == 1)
+                      write_rows=not args.validate_only, check_dataset=args.num_shards == 1, show_reject=show_reject)
     if progress.path.exists():
         progress.path.unlink()
     if not summary["clips"] and args.num_shards == 1:
@@ -661,8 +661,18 @@ class RowFiles:
             handle.close()
 
 
+def line_to_feed_again(row: dict) -> str:
+    """A kept row rejected by the checks across clips, as a JSONL input line that makes it again: its
+    own fields, and a piece of a long take as that take with the one segment."""
+    fields = {name: value for name, value in row.items() if name in JSONL_ROW_FIELDS}
+    if "segment" in row:
+        fields["segments"] = [dict(row["segment"], text=row["text"])]
+        del fields["text"]
+    return json.dumps(fields, ensure_ascii=False)
+
+
 def publish(output: Path, clips: list, rejects: list, settings: dict, throughput: dict, write_rows: bool = True,
-            check_dataset: bool = True) -> dict:
+            check_dataset: bool = True, show_reject=None) -> dict:
     """Write OUTPUT (rows in input order), its rejects, summary and report. OUTPUT comes last, by a rename.
 
     clips: ClipInfo of every kept row. check_dataset: run the checks across clips and choose the
@@ -675,8 +685,18 @@ def publish(output: Path, clips: list, rejects: list, settings: dict, throughput
     checks = DatasetChecks(settings["flag_rate_ratio"], settings["reject_rate_ratio"], settings["references_per_speaker"])
     dataset_rejects, medians = checks.run(clips) if check_dataset else ({}, {})
     kept = [clip for clip in clips if clip.source not in dataset_rejects]
-    rejects = rejects + [asdict(Reject(source, reason, "audio" if reason == "duplicate_audio" else "text", problem))
-                         for source, (reason, problem) in dataset_rejects.items()]
+    rows = RowFiles()
+    show_reject = show_reject or RejectPrinter()
+    for clip in clips:
+        if clip.source in dataset_rejects:
+            reason, problem = dataset_rejects[clip.source]
+            row = rows.row(clip.position)
+            if row.get("text_from") == "asr":
+                problem += f"; the text was heard by speech recognition: {row['text']!r}"
+            reject = Reject(clip.source, reason, "audio" if reason == "duplicate_audio" else "text", problem,
+                            input=line_to_feed_again(row))
+            show_reject(reject)
+            rejects.append(asdict(reject))
     references = {}
     if check_dataset:
         folder = beside(output, ".references")
@@ -685,7 +705,6 @@ def publish(output: Path, clips: list, rejects: list, settings: dict, throughput
                                     else clip.row_audio if clip.segment is None else None)
                                    for number, clip in enumerate(chosen, start=1)]
     summary = DatasetSummary()
-    rows = RowFiles()
     temporary = beside(output, ".tmp")
     uses = {}  # speaker -> rows given a chosen reference so far: they take turns
     with open(temporary, "w", encoding="utf-8") as out:

@@ -37,6 +37,9 @@ from qwen3_tts_sft.languages import PUBLISHED_LANGUAGE_IDS, language_problem, mo
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
 TRANSCRIPT_EXTENSIONS = (".txt", ".lab")
 
+# The fields of a JSONL input row that prepare_codes reads; "segments" aligns a long take's transcript.
+JSONL_ROW_FIELDS = ("audio", "text", "ref_audio", "speaker", "language", "segments")
+
 # Why a row is rejected; the summary counts each one, zero counts included.
 REJECT_REASONS = (
     "bad_row",             # not a JSON object, not UTF-8, or a field of the wrong type

@@ -5,6 +5,8 @@ Whisper, reference checks and choice, the quality report, and the command line i
 
 Most runs use --validate_only (no encoding); one encodes, on the tiny speech tokenizer."""
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -93,7 +95,10 @@ def faulty_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def faulty_report(faulty_dataset, tmp_path_factory):
     output = tmp_path_factory.mktemp("faulty_out") / "train.jsonl"
-    summary = validate(faulty_dataset, output, "--max_seconds", 15, "--max_segment_seconds", 10)
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):  # where the rejects are printed; kept beside the output
+        summary = validate(faulty_dataset, output, "--max_seconds", 15, "--max_segment_seconds", 10)
+    (output.parent / "stderr.txt").write_text(printed.getvalue())
     return output, summary
 
 
@@ -142,8 +147,23 @@ def test_wrong_transcripts_are_rejected_and_doubtful_ones_flagged(faulty_report)
     clips, rejects = clips_of(output), rejects_of(output)
     assert rejects["raw.jsonl:15"]["reason"] == "speaking_rate"
     assert "the speaker's median" in rejects["raw.jsonl:15"]["problem"]
+    # Rejected after every clip was read, yet printed with the rest, and given as a line to feed again.
+    printed = (output.parent / "stderr.txt").read_text()
+    assert "rejected: " in printed and f"{rejects['raw.jsonl:15']['source']}: text: " in printed
+    fed_again = json.loads(rejects["raw.jsonl:15"]["input"])
+    assert fed_again["audio"].endswith("wrong.wav") and fed_again["speaker"] == "anna"
+    assert fed_again["text"] == SENTENCES[2] + " " + SENTENCES[3]
     assert 1.5 < clips["raw.jsonl:16"]["rate_ratio"] < 2.5 and "speaking_rate" in clips["raw.jsonl:16"]["flags"]
     assert not any(clips[f"raw.jsonl:{n}"]["flags"] for n in range(1, 13))  # the speakers' own clips
+
+
+def test_a_rejected_piece_of_a_take_is_fed_again_as_that_take_with_its_segment():
+    piece = dict(audio="/data/take.wav", text="Heard text.", speaker="bert", language="english", text_from="asr",
+                 segment=dict(start=5.1, end=10.5), source="raw.jsonl:18#2", quality=dict(frames=68),
+                 flags=dict(speaking_rate="..."))
+    assert json.loads(prepare_codes.line_to_feed_again(piece)) == dict(
+        audio="/data/take.wav", speaker="bert", language="english",
+        segments=[dict(start=5.1, end=10.5, text="Heard text.")])
 
 
 def test_low_rate_clipping_and_duplicates_are_named_per_clip(faulty_report):
