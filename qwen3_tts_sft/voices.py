@@ -46,6 +46,12 @@ def flag_problems(args, resume_state=None) -> list:
     on a resume, which of them differ from the checkpoint's."""
     config = read_config(args.init_model_path)
     model_type = config.get("tts_model_type")
+    if model_type is None:
+        parent = Path(args.init_model_path).resolve().parent
+        inside = (parent / "config.json").is_file() and read_config(parent).get("tts_model_type") in (BASE, CUSTOM_VOICE)
+        return [f"--init_model_path {args.init_model_path} is not a Qwen3-TTS model (its config.json has no "
+                f"tts_model_type; model_type {config.get('model_type')!r})" +
+                (f": it is a part of the model in {parent}; pass that folder" if inside else "")]
     if model_type not in (BASE, CUSTOM_VOICE):
         return [f"--init_model_path {args.init_model_path} is a {model_type!r} model; start from a Base or a "
                 f"CustomVoice model"]

@@ -213,6 +213,17 @@ def test_init_model_path_mistakes_say_what_to_pass(tiny_model, coded_clips, shor
         train(custom_voice, coded_clips, tmp_path / "c")
     assert "is a 'voice_design' model; start from a Base or a CustomVoice model" in str(raised.value)
 
+    # The speech tokenizer folder inside the model, a folder that is not there, a hub id.
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model / "speech_tokenizer", coded_clips, tmp_path / "d")
+    assert f"it is a part of the model in {tiny_model}; pass that folder" in str(raised.value)
+    with pytest.raises(SystemExit) as raised:
+        train(tmp_path / "nowhere", coded_clips, tmp_path / "e")
+    assert f"--init_model_path {tmp_path / 'nowhere'}: no such folder" in str(raised.value)
+    with pytest.raises(SystemExit) as raised:
+        train("Qwen/Qwen3-TTS-12Hz-1.7B-Base", coded_clips, tmp_path / "f")
+    assert "huggingface-cli download Qwen/Qwen3-TTS-12Hz-1.7B-Base --local-dir Qwen3-TTS-12Hz-1.7B-Base" in str(raised.value)
+
 
 def test_the_commands_import_qwen_tts_without_its_notices(tiny_model):
     """Each command's own way to qwen_tts (the trainer's setup, infer_test's model loader,
