@@ -366,6 +366,11 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
 
     train_clips = read(args.train_jsonl)
     eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
+    names = sorted({clip.speaker for clip in train_clips})
+    if args.speaker_name and args.speaker_name.strip().lower() not in names:
+        accelerator.print(f"note: --speaker_name {args.speaker_name} names no voice of this run: every row names its "
+                          f"own speaker ({', '.join(names)}), and the flag only names rows without one. Pass those "
+                          f"names to generate_custom_voice(speaker=...)")
     if args.eval_split:
         train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
     speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker,
