@@ -250,7 +250,7 @@ def problem_report(problems: list, jsonl_path: Path, tokenizer_path) -> str:
         lines.append(
             f"{jsonl_path}: {len(uncoded)} rows (the first at {first_line}) have \"audio\" but no \"audio_codes\": "
             f"the recordings are not encoded yet. prepare_codes.py turns them into 12 Hz codes; train on the file "
-            f"it writes:\n  python prepare_codes.py --tokenizer_model_path {tokenizer_path} --input_jsonl {jsonl_path} "
+            f"it writes:\n  python prepare_codes.py --tokenizer_model_path {tokenizer_path} --input {jsonl_path} "
             f"--output_jsonl {output}")
     return "\n".join(lines)
 

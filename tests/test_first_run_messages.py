@@ -185,7 +185,7 @@ def test_a_raw_jsonl_is_sent_to_prepare_codes(tiny_model, coded_clips, tmp_path)
         train(tiny_model, raw, tmp_path / "out")
     message = str(raised.value)
     assert f'{raw}: 8 rows (the first at {raw}:1) have "audio" but no "audio_codes"' in message
-    assert (f"python prepare_codes.py --tokenizer_model_path {tiny_model / 'speech_tokenizer'} --input_jsonl {raw} "
+    assert (f"python prepare_codes.py --tokenizer_model_path {tiny_model / 'speech_tokenizer'} --input {raw} "
             f"--output_jsonl {tmp_path / 'raw_with_codes.jsonl'}") in message
     assert "audio_codes: missing" not in message and "raise the limit" not in message
     assert len(message.splitlines()) == 3
