@@ -491,7 +491,10 @@ class TrainingRun:
         minutes = (time.perf_counter() - self.started) / 60
         lines = ["***** Training finished *****",
                  f"  steps: {progress.step} ({progress.step - self.start_step} in this run, {minutes:.1f} min)"]
-        if train:
+        if len(train) == 1:
+            lines.append(f"  train loss: {train[0]['train/loss']:.4f} at step {train[0]['step']}, logged once "
+                         f"(every --logging_steps {self.args.logging_steps} steps, and at the end)")
+        elif train:
             lines.append(f"  train loss: {train[0]['train/loss']:.4f} at step {train[0]['step']} -> "
                          f"{train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
         lines.append(f"  learning rate: reached {self.highest_lr(progress.step):.3g} (--lr {self.args.lr:g}, "

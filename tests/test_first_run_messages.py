@@ -41,6 +41,13 @@ def banner_and_summary(printed: str) -> tuple:
     return banner, printed.split("***** Training finished *****")[1]
 
 
+def test_a_loss_logged_once_is_not_shown_as_a_trend(tiny_model, coded_clips, tmp_path, capsys):
+    train(tiny_model, coded_clips, tmp_path / "out", max_steps=2, logging_steps=50)
+    summary = capsys.readouterr().out.split("***** Training finished *****")[1]
+    assert "at step 2, logged once (every --logging_steps 50 steps, and at the end)" in summary
+    assert " -> " not in summary.split("learning rate")[0]
+
+
 def test_a_speaker_name_that_names_no_voice_is_said(short_run):
     _, printed = short_run
     assert ("note: --speaker_name my_speaker names no voice of this run: every row names its own speaker "
