@@ -380,7 +380,7 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
     todo = progress.todo(clips)
     throughput = new_throughput()
     if todo:
-        print(f"{len(clips)} clips in this run ({len(clips) - len(todo)} already done), "
+        print(f"{len(clips)} recordings to decode in this run ({len(clips) - len(todo)} already done), "
               f"{len(rejects)} rows rejected before decoding")
         done_seconds = sum(clip.seconds for clip in clips) - sum(clip.seconds for clip in todo)
         throughput = decode_and_encode(todo, args, checks, progress, show_reject, done_seconds, len(clips))
