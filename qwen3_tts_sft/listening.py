@@ -457,7 +457,9 @@ def speak_in_batches(tts, items: list, settings: SpeakSettings, generate=None) -
                 options = dict(language=settings.language, non_streaming_mode=settings.non_streaming_mode,
                                max_new_tokens=cap)
                 if settings.greedy:
-                    options.update(do_sample=False, subtalker_dosample=False)
+                    # Temperature 1 changes nothing without sampling; the model's default (0.9) would
+                    # make transformers print that the flag is ignored, on every call.
+                    options.update(do_sample=False, subtalker_dosample=False, temperature=1.0, subtalker_temperature=1.0)
                 texts, names = [text for _, _, text in batch], [name for name, _, _ in batch]
                 wavs, sample_rate, frames, seconds = speak(tts, lambda: generate(texts, names, options))
                 rtf = seconds / max(sum(len(wav) for wav in wavs) / sample_rate, 1e-9)
