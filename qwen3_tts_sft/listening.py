@@ -442,14 +442,17 @@ def speak_in_batches(tts, items: list, settings: SpeakSettings, generate=None) -
     caller's random state are restored afterwards). `generate(texts, speakers, options)` makes one
     batch; default: custom_voice(tts)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     generate = generate or custom_voice(tts)
     model = tts.model
     was_training = model.training
+    verbosity = hf_logging.get_verbosity()
     spoken = []
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []), torch.inference_mode():
         torch.manual_seed(settings.seed)
         model.eval()
+        hf_logging.set_verbosity_error()  # generate's notice of the pad id it picks, on every call
         try:
             for start in range(0, len(items), settings.batch_size):
                 batch = items[start:start + settings.batch_size]
@@ -466,6 +469,7 @@ def speak_in_batches(tts, items: list, settings: SpeakSettings, generate=None) -
                 spoken += [(item, wav, sample_rate, count, cap, rtf) for item, wav, count in zip(batch, wavs, frames)]
         finally:
             model.train(was_training)
+            hf_logging.set_verbosity(verbosity)
     return spoken
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.utils import logging as hf_logging
 
 from qwen3_tts_sft import listening
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
@@ -110,8 +109,6 @@ def listen(run) -> tuple:
     layouts, wavs = {}, {}
     was_training = model.training
     model.eval()  # the speaker encoder too: it measures similarity after generation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # generate's notices (pad id, sampling flags unused when greedy), each time
     try:
         # Eager: the compiled layers were traced for training shapes; generation would recompile them.
         with torch.compiler.set_stance("force_eager"), accelerator.autocast():
@@ -133,7 +130,6 @@ def listen(run) -> tuple:
                     wavs[(layout, sentence["speaker"], sentence["index"])] = wav
     finally:
         model.train(was_training)
-        hf_logging.set_verbosity(verbosity)
     return entry_of(layouts, time.perf_counter() - started), wavs
 
 
