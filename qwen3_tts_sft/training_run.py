@@ -220,6 +220,16 @@ class TrainingRun:
         schedule = self.scheduler.scheduler  # accelerate's wrapper holds the LambdaLR
         return self.args.lr * schedule.lr_lambdas[0](min(self.args.warmup_steps, max(steps - 1, 0)))
 
+    def highest_lr_used(self) -> float:
+        """The highest rate the run's updates used, over its resumes: this process's updates by the
+        schedule they followed (a resume with --allow_schedule_change follows a new one), earlier
+        ones as logged."""
+        schedule = self.scheduler.scheduler.lr_lambdas[0]
+        this_run = [self.args.lr * schedule(step) for step in range(self.start_step, self.progress.step)]
+        earlier = [entry["train/lr"] for entry in self.progress.log_history
+                   if "train/lr" in entry and entry["step"] <= self.start_step]
+        return max(this_run + earlier, default=0.0)
+
     def warmup_warning(self) -> str:
         """A warning when the warmup takes more than half the run: the rate then stays far below --lr."""
         args, steps = self.args, self.total_steps
@@ -497,7 +507,7 @@ class TrainingRun:
         elif train:
             lines.append(f"  train loss: {train[0]['train/loss']:.4f} at step {train[0]['step']} -> "
                          f"{train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
-        lines.append(f"  learning rate: reached {self.highest_lr(progress.step):.3g} (--lr {self.args.lr:g}, "
+        lines.append(f"  learning rate: reached {self.highest_lr_used():.3g} (--lr {self.args.lr:g}, "
                      f"{self.args.warmup_steps} warmup steps)")
         if self.warmup_warning():
             lines.append(self.warmup_warning())

@@ -172,6 +172,18 @@ def test_a_changed_schedule_on_resume_is_refused_unless_allowed(tiny_model, code
     assert len(list(runs[0].glob("events.out.tfevents.*"))) == 2  # the resume wrote on in its run's folder
 
 
+def test_the_summary_gives_the_rate_reached_under_a_changed_schedule(tiny_model, coded_clips, short_run, tmp_path,
+                                                                    capsys):
+    # Steps 1-3 rose to 5e-06; the new schedule has no warmup and decays from 2e-5 over 6 steps, so
+    # steps 4-6 use 1e-05, 6.7e-06 and 3.3e-06: the rate never reached --lr.
+    output = copy_of(short_run[0], tmp_path)
+    capsys.readouterr()
+    train(tiny_model, coded_clips, output, resume_from_checkpoint="latest", allow_schedule_change=True,
+          **dict(RUN, num_epochs=2, lr=2e-5, warmup_steps=0))
+    summary = capsys.readouterr().out.split("***** Training finished *****")[1]
+    assert "learning rate: reached 1e-05 (--lr 2e-05" in summary
+
+
 def test_overwrite_output_dir_names_what_it_removes(tiny_model, coded_clips, short_run, tmp_path, capsys):
     output = copy_of(short_run[0], tmp_path)
     old_run = next((output / "logs").iterdir()).name
