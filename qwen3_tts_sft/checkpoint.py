@@ -304,9 +304,13 @@ def list_checkpoints(output_dir: Path) -> list:
     found = []
     for folder in Path(output_dir).glob("checkpoint-*"):
         if resumable(folder):
-            step = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["step"]  # TrainingProgress.step
-            found.append((step, folder.stat().st_mtime, folder))
+            found.append((checkpoint_step(folder), folder.stat().st_mtime, folder))
     return [folder for _, _, folder in sorted(found)]
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer steps a resumable checkpoint holds."""
+    return json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))["step"]  # TrainingProgress.step
 
 
 def latest_checkpoint(output_dir: Path):

@@ -241,6 +241,14 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
         path = Path(args.resume_from_checkpoint)
         if not checkpoint.resumable(path):
             problems.append(f"--resume_from_checkpoint {path}: not a checkpoint with training state")
+            return path
+        step = checkpoint.checkpoint_step(path)
+        later = [found.name for found in existing if checkpoint.checkpoint_step(found) > step]
+        if later:  # they would be written again from here: the run they came from would be lost
+            problems.append(
+                f"--resume_from_checkpoint {path} (step {step}): {output_dir} holds later checkpoints of that run "
+                f"({', '.join(later)}), which resuming here would overwrite. To branch off from step {step}, pass "
+                f"another --output_model_path; to continue the run, --resume_from_checkpoint latest")
         return path
     if existing and not args.overwrite_output_dir:
         problems.append(

@@ -258,6 +258,21 @@ def test_an_existing_run_is_not_overwritten_by_accident(tiny_model, twelve_clips
     assert f"{other} differs from the file the checkpoint was trained on ({twelve_clips}, sha256 " in str(raised.value)
 
 
+def test_resuming_from_an_older_checkpoint_never_overwrites_the_later_ones(tiny_model, twelve_clips, tmp_path):
+    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=2, save_steps=1)
+    later = output / "checkpoint-step-2" / checkpoint.TRAINER_STATE
+    before = later.read_bytes()
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, output, max_steps=2, save_steps=1, lr=2e-3, allow_schedule_change=True,
+              resume_from_checkpoint=output / "checkpoint-step-1")
+    assert "holds later checkpoints of that run (checkpoint-step-2), which resuming here would overwrite" in str(raised.value)
+    assert "another --output_model_path" in str(raised.value) and later.read_bytes() == before
+    # Branching off into another folder is how to do it.
+    train(tiny_model, twelve_clips, tmp_path / "branch", max_steps=2, save_steps=1,
+          resume_from_checkpoint=output / "checkpoint-step-1")
+    assert (tmp_path / "branch" / "checkpoint-step-2").is_dir()
+
+
 def test_a_full_disk_is_reported_before_saving(tiny_model, twelve_clips, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(SystemExit) as raised:

@@ -75,7 +75,9 @@ def test_resume_keeps_the_evaluation_history(listened, tiny_model, coded_clips, 
     on, _ = listened
     output = tmp_path / "resumed"
     shutil.copytree(on, output, symlinks=True)
-    train(tiny_model, coded_clips, output, eval_sentences=one_sentence, resume_from_checkpoint=output / "checkpoint-step-2",
+    # As if killed after step 4's listening was written, before its checkpoint was saved.
+    shutil.rmtree(output / "checkpoint-epoch-0")
+    train(tiny_model, coded_clips, output, eval_sentences=one_sentence, resume_from_checkpoint="latest",
           **RUN, **LISTEN)
     first, again = scoring.read_scores(on / scoring.SCORES_FILE), scoring.read_scores(output / scoring.SCORES_FILE)
     assert [entry["step"] for entry in again] == [2, 4]  # step 4 measured again, not listed twice
