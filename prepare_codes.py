@@ -215,10 +215,9 @@ def speech_tokenizer_folder(value: str) -> str:
             return None
 
     if not path.is_dir():
-        hub_name = value.count("/") == 1 and not value.startswith((".", "/", "~"))
-        raise SystemExit(f"error: --tokenizer_model_path {value}: no such folder" + (
-            f". It looks like a Hugging Face model name: download it first (huggingface-cli download {value} "
-            f"--local-dir DIR) and pass DIR" if hub_name else ""))
+        from qwen3_tts_sft.checkpoint import hub_download_hint  # imports torch: only on this mistake
+
+        raise SystemExit(f"error: --tokenizer_model_path {value}: no such folder" + hub_download_hint(value))
     if model_type(path) == TOKENIZER_MODEL_TYPE:
         return str(path)
     inner = path / "speech_tokenizer"

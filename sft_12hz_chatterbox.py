@@ -265,14 +265,12 @@ def listening_problems(args) -> list:
 
 def missing_model_problem(path: Path) -> str:
     """What to pass instead of an --init_model_path without config.json."""
+    from qwen3_tts_sft import checkpoint  # imports torch: only on this mistake
+
     if not path.exists():
-        hub_id = not path.is_absolute() and len(path.parts) == 2  # owner/name, as on the Hugging Face hub
-        return (f"--init_model_path {path}: no such folder" +
-                (f". The trainer reads a local folder: download the model first (huggingface-cli download {path} "
-                 f"--local-dir {path.name}) and pass that folder" if hub_id else ""))
+        return f"--init_model_path {path}: no such folder" + checkpoint.hub_download_hint(path)
     if not any(path.glob("checkpoint-*")):
         return f"--init_model_path {path}: no config.json there (is it a downloaded model folder?)"
-    from qwen3_tts_sft import checkpoint  # imports torch: only on this mistake
 
     found = checkpoint.list_checkpoints(path)
     if not found:

@@ -308,6 +308,16 @@ def list_checkpoints(output_dir: Path) -> list:
     return [folder for _, _, folder in sorted(found)]
 
 
+def hub_download_hint(path) -> str:
+    """For a model folder that does not exist but is written as a Hugging Face model name (owner/name):
+    a sentence, to end an error with, on downloading it first; "" otherwise."""
+    name = str(path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return ""
+    return (f". It looks like a Hugging Face model name, and the commands read local folders: download it first "
+            f"(huggingface-cli download {name} --local-dir {name.split('/')[1]}) and pass that folder")
+
+
 def checkpoint_step(folder: Path) -> int:
     """The optimizer steps a resumable checkpoint holds."""
     return json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))["step"]  # TrainingProgress.step

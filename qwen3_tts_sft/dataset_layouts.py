@@ -398,6 +398,7 @@ def speech_missed(samples: np.ndarray, sample_rate: int, spans: list):
             f"{missed:.1f} s of sound as loud as speech lies outside them and was left out. If it is speech, "
             f"give the take's sentences as \"segments\" (start, end, text) to keep it")
 
+
 @dataclass
 class AudioChecks:
     """The checks and processing that need the decoded audio. They run in the decoding worker processes."""

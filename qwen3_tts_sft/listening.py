@@ -141,7 +141,6 @@ class Listening:
 # Measurements on arrays
 # ---------------------------------------------------------------------------------------------
 
-
 def sentences_in_file(path) -> list:
     """A file's sentences, one a line, blank lines skipped; ValueError saying what is wrong with it."""
     try:

@@ -192,7 +192,7 @@ def banner_lines(run) -> list:
     lines = []
     if read_config(run.args.init_model_path).get("tts_model_type") == CUSTOM_VOICE:
         source = encoder_source(run.args)
-        lines.append(f"  speaker encoder for the new voices: " + (
+        lines.append("  speaker encoder for the new voices: " + (
             f"the one this trainer kept beside {source} (a CustomVoice model has none in its weights)"
             if Path(source).resolve() == Path(run.args.init_model_path).resolve()
             else f"from {source} (the starting model has none of its own)"))
@@ -214,14 +214,14 @@ def banner_lines(run) -> list:
                          f"--replay_max_seconds {run.args.replay_max_seconds}")
     idle = [speaker.name for speaker in kept if speaker.name not in rehearsed]
     asked = {speaker.name for speaker in replay_set.speakers} if replay_set is not None else set()
-    unheard = [name for name in idle if name in asked]
+    unheard, not_asked = [name for name in idle if name in asked], [name for name in idle if name not in asked]
     if unheard:
         lines.append(f"  warning: {', '.join(unheard)}: asked to be rehearsed, but the replay set holds none of their "
                      f"speech (the starting model ran past --replay_max_seconds on every sentence): not rehearsed, "
                      f"their voices may drift")
-    if len(unheard) < len(idle):
-        lines.append(f"  speakers of the starting model {', '.join(n for n in idle if n not in asked)} kept but not "
-                     f"rehearsed: their voices may drift; --replay_speakers all rehearses them")
+    if not_asked:
+        lines.append(f"  speakers of the starting model {', '.join(not_asked)} kept but not rehearsed: their voices "
+                     f"may drift; --replay_speakers all rehearses them")
     return lines
 
 
