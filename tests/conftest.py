@@ -9,12 +9,13 @@ from helpers import read_jsonl, write_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Tests spread over worker processes (pytest -n): one thread each, for them and the commands they
-    # start, or the workers' torch thread pools fight over the same cores.
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # Tests spread over worker processes (pytest -n): each takes its share of the cores, for itself and
+    # the commands it starts, or the workers' torch thread pools fight over the same cores.
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

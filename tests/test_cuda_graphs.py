@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-from helpers import ROOT, build_run, read_jsonl, train, write_jsonl
+from helpers import GPU_DEFAULT_PATH, ROOT, build_run, read_jsonl, train, write_jsonl
 from qwen3_tts_sft import training_data
 
 
@@ -25,9 +25,11 @@ def repeated_clips(coded_clips, tmp_path_factory):
 
 
 def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None, **flags):
-    """Every step of one epoch through TrainingRun.optimizer_step; returns (per-step losses, weights, run)."""
+    """Every step of one epoch through TrainingRun.optimizer_step; returns (per-step losses, weights, run).
+    The layers compiled as on a GPU by default, unless `flags` say otherwise."""
+    flags = dict(GPU_DEFAULT_PATH, **flags)
     run = build_run(model_dir, data, out_dir, batch_size=1, gradient_accumulation_steps=4, lr=1e-3,
-                    lr_scheduler="constant_with_warmup", cuda_graphs=cuda_graphs, **flags)
+                    lr_scheduler="constant_with_warmup", **dict(flags, cuda_graphs=cuda_graphs))
     if before_training is not None:
         before_training(run)
     losses = []
@@ -120,7 +122,7 @@ def test_replacing_a_recorded_gradient_is_refused(graph_training):
 @pytest.mark.gpu
 def test_trainer_cli_with_graphs_evaluates_and_saves(tiny_model, repeated_clips, tmp_path):
     out = train(tiny_model, repeated_clips, tmp_path / "run", batch_size=1, gradient_accumulation_steps=2,
-                eval_split=0.25, cuda_graphs="yes", save_steps=0)
+                eval_split=0.25, save_steps=0, **dict(GPU_DEFAULT_PATH, cuda_graphs="yes"))
     assert (out / "checkpoint-epoch-0" / "model.safetensors").is_file()
 
 
@@ -136,4 +138,4 @@ def test_cuda_graphs_yes_where_they_cannot_work_is_refused_before_the_model_load
         build_run(tiny_model, coded_clips, tmp_path, gradient_checkpointing=True, cuda_graphs="yes")
     monkeypatch.undo()
     # auto falls back to eager instead
-    assert build_run(tiny_model, coded_clips, tmp_path, gradient_checkpointing=True).graphs is None
+    assert build_run(tiny_model, coded_clips, tmp_path, gradient_checkpointing=True, cuda_graphs="auto").graphs is None

@@ -22,7 +22,7 @@ from qwen_tts import Qwen3TTSModel
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-from helpers import ROOT, build_run, read_jsonl, train, trainer_argv, write_jsonl
+from helpers import GPU_DEFAULT_PATH, ROOT, build_run, read_jsonl, train, trainer_argv, write_jsonl
 
 # 12 clips, 2 per step: 6 steps an epoch; saving every step lets a run resume from any point.
 RUN = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=2, save_steps=1, lr=1e-3, warmup_steps=2)
@@ -56,18 +56,19 @@ def final_weights(output):
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_model, twelve_clips, tmp_path):
-    train(tiny_model, twelve_clips, tmp_path / "whole", **RUN)
+    run = dict(RUN, **GPU_DEFAULT_PATH)  # on a GPU: compiled layers and CUDA graphs, as users train
+    train(tiny_model, twelve_clips, tmp_path / "whole", **run)
     expected, expected_name = final_weights(tmp_path / "whole")
 
     seed = int(os.environ.get("TEST_SEED", "0"))  # another TEST_SEED kills at another step
     kill_after = random.Random(seed).randint(2, 10)
     print(f"killing after step {kill_after} (TEST_SEED {seed})")
-    process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "killed"),
+    process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "killed", **GPU_DEFAULT_PATH),
                                  f"train step {kill_after}/")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert checkpoint.latest_checkpoint(tmp_path / "killed") is not None
-    train(tiny_model, twelve_clips, tmp_path / "killed", resume_from_checkpoint="latest", **RUN)
+    train(tiny_model, twelve_clips, tmp_path / "killed", resume_from_checkpoint="latest", **run)
 
     resumed, resumed_name = final_weights(tmp_path / "killed")
     assert resumed_name == expected_name == "checkpoint-epoch-1"
@@ -167,7 +168,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips
     graphs, bf16), on CPU the eager one."""
     import sft_12hz_chatterbox
 
-    run = build_run(tiny_model, twelve_clips, tmp_path / "out", max_nonfinite_steps=3, **RUN)
+    run = build_run(tiny_model, twelve_clips, tmp_path / "out", max_nonfinite_steps=3, **RUN, **GPU_DEFAULT_PATH)
     weight = run.accelerator.unwrap_model(run.train_module).talker.codec_head.weight
     take_step, bad_steps = run.optimizer_step, {3, 8, 9, 10}  # one bad step, later only bad steps
     graph_replays = count_graph_replays(monkeypatch)

@@ -184,7 +184,7 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
 
     tts = Qwen3TTSModel.from_pretrained(str(output / "best"), dtype=torch.float32)
     row = tts.model.talker.get_input_embeddings().weight[tts.model.config.talker_config.spk_id["alice"]]
-    assert torch.allclose(row, good_vectors["alice"].to(row.dtype), atol=1e-2)  # the good vector, in bf16
+    assert torch.allclose(row, good_vectors["alice"].to(row), atol=1e-2)  # the good vector, in bf16, on its device
 
 
 # ---------------------------------------------------------------------------------------------
