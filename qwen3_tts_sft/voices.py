@@ -214,11 +214,16 @@ def banner_lines(run) -> list:
                          f"--replay_max_seconds {run.args.replay_max_seconds}")
     idle = [speaker.name for speaker in kept if speaker.name not in rehearsed]
     asked = {speaker.name for speaker in replay_set.speakers} if replay_set is not None else set()
-    unheard, not_asked = [name for name in idle if name in asked], [name for name in idle if name not in asked]
+    unheard = [name for name in idle if name in asked and not replay_set.clips_of(name)]
+    measured_only = [name for name in idle if name in asked and replay_set.clips_of(name)]
+    not_asked = [name for name in idle if name not in asked]
     if unheard:
         lines.append(f"  warning: {', '.join(unheard)}: asked to be rehearsed, but the replay set holds none of their "
                      f"speech (the starting model ran past --replay_max_seconds on every sentence): not rehearsed, "
                      f"their voices may drift")
+    if measured_only:  # --replay_ratio 0 (or too small to draw their clips): their drift is measured only
+        lines.append(f"  {', '.join(measured_only)}: replay loss measured at the start and the end, but not rehearsed: "
+                     f"--replay_ratio {run.args.replay_ratio} mixes none of their replay clips into training")
     if not_asked:
         lines.append(f"  speakers of the starting model {', '.join(not_asked)} kept but not rehearsed: their voices "
                      f"may drift; --replay_speakers all rehearses them")

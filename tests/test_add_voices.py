@@ -336,3 +336,53 @@ def test_two_voices_saying_the_same_sentence_each_come_back_as_their_own(tiny_mo
     folder = train(base, data, tmp_path / "out", lr_scheduler="linear", **LEARNING) / "checkpoint-epoch-0"
     for voice, codes in clips.items():
         assert np.array_equal(greedy_codes(folder, text, voice, "english", len(codes) + 4), codes), voice
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay: the kept voice's own speech, rehearsed while a new voice trains
+# ---------------------------------------------------------------------------------------------
+
+# A kept speaker's replay loss (per target) may rise by at most this much over a run that adds a voice
+# with --replay_ratio 0.5; without rehearsal the same run moves it by more than REPLAY_DRIFT.
+REPLAY_MARGIN, REPLAY_DRIFT = 0.1, 0.3
+
+
+@pytest.fixture(scope="module")
+def speaking_start(tiny_model, coded_clips, tmp_path_factory):
+    """A starting model whose own voice stops speaking, so that it has a replay set: the tiny model
+    overfit on one clip of "keeper" (a random one never stops, and every replay sentence is left out).
+    A checkpoint of this trainer: a CustomVoice model with the Base encoder kept beside it."""
+    folder = tmp_path_factory.mktemp("speaking_start")
+    keeper = dict(read_jsonl(coded_clips)[1], speaker="keeper", text="How are you today?", language="english")
+    data = write_jsonl(folder / "keeper.jsonl", [keeper] * 600)
+    output = train(tiny_model, data, folder / "out", batch_size=4, lr=3e-3, warmup_steps=5,
+                   lr_scheduler="constant_with_warmup")
+    return output / "checkpoint-epoch-0", keeper
+
+
+def add_newbie(start, coded_clips, output, replay_ratio):
+    """The recorded voice "newbie" added to `start` at a high learning rate, keeper's replay loss
+    measured at the start and the end; returns keeper's entry of the voices report."""
+    data = write_jsonl(output.parent / f"{output.name}.jsonl", new_voice_rows(coded_clips, "newbie") * 4)
+    train(start, data, output, lr=3e-3, save_steps=0, replay_speakers="keeper", replay_ratio=replay_ratio,
+          replay_languages="english", replay_max_seconds=4)
+    return json.loads((output / "voices_report.json").read_text())["kept"]["keeper"]
+
+
+def test_replay_keeps_a_kept_voice_whose_loss_drifts_without_it(speaking_start, coded_clips, tmp_path, capsys):
+    start, keeper = speaking_start
+    without = add_newbie(start, coded_clips, tmp_path / "without", replay_ratio=0)
+    printed = capsys.readouterr().out
+    assert "keeper: replay loss measured at the start and the end, but not rehearsed: --replay_ratio 0.0" in printed
+    assert "asked to be rehearsed, but the replay set holds none" not in printed
+    rehearsed = add_newbie(start, coded_clips, tmp_path / "with", replay_ratio=0.5)
+
+    # The replay set is the starting model's own greedy speech: for the sentence it learned, that clip.
+    replay_file = next((tmp_path / "with" / "replay").glob("replay-*.json"))
+    spoken = {row["text"]: row["audio_codes"] for row in json.loads(replay_file.read_text())["clips"]}
+    assert spoken[keeper["text"]] == keeper["audio_codes"]
+    assert without["replay_clips"] == rehearsed["replay_clips"] == len(spoken) >= 1
+
+    assert without["replay_loss_start"] == pytest.approx(rehearsed["replay_loss_start"])
+    assert without["replay_loss_end"] > without["replay_loss_start"] + REPLAY_DRIFT
+    assert rehearsed["replay_loss_end"] < rehearsed["replay_loss_start"] + REPLAY_MARGIN
