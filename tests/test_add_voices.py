@@ -100,16 +100,19 @@ def test_a_custom_voice_model_keeps_its_speakers_dialects_and_rows_and_gains_one
         "speaker_encoder_config"]
 
 
-def test_the_banner_says_where_the_encoder_comes_from_and_what_replay_could_not_rehearse(added_voice, coded_clips,
-                                                                                        tmp_path, capsys):
+def test_a_fourth_voice_joins_and_the_banner_says_where_the_encoder_comes_from(added_voice, coded_clips,
+                                                                             tmp_path, capsys):
     """A second voice added to a checkpoint of this trainer: the encoder is the one it kept. The random
     tiny model never stops speaking, so with a 1 s cap every replay sentence is left out: the banner
     warns that the speakers asked for are not rehearsed, instead of advising the flag already given."""
     data = write_jsonl(tmp_path / "second.jsonl", new_voice_rows(coded_clips, "second"))
     capsys.readouterr()
-    train(added_voice, data, tmp_path / "out", max_steps=1, replay_speakers="all", replay_max_seconds=1,
-          replay_languages="english")
+    output = train(added_voice, data, tmp_path / "out", max_steps=1, replay_speakers="all", replay_max_seconds=1,
+                   replay_languages="english")
     printed = capsys.readouterr().out
+    # The fourth voice joins the three of the first run's output.
+    saved = Qwen3TTSModel.from_pretrained(str(checkpoint.latest_checkpoint(output)), dtype=torch.float32)
+    assert saved.get_supported_speakers() == ["eric", "newvoice", "second", "serena"]
     assert f"speaker encoder for the new voices: the one this trainer kept beside {added_voice}" in printed
     assert "warning: serena, eric, newvoice: asked to be rehearsed, but the replay set holds none of their speech" in printed
     assert "--replay_speakers all rehearses them" not in printed
