@@ -27,6 +27,7 @@ import soundfile as sf
 
 from qwen3_tts_sft import listening
 from qwen3_tts_sft.audio import CLIP_LEVEL, SpeakingRates
+from qwen3_tts_sft.languages import AUTO_LANGUAGE, language_problem, model_languages
 from qwen3_tts_sft.listening import ALL_SPEAKERS, SILENT_WINDOW_DBFS, SpeakSettings, Thresholds
 
 # Built-in test sentences: a statement, a pangram-like line, a short question and a long request.
@@ -73,25 +74,31 @@ def stop(message: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The training data's speaking rate
+# The training data: its speaking rate, and the languages its speakers were trained in
 # ---------------------------------------------------------------------------------------------
 
-def training_rates(jsonl_path: Path, default_speaker: str = None) -> dict:
-    """Speaking rates of a codes JSONL: {speaker: rate, ALL_SPEAKERS: rate of all rows} (see SpeakingRates)."""
-    rates = SpeakingRates()
+def training_data(jsonl_path: Path, default_speaker: str = None) -> tuple:
+    """(rates, languages) of a codes JSONL, read in one pass (it may be large): speaking rates
+    {speaker: rate, ALL_SPEAKERS: rate of all rows} (see SpeakingRates), and {speaker: the set of
+    languages its rows name}, a row without one read as auto, as the trainer reads it."""
+    rates, languages = SpeakingRates(), {}
     with open(jsonl_path, encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                rates.add(row["text"], len(row["audio_codes"]), row.get("speaker") or default_speaker)
+                speaker = row.get("speaker") or default_speaker
+                rates.add(row["text"], len(row["audio_codes"]), speaker)
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 stop(f"{jsonl_path}:{line_number}: not a codes row with text and audio_codes ({error})")
+            language = row.get("language", AUTO_LANGUAGE)
+            if speaker and isinstance(language, str):  # the trainer refuses other rows: they taught no language
+                languages.setdefault(speaker.strip().lower(), set()).add(language.strip().lower())
     result = rates.rates()
     if ALL_SPEAKERS not in result:
         stop(f"{jsonl_path}: no rows with audio")
-    return result
+    return result, languages
 
 
 def summary_rate(path: Path) -> dict:
@@ -149,24 +156,31 @@ def require_model_folder(path: Path) -> None:
          f"pass one to --model_path; the newest: --model_path {checkpoints[-1][0]}")
 
 
-def require_speakers(path: Path) -> None:
-    """Stop when the model has no speakers to test: a Base model (or another kind) has no spk_id rows."""
+def require_speakers(path: Path) -> dict:
+    """The model's config; stop when the model has no speakers to test: a Base model (or another kind)
+    has no spk_id rows."""
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("tts_model_type")
     if model_type == "custom_voice" and (config.get("talker_config") or {}).get("spk_id"):
-        return
+        return config
     kind = "a Base model" if model_type == "base" else f"a {model_type} model (tts_model_type)"
     stop(f"{path} is {kind}: it has no fine-tuned speakers, and infer_test.py speaks with a fine-tuned "
          f"speaker. Fine-tune it first (python sft_12hz_chatterbox.py --init_model_path {path} --train_jsonl "
          f"train_with_codes.jsonl ...), then pass a checkpoint it writes: --model_path output/checkpoint-epoch-0")
 
 
+def speakers_to_test(requested: list, state, spk_id: dict) -> list:
+    """The speakers checked, lower-cased: --speaker, else those the checkpoint was trained on (`state`,
+    its TrainerState, or None), else every one the model has (`spk_id`)."""
+    trained = [speaker["name"] for speaker in state.speakers] if state else []
+    return list(dict.fromkeys(name.lower() for name in requested or trained or spk_id or {}))
+
+
 def checkpoint_speaker_vectors(tts, requested: list, state, model_path: Path) -> dict:
     """{speaker: its vector (the talker's codec embedding row, where generation reads it)}; `state` is
     the checkpoint's TrainerState, or None."""
     spk_id = {name.lower(): codec_id for name, codec_id in (tts.model.config.talker_config.spk_id or {}).items()}
-    trained = [speaker["name"] for speaker in state.speakers] if state else []
-    names = [name.lower() for name in requested or trained or spk_id]
+    names = speakers_to_test(requested, state, spk_id)
     unknown = [name for name in names if name not in spk_id]
     if unknown:
         stop(f"speaker {', '.join(unknown)} is not in {model_path}; it has: {', '.join(sorted(spk_id))}")
@@ -233,7 +247,9 @@ def parse_args(argv=None):
                              "folder's scores.jsonl (or the folder), printed side by side, one row each")
     parser.add_argument("--speaker", action="append",
                         help="speaker to test (repeatable); default: every speaker the checkpoint was trained on")
-    parser.add_argument("--language", default="auto", help="passed to generation; picks the built-in sentences")
+    parser.add_argument("--language", help="passed to generation; picks the built-in sentences (default: the "
+                                           "language the checked speakers' training rows name, when it is one "
+                                           "with built-in sentences, else auto)")
     parser.add_argument("--text", action="append", help="sentence to speak (repeatable); default: built-in set")
     parser.add_argument("--text_file", help="UTF-8 file of sentences, one a line (with or instead of --text)")
     parser.add_argument("--out_dir", help="where wavs and report.json go (default: MODEL_PATH/infer_test)")
@@ -289,7 +305,7 @@ def parse_args(argv=None):
     return args
 
 
-def read_sentences(args) -> list:
+def read_sentences(args, language: str) -> list:
     sentences = list(args.text or [])
     if args.text_file:
         try:
@@ -298,22 +314,42 @@ def read_sentences(args) -> list:
             stop(f"--text_file {args.text_file}: {problem}")
     if sentences:
         return sentences
-    if args.language.lower() not in SENTENCES:
-        stop(f"no built-in sentences for language {args.language!r} (there are {', '.join(sorted(SENTENCES))}); "
+    if language not in SENTENCES:
+        stop(f"no built-in sentences for language {language!r} (there are {', '.join(sorted(SENTENCES))}); "
              f"pass --text or --text_file")
-    return SENTENCES[args.language.lower()]
+    return SENTENCES[language]
 
 
-def find_training_rates(args, flags: dict):
-    """(rates, where they came from), or (None, why there are none)."""
-    if args.data_summary:
-        return summary_rate(args.data_summary), args.data_summary
+def find_training_data(args, flags: dict, want_languages: bool) -> tuple:
+    """(rates, where they came from, {speaker: languages}, the codes JSONL read). Rates: (None, why
+    there are none) without training data. Languages: None when no codes JSONL was read; with
+    --data_summary (the rates' source) the checkpoint's is read for them only when `want_languages`."""
+    summary = summary_rate(args.data_summary) if args.data_summary else None
     if args.train_jsonl and not Path(args.train_jsonl).is_file():
         stop(f"--train_jsonl {args.train_jsonl}: file not found")
     path = args.train_jsonl or flags.get("train_jsonl")
-    if not path or not Path(path).is_file():
-        return None, "no training data found: pass --train_jsonl or --data_summary"
-    return training_rates(Path(path), flags.get("speaker_name")), str(path)
+    if not path or not Path(path).is_file() or (summary and not want_languages):
+        path = None
+    rates, languages = training_data(Path(path), flags.get("speaker_name")) if path else (None, None)
+    if summary:
+        return summary, args.data_summary, languages, path
+    if rates is None:
+        return None, "no training data found: pass --train_jsonl or --data_summary", None, None
+    return rates, str(path), languages, path
+
+
+def default_language(names: list, trained_in: dict, data_path) -> str:
+    """Without --language: the one language the checked speakers' training rows name, when it has
+    built-in sentences (a German voice is checked in German, not in English); else auto, as before.
+    `trained_in` is {speaker: languages} of the training data (None when none was read)."""
+    # A speaker without rows (one the starting model had) counts as unknown: no single language then.
+    spoken = set().union(*(trained_in.get(name, {None}) for name in names)) if trained_in and names else {None}
+    if len(spoken) != 1 or not spoken <= SENTENCES.keys() or spoken == {AUTO_LANGUAGE}:
+        return AUTO_LANGUAGE
+    language = spoken.pop()
+    print(f"--language not given: speaking {language}, the language {', '.join(names)} "
+          f"{'was' if len(names) == 1 else 'were'} trained in (the rows of {data_path})")
+    return language
 
 
 def wav_stem(speaker: str) -> str:
@@ -343,7 +379,7 @@ def check(args, model_path: Path, out_dir: Path) -> dict:
     limits = Thresholds(**{name: getattr(args, name) for name in Thresholds.__dataclass_fields__})
     device = args.device
     require_model_folder(model_path)
-    require_speakers(model_path)
+    talker_config = require_speakers(model_path)["talker_config"]
     if args.asr_model and not Path(args.asr_model).exists():
         stop(f"--asr_model {args.asr_model}: not found")
     state = checkpoint.read_trainer_state(model_path) if checkpoint.has_trainer_state(model_path) else None
@@ -351,17 +387,21 @@ def check(args, model_path: Path, out_dir: Path) -> dict:
     base_path = args.base_model_path or flags.get("init_model_path")
     if args.compare_base and not base_path:
         stop("--compare_base needs the base model: pass --base_model_path")
-    texts = read_sentences(args)
-    rates, rate_source = find_training_rates(args, flags)
+    if args.language is not None:  # before the training data is read: a typo answers at once
+        problem = language_problem(args.language, model_languages(talker_config.get("codec_language_id")))
+        if problem:
+            stop(f"--language {problem}")
+    rates, rate_source, trained_in, data_path = find_training_data(args, flags, want_languages=args.language is None)
+    # Not written back to args: --compare checks each checkpoint with the flags as given.
+    language = (args.language.strip().lower() if args.language is not None else
+                default_language(speakers_to_test(args.speaker, state, talker_config["spk_id"]), trained_in, data_path))
+    texts = read_sentences(args, language)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = SpeakSettings(language=args.language, non_streaming_mode=args.text_layout == "non_streaming",
+    settings = SpeakSettings(language=language, non_streaming_mode=args.text_layout == "non_streaming",
                              greedy=args.greedy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              seed=args.seed)
 
     tts = load_model(model_path, device)
-    languages = tts.get_supported_languages()
-    if languages is not None and args.language.lower() not in languages:
-        stop(f"--language {args.language} is not one of the model's: {', '.join(languages)}")
     vectors = checkpoint_speaker_vectors(tts, args.speaker, state, model_path)
     encoder, encoder_source = load_speaker_encoder(tts.model.config, model_path, base_path, device)
     items = [(name, index, text) for name in vectors for index, text in enumerate(texts)]
@@ -385,7 +425,7 @@ def check(args, model_path: Path, out_dir: Path) -> dict:
         passed=heard.passed, score=heard.score, checks=heard.check_results(),
         failures=[asdict(f) for f in heard.failures], skipped={check: why_skipped[check] for check in heard.skipped},
         model_path=str(model_path), step=state.progress.step if state else None, device=device,
-        language=args.language, non_streaming_mode=settings.non_streaming_mode, greedy=args.greedy, seed=args.seed,
+        language=language, non_streaming_mode=settings.non_streaming_mode, greedy=args.greedy, seed=args.seed,
         thresholds=asdict(limits), training_rate=dict(source=rate_source if rates else None, characters_per_second=rates),
         speaker_encoder=encoder_source, base_model_path=base_path if args.compare_base else None,
         asr_model=args.asr_model,

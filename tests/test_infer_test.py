@@ -7,6 +7,7 @@ voice (or silence) of the clip's length at the speaker's pitch.
 
 import contextlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,11 +117,12 @@ def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
 
 def test_training_rate_per_speaker_from_codes_rows(tmp_path):
     frames = [[0] * 16]
-    rows = [dict(text="a" * 20, audio_codes=frames * 25, speaker="Alice"),   # 20 chars in 2 s
-            dict(text="b" * 10, audio_codes=frames * 25, speaker="alice"),   # 10 chars in 2 s
+    rows = [dict(text="a" * 20, audio_codes=frames * 25, speaker="Alice", language="German"),  # 20 chars in 2 s
+            dict(text="b" * 10, audio_codes=frames * 25, speaker="alice", language="german"),  # 10 chars in 2 s
             dict(text="c" * 30, audio_codes=frames * 50)]                     # 30 chars in 4 s, default speaker
-    rates = infer_test.training_rates(write_jsonl(tmp_path / "codes.jsonl", rows), default_speaker="Bob")
+    rates, languages = infer_test.training_data(write_jsonl(tmp_path / "codes.jsonl", rows), default_speaker="Bob")
     assert rates == pytest.approx({"alice": 7.5, "bob": 7.5, listening.ALL_SPEAKERS: 7.5})
+    assert languages == {"alice": {"german"}, "bob": {"auto"}}  # a row without a language is auto, as trained
     summary_file = tmp_path / "summary.json"
     summary = dict(characters_per_second=12.5, speakers=dict(Alice=dict(characters_per_second=10)))
     summary_file.write_text(json.dumps(summary))
@@ -338,6 +340,78 @@ def test_problems_that_stop_the_check_exit_2(trained, tmp_path):
     assert stopped.value.code == 2
 
 
+class ModelLoading(Exception):
+    """Raised where infer_test would load the model: the language and sentences are settled by then."""
+
+
+def settled_language(monkeypatch, argv) -> tuple:
+    """(language, sentences) infer_test.main settles on for `argv`, without loading the model (seconds):
+    the language of its generation settings, and the sentences it read."""
+    languages, sentences, read = [], [], infer_test.read_sentences
+
+    def reading(*given):
+        sentences.append(read(*given))
+        return sentences[-1]
+
+    def settings(**options):
+        languages.append(options["language"])
+        return listening.SpeakSettings(**options)
+
+    def loading(path, device):
+        raise ModelLoading
+    monkeypatch.setattr(infer_test, "read_sentences", reading)
+    monkeypatch.setattr(infer_test, "SpeakSettings", settings)
+    monkeypatch.setattr(infer_test, "load_model", loading)
+    with pytest.raises(ModelLoading):
+        infer_test.main(argv)
+    return languages[-1], sentences[-1]
+
+
+def test_without_language_a_voice_is_checked_in_the_language_it_was_trained_in(
+        trained, coded_clips, monkeypatch, tmp_path, capsys):
+    """The checkpoint names its training data (trainer_state.json flags.train_jsonl), whose rows name
+    each clip's language: a German-only voice speaks the German sentences, not the English ones."""
+    out = ["--out_dir", str(tmp_path / "check")]
+    # The trainer's own record as written: bob's rows are all english, alice's auto.
+    assert settled_language(monkeypatch, ["--model_path", str(trained), "--speaker", "bob", *out])[0] == "english"
+    assert "speaking english, the language bob was trained in" in capsys.readouterr().out
+    # The same checkpoint's record, its training data with bob's rows in German (the model is never loaded).
+    german = tmp_path / "checkpoint-german"
+    german.mkdir()
+    shutil.copy(trained / "config.json", german)
+    state = json.loads((trained / checkpoint.TRAINER_STATE).read_text())
+    rows = [dict(row, language="german") if row["speaker"] == "bob" else row for row in read_jsonl(coded_clips)]
+    state["flags"]["train_jsonl"] = str(write_jsonl(tmp_path / "german.jsonl", rows))
+    (german / checkpoint.TRAINER_STATE).write_text(json.dumps(state))
+    base = ["--model_path", str(german), *out]
+
+    assert settled_language(monkeypatch, [*base, "--speaker", "bob"]) == ("german", infer_test.SENTENCES["german"])
+    assert capsys.readouterr().out.startswith(
+        "--language not given: speaking german, the language bob was trained in (the rows of ")
+    # Given, --language is kept; with --data_summary for the rates, the rows still give the language.
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps(dict(characters_per_second=12.0)))
+    assert settled_language(monkeypatch, [*base, "--speaker", "bob", "--language", "Auto"])[0] == "auto"
+    assert settled_language(monkeypatch, [*base, "--speaker", "bob", "--data_summary", str(summary)])[0] == "german"
+    capsys.readouterr()
+    # No single language to pick: alice's rows are auto; alice and bob together are auto and german.
+    assert settled_language(monkeypatch, [*base, "--speaker", "alice"]) == ("auto", infer_test.SENTENCES["english"])
+    assert settled_language(monkeypatch, base)[0] == "auto"
+    assert "--language not given" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given, meant, text", [("de", "german", []), ("germna", "german", ["--text", "Hallo."]),
+                                                ("pt-BR", "portuguese", [])])
+def test_a_language_the_model_lacks_suggests_the_one_meant(trained, tmp_path, capsys, given, meant, text):
+    """An ISO code or a misspelling stops before the model loads, naming the language it most likely
+    means, whether the built-in sentences or --text are spoken."""
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(trained), "--language", given, *text, "--out_dir", str(tmp_path)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--language {given!r} is not one of ['auto', " in error and error.endswith(f"did you mean {meant!r}?\n")
+
+
 def test_an_output_folder_lists_its_checkpoints_and_names_the_newest(trained, capsys):
     with pytest.raises(SystemExit) as stopped:
         infer_test.main(["--model_path", str(trained.parent)])
@@ -383,4 +457,6 @@ print("after --help, torch imported:", "torch" in sys.modules)
     printed = run_script("-c", child).stdout
     assert "after parse_args, torch imported: False" in printed and "after --help, torch imported: False" in printed
     assert "sentences generated together (default: 4)" in printed
-    assert "(default: auto)" in printed and f"(default: {Thresholds.max_dc_offset})" in printed
+    assert f"(default: {Thresholds.max_dc_offset})" in printed
+    assert "(default: the language the checked speakers' training rows name, when it is one with built-in " \
+           "sentences, else auto)" in " ".join(printed.split())  # the help's lines are wrapped
