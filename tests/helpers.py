@@ -26,8 +26,9 @@ def write_jsonl(path, rows) -> Path:
 # evaluations (the tiny model's speech never stops, so it runs to the frame cap: test_scored_checkpoints);
 # eager layers and no CUDA graphs, which is what `auto` means on a CPU. On a GPU, `auto` compiles the
 # layers in every run (30-60 s each): the whole suite took over 25 minutes that way. The tests that own
-# the GPU path pass GPU_DEFAULT_PATH (test_cuda_graphs, the non-finite guard, the SIGKILL resume, the
-# demo, the bench), and test_compiled_forward and test_cuda_graphs prove it computes what eager does.
+# the GPU path pass GPU_DEFAULT_PATH (test_cuda_graphs, the non-finite guard, the SIGKILL resume; the
+# demo and the bench run the defaults anyway), and test_compiled_forward and test_cuda_graphs prove
+# that path computes what eager does.
 TEST_FLAGS = dict(batch_size=2, gradient_accumulation_steps=1, num_epochs=1, warmup_steps=0, lr=1e-3,
                   logging_steps=1, num_workers=0, report_to="none", eval_generate_steps=0,
                   torch_compile="no", cuda_graphs="no")
