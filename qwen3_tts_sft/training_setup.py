@@ -441,8 +441,25 @@ def compile_layers(model, backend: str = "inductor") -> None:
     from torch.fx.experimental import _config as symbolic_shapes
 
     symbolic_shapes.use_duck_shape = False
+    options = inductor_options() if backend == "inductor" else None
     for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-        layer.compile(dynamic=True, backend=backend)  # lengths vary from batch to batch
+        layer.compile(dynamic=True, backend=backend, options=options)  # lengths vary from batch to batch
+
+
+def inductor_options() -> dict:
+    """Inductor settings for the compiled layers: none that would recompile them for a batch size.
+
+    By default inductor fuses a norm's backward row and column sums into one kernel only above 5 Mi
+    elements, and that test becomes a guard on the batch's size: on an H100 the code predictor's
+    layer compiled again (about 10 s each) whenever a micro-batch crossed 320 frames, twice in a
+    run on 2-15 s clips. Non-strict mode skips the size test (the fusion is made at every size), so
+    one graph serves every length. Older torch versions have no such test and no such setting.
+    """
+    from torch._inductor import config
+
+    if hasattr(config.triton, "mix_order_reduction_non_strict_mode"):
+        return {"triton.mix_order_reduction_non_strict_mode": True}
+    return {}
 
 
 def make_optimizer(train_module, args, accelerator):

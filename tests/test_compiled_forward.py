@@ -121,3 +121,37 @@ def test_gradient_checkpointing_inside_compiled_layers_gives_the_eager_gradient(
     assert len(layer_calls) == 2  # forward, then the recomputation in the backward
     assert eager.keys() == checkpointed.keys()
     assert all(torch.allclose(eager[name], checkpointed[name], rtol=1e-4, atol=1e-6) for name in eager)
+
+
+def code_predictor_graphs_over_frame_counts(model, frame_counts) -> int:
+    """Graphs dynamo compiled for the code predictor's layers (inductor, on the GPU) over a forward
+    and backward at each frame count."""
+    code_predictor = model.talker.code_predictor.model
+    hidden_size = code_predictor.config.hidden_size
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(model)
+    try:
+        for frames in frame_counts:
+            embeds = torch.randn(frames, 16, hidden_size, device="cuda", requires_grad=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                hidden = code_predictor(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            hidden.float().square().mean().backward()
+        return counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+        for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+            layer._compiled_call_impl = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU fusion choices")
+def test_a_layer_compiles_once_for_few_and_many_frames(tiny_model):
+    """Inductor fuses a norm's backward sums only above 5 Mi elements, a guard on the batch size by
+    default: on 1.7B the code predictor's layer compiled again whenever a micro-batch crossed 320
+    frames (~10 s each). With the trainer's inductor options one graph serves both sides."""
+    from qwen_tts import Qwen3TTSModel
+
+    model = Qwen3TTSModel.from_pretrained(str(tiny_model), dtype=torch.float32).model.cuda()
+    hidden_size = model.talker.code_predictor.config.hidden_size
+    above = 5 * 2**20 // (16 * hidden_size) + 64  # frames x 16 positions x hidden above 5 Mi elements
+    assert code_predictor_graphs_over_frame_counts(model, [64, above, 128]) == 1

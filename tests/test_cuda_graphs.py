@@ -28,7 +28,7 @@ def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None
     """Every step of one epoch through TrainingRun.optimizer_step; returns (per-step losses, weights, run).
     The layers compiled as on a GPU by default, unless `flags` say otherwise."""
     run = build_run(model_dir, data, out_dir, batch_size=1, gradient_accumulation_steps=4, lr=1e-3,
-                    lr_scheduler="constant_with_warmup", **dict(GPU_DEFAULT_PATH, **flags), cuda_graphs=cuda_graphs)
+                    lr_scheduler="constant_with_warmup", **dict(GPU_DEFAULT_PATH, **flags, cuda_graphs=cuda_graphs))
     if before_training is not None:
         before_training(run)
     losses = []
