@@ -215,11 +215,15 @@ def rank(entry: dict, metric: str):
         return None
     if metric == "eval_loss":
         return (True, -value)
-    return (entry.get("floors_passed", True), value)
+    # Equal listening measures (every evaluation at the floor of -1, say) are told apart by the
+    # teacher-forced loss where there is one.
+    eval_loss = entry.get("eval_loss")
+    return (entry.get("floors_passed", True), value, -math.inf if eval_loss is None else -eval_loss)
 
 
 def choose_best(evaluations: list, metric: str):
-    """The winning evaluation entry (the earliest of equals), or None when none measured `metric`."""
+    """The winning evaluation entry (of equals, the one with the lower eval loss, then the earliest),
+    or None when none measured `metric`."""
     best = None
     for entry in evaluations:
         key = rank(entry, metric)

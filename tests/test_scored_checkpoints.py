@@ -232,7 +232,7 @@ def test_compare_on_an_output_without_evaluations_lists_its_checkpoints(tiny_mod
     assert f"--compare {output / 'checkpoint-epoch-0'} {output / 'checkpoint-epoch-1'}" in error
 
 
-def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_earlier_step():
+def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_lower_eval_loss():
     def entry(step, similarity, floors_passed=True, eval_loss=None):
         return dict(step=step, speaker_similarity=similarity, listening_score=similarity if floors_passed else -0.5,
                     floors_passed=floors_passed, eval_loss=eval_loss)
@@ -243,6 +243,12 @@ def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_earlier
     assert scoring.choose_best(evaluations, "listening_score") is stops
     assert scoring.choose_best(evaluations, "eval_loss") is runs_away  # the loss alone cannot tell
     assert scoring.choose_best([entry(4, None)], "speaker_similarity") is None
+    # Equal measures: the lower eval loss wins, whichever step came first; without losses, the earlier step.
+    never_stops, lower_loss = entry(5, -1.0, False, eval_loss=2.5), entry(6, -1.0, False, eval_loss=1.5)
+    assert scoring.choose_best([never_stops, lower_loss], "listening_score") is lower_loss
+    assert scoring.choose_best([stops, same], "speaker_similarity") is stops
+    first, second = entry(7, 0.7), entry(8, 0.7)
+    assert scoring.choose_best([first, second], "speaker_similarity") is first
     assert "every sentence stopped" in scoring.why_best(stops, "speaker_similarity")
     # The default frame cap: the longest text at a third of the slowest voice's training rate, plus 2 s.
     items = [("alice", 0, "x" * 30), ("bob", 0, "y" * 15)]
