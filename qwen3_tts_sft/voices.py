@@ -214,8 +214,9 @@ def banner_lines(run) -> list:
                          f"--replay_max_seconds {run.args.replay_max_seconds}")
     idle = [speaker.name for speaker in kept if speaker.name not in rehearsed]
     asked = {speaker.name for speaker in replay_set.speakers} if replay_set is not None else set()
-    unheard = [name for name in idle if name in asked and not replay_set.clips_of(name)]
-    measured_only = [name for name in idle if name in asked and replay_set.clips_of(name)]
+    with_clips = {clip.speaker for clip in replay_set.clips} if replay_set is not None else set()
+    unheard = [name for name in idle if name in asked - with_clips]
+    measured_only = [name for name in idle if name in asked & with_clips]
     not_asked = [name for name in idle if name not in asked]
     if unheard:
         lines.append(f"  warning: {', '.join(unheard)}: asked to be rehearsed, but the replay set holds none of their "
