@@ -104,6 +104,11 @@ def parse_args(argv=None):
                        help="bf16 weights and AdamW moments, updates rounded stochastically so small steps are "
                             "not lost (bf16_adamw.py): about half the memory of the default fp32 weights and "
                             "moments; 1.7B fits a 24 GB GPU")
+    optim.add_argument("--bf16_weights", default="auto", choices=["auto", "yes", "no"],
+                       help="the forward and backward use bf16 weights and gradients while AdamW keeps fp32 master "
+                            "weights and fp32 moments (bf16_adamw.py): as many bytes as fp32 weights, but no casts "
+                            "and bf16 activations, so faster and lighter on long clips. auto = yes on one GPU with "
+                            "bf16 compute, except with LoRA; no = fp32 weights under bf16 autocast")
     optim.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute each layer's activations in the backward pass instead of storing them: "
                             "less memory for long clips or large batches, ~30%% more compute")
@@ -119,7 +124,7 @@ def parse_args(argv=None):
 
     run = parser.add_argument_group("run")
     run.add_argument("--mixed_precision", default="auto", choices=["auto", "bf16", "no"],
-                     help="auto: bf16 autocast on a GPU that supports it (weights and AdamW state stay fp32 unless --low_memory), "
+                     help="auto: bf16 autocast on a GPU that supports it (AdamW's weights and state stay fp32 unless --low_memory), "
                           "fp32 otherwise")
     run.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     run.add_argument("--torch_compile", default="auto", choices=["auto", "layers", "no"],

@@ -277,13 +277,14 @@ def main(argv=None):
         clip_seconds=args.clip_seconds or "2-15", mixed_precision=settings.mixed_precision,
         attn_implementation=trainer_args.attn_implementation, trainer_flags=args.trainer_flags,
         torch_compile=settings.torch_compile, batch_shapes_mode=args.batch_shapes,
-        low_memory=trainer_args.low_memory, gradient_checkpointing=trainer_args.gradient_checkpointing,
+        low_memory=trainer_args.low_memory, weights=settings.weights.name,
+        gradient_checkpointing=trainer_args.gradient_checkpointing,
         lora_rank=trainer_args.lora_rank, cuda_graphs=run.graphs is not None and run.graphs.enabled,
         batch_shapes=len(run.first_plan.shapes.sizes) if run.graphs else 0,  # the plan's table, used with CUDA graphs
         cuda_graphs_recorded=len(run.graphs.recorded) if run.graphs else 0,  # batch shapes, one graph each
         cuda_graphs_first_runs=len(run.graphs.warmed_up) if run.graphs else 0,  # shapes seen, each run once first
         cuda_graphs_recordings=run.graphs.recordings if run.graphs else 0,  # a shape recorded again counts again
-        optimizer_graph=getattr(trainer_optimizer, "graph", None) is not None,  # the --low_memory step recorded
+        optimizer_graph=getattr(trainer_optimizer, "graph", None) is not None,  # the bf16-weights step recorded
         timed_steps=args.steps,
         samples_per_second=timed["clips"] / seconds,
         audio_hours_per_hour=timed["frames"] / FRAMES_PER_SECOND / seconds,

@@ -109,6 +109,9 @@ for name in "$@"; do
   case $name in
     # 1.7B, batch 4 x 2, 10 s clips (the setting) by compile choice
     1.7b_default) bench "$name" --size 1.7b "${ten_seconds[@]}" ;;  # auto: layers compiled, CUDA graphs
+    # bf16 weights with an fp32 master copy are the default: these are the fp32-weights path before it
+    1.7b_default_fp32_weights) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--bf16_weights no" ;;
+    1.7b_mix_2_15s_fp32_weights) bench "$name" --size 1.7b "${mix_whole_run[@]}" --trainer_flags="--bf16_weights no" ;;
     1.7b_no_graphs) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--cuda_graphs no" ;;
     1.7b_eager) bench "$name" --size 1.7b "${ten_seconds[@]}" --trainer_flags="--torch_compile no" ;;
     # the same update as 4 x 2 (exact accumulation) with half the launches per clip; the 2-15 s mix

@@ -1,14 +1,18 @@
-"""AdamW that keeps weights and moments in bf16: the optimizer of `--low_memory`.
-
-Default training keeps fp32 weights and two fp32 AdamW moments: 12 bytes per trained weight,
-plus 4 for its gradient; 1.7B then needs ~27 GB before any activation. Here weights, gradients and
-moments are all bf16 (8 bytes per trained weight, ~13 GB for 1.7B).
+"""AdamW for a model whose weights are bf16, in one of two ways.
 
 Plain bf16 would lose the updates: bf16 keeps 8 significant bits, so a weight of 0.02 moves in
 steps of ~1e-4 and an update of lr 5e-5 times a unit-sized Adam step rounds back to the old value.
-The new weight (and moment) is therefore computed in fp32 and rounded *stochastically* to bf16:
-up with probability equal to the fraction dropped, so each rounding is exact on average and
-small updates add up over steps as they would in fp32.
+
+- `fp32_master` (the default on one GPU, `--bf16_weights`): the optimizer keeps an fp32 master
+  copy of every trained weight and fp32 moments; the update is computed on the master, and the
+  bf16 weight the forward and backward use is the master rounded to nearest. Per trained weight:
+  2 bytes of weight, 2 of gradient, 12 of optimizer state, as many as fp32 weights with fp32 AdamW
+  (4 + 4 + 8), but every pass of the forward and backward reads bf16 weights and writes bf16
+  gradients, with no casts.
+- Without it (`--low_memory`): weights, gradients and moments all bf16, 8 bytes per trained weight
+  (~13 GB for 1.7B). The new weight (and moment) is computed in fp32 and rounded *stochastically*
+  to bf16: up with probability equal to the fraction dropped, so each rounding is exact on average
+  and small updates add up over steps as they would in fp32.
 """
 
 import torch
@@ -59,27 +63,34 @@ def store(target: torch.Tensor, values: torch.Tensor, key: torch.Tensor) -> None
         target.copy_(values)
 
 
-def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper):
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, master=None):
     """One AdamW update of one flattened tensor, computed in fp32.
 
     hyper: the tensor's row of numbers for this step (LR .. KEY above), on the weight's device, so
     a compiled version serves every step without recompiling and a recorded graph reads new numbers.
-    The weight and each moment round with their own key.
+    The weight and each moment round with their own key. With `master`, the weight's fp32 copy, the
+    update starts from and is written to the master, and the weight gets it rounded to nearest.
     """
     lr, beta1, beta2, eps, weight_decay, correction1, correction2, key = hyper.unbind()
     grad = grad.float()
     exp_avg_new = exp_avg.float() * beta1 + grad * (1 - beta1)
     exp_avg_sq_new = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
     denominator = (exp_avg_sq_new / correction2).sqrt() + eps
-    weight_new = weight.float() * (1 - lr * weight_decay) - (lr / correction1) * exp_avg_new / denominator
-    store(weight, weight_new, key)
+    start = weight if master is None else master
+    weight_new = start.float() * (1 - lr * weight_decay) - (lr / correction1) * exp_avg_new / denominator
+    if master is None:
+        store(weight, weight_new, key)
+    else:
+        master.copy_(weight_new)
+        weight.copy_(weight_new)
     store(exp_avg, exp_avg_new, key + 1)
     store(exp_avg_sq, exp_avg_sq_new, key + 2)
 
 
-class StochasticRoundingAdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW's update (decoupled weight decay, bias correction) for weights of any dtype;
-    moments are kept in the weight's dtype, and bf16 results are rounded stochastically.
+class Bf16WeightsAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction) for weights of any dtype.
+    With `fp32_master`, fp32 master weights and moments in the optimizer's state; without it,
+    moments in the weight's dtype and bf16 results rounded stochastically.
 
     The rounding noise of a tensor in a step depends only on (seed, parameter group, tensor, step),
     not on whatever else drew random numbers before: every data-parallel process draws the same
@@ -94,9 +105,10 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0, compile=False,
-                 record_graph=False):
+                 record_graph=False, fp32_master=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
+        self.fp32_master = fp32_master
         self.update = torch.compile(adamw_update, dynamic=True) if compile else adamw_update
         self.record_graph = record_graph and compile  # an uncompiled update would fill the graph's pool
         self.numbers_on_device = {}  # group index -> its [params, 8] rows, which every update reads
@@ -136,13 +148,15 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return loss
 
     def tensors_of(self, weight) -> tuple:
+        """The tensors one update reads and writes: weight, gradient, moments (and master)."""
         state = self.state[weight]
-        return weight, weight.grad, state["exp_avg"], state["exp_avg_sq"]
+        return (weight, weight.grad, state["exp_avg"], state["exp_avg_sq"]) + ((state["master"],) if self.fp32_master else ())
 
     def apply(self, updates: list):
         for group_index, index, weight in updates:
             numbers = self.numbers_on_device[group_index][index]
-            self.update(*(tensor.view(-1) for tensor in self.tensors_of(weight)), numbers)
+            weight, grad, exp_avg, exp_avg_sq, *master = (tensor.view(-1) for tensor in self.tensors_of(weight))
+            self.update(weight, grad, exp_avg, exp_avg_sq, numbers, *master)
 
     def write_numbers(self, group_index: int, group: dict, stepped: list):
         """Advance the stepped tensors' step counts and write the group's rows for this step, with
@@ -153,8 +167,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
             state = self.state[weight]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(weight)
-                state["exp_avg_sq"] = torch.zeros_like(weight)
+                state_dtype = torch.float32 if self.fp32_master else weight.dtype
+                state["exp_avg"] = torch.zeros_like(weight, dtype=state_dtype)
+                state["exp_avg_sq"] = torch.zeros_like(weight, dtype=state_dtype)
+                if self.fp32_master:
+                    state["master"] = weight.detach().float().clone()
             state["step"] += 1
             step = state["step"]
             # The weight, exp_avg and exp_avg_sq round with key, key + 1 and key + 2.
@@ -169,6 +186,14 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        if self.fp32_master:
+            # torch casts every loaded state tensor to its weight's dtype, bf16 here, which would round
+            # the fp32 master weights and moments: put the saved fp32 tensors back.
+            saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+            weights = dict(zip(saved_ids, (weight for group in self.param_groups for weight in group["params"])))
+            for index, saved in state_dict["state"].items():
+                for name in ("master", "exp_avg", "exp_avg_sq"):
+                    self.state[weights[index]][name] = saved[name].to(weights[index].device, torch.float32, copy=True)
         self.graph = self.last_tensors = None  # new moment tensors: record again
 
 

@@ -11,7 +11,8 @@ them back, finding them again.
         adapter/                         with LoRA: the adapter alone (the model above has it merged)
         generation_config.json, tokenizer files, speech_tokenizer/   copied from the base model
         trainer_state.json               progress, flags, versions, speakers (TrainerState, readable)
-        training_state/                  accelerate state: fp32 weights, optimizer, scheduler, RNG;
+        training_state/                  accelerate state: weights as trained (TrainerState.weights),
+                                         optimizer, scheduler, RNG;
                                          and speaker_vectors.safetensors, the vectors training used
 
 A folder is written under a temporary name and renamed into place, so a crash (or a full disk)
@@ -75,6 +76,7 @@ class TrainerState:
     flags: dict = field(default_factory=dict)        # the trainer's flags as given
     versions: dict = field(default_factory=dict)     # python, torch, transformers, accelerate, qwen_tts
     num_processes: int = 1
+    weights: str = None            # how training held the weights (training_setup.WeightStorage.name)
     train_data_sha256: str = None  # DataFingerprint.sha256 of --train_jsonl
     speakers: list = field(default_factory=list)     # new ones: [{name, codec_id, reference_audio: [paths]}]
     kept_speakers: list = field(default_factory=list)  # the starting model's: [{name, codec_id, dialect}]
@@ -163,8 +165,11 @@ def copied_from_base(base_dir: Path) -> list:
 
 
 def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: list, state: TrainerState,
-         save_dtype: torch.dtype, needed_bytes: int) -> None:
+         save_dtype: torch.dtype, needed_bytes: int, master_weights: dict = None) -> None:
     """Write checkpoint folder `final` (the inference-ready model plus the training state), atomically.
+
+    `master_weights` (name -> fp32 tensor): the optimizer's master copies of bf16 weights, which the
+    model is exported from instead (the same bf16 weights, rounded to nearest, and more with fp32).
 
     Every process calls it (FSDP gathers the weights from all of them). Refuses before writing when
     the disk has less than `needed_bytes` free; a disk that fills up during the write leaves the
@@ -173,6 +178,7 @@ def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: 
     partial = partial_path(final)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(train_module)  # every process takes part (FSDP)
+    state_dict.update(master_weights or {})
     module = accelerator.unwrap_model(train_module)
     with torch.no_grad():
         vectors = module.speaker_vectors().float()
@@ -209,16 +215,16 @@ def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: 
     accelerator.wait_for_everyone()
 
 
-def checkpoint_bytes(train_module, low_memory: bool, save_dtype: torch.dtype, base_dir: Path) -> int:
+def checkpoint_bytes(train_module, weights, save_dtype: torch.dtype, base_dir: Path) -> int:
     """About how much disk one checkpoint takes: the exported weights, the training weights and AdamW's
-    moments, and the files copied from the base model (the speech tokenizer, the text tokenizer...)."""
+    state (`weights`, a training_setup.WeightStorage, says their sizes), and the files copied from the
+    base model (the speech tokenizer, the text tokenizer...)."""
     parameters = sum(p.numel() for p in train_module.parameters())
     trainable = sum(p.numel() for p in train_module.parameters() if p.requires_grad)
     export_bytes = torch.finfo(save_dtype).bits // 8
-    weight_bytes = 2 if low_memory else 4
     copied = sum(path.stat().st_size for item in copied_from_base(base_dir)
                  for path in ([item] if item.is_file() else item.rglob("*")) if path.is_file())
-    return parameters * (export_bytes + weight_bytes) + trainable * 2 * weight_bytes + copied
+    return parameters * (export_bytes + weights.weight_bytes) + trainable * weights.optimizer_bytes + copied
 
 
 def check_disk_space(final: Path, needed_bytes: int) -> None:

@@ -77,7 +77,7 @@ class TrainingRun:
         self.last_checkpoint = None
         self.last_lr = self.last_loss = float("nan")
         self.checkpoint_bytes = checkpoint.checkpoint_bytes(self.accelerator.unwrap_model(train_module),
-                                                            self.args.low_memory, self.settings.save_dtype,
+                                                            self.settings.weights, self.settings.save_dtype,
                                                             Path(self.args.init_model_path))
         self.started = self.last_line_at = time.perf_counter()
         self.start_step = progress.step
@@ -404,12 +404,13 @@ class TrainingRun:
             progress.best_checkpoint = name
         state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps, flags=vars(self.args),
                              versions=self.settings.versions,
-                             num_processes=self.accelerator.num_processes,
+                             num_processes=self.accelerator.num_processes, weights=self.settings.weights.name,
                              train_data_sha256=self.settings.train_data.sha256,
                              speakers=[s.as_json() for s in self.speaker_table if not s.kept],
                              kept_speakers=[s.as_json() for s in self.speaker_table if s.kept])
         checkpoint.save(self.accelerator, self.train_module, final, Path(self.args.init_model_path),
-                        self.speaker_table, state, self.settings.save_dtype, self.checkpoint_bytes)
+                        self.speaker_table, state, self.settings.save_dtype, self.checkpoint_bytes,
+                        master_weights=self.master_weights())
         if self.accelerator.is_main_process:
             if self.args.save_total_limit:
                 protect = {progress.best_checkpoint} if progress.best_checkpoint else set()
@@ -421,6 +422,14 @@ class TrainingRun:
                 scoring.link_best(self.output_dir, progress.best_checkpoint)
             tqdm.write(f"saved {final}")
         self.last_checkpoint = final
+
+    def master_weights(self) -> dict:
+        """The optimizer's fp32 master copy of each bf16 weight, by name (none without them, or
+        before the first update)."""
+        state = getattr(self.optimizer, "optimizer", self.optimizer).state  # accelerate wraps the optimizer
+        module = self.accelerator.unwrap_model(self.train_module)
+        return {name: state[weight]["master"] for name, weight in module.named_parameters()
+                if "master" in state.get(weight, {})}
 
     def banner(self) -> str:
         """What will happen, said before step 1."""
@@ -447,8 +456,7 @@ class TrainingRun:
             + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
             + f"speaker encoder {'trained' if args.train_speaker_encoder else 'frozen'}, "
             f"text embedding {'trained' if args.train_text_embedding else 'frozen'})",
-            "  precision: " + ("weights, gradients and AdamW moments bf16, stochastic rounding (--low_memory)"
-                               if args.low_memory else "weights and AdamW state fp32")
+            "  precision: " + settings.weights.description
             + f", compute {'bf16 autocast' if settings.mixed_precision == 'bf16' else 'fp32'}"
             + (", gradient checkpointing" if args.gradient_checkpointing else "")
             + f", torch.compile: {settings.torch_compile}"

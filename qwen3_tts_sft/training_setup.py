@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
 from transformers import get_scheduler
 
 from qwen3_tts_sft import checkpoint, replay, scoring, voices
-from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW
+from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW
 from qwen3_tts_sft.checkpoint import DataFingerprint, TrainingProgress
 from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds
 from qwen3_tts_sft.speakers import reference_mels, speaker_vectors
@@ -42,6 +42,24 @@ TRACKER_DIR = "logs"        # under --output_model_path: one folder per run, nam
 TRACKER_PROJECT = "sft_12hz"
 
 
+@dataclass(frozen=True)
+class WeightStorage:
+    """How the trained weights and AdamW's state are held. A checkpoint's training state holds them
+    that way, so a resume must hold them the same way (TrainerState.weights names it)."""
+
+    name: str
+    weight_bytes: int     # per weight of the model
+    optimizer_bytes: int  # per trained weight: AdamW's two moments, and the fp32 master copy if any
+    description: str      # for the run's header
+
+
+FP32_WEIGHTS = WeightStorage("fp32", 4, 8, "weights and AdamW state fp32")
+BF16_WITH_FP32_MASTER = WeightStorage(
+    "bf16 + fp32 master", 2, 12, "bf16 weights and gradients, fp32 master weights and AdamW moments (--bf16_weights)")
+BF16_WEIGHTS = WeightStorage("bf16", 2, 4,
+                             "weights, gradients and AdamW moments bf16, stochastic rounding (--low_memory)")
+
+
 class AlreadyFinished(Exception):
     """The checkpoint to resume ends its run: there is nothing to train (said when raised)."""
 
@@ -51,6 +69,7 @@ class Settings:
     """What the flags mean on this machine, resolved once; the flags themselves stay as given."""
 
     mixed_precision: str       # "bf16" or "no"
+    weights: WeightStorage     # how the trained weights and AdamW's state are held
     torch_compile: str         # "layers" or "no"
     cuda_graphs: bool          # record and replay each micro-batch (cuda_graphs.py)
     drop_graphs_when_short: bool  # --cuda_graphs auto: give them up where memory is short
@@ -71,11 +90,11 @@ def build_run(args) -> TrainingRun:
     log_run_header(args, settings, accelerator)
 
     listens_here = settings.listening and accelerator.is_main_process  # the others wait while it speaks
-    tts = load_base_model(args, keep_speech_decoder=listens_here)
+    tts = load_base_model(args, settings.weights, keep_speech_decoder=listens_here)
     ids = SpecialIds.from_config(tts.model.config)
     train_set, eval_set, speaker_table, replay_set = load_datasets(args, settings, ids, tts, accelerator)
     train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
-    optimizer = make_optimizer(train_module, args, accelerator)
+    optimizer = make_optimizer(train_module, args, settings.weights, accelerator)
     listener = None
     if listens_here:
         listener = scoring.make_listener(args, settings, tts, make_prompter(tts.processor, tts.model.config),
@@ -148,13 +167,15 @@ def resolve_settings(args, accelerator) -> Settings:
         problems.append("--low_memory works on one GPU or with DDP, not with FSDP (which shards the memory "
                         "itself); drop one of them")
     graphs, drop_when_short = cuda_graphs_choice(args, device_type, accelerator.num_processes, problems)
+    weights = weight_storage_choice(args, accelerator.mixed_precision, device_type, accelerator.num_processes, fsdp,
+                                    problems)
     train_data = DataFingerprint.of(args.train_jsonl)
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems, log=accelerator.print)
     note_checkpoint_start(Path(args.init_model_path), accelerator.print)
     resumed = None
     if resume_dir is not None and not problems:
         resumed = checkpoint.read_trainer_state(resume_dir)
-        problems += resume_problems(args, resumed, train_data, accelerator)
+        problems += resume_problems(args, resumed, train_data, weights, accelerator)
     problems += voices.flag_problems(args, resumed)  # the starting model's speakers, encoder, replay
     listening, listen_steps = listening_choice(args, fsdp, problems, accelerator.print)
     if problems:
@@ -167,6 +188,7 @@ def resolve_settings(args, accelerator) -> Settings:
         raise AlreadyFinished
     return Settings(
         mixed_precision=accelerator.mixed_precision,
+        weights=weights,
         torch_compile=compile_choice(args, device_type, fsdp),
         cuda_graphs=graphs, drop_graphs_when_short=drop_when_short,
         layouts=(NON_STREAMING, STREAMING) if args.text_layout == "both" else (args.text_layout,),
@@ -228,6 +250,32 @@ def cuda_graphs_choice(args, device_type: str, num_processes: int, problems: lis
     return True, True
 
 
+def weight_storage_choice(args, precision: str, device_type: str, num_processes: int, fsdp: bool,
+                          problems: list) -> WeightStorage:
+    """What --low_memory and --bf16_weights mean on this run; impossible combinations add to `problems`.
+
+    auto gives bf16 weights with an fp32 master copy where the compute is bf16 on one CUDA GPU: the
+    forward and backward then read bf16 weights and write bf16 gradients with no casts, and their
+    activations are bf16 (1.7B: faster, and less memory on long clips; see README_CHATTERBOX_STYLE.md).
+    Elsewhere it keeps fp32 weights: with several processes accelerate's DDP would sum the bf16
+    gradients in bf16, and LoRA trains few weights (neither measured with it); pass yes to have it.
+    """
+    if args.low_memory:
+        if args.bf16_weights == "yes":
+            problems.append("--bf16_weights yes and --low_memory: --low_memory keeps bf16 weights already, without "
+                            "the fp32 copy; pass one of them")
+        return BF16_WEIGHTS
+    if args.bf16_weights == "yes":
+        if fsdp:
+            problems.append("--bf16_weights yes works on one GPU or with DDP, not with FSDP (which keeps its own "
+                            "fp32 copy of the sharded weights); drop one of them")
+        return BF16_WITH_FP32_MASTER
+    if (args.bf16_weights == "auto" and precision == "bf16" and device_type == "cuda" and num_processes == 1
+            and not args.lora_rank and not fsdp):
+        return BF16_WITH_FP32_MASTER
+    return FP32_WEIGHTS
+
+
 def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
     """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident."""
     existing = checkpoint.list_checkpoints(output_dir) if output_dir.is_dir() else []
@@ -273,11 +321,17 @@ def schedule_changes(args, state) -> tuple:
     return tuple(name for name in SCHEDULE_FLAGS if name in state.flags and state.flags[name] != getattr(args, name))
 
 
-def resume_problems(args, state, train_data: DataFingerprint, accelerator) -> list:
+def resume_problems(args, state, train_data: DataFingerprint, weights: WeightStorage, accelerator) -> list:
     """Why this checkpoint cannot be continued with these flags (and, printed, which flags changed)."""
     saved = state.flags
     problems = [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
                 for name in DATA_ORDER_FLAGS + STATE_FLAGS if saved.get(name, False) != getattr(args, name)]
+    # Checkpoints from before TrainerState.weights held fp32 weights, or bf16 ones with --low_memory.
+    saved_weights = state.weights or (BF16_WEIGHTS if saved.get("low_memory") else FP32_WEIGHTS).name
+    if saved_weights != weights.name and not problems:
+        match = "no" if saved_weights == FP32_WEIGHTS.name else "yes"
+        problems.append(f"the checkpoint holds {saved_weights} weights and this run would hold {weights.name} "
+                        f"(--bf16_weights {args.bf16_weights} here); resume with --bf16_weights {match}")
     if state.num_processes != accelerator.num_processes:
         problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}")
     if state.train_data_sha256 != train_data.sha256:
@@ -340,15 +394,15 @@ def why_no_gpu() -> str:
     return "no CUDA GPU found (torch.cuda.is_available() is False)"
 
 
-def load_base_model(args, keep_speech_decoder: bool = False):
+def load_base_model(args, weights: WeightStorage, keep_speech_decoder: bool = False):
     """The starting model (Base or CustomVoice) through the same loader a user's download goes
-    through; fp32 master weights (bf16 with --low_memory). A CustomVoice model gets a Base model's
+    through, with fp32 or bf16 weights as `weights` says. A CustomVoice model gets a Base model's
     speaker encoder for its new voices (voices.py). The speech tokenizer is dropped unless the run
     speaks (scoring.py)."""
     from qwen_tts import Qwen3TTSModel
 
-    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=torch.bfloat16 if args.low_memory else torch.float32,
-                                        attn_implementation=args.attn_implementation)
+    dtype = torch.bfloat16 if weights.weight_bytes == 2 else torch.float32
+    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=dtype, attn_implementation=args.attn_implementation)
     if tts.model.speaker_encoder is None:  # refused there, naming --speaker_encoder_from, when none is found
         voices.attach_speaker_encoder(tts.model, args)
     if not keep_speech_decoder:
@@ -462,19 +516,20 @@ def inductor_options() -> dict:
     return {}
 
 
-def make_optimizer(train_module, args, accelerator):
-    """AdamW: on fp32 weights and fused on CUDA, or on bf16 weights with --low_memory; no decay on
-    norms and biases."""
+def make_optimizer(train_module, args, weights: WeightStorage, accelerator):
+    """AdamW: on fp32 weights, fused on CUDA; or on bf16 weights with an fp32 master copy, or with
+    stochastic rounding (--low_memory). No decay on norms and biases."""
     decay, no_decay = [], []
     for parameter in train_module.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     on_gpu = accelerator.device.type == "cuda"
-    if args.low_memory:
+    if weights != FP32_WEIGHTS:
         # On a GPU the whole update is recorded as one CUDA graph too, unless --cuda_graphs no.
-        return StochasticRoundingAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
-                                       compile=on_gpu, record_graph=on_gpu and args.cuda_graphs != "no")
+        return Bf16WeightsAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
+                                compile=on_gpu, record_graph=on_gpu and args.cuda_graphs != "no",
+                                fp32_master=weights == BF16_WITH_FP32_MASTER)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 
 

@@ -35,7 +35,9 @@ def train_steps(model_dir, data, out_dir, cuda_graphs: str, before_training=None
     for step in run.steps():
         run.optimizer_step(step, stop_asked=False)
         losses.append(run.last_loss)
+    # The trained weights: the fp32 master copies where the weights are bf16 (the GPU default).
     weights = {name: p.detach().float().cpu() for name, p in run.train_module.named_parameters() if p.requires_grad}
+    weights.update({name: master.cpu() for name, master in run.master_weights().items()})
     return losses, weights, run
 
 
@@ -129,7 +131,7 @@ def test_cuda_graphs_yes_where_they_cannot_work_is_refused_before_the_model_load
                                                                                   monkeypatch):
     from qwen3_tts_sft import training_setup
 
-    def no_model(args):
+    def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were refused")
 
     monkeypatch.setattr(training_setup, "load_base_model", no_model)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
-from qwen3_tts_sft.bf16_adamw import StochasticRoundingAdamW, round_to_bf16_stochastically
+from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW, round_to_bf16_stochastically
 from helpers import build_run, train
 
 
@@ -44,7 +44,7 @@ def test_update_is_torch_adamw_and_small_bf16_steps_are_not_lost():
     weight = torch.randn(64, 32)
     gradients = [torch.randn(64, 32) for _ in range(5)]
     # fp32 weights: no rounding, so the update must be AdamW's to float precision.
-    ours = run_optimizer(StochasticRoundingAdamW, weight, gradients)
+    ours = run_optimizer(Bf16WeightsAdamW, weight, gradients)
     reference = run_optimizer(torch.optim.AdamW, weight, gradients)
     assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
@@ -53,7 +53,7 @@ def test_update_is_torch_adamw_and_small_bf16_steps_are_not_lost():
     start = torch.ones(4096)
     steady = [torch.ones(4096)] * 300
     fp32 = run_optimizer(torch.optim.AdamW, start, steady)
-    bf16 = run_optimizer(StochasticRoundingAdamW, start.to(torch.bfloat16), steady)
+    bf16 = run_optimizer(Bf16WeightsAdamW, start.to(torch.bfloat16), steady)
     assert (1 - fp32).mean() > 0.25
     assert abs(bf16.mean() - fp32.mean()) < 0.01 * (1 - fp32).mean()
 
@@ -66,7 +66,7 @@ def test_rounding_noise_depends_only_on_the_seed_and_step():
 
     def weights_after(seed, global_seed):
         torch.manual_seed(global_seed)
-        return run_optimizer(StochasticRoundingAdamW, weight, gradients, seed=seed)
+        return run_optimizer(Bf16WeightsAdamW, weight, gradients, seed=seed)
 
     assert torch.equal(weights_after(seed=1, global_seed=10), weights_after(seed=1, global_seed=20))
     assert not torch.equal(weights_after(seed=1, global_seed=10), weights_after(seed=2, global_seed=10))
@@ -83,7 +83,7 @@ def test_compiled_update_is_torch_adamw():
     torch.manual_seed(0)
     weight = torch.randn(64, 32)
     gradients = [torch.randn(64, 32) for _ in range(3)]
-    compiled = run_optimizer(StochasticRoundingAdamW, weight, gradients, compile=True)
+    compiled = run_optimizer(Bf16WeightsAdamW, weight, gradients, compile=True)
     assert torch.allclose(compiled, run_optimizer(torch.optim.AdamW, weight, gradients), rtol=1e-5, atol=1e-6)
 
 
@@ -99,7 +99,7 @@ def test_recorded_optimizer_step_updates_as_the_launched_one():
         weights = [torch.nn.Parameter(w.clone()) for w in start]
         for weight in weights:
             weight.grad = torch.zeros_like(weight)
-        optimizer = StochasticRoundingAdamW([dict(params=weights[:2]), dict(params=weights[2:], weight_decay=0.0)],
+        optimizer = Bf16WeightsAdamW([dict(params=weights[:2]), dict(params=weights[2:], weight_decay=0.0)],
                                             lr=1e-3, compile=True, record_graph=record_graph)
         for step_gradients in gradients:
             for weight, gradient in zip(weights, step_gradients):

@@ -1,0 +1,131 @@
+"""--bf16_weights (the default on one GPU): the forward and backward use bf16 weights, AdamW keeps an
+fp32 master copy and fp32 moments. The update is fp32 AdamW's, nothing of the master is lost to a
+checkpoint or a resume, and the choice is made (or refused) where it should be."""
+
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file
+
+from qwen3_tts_sft import checkpoint, training_setup
+from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW
+from helpers import train
+
+
+def adamw_steps(weight, gradients, **options):
+    weight = torch.nn.Parameter(weight.clone())
+    optimizer = Bf16WeightsAdamW([weight], lr=1e-3, weight_decay=0.1, **options)
+    for gradient in gradients:
+        weight.grad = gradient.to(weight.dtype)
+        optimizer.step()
+    return weight, optimizer
+
+
+def test_the_master_is_the_fp32_update_and_the_bf16_weight_is_it_rounded():
+    """The master moves as fp32 weights do under the same update (test_low_memory checks that update
+    against torch.optim.AdamW), including the steps bf16 alone would round away."""
+    torch.manual_seed(0)
+    # Weights near 1 move by ~1e-3 a step, an eighth of bf16's step there (2**-7): without the master
+    # copy, round-to-nearest would keep them where they started.
+    start = (torch.ones(4096) + torch.randn(4096) * 0.01).to(torch.bfloat16)
+    gradients = [torch.randn(4096).to(torch.bfloat16) + 1 for _ in range(300)]  # bf16, as the backward gives
+    fp32_weight, _ = adamw_steps(start.float(), gradients)
+    weight, optimizer = adamw_steps(start, gradients, fp32_master=True)
+    master = optimizer.state[weight]["master"]
+    assert master.dtype == torch.float32 and optimizer.state[weight]["exp_avg"].dtype == torch.float32
+    assert torch.equal(master, fp32_weight.detach())
+    assert torch.equal(weight.detach(), master.to(torch.bfloat16))
+    assert (start.float() - master).mean() > 0.2  # they did move, far beyond bf16's step
+
+
+def test_a_loaded_state_keeps_its_fp32_master_and_continues_as_if_never_stopped():
+    torch.manual_seed(1)
+    start = torch.randn(64, 32).to(torch.bfloat16)
+    gradients = [torch.randn(64, 32) for _ in range(6)]
+    whole, _ = adamw_steps(start, gradients, fp32_master=True)
+    stopped, optimizer = adamw_steps(start, gradients[:3], fp32_master=True)
+    saved = optimizer.state_dict()
+    weight = torch.nn.Parameter(stopped.detach().clone())
+    resumed = Bf16WeightsAdamW([weight], lr=1e-3, weight_decay=0.1, fp32_master=True)
+    resumed.load_state_dict(saved)  # torch's own loading casts the state to the weight's dtype, bf16
+    state = resumed.state[weight]
+    assert {state[name].dtype for name in ("master", "exp_avg", "exp_avg_sq")} == {torch.float32}
+    assert torch.equal(state["master"], optimizer.state[stopped]["master"])
+    for gradient in gradients[3:]:
+        weight.grad = gradient.to(torch.bfloat16)
+        resumed.step()
+    assert torch.equal(weight, whole)
+
+
+def choice(**given):
+    flags = dict(low_memory=False, bf16_weights="auto", lora_rank=0)
+    where = dict(precision="bf16", device_type="cuda", num_processes=1, fsdp=False)
+    for name, value in given.items():
+        (flags if name in flags else where)[name] = value
+    problems = []
+    weights = training_setup.weight_storage_choice(SimpleNamespace(**flags), problems=problems, **where)
+    return weights.name, problems
+
+
+def test_auto_takes_bf16_weights_only_for_bf16_compute_on_one_gpu():
+    master, fp32, bf16 = (training_setup.BF16_WITH_FP32_MASTER.name, training_setup.FP32_WEIGHTS.name,
+                          training_setup.BF16_WEIGHTS.name)
+    assert choice() == (master, [])
+    assert choice(device_type="cpu") == (fp32, [])
+    assert choice(precision="no") == (fp32, [])
+    assert choice(num_processes=2) == (fp32, [])
+    assert choice(lora_rank=16) == (fp32, [])
+    assert choice(bf16_weights="no") == (fp32, [])
+    assert choice(low_memory=True) == (bf16, [])
+    assert choice(bf16_weights="yes", device_type="cpu", precision="no", num_processes=2) == (master, [])
+    _, problems = choice(bf16_weights="yes", low_memory=True)
+    assert len(problems) == 1 and "--low_memory" in problems[0]
+    _, problems = choice(bf16_weights="yes", fsdp=True)
+    assert len(problems) == 1 and "FSDP" in problems[0]
+
+
+def test_a_bf16_weights_run_trains_like_fp32_and_exports_its_master(tiny_model, coded_clips, tmp_path, capsys):
+    def losses(output):
+        history = checkpoint.read_trainer_state(output / "checkpoint-epoch-2").progress.log_history
+        return [entry["train/loss"] for entry in history if "train/loss" in entry]
+
+    flags = dict(batch_size=4, num_epochs=3, lr=3e-3, save_steps=0, mixed_precision="no")
+    output = train(tiny_model, coded_clips, tmp_path / "out", bf16_weights="yes", save_dtype="float32", **flags)
+    assert "fp32 master weights and AdamW moments" in capsys.readouterr().out
+    folder = output / "checkpoint-epoch-2"
+    assert checkpoint.read_trainer_state(folder).weights == training_setup.BF16_WITH_FP32_MASTER.name
+    training_weights = load_file(folder / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
+    assert {tensor.dtype for tensor in training_weights.values()} == {torch.bfloat16}
+    # --save_dtype float32 exports the master weights: finer than bf16, and the training weight is
+    # them rounded to nearest.
+    exported = load_file(folder / checkpoint.MODEL_WEIGHTS)
+    name = "talker.model.layers.0.mlp.up_proj.weight"
+    assert exported[name].dtype == torch.float32
+    assert not torch.equal(exported[name], exported[name].to(torch.bfloat16).float())
+    assert torch.equal(exported[name].to(torch.bfloat16), training_weights["model." + name])
+
+    full_precision = losses(train(tiny_model, coded_clips, tmp_path / "fp32", **flags))
+    bf16_weights = losses(output)
+    assert len(bf16_weights) == 6 and bf16_weights[-1] < 0.92 * bf16_weights[0]
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(bf16_weights, full_precision)), (bf16_weights, full_precision)
+
+
+def test_a_bf16_weights_resume_is_bit_identical_and_a_mismatched_one_refused(tiny_model, coded_clips, tmp_path):
+    # --save_dtype float32: the exported model is the master weights, the training state's the bf16 ones.
+    flags = dict(bf16_weights="yes", batch_size=2, num_epochs=2, save_steps=1, save_total_limit=0, lr=1e-3,
+                 warmup_steps=1, mixed_precision="no", save_dtype="float32")
+    whole = train(tiny_model, coded_clips, tmp_path / "whole", **flags)
+    resumed = train(tiny_model, coded_clips, tmp_path / "resumed", resume_from_checkpoint=whole / "checkpoint-step-3",
+                    **flags)
+    for saved in (checkpoint.TRAINING_STATE_DIR + "/model.safetensors", checkpoint.MODEL_WEIGHTS):
+        expected = load_file(whole / "checkpoint-epoch-1" / saved)
+        got = load_file(resumed / "checkpoint-epoch-1" / saved)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[name], got[name]) for name in expected), saved
+
+    flags["bf16_weights"] = "no"
+    try:
+        train(tiny_model, coded_clips, whole, resume_from_checkpoint="latest", **dict(flags, num_epochs=3))
+        raise AssertionError("an fp32-weights resume of a --bf16_weights run was accepted")
+    except SystemExit as error:
+        assert "holds bf16 + fp32 master weights" in str(error) and "--bf16_weights yes" in str(error)
