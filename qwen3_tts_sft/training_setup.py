@@ -405,6 +405,10 @@ def load_base_model(args, weights: WeightStorage, keep_speech_decoder: bool = Fa
     tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=dtype, attn_implementation=args.attn_implementation)
     if tts.model.speaker_encoder is None:  # refused there, naming --speaker_encoder_from, when none is found
         voices.attach_speaker_encoder(tts.model, args)
+    if not args.train_speaker_encoder:
+        # Frozen, it only computes the speaker vectors, once: in fp32 whatever the trained weights
+        # are, so a voice's vector is the x-vector qwen_tts computes in fp32 (12 M weights, 48 MB).
+        tts.model.speaker_encoder.float()
     if not keep_speech_decoder:
         tts.model.speech_tokenizer = None  # not needed for training; frees its memory
     return tts
