@@ -2,8 +2,10 @@
 fp32 master copy and fp32 moments. The update is fp32 AdamW's, nothing of the master is lost to a
 checkpoint or a resume, and the choice is made (or refused) where it should be."""
 
+import shutil
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -36,6 +38,19 @@ def test_the_master_is_the_fp32_update_and_the_bf16_weight_is_it_rounded():
     assert torch.equal(master, fp32_weight.detach())
     assert torch.equal(weight.detach(), master.to(torch.bfloat16))
     assert (start.float() - master).mean() > 0.2  # they did move, far beyond bf16's step
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compiled_update_with_a_master_is_the_launched_one():
+    """On a GPU the update runs compiled into one kernel a tensor (weight, master, moments at once)."""
+    torch.manual_seed(2)
+    start = torch.randn(64, 32).to(torch.bfloat16)
+    gradients = [torch.randn(64, 32).to(torch.bfloat16) for _ in range(4)]
+    compiled, compiled_optimizer = adamw_steps(start, gradients, fp32_master=True, compile=True)
+    launched, launched_optimizer = adamw_steps(start, gradients, fp32_master=True)
+    assert torch.allclose(compiled_optimizer.state[compiled]["master"], launched_optimizer.state[launched]["master"],
+                          rtol=1e-6, atol=1e-7)
+    assert torch.equal(compiled.detach(), compiled_optimizer.state[compiled]["master"].to(torch.bfloat16))
 
 
 def test_a_loaded_state_keeps_its_fp32_master_and_continues_as_if_never_stopped():
