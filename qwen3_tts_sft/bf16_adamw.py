@@ -150,7 +150,8 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
     def tensors_of(self, weight) -> tuple:
         """The tensors one update reads and writes: weight, gradient, moments (and master)."""
         state = self.state[weight]
-        return (weight, weight.grad, state["exp_avg"], state["exp_avg_sq"]) + ((state["master"],) if self.fp32_master else ())
+        master = (state["master"],) if self.fp32_master else ()
+        return (weight, weight.grad, state["exp_avg"], state["exp_avg_sq"]) + master
 
     def apply(self, updates: list):
         for group_index, index, weight in updates:
@@ -192,8 +193,9 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
             saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
             weights = dict(zip(saved_ids, (weight for group in self.param_groups for weight in group["params"])))
             for index, saved in state_dict["state"].items():
+                weight = weights[index]
                 for name in ("master", "exp_avg", "exp_avg_sq"):
-                    self.state[weights[index]][name] = saved[name].to(weights[index].device, torch.float32, copy=True)
+                    self.state[weight][name] = saved[name].to(weight.device, torch.float32, copy=True)
         self.graph = self.last_tensors = None  # new moment tensors: record again
 
 
