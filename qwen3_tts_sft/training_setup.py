@@ -48,15 +48,20 @@ class WeightStorage:
     that way, so a resume must hold them the same way (TrainerState.weights names it)."""
 
     name: str
-    weight_bytes: int     # per weight of the model
+    dtype: torch.dtype    # the model's weights, as loaded and trained
     optimizer_bytes: int  # per trained weight: AdamW's two moments, and the fp32 master copy if any
     description: str      # for the run's header
 
+    @property
+    def weight_bytes(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
 
-FP32_WEIGHTS = WeightStorage("fp32", 4, 8, "weights and AdamW state fp32")
+
+FP32_WEIGHTS = WeightStorage("fp32", torch.float32, 8, "weights and AdamW state fp32")
 BF16_WITH_FP32_MASTER = WeightStorage(
-    "bf16 + fp32 master", 2, 12, "bf16 weights and gradients, fp32 master weights and AdamW moments (--bf16_weights)")
-BF16_WEIGHTS = WeightStorage("bf16", 2, 4,
+    "bf16 + fp32 master", torch.bfloat16, 12,
+    "bf16 weights and gradients, fp32 master weights and AdamW moments (--bf16_weights)")
+BF16_WEIGHTS = WeightStorage("bf16", torch.bfloat16, 4,
                              "weights, gradients and AdamW moments bf16, stochastic rounding (--low_memory)")
 
 
@@ -401,8 +406,8 @@ def load_base_model(args, weights: WeightStorage, keep_speech_decoder: bool = Fa
     speaks (scoring.py)."""
     from qwen_tts import Qwen3TTSModel
 
-    dtype = torch.bfloat16 if weights.weight_bytes == 2 else torch.float32
-    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=dtype, attn_implementation=args.attn_implementation)
+    tts = Qwen3TTSModel.from_pretrained(args.init_model_path, dtype=weights.dtype,
+                                        attn_implementation=args.attn_implementation)
     if tts.model.speaker_encoder is None:  # refused there, naming --speaker_encoder_from, when none is found
         voices.attach_speaker_encoder(tts.model, args)
     if not args.train_speaker_encoder:

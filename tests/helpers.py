@@ -1,4 +1,5 @@
-"""Shared test tools: running the scripts as a user would, and generation forced along known codes."""
+"""Shared test tools: running the scripts as a user would, an optimizer's steps on one weight, and generation
+forced along known codes."""
 
 import contextlib
 import json
@@ -64,6 +65,17 @@ def build_run(model_dir, train_jsonl, output_dir, **flags):
 
     argv = trainer_argv(model_dir, train_jsonl, output_dir, **flags)
     return build(sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv)))
+
+
+def adamw_steps(optimizer_class, weight, gradients, **options) -> tuple:
+    """(the parameter, its optimizer) after one step per gradient, from a copy of `weight`: lr 1e-3,
+    weight decay 0.1, each gradient given in the weight's dtype."""
+    weight = torch.nn.Parameter(weight.clone())
+    optimizer = optimizer_class([weight], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, **options)
+    for gradient in gradients:
+        weight.grad = gradient.to(weight.dtype)
+        optimizer.step()
+    return weight, optimizer
 
 
 def run_script(*args, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:

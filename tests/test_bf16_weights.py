@@ -11,16 +11,7 @@ from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint, training_setup
 from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW
-from helpers import train
-
-
-def adamw_steps(weight, gradients, **options):
-    weight = torch.nn.Parameter(weight.clone())
-    optimizer = Bf16WeightsAdamW([weight], lr=1e-3, weight_decay=0.1, **options)
-    for gradient in gradients:
-        weight.grad = gradient.to(weight.dtype)
-        optimizer.step()
-    return weight, optimizer
+from helpers import adamw_steps, train
 
 
 def test_the_master_is_the_fp32_update_and_the_bf16_weight_is_it_rounded():
@@ -31,8 +22,8 @@ def test_the_master_is_the_fp32_update_and_the_bf16_weight_is_it_rounded():
     # copy, round-to-nearest would keep them where they started.
     start = (torch.ones(4096) + torch.randn(4096) * 0.01).to(torch.bfloat16)
     gradients = [torch.randn(4096).to(torch.bfloat16) + 1 for _ in range(300)]  # bf16, as the backward gives
-    fp32_weight, _ = adamw_steps(start.float(), gradients)
-    weight, optimizer = adamw_steps(start, gradients, fp32_master=True)
+    fp32_weight, _ = adamw_steps(Bf16WeightsAdamW, start.float(), gradients)
+    weight, optimizer = adamw_steps(Bf16WeightsAdamW, start, gradients, fp32_master=True)
     master = optimizer.state[weight]["master"]
     assert master.dtype == torch.float32 and optimizer.state[weight]["exp_avg"].dtype == torch.float32
     assert torch.equal(master, fp32_weight.detach())
@@ -46,8 +37,8 @@ def test_the_compiled_update_with_a_master_is_the_launched_one():
     torch.manual_seed(2)
     start = torch.randn(64, 32).to(torch.bfloat16)
     gradients = [torch.randn(64, 32).to(torch.bfloat16) for _ in range(4)]
-    compiled, compiled_optimizer = adamw_steps(start, gradients, fp32_master=True, compile=True)
-    launched, launched_optimizer = adamw_steps(start, gradients, fp32_master=True)
+    compiled, compiled_optimizer = adamw_steps(Bf16WeightsAdamW, start, gradients, fp32_master=True, compile=True)
+    launched, launched_optimizer = adamw_steps(Bf16WeightsAdamW, start, gradients, fp32_master=True)
     assert torch.allclose(compiled_optimizer.state[compiled]["master"], launched_optimizer.state[launched]["master"],
                           rtol=1e-6, atol=1e-7)
     assert torch.equal(compiled.detach(), compiled_optimizer.state[compiled]["master"].to(torch.bfloat16))
@@ -57,8 +48,8 @@ def test_a_loaded_state_keeps_its_fp32_master_and_continues_as_if_never_stopped(
     torch.manual_seed(1)
     start = torch.randn(64, 32).to(torch.bfloat16)
     gradients = [torch.randn(64, 32) for _ in range(6)]
-    whole, _ = adamw_steps(start, gradients, fp32_master=True)
-    stopped, optimizer = adamw_steps(start, gradients[:3], fp32_master=True)
+    whole, _ = adamw_steps(Bf16WeightsAdamW, start, gradients, fp32_master=True)
+    stopped, optimizer = adamw_steps(Bf16WeightsAdamW, start, gradients[:3], fp32_master=True)
     saved = optimizer.state_dict()
     weight = torch.nn.Parameter(stopped.detach().clone())
     resumed = Bf16WeightsAdamW([weight], lr=1e-3, weight_decay=0.1, fp32_master=True)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
 from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW, round_to_bf16_stochastically
-from helpers import build_run, train
+from helpers import adamw_steps, build_run, train
 
 
 def test_stochastic_rounding_is_exact_on_average():
@@ -31,12 +31,7 @@ def test_stochastic_rounding_is_exact_on_average():
 
 
 def run_optimizer(optimizer_class, weight, gradients, **options):
-    weight = torch.nn.Parameter(weight.clone())
-    optimizer = optimizer_class([weight], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, **options)
-    for gradient in gradients:
-        weight.grad = gradient.to(weight.dtype)
-        optimizer.step()
-    return weight.detach().float()
+    return adamw_steps(optimizer_class, weight, gradients, **options)[0].detach().float()
 
 
 def test_update_is_torch_adamw_and_small_bf16_steps_are_not_lost():
