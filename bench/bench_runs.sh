@@ -121,6 +121,9 @@ for name in "$@"; do
     # lever 1 against its baseline: every micro-batch padded to multiples of 8 / 32, one graph per shape
     1.7b_mix_2_15s_multiples) bench "$name" --size 1.7b "${mix_whole_run[@]}" --batch_shapes multiples ;;
     1.7b_mix_2_15s_low_memory) bench "$name" --size 1.7b "${mix_whole_run[@]}" --trainer_flags="--low_memory" ;;
+    # the allocator as it was before the trainer chose expandable segments (CUDA_ALLOCATOR_SETTINGS)
+    1.7b_mix_2_15s_low_memory_fixed_segments) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False \
+      bench "$name" --size 1.7b "${mix_whole_run[@]}" --trainer_flags="--low_memory" ;;
     # the previous mix entry: 1,024 clips, 60 warm-up steps, 20 timed
     1.7b_mix_1024_clips) bench "$name" --size 1.7b --warmup 60 --steps 20 --clips 1024 ;;
     # where a step's time goes (busiest kernels and GPU busy share, in log.txt): 4 x 2 against 8 x 1

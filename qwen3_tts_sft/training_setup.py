@@ -6,6 +6,7 @@ loads), the accelerator, the checkpoint to resume, the base model, the data and 
 module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
 """
 
+import functools
 import gc
 import json
 import os
@@ -30,6 +31,18 @@ from qwen3_tts_sft.talker_step import TalkerTrainingModel
 from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, make_prompter, read_clips,
                                          split_off_eval)
 from qwen3_tts_sft.training_run import LOSS_CURVE, TrainingRun, hear_it
+
+# The CUDA caching allocator's setting for training: expandable segments grow one mapped range of
+# memory instead of reserving a new block for each new size, so memory a shorter batch shape freed
+# serves a longer one. On the 2-15 s mix with --low_memory it cut the reserved memory from 21.8 to
+# 20.2 GB (bench_notes.md, eleventh session). A PYTORCH_CUDA_ALLOC_CONF of the user's own wins.
+CUDA_ALLOCATOR_SETTINGS = "expandable_segments:True"
+# --low_memory: the code predictor's compiled layers save half the activations they would save for
+# the backward and recompute the rest there (cheap: attention over a frame's 16 positions, copies,
+# SiLU). Every frame is 16 of its positions, so its 5 layers hold about as much as the talker's 28
+# (~2.8 and ~2.5 GB on the 2-15 s mix's longest batch); measured on the CPU at 1.7B's sizes, a
+# layer saves 24 instead of 47 MB per 1,024 positions.
+LOW_MEMORY_CODE_PREDICTOR_ACTIVATIONS = 0.5
 
 # Flags that decide which clips go into which step, or what the saved state holds: a resume with
 # other values would not continue the same run.
@@ -90,6 +103,7 @@ class Settings:
 
 def build_run(args) -> TrainingRun:
     """A run ready to train, from the trainer's parsed flags (sft_12hz_chatterbox.parse_args)."""
+    use_expandable_segments()
     accelerator = make_accelerator(args)
     settings = resolve_settings(args, accelerator)
     log_run_header(args, settings, accelerator)
@@ -222,6 +236,13 @@ def listening_choice(args, fsdp: bool, problems: list, log) -> tuple:
                 "infer_test.py --compare")
         return False, 0
     return True, args.eval_steps if every is None else every
+
+
+def use_expandable_segments() -> None:
+    """CUDA_ALLOCATOR_SETTINGS for this process, unless the user set the allocator's variables. CUDA
+    reads them when it starts: a process that used CUDA already keeps what it has."""
+    if not any(name in os.environ for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR_SETTINGS
 
 
 def compile_choice(args, device_type: str, fsdp: bool) -> str:
@@ -469,7 +490,8 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
         # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
         model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     if settings.torch_compile == "layers":
-        compile_layers(model)
+        low_memory = settings.weights == BF16_WEIGHTS
+        compile_layers(model, code_predictor_activations=LOW_MEMORY_CODE_PREDICTOR_ACTIVATIONS if low_memory else 1.0)
     sample_rate = model.config.speaker_encoder_config.sample_rate
     # The table lists the new speakers, then the kept ones, whose vectors are their rows as loaded.
     new_speakers = [speaker for speaker in speaker_table if not speaker.kept]
@@ -493,11 +515,12 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
     return module
 
 
-def compile_layers(model, backend: str = "inductor") -> None:
+def compile_layers(model, backend: str = "inductor", code_predictor_activations: float = 1.0) -> None:
     """torch.compile every decoder layer of the talker and code predictor (regional compilation).
 
     Layers of one kind share one compiled graph, and lengths are dynamic, so batches of any length
-    reuse it; the rest of the forward stays eager.
+    reuse it; the rest of the forward stays eager. Below 1, `code_predictor_activations` is the
+    share of its activations the code predictor's layers save for the backward.
     """
     # No duck shaping: it gives equal-sized dimensions one symbol, so a batch whose frame count
     # happens to equal the hidden size (1024 frames, say) would fix that count and recompile later.
@@ -505,8 +528,32 @@ def compile_layers(model, backend: str = "inductor") -> None:
 
     symbolic_shapes.use_duck_shape = False
     options = inductor_options() if backend == "inductor" else None
-    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-        layer.compile(dynamic=True, backend=backend, options=options)  # lengths vary from batch to batch
+    # Lengths vary from batch to batch: dynamic shapes.
+    for layer in model.talker.model.layers:
+        layer.compile(dynamic=True, backend=backend, options=options)
+    if code_predictor_activations < 1.0:
+        backend, options = saving_activations(backend, options, code_predictor_activations), None
+    for layer in model.talker.code_predictor.model.layers:
+        layer.compile(dynamic=True, backend=backend, options=options)
+
+
+def saving_activations(backend: str, options: dict, budget: float):
+    """`backend` (inductor with `options`) whose split of each graph into forward and backward saves
+    at most `budget` of the activations it would save, recomputing the cheapest of the rest in the
+    backward (torch's activation memory budget: a choice made inside the compiled graph, so CUDA
+    graphs record it as any other kernel)."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        compile_graph = functools.partial(compile_fx, config_patches=options)
+    else:
+        compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def compile_with_budget(graph, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compile_graph(graph, example_inputs)
+
+    return compile_with_budget
 
 
 def inductor_options() -> dict:

@@ -17,6 +17,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(threads)
 
+# The tests on a GPU run with the CUDA allocator's settings of the trainer's runs.
+from qwen3_tts_sft.training_setup import use_expandable_segments  # noqa: E402
+
+use_expandable_segments()
+
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA GPU: without one they are skipped (CI), with one they run with the rest."""

@@ -153,3 +153,48 @@ def test_a_layer_compiles_once_for_few_and_many_frames(tiny_model):
     hidden_size = model.talker.code_predictor.config.hidden_size
     above = 5 * 2**20 // (16 * hidden_size) + 64  # frames x 16 positions x hidden above 5 Mi elements
     assert code_predictor_graphs_over_frame_counts(model, [64, above, 128]) == 1
+
+
+def code_predictor_saved_bytes(model, embeds) -> tuple:
+    """The code predictor's last hidden state for `embeds`, and the bytes its forward saves for the
+    backward (activations only: the weights it keeps references to are not counted)."""
+    weights = {parameter.data_ptr() for parameter in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        hidden = model.talker.code_predictor.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return hidden, sum(saved)
+
+
+def test_low_memory_code_predictor_saves_half_its_activations_and_trains_the_same(model_and_batches):
+    """--low_memory compiles the code predictor's layers to save about half the activations for the
+    backward (recomputing the rest there), with the losses and gradients of eager mode. The CPU
+    runs torch's partitioner with eager kernels; the GPU's inductor makes the same choice."""
+    model, vectors, batches = model_and_batches
+    module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
+    eager = losses_and_gradients(module, batches[1])
+    embeds = torch.randn(40, 16, model.talker.code_predictor.config.hidden_size, requires_grad=True)
+    layers = list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers)
+    saved_bytes = {}
+    try:
+        for share in (1.0, 0.5):
+            torch._dynamo.reset()
+            compile_layers(model, backend="aot_eager_decomp_partition", code_predictor_activations=share)
+            _, saved_bytes[share] = code_predictor_saved_bytes(model, embeds)
+        recomputing = losses_and_gradients(module, batches[1])
+    finally:
+        torch._dynamo.reset()
+        for layer in layers:
+            layer._compiled_call_impl = None  # leave the shared model eager
+    assert saved_bytes[0.5] < 0.65 * saved_bytes[1.0], saved_bytes
+
+    (codec0, sub, grads), (codec0_r, sub_r, grads_r) = eager, recomputing
+    assert torch.allclose(codec0, codec0_r, rtol=1e-5) and torch.allclose(sub, sub_r, rtol=1e-5)
+    assert grads.keys() == grads_r.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_r[name], rtol=1e-4, atol=1e-6), name

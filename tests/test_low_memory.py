@@ -1,7 +1,11 @@
 """--low_memory: bf16 weights and AdamW moments with stochastic rounding still train like fp32 AdamW;
---gradient_checkpointing changes memory, not the gradient."""
+--gradient_checkpointing changes memory, not the gradient; training processes hold their GPU memory
+in expandable segments."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
 from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW, round_to_bf16_stochastically
+from qwen3_tts_sft.training_setup import CUDA_ALLOCATOR_SETTINGS, use_expandable_segments
 from helpers import adamw_steps, build_run, train
 
 
@@ -186,3 +191,24 @@ def test_lora_with_low_memory_saves_a_checkpoint_stock_qwen_tts_loads(tiny_model
     assert not torch.equal(merged[adapted], base[adapted].to(torch.bfloat16))  # the adapters trained and were merged
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     assert Qwen3TTSModel.from_pretrained(str(folder)).model.talker is not None
+
+
+def test_training_processes_use_expandable_segments_unless_the_user_set_the_allocator(monkeypatch):
+    """Every run sets CUDA's allocator to expandable segments before CUDA starts (less memory
+    reserved on clips of mixed length); an allocator setting of the user's own is left alone. On a
+    GPU: a process that sets it after importing torch gets expandable segments."""
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    use_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == CUDA_ALLOCATOR_SETTINGS
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    use_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+    if torch.cuda.is_available():
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+        check = ("import torch; from qwen3_tts_sft.training_setup import use_expandable_segments; "
+                 "use_expandable_segments(); torch.ones(1, device='cuda'); "
+                 "print([segment['is_expandable'] for segment in torch.cuda.memory_snapshot()])")
+        printed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+        assert printed.strip() == "[True]", printed
