@@ -34,8 +34,9 @@ from qwen3_tts_sft.training_run import LOSS_CURVE, TrainingRun, hear_it
 
 # The CUDA caching allocator's setting for training: expandable segments grow one mapped range of
 # memory instead of reserving a new block for each new size, so memory a shorter batch shape freed
-# serves a longer one. On the 2-15 s mix with --low_memory it cut the reserved memory from 21.8 to
-# 20.2 GB (bench_notes.md, eleventh session). A PYTORCH_CUDA_ALLOC_CONF of the user's own wins.
+# serves a longer one. On the 2-15 s mix with --low_memory: 20.2 GB reserved with it (an H100),
+# 21.8 without it in an earlier version's run (an H200; bench_notes.md, eleventh session). A
+# PYTORCH_CUDA_ALLOC_CONF of the user's own wins.
 CUDA_ALLOCATOR_SETTINGS = "expandable_segments:True"
 # --low_memory: the code predictor's compiled layers save half the activations they would save for
 # the backward and recompute the rest there (cheap: attention over a frame's 16 positions, copies,
