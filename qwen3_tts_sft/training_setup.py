@@ -491,8 +491,8 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
         # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
         model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     if settings.torch_compile == "layers":
-        low_memory = settings.weights == BF16_WEIGHTS
-        compile_layers(model, code_predictor_activations=LOW_MEMORY_CODE_PREDICTOR_ACTIVATIONS if low_memory else 1.0)
+        share = LOW_MEMORY_CODE_PREDICTOR_ACTIVATIONS if args.low_memory else 1.0
+        compile_layers(model, code_predictor_activations=share)
     sample_rate = model.config.speaker_encoder_config.sample_rate
     # The table lists the new speakers, then the kept ones, whose vectors are their rows as loaded.
     new_speakers = [speaker for speaker in speaker_table if not speaker.kept]

@@ -42,6 +42,13 @@ def losses_and_gradients(module, batch):
     return out.codec0_loss_sum.detach(), out.code_predictor_loss_sum.detach(), gradients
 
 
+def leave_eager(model):
+    """Undo compile_layers on the shared model: dynamo's caches emptied, every layer eager again."""
+    torch._dynamo.reset()
+    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+        layer._compiled_call_impl = None
+
+
 def test_training_forward_has_no_graph_break(model_and_batches):
     """The whole forward traces as one graph, so nothing in it forces a graph break inside a compiled
     region; compiling it whole was tried and takes too long to compile (bench_notes.md)."""
@@ -65,9 +72,7 @@ def test_compiled_layers_match_eager_for_any_length(model_and_batches, monkeypat
         compiled.append(losses_and_gradients(module, batches[1]))
     assert counters["stats"]["unique_graphs"] == 2  # one for every talker layer, one for every code predictor layer
     assert not counters["graph_break"]
-    torch._dynamo.reset()
-    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-        layer._compiled_call_impl = None  # leave the shared model eager
+    leave_eager(model)
 
     for (codec0, sub, grads), (codec0_c, sub_c, grads_c) in zip(eager, compiled):
         assert torch.allclose(codec0, codec0_c, rtol=1e-5) and torch.allclose(sub, sub_c, rtol=1e-5)
@@ -115,9 +120,7 @@ def test_gradient_checkpointing_inside_compiled_layers_gives_the_eager_gradient(
     finally:
         hook.remove()
         model.talker.gradient_checkpointing_disable()
-        torch._dynamo.reset()
-        for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
-            layer._compiled_call_impl = None
+        leave_eager(model)
     assert len(layer_calls) == 2  # forward, then the recomputation in the backward
     assert eager.keys() == checkpointed.keys()
     assert all(torch.allclose(eager[name], checkpointed[name], rtol=1e-4, atol=1e-6) for name in eager)
@@ -179,7 +182,6 @@ def test_low_memory_code_predictor_saves_half_its_activations_and_trains_the_sam
     module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
     eager = losses_and_gradients(module, batches[1])
     embeds = torch.randn(40, 16, model.talker.code_predictor.config.hidden_size, requires_grad=True)
-    layers = list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers)
     saved_bytes = {}
     try:
         for share in (1.0, 0.5):
@@ -188,9 +190,7 @@ def test_low_memory_code_predictor_saves_half_its_activations_and_trains_the_sam
             _, saved_bytes[share] = code_predictor_saved_bytes(model, embeds)
         recomputing = losses_and_gradients(module, batches[1])
     finally:
-        torch._dynamo.reset()
-        for layer in layers:
-            layer._compiled_call_impl = None  # leave the shared model eager
+        leave_eager(model)
     assert saved_bytes[0.5] < 0.65 * saved_bytes[1.0], saved_bytes
 
     (codec0, sub, grads), (codec0_r, sub_r, grads_r) = eager, recomputing
