@@ -184,6 +184,15 @@ def listening_cost(run, step_seconds: float, synchronize) -> dict:
                 listen_share_at_eval_steps=seconds / (seconds + training), eval_steps=run.args.eval_steps)
 
 
+def compile_time() -> dict:
+    """Seconds torch.compile spent so far in this process (graphs traced and compiled, forward and
+    backward), and how many graphs it compiled: what of the first step is compiling."""
+    from torch._dynamo.utils import compilation_time_metrics as metrics
+
+    forward, backward = metrics.get("_compile.compile_inner", []), metrics.get("compile_fx.<locals>.bw_compiler", [])
+    return dict(compile_seconds=sum(forward) + sum(backward), compiled_graphs=len(forward))
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -298,6 +307,7 @@ def main(argv=None):
         code_predictor_padding_waste=1 - timed["frames"] / timed["padded_frames"],
         setup_seconds=setup_seconds,
         time_to_first_step_seconds=first_step_seconds,
+        **compile_time(),
         peak_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if on_gpu else nan,
         peak_memory_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if on_gpu else nan,
         # The whole run: setup (model load), compiles, recordings and every step, warm-up included.

@@ -63,18 +63,20 @@ def store(target: torch.Tensor, values: torch.Tensor, key: torch.Tensor) -> None
         target.copy_(values)
 
 
-def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, master=None):
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, grad_scale, master=None, zero_grad=False):
     """One AdamW update of one flattened tensor, computed in fp32.
 
     hyper: the tensor's row of numbers for this step (LR .. KEY above), on the weight's device, so
     a compiled version serves every step without recompiling and a recorded graph reads new numbers.
+    grad_scale: a device scalar every gradient is multiplied by first (the clipping factor).
     The weight and each moment round with their own key. With `master`, the weight's fp32 copy, the
     update starts from and is written to the master, and the weight gets it rounded to nearest.
+    With `zero_grad` the gradient is zeroed in the same pass, for the next step to add into.
     """
     lr, beta1, beta2, eps, weight_decay, correction1, correction2, key = hyper.unbind()
-    grad = grad.float()
-    exp_avg_new = exp_avg.float() * beta1 + grad * (1 - beta1)
-    exp_avg_sq_new = exp_avg_sq.float() * beta2 + grad * grad * (1 - beta2)
+    gradient = grad.float() * grad_scale
+    exp_avg_new = exp_avg.float() * beta1 + gradient * (1 - beta1)
+    exp_avg_sq_new = exp_avg_sq.float() * beta2 + gradient * gradient * (1 - beta2)
     denominator = (exp_avg_sq_new / correction2).sqrt() + eps
     start = weight if master is None else master
     weight_new = start.float() * (1 - lr * weight_decay) - (lr / correction1) * exp_avg_new / denominator
@@ -85,6 +87,8 @@ def adamw_update(weight, grad, exp_avg, exp_avg_sq, hyper, master=None):
         weight.copy_(weight_new)
     store(exp_avg, exp_avg_new, key + 1)
     store(exp_avg_sq, exp_avg_sq_new, key + 2)
+    if zero_grad:
+        grad.zero_()
 
 
 class Bf16WeightsAdamW(torch.optim.Optimizer):
@@ -102,13 +106,20 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
     training keeps them), the step, a kernel per tensor, is recorded as one CUDA graph and replayed
     from then on: the host then only writes each step's numbers (learning rate, bias corrections,
     rounding keys) instead of launching hundreds of kernels.
+
+    Clipping and zeroing ride in the update's pass over the gradients (a training step is bound by
+    memory traffic, and these would be two more passes): `clip_grad_norm_` only measures the norm
+    and sets the factor the next step scales by, and with `zero_grads` each step leaves the
+    gradients it used zeroed, where a trainer that keeps its gradient tensors would zero them.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0, compile=False,
-                 record_graph=False, fp32_master=False):
+                 record_graph=False, fp32_master=False, zero_grads=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
         self.fp32_master = fp32_master
+        self.zero_grads = zero_grads
+        self.grad_scale = None  # a device scalar, the next step's clipping factor (1 when not clipping)
         self.update = torch.compile(adamw_update, dynamic=True) if compile else adamw_update
         self.record_graph = record_graph and compile  # an uncompiled update would fill the graph's pool
         self.numbers_on_device = {}  # group index -> its [params, 8] rows, which every update reads
@@ -129,8 +140,11 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
                 self.write_numbers(group_index, group, stepped)
                 updates += [(group_index, index, weight) for index, weight in stepped]
         tensors = tuple(tensor for _, _, weight in updates for tensor in self.tensors_of(weight))
+        if not updates:
+            return loss
         if self.graph is not None and same_tensors(tensors, self.graph_tensors):
             self.graph.replay()
+            self.grad_scale.fill_(1.0)
             return loss
         self.graph = None
         self.apply(updates)
@@ -145,7 +159,23 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
                                    f"--cuda_graphs no. The error was: {error}") from error
             self.graph, self.graph_tensors = graph, tensors
         self.last_tensors = tensors
+        self.grad_scale.fill_(1.0)  # the factor was this step's
         return loss
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's weights, with the scaling left to the
+        next step's update: returns the gradients' total norm, and sets the factor
+        min(1, max_norm / (norm + 1e-6)) by which the update multiplies them."""
+        grads = [weight.grad for group in self.param_groups for weight in group["params"] if weight.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        self.scale_of(norm.device).copy_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    def scale_of(self, device) -> torch.Tensor:
+        if self.grad_scale is None:
+            self.grad_scale = torch.ones((), device=device)
+        return self.grad_scale
 
     def tensors_of(self, weight) -> tuple:
         """The tensors one update reads and writes: weight, gradient, moments (and master)."""
@@ -157,7 +187,8 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
         for group_index, index, weight in updates:
             numbers = self.numbers_on_device[group_index][index]
             weight, grad, exp_avg, exp_avg_sq, *master = (tensor.view(-1) for tensor in self.tensors_of(weight))
-            self.update(weight, grad, exp_avg, exp_avg_sq, numbers, *master)
+            self.update(weight, grad, exp_avg, exp_avg_sq, numbers, self.scale_of(weight.device), *master,
+                        zero_grad=self.zero_grads)
 
     def write_numbers(self, group_index: int, group: dict, stepped: list):
         """Advance the stepped tensors' step counts and write the group's rows for this step, with

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qwen3_tts_sft import checkpoint, scoring, voices
+from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW
 from qwen3_tts_sft.checkpoint import TrainerState
 from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
 from qwen3_tts_sft.sequence_layout import collate
@@ -70,6 +71,11 @@ class TrainingRun:
         self.scheduler = scheduler
         self.progress = progress
         self.trainable = [p for p in train_module.parameters() if p.requires_grad]  # what the step clips
+        # Bf16WeightsAdamW scales (and zeroes) the gradients inside its update, sparing passes over
+        # them; with several processes the gradients are left to accelerate, which knows how they are split.
+        update = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        self.clipping_update = (update if isinstance(update, Bf16WeightsAdamW) and self.accelerator.num_processes == 1
+                                else None)
         self.graphs = None
         if self.settings.cuda_graphs:
             self.graphs = MicroBatchGraphs(train_module, self.trainable, self.accelerator.backward,
@@ -164,7 +170,11 @@ class TrainingRun:
                     step_sums += forward_backward(self.train_module, batch.to(self.device), loss_weights,
                                                   self.accelerator.backward)
 
-        grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm or float("inf"))
+        max_norm = self.args.max_grad_norm or float("inf")
+        if self.clipping_update is not None:
+            grad_norm = self.clipping_update.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a distributed tensor
             grad_norm = grad_norm.full_tensor()
         # One host sync per step: is the update finite, did any process get a stop signal, and the
@@ -201,8 +211,10 @@ class TrainingRun:
                                  f"gradient; stopping. Last good checkpoint: {last}. Try a lower --lr.")
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used
         self.scheduler.step()
-        # The CUDA graphs write into the gradient tensors they recorded: keep them, zeroed.
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        # The CUDA graphs write into the gradient tensors they recorded: keep them, zeroed (an
+        # update of Bf16WeightsAdamW has zeroed them already).
+        if not (finite and self.clipping_update is not None and self.clipping_update.zero_grads):
+            self.optimizer.zero_grad(set_to_none=self.graphs is None)
         self.interval_clips += step.targets.clips
         self.clips_this_run += step.targets.clips
         return stop

@@ -114,7 +114,7 @@ def build_run(args) -> TrainingRun:
     ids = SpecialIds.from_config(tts.model.config)
     train_set, eval_set, speaker_table, replay_set = load_datasets(args, settings, ids, tts, accelerator)
     train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
-    optimizer = make_optimizer(train_module, args, settings.weights, accelerator)
+    optimizer = make_optimizer(train_module, args, settings, accelerator)
     listener = None
     if listens_here:
         listener = scoring.make_listener(args, settings, tts, make_prompter(tts.processor, tts.model.config),
@@ -573,9 +573,10 @@ def inductor_options() -> dict:
     return {}
 
 
-def make_optimizer(train_module, args, weights: WeightStorage, accelerator):
+def make_optimizer(train_module, args, settings: Settings, accelerator):
     """AdamW: on fp32 weights, fused on CUDA; or on bf16 weights with an fp32 master copy, or with
     stochastic rounding (--low_memory). No decay on norms and biases."""
+    weights = settings.weights
     decay, no_decay = [], []
     for parameter in train_module.parameters():
         if parameter.requires_grad:
@@ -586,7 +587,9 @@ def make_optimizer(train_module, args, weights: WeightStorage, accelerator):
         # On a GPU the whole update is recorded as one CUDA graph too, unless --cuda_graphs no.
         return Bf16WeightsAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, seed=args.seed,
                                 compile=on_gpu, record_graph=on_gpu and args.cuda_graphs != "no",
-                                fp32_master=weights == BF16_WITH_FP32_MASTER)
+                                fp32_master=weights == BF16_WITH_FP32_MASTER,
+                                # CUDA graphs keep the gradient tensors: the update zeroes them as it reads them.
+                                zero_grads=settings.cuda_graphs)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=on_gpu)
 
 

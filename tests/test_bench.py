@@ -8,7 +8,8 @@ FIELDS = {"samples_per_second", "audio_hours_per_hour", "talker_tokens_per_secon
           "code_predictor_tokens_per_second", "model_tflops_per_second", "mfu", "measured_peak_tflops",
           "padding_waste", "code_predictor_padding_waste", "time_to_first_step_seconds", "peak_memory_allocated_gb",
           "peak_memory_reserved_gb", "tflop_per_sample", "batch_shapes", "cuda_graphs_recorded",
-          "run_samples_per_second", "run_loop_samples_per_second", "run_seconds", "run_peak_memory_reserved_gb"}
+          "run_samples_per_second", "run_loop_samples_per_second", "run_seconds", "run_peak_memory_reserved_gb",
+          "compile_seconds", "compiled_graphs"}
 
 
 def test_bench_on_the_tiny_model_writes_every_field(tmp_path):

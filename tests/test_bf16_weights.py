@@ -44,6 +44,38 @@ def test_the_compiled_update_with_a_master_is_the_launched_one():
     assert torch.equal(compiled.detach(), compiled_optimizer.state[compiled]["master"].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler"))])
+def test_clipping_and_zeroing_inside_the_update_are_torch_clipping_then_the_update(compile):
+    """The trainer leaves gradient clipping and zeroing to this optimizer's update, one pass over the
+    gradients instead of three. It must equal torch's clip_grad_norm_ followed by the update, and leave
+    the gradients zero for the next step to add into. Steps far above and below the limit alternate,
+    so a factor applied wrongly (or not at all) would show even through Adam's normalisation."""
+    torch.manual_seed(3)
+    starts = [torch.randn(64, 32).to(torch.bfloat16), torch.randn(32).to(torch.bfloat16)]
+    steps = [[torch.randn(start.shape) * size for start in starts] for size in (10.0, 1e-3, 30.0, 1e-2, 3.0)]
+    weights = [torch.nn.Parameter(start.clone()) for start in starts]
+    folded = Bf16WeightsAdamW(weights, lr=1e-3, weight_decay=0.1, fp32_master=True, zero_grads=True, compile=compile)
+    references = [torch.nn.Parameter(start.float()) for start in starts]  # fp32: the master's own update
+    reference = Bf16WeightsAdamW(references, lr=1e-3, weight_decay=0.1)
+    for gradients in steps:
+        for weight, gradient in zip(weights, gradients):
+            weight.grad = gradient.to(torch.bfloat16)
+        norm = folded.clip_grad_norm_(1.0)
+        folded.step()
+        assert all(torch.equal(weight.grad, torch.zeros_like(weight)) for weight in weights)
+        for weight, gradient in zip(references, gradients):
+            weight.grad = gradient.to(torch.bfloat16).float()
+        reference_norm = torch.nn.utils.clip_grad_norm_(references, 1.0)
+        reference.step()
+        assert torch.allclose(norm.float(), reference_norm, rtol=4e-3)  # bf16 gradients sum to a bf16 norm
+    for weight, expected in zip(weights, references):
+        master = folded.state[weight]["master"]
+        # The weights moved ~5e-3. The bf16 norm's rounding leaves ~3e-6; an unscaled update is 3e-3 off.
+        assert (master - expected.detach()).abs().max() < 2e-5
+        assert torch.equal(weight.detach(), master.to(torch.bfloat16))
+
+
 def test_a_loaded_state_keeps_its_fp32_master_and_continues_as_if_never_stopped():
     torch.manual_seed(1)
     start = torch.randn(64, 32).to(torch.bfloat16)

@@ -90,21 +90,25 @@ def test_compiled_update_is_torch_adamw():
 @pytest.mark.gpu  # the recorded step needs a CUDA GPU
 def test_recorded_optimizer_step_updates_as_the_launched_one():
     """On the GPU the step is recorded once the same tensors come back (gradients kept, as with CUDA
-    graphs) and replayed: bit for bit the update of launching its kernels one by one."""
+    graphs) and replayed: bit for bit the update of launching its kernels one by one, with the
+    trainer's clipping factor and zeroing of the gradients inside it."""
     torch.manual_seed(0)
     start = [torch.randn(shape, device="cuda").to(torch.bfloat16) for shape in [(64, 32), (300,), (7, 5, 3)]]
-    gradients = [[torch.randn_like(w, dtype=torch.float32) for w in start] for _ in range(6)]
+    # Norms from ~0.5 to ~50: some steps clipped to 1, some not.
+    gradients = [[torch.randn_like(w, dtype=torch.float32) * size for w in start] for size in (1, 0.01, 1, 0.02, 1, 1)]
 
     def train(record_graph):
         weights = [torch.nn.Parameter(w.clone()) for w in start]
         for weight in weights:
             weight.grad = torch.zeros_like(weight)
         optimizer = Bf16WeightsAdamW([dict(params=weights[:2]), dict(params=weights[2:], weight_decay=0.0)],
-                                            lr=1e-3, compile=True, record_graph=record_graph)
+                                     lr=1e-3, compile=True, record_graph=record_graph, zero_grads=True)
         for step_gradients in gradients:
             for weight, gradient in zip(weights, step_gradients):
                 weight.grad.copy_(gradient)  # the same .grad tensors every step
+            optimizer.clip_grad_norm_(1.0)
             optimizer.step()
+            assert all(not weight.grad.any() for weight in weights)
         return weights, optimizer
 
     recorded, optimizer = train(record_graph=True)
