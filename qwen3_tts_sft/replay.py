@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
 from qwen3_tts_sft.languages import model_languages
-from qwen3_tts_sft.sequence_layout import AUTO_LANGUAGE, prefix_language
+from qwen3_tts_sft.sequence_layout import prefix_language
 from qwen3_tts_sft.training_data import Clip
 
 REPLAY_DIR = "replay"   # under --output_model_path

@@ -6,9 +6,7 @@ loads), the accelerator, the checkpoint to resume, the base model, the data and 
 module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
 """
 
-import functools
 import gc
-import json
 import os
 import platform
 import shutil
@@ -38,12 +36,6 @@ from qwen3_tts_sft.training_run import LOSS_CURVE, TrainingRun, hear_it
 # 21.8 without it in an earlier version's run (an H200; bench_notes.md, eleventh session). A
 # PYTORCH_CUDA_ALLOC_CONF of the user's own wins.
 CUDA_ALLOCATOR_SETTINGS = "expandable_segments:True"
-# --low_memory: the code predictor's compiled layers save half the activations they would save for
-# the backward and recompute the rest there (cheap: attention over a frame's 16 positions, copies,
-# SiLU). Every frame is 16 of its positions, so its 5 layers hold about as much as the talker's 28
-# (~2.8 and ~2.5 GB on the 2-15 s mix's longest batch); measured on the CPU at 1.7B's sizes, a
-# layer saves 24 instead of 47 MB per 1,024 positions.
-LOW_MEMORY_CODE_PREDICTOR_ACTIVATIONS = 0.5
 
 # Flags that decide which clips go into which step, or what the saved state holds: a resume with
 # other values would not continue the same run.
@@ -491,8 +483,7 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
         # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
         model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     if settings.torch_compile == "layers":
-        share = LOW_MEMORY_CODE_PREDICTOR_ACTIVATIONS if args.low_memory else 1.0
-        compile_layers(model, code_predictor_activations=share)
+        compile_layers(model)
     sample_rate = model.config.speaker_encoder_config.sample_rate
     # The table lists the new speakers, then the kept ones, whose vectors are their rows as loaded.
     new_speakers = [speaker for speaker in speaker_table if not speaker.kept]
@@ -516,12 +507,11 @@ def make_training_model(model, speaker_table, args, settings: Settings, accelera
     return module
 
 
-def compile_layers(model, backend: str = "inductor", code_predictor_activations: float = 1.0) -> None:
+def compile_layers(model, backend: str = "inductor") -> None:
     """torch.compile every decoder layer of the talker and code predictor (regional compilation).
 
     Layers of one kind share one compiled graph, and lengths are dynamic, so batches of any length
-    reuse it; the rest of the forward stays eager. Below 1, `code_predictor_activations` is the
-    share of its activations the code predictor's layers save for the backward.
+    reuse it; the rest of the forward stays eager.
     """
     # No duck shaping: it gives equal-sized dimensions one symbol, so a batch whose frame count
     # happens to equal the hidden size (1024 frames, say) would fix that count and recompile later.
@@ -529,32 +519,8 @@ def compile_layers(model, backend: str = "inductor", code_predictor_activations:
 
     symbolic_shapes.use_duck_shape = False
     options = inductor_options() if backend == "inductor" else None
-    # Lengths vary from batch to batch: dynamic shapes.
-    for layer in model.talker.model.layers:
-        layer.compile(dynamic=True, backend=backend, options=options)
-    if code_predictor_activations < 1.0:
-        backend, options = saving_activations(backend, options, code_predictor_activations), None
-    for layer in model.talker.code_predictor.model.layers:
-        layer.compile(dynamic=True, backend=backend, options=options)
-
-
-def saving_activations(backend: str, options: dict, budget: float):
-    """`backend` (inductor with `options`) whose split of each graph into forward and backward saves
-    at most `budget` of the activations it would save, recomputing the cheapest of the rest in the
-    backward (torch's activation memory budget: a choice made inside the compiled graph, so CUDA
-    graphs record it as any other kernel)."""
-    if backend == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        compile_graph = functools.partial(compile_fx, config_patches=options)
-    else:
-        compile_graph = torch._dynamo.lookup_backend(backend)
-
-    def compile_with_budget(graph, example_inputs):
-        with torch._functorch.config.patch(activation_memory_budget=budget):
-            return compile_graph(graph, example_inputs)
-
-    return compile_with_budget
+    for layer in list(model.talker.model.layers) + list(model.talker.code_predictor.model.layers):
+        layer.compile(dynamic=True, backend=backend, options=options)  # lengths vary from batch to batch
 
 
 def inductor_options() -> dict:
