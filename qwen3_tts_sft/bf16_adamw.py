@@ -186,7 +186,10 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
     def apply(self, updates: list):
         for group_index, index, weight in updates:
             numbers = self.numbers_on_device[group_index][index]
-            weight, grad, exp_avg, exp_avg_sq, *master = (tensor.view(-1) for tensor in self.tensors_of(weight))
+            # Flat, and detached: a tensor of its own over the same memory rather than a view, since the
+            # compiled update would guard on a view's base, whose number of dimensions differs between
+            # matrices and vectors, and compile a second time.
+            weight, grad, exp_avg, exp_avg_sq, *master = (tensor.view(-1).detach() for tensor in self.tensors_of(weight))
             self.update(weight, grad, exp_avg, exp_avg_sq, numbers, self.scale_of(weight.device), *master,
                         zero_grad=self.zero_grads)
 

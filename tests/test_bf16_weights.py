@@ -76,6 +76,25 @@ def test_clipping_and_zeroing_inside_the_update_are_torch_clipping_then_the_upda
         assert torch.equal(weight.detach(), master.to(torch.bfloat16))
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compiled_update_compiles_once_for_weights_of_every_shape():
+    """One compiled update serves every trained tensor, matrices and the norms' vectors alike: each
+    further graph would add seconds of compiling to a GPU run's first step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    weights = [torch.nn.Parameter(torch.randn(shape).to(torch.bfloat16)) for shape in [(64, 32), (96,), (3, 4, 5), (40,)]]
+    optimizer = Bf16WeightsAdamW([dict(params=weights[:2]), dict(params=weights[2:], weight_decay=0.0)],
+                                 fp32_master=True, zero_grads=True, compile=True)
+    for _ in range(2):
+        for weight in weights:
+            weight.grad = torch.randn(weight.shape).to(torch.bfloat16)
+        optimizer.step()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(not weight.grad.any() for weight in weights)  # the update wrote through to the tensors
+
+
 def test_a_loaded_state_keeps_its_fp32_master_and_continues_as_if_never_stopped():
     torch.manual_seed(1)
     start = torch.randn(64, 32).to(torch.bfloat16)
