@@ -266,6 +266,12 @@ def main(argv=None):
         if number == 0:
             synchronize()
             first_step_seconds = time.perf_counter() - loop_start
+            compiled = compile_time()
+            # Said at once, so that the log of a run stopped by a timeout tells where it was.
+            print(f"first step after {first_step_seconds:.1f} s ({compiled['compile_seconds']:.1f} s compiling, "
+                  f"{compiled['compiled_graphs']} graphs)", flush=True)
+        elif number % 100 == 0:
+            print(f"step {number}: {time.perf_counter() - loop_start:.1f} s", flush=True)
     synchronize()
     loop_end = time.perf_counter()
     nan = float("nan")
