@@ -139,9 +139,9 @@ class Bf16WeightsAdamW(torch.optim.Optimizer):
             if stepped:
                 self.write_numbers(group_index, group, stepped)
                 updates += [(group_index, index, weight) for index, weight in stepped]
-        tensors = tuple(tensor for _, _, weight in updates for tensor in self.tensors_of(weight))
         if not updates:
             return loss
+        tensors = tuple(tensor for _, _, weight in updates for tensor in self.tensors_of(weight))
         if self.graph is not None and same_tensors(tensors, self.graph_tensors):
             self.graph.replay()
             self.grad_scale.fill_(1.0)

@@ -156,4 +156,3 @@ def test_a_layer_compiles_once_for_few_and_many_frames(tiny_model):
     hidden_size = model.talker.code_predictor.config.hidden_size
     above = 5 * 2**20 // (16 * hidden_size) + 64  # frames x 16 positions x hidden above 5 Mi elements
     assert code_predictor_graphs_over_frame_counts(model, [64, above, 128]) == 1
-
