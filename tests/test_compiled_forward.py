@@ -126,6 +126,41 @@ def test_gradient_checkpointing_inside_compiled_layers_gives_the_eager_gradient(
     assert all(torch.allclose(eager[name], checkpointed[name], rtol=1e-4, atol=1e-6) for name in eager)
 
 
+def test_low_memory_recomputes_the_code_predictor_layers_with_the_same_graphs_and_gradient(model_and_batches):
+    """--low_memory recomputes the compiled code-predictor layers in the backward: the talker's
+    layers run once, the code predictor's twice, no layer compiles a second graph for it (each
+    compile costs seconds before the first step), and the gradient is the eager one."""
+    from types import SimpleNamespace
+
+    from qwen3_tts_sft.training_setup import recompute_layers
+
+    model, vectors, batches = model_and_batches
+    module = TalkerTrainingModel(model, speaker_vectors=vectors).train()
+    _, _, eager = losses_and_gradients(module, batches[1])
+
+    torch._dynamo.reset()
+    counters.clear()
+    recompute_layers(model, SimpleNamespace(gradient_checkpointing=False, low_memory=True, lora_rank=0, lora_dropout=0))
+    compile_layers(model, backend="aot_eager")
+    talker_calls, predictor_calls = [], []
+    hooks = [model.talker.model.layers[0].register_forward_pre_hook(lambda *_: talker_calls.append(1)),
+             model.talker.code_predictor.model.layers[0].register_forward_pre_hook(lambda *_: predictor_calls.append(1))]
+    try:
+        losses_and_gradients(module, batches[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _, _, recomputed = losses_and_gradients(module, batches[1])
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.talker.code_predictor.gradient_checkpointing_disable()
+        leave_eager(model)
+    assert (len(talker_calls), len(predictor_calls)) == (2, 4)  # two batches: once, and forward + recomputation
+    assert graphs == 2
+    assert eager.keys() == recomputed.keys()
+    assert all(torch.allclose(eager[name], recomputed[name], rtol=1e-4, atol=1e-6) for name in eager)
+
+
 def code_predictor_graphs_over_frame_counts(model, frame_counts) -> int:
     """Graphs dynamo compiled for the code predictor's layers (inductor, on the GPU) over a forward
     and backward at each frame count."""

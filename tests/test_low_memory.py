@@ -168,6 +168,19 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model, coded_clips,
     assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7) for name in plain)
 
 
+def test_low_memory_recomputes_the_code_predictor_layers_unless_they_have_dropout(tiny_model, coded_clips, tmp_path):
+    """What each run recomputes in its backward (the gradient is unchanged: test_compiled_forward)."""
+    def recomputing(**flags):
+        talker = build_run(tiny_model, coded_clips, tmp_path / "-".join(flags), **flags).train_module.talker
+        return talker.model.layers[0].gradient_checkpointing, talker.code_predictor.model.layers[0].gradient_checkpointing
+
+    assert recomputing() == (False, False)
+    assert recomputing(low_memory=True) == (False, True)
+    assert recomputing(gradient_checkpointing=True) == (True, True)
+    # Dropout would need its random state replayed in the recomputation: the activations are kept.
+    assert recomputing(low_memory=True, lora_rank=4, lora_dropout=0.1) == (False, False)
+
+
 def test_low_memory_resume_is_bit_identical(tiny_model, coded_clips, tmp_path):
     """The bf16 moments and the rounding's random stream are saved and restored with the checkpoint."""
     flags = dict(low_memory=True, batch_size=2, num_epochs=2, save_steps=1, save_total_limit=0, lr=1e-3,
