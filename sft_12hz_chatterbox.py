@@ -102,8 +102,9 @@ def parse_args(argv=None):
     optim.add_argument("--seed", type=int, default=42, help="data order and any randomness")
     optim.add_argument("--low_memory", action="store_true",
                        help="bf16 weights and AdamW moments, updates rounded stochastically so small steps are "
-                            "not lost (bf16_adamw.py): about half the memory of the default fp32 weights and "
-                            "moments; 1.7B fits a 24 GB GPU")
+                            "not lost (bf16_adamw.py), and the code predictor's layers recomputed in the backward "
+                            "instead of keeping their activations: about half the memory of the default; 1.7B "
+                            "fits a 24 GB GPU")
     optim.add_argument("--bf16_weights", default="auto", choices=["auto", "yes", "no"],
                        help="the forward and backward use bf16 weights and gradients while AdamW keeps fp32 master "
                             "weights and fp32 moments (bf16_adamw.py): as many bytes as fp32 weights, but no casts "

@@ -510,10 +510,10 @@ def recompute_layers(model, args) -> None:
 
     --gradient_checkpointing: every layer. --low_memory: the code predictor's five layers. Each
     frame is 16 code-predictor positions, so on long clips those five layers keep about as much as
-    the talker's 28 (2.8 of 5.6 GB on the 2-15 s mix's longest 1.7B micro-batch); recomputing them,
-    one layer at a time, adds about a tenth to a step's arithmetic. Their recomputation needs no
-    random state, which also keeps it out of the way of CUDA graph recording, so a code predictor
-    with dropout (--lora_dropout) keeps its activations instead.
+    the talker's 28. Recomputing them one layer at a time took 1.7B's peak on the 2-15 s mix from
+    19.6 to 17.3 GB in use, for 7% of the speed (an H100; bench_notes.md, thirteenth session). The
+    recomputation replays no random state, which keeps it recordable in a CUDA graph; a code
+    predictor with dropout (--lora_dropout) keeps its activations instead.
     """
     # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
     if args.gradient_checkpointing:
