@@ -191,3 +191,27 @@ def test_a_layer_compiles_once_for_few_and_many_frames(tiny_model):
     hidden_size = model.talker.code_predictor.config.hidden_size
     above = 5 * 2**20 // (16 * hidden_size) + 64  # frames x 16 positions x hidden above 5 Mi elements
     assert code_predictor_graphs_over_frame_counts(model, [64, above, 128]) == 1
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_layers_low_memory_recomputes_compile_once(tmp_path):
+    """On a GPU autograd runs the backward, and so the recomputation of the code predictor's layers
+    under --low_memory, on a thread of its own. The trainer gives that thread the main thread's CPU
+    thread count, which compiled code checks, so no layer compiles a second time there. In a process
+    of its own, with torch's default thread counts: autograd's thread starts at its first backward."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # pytest's workers set them
+    result = subprocess.run([sys.executable, "bench/bench.py", "--size", "tiny", "--warmup", "1", "--steps", "1",
+                             "--clips", "16", "--work_dir", str(tmp_path), "--json", str(tmp_path / "result.json"),
+                             "--trainer_flags=--low_memory"],
+                            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The talker's layer, the code predictor's layer and the update, each compiled once.
+    assert json.loads((tmp_path / "result.json").read_text())["compiled_graphs"] == 3
