@@ -22,7 +22,6 @@ import json
 import math
 from pathlib import Path
 
-
 from qwen3_tts_sft import checkpoint, replay
 from qwen3_tts_sft.speakers import Speaker, assign_speakers, existing_speaker_ids, reference_problem
 
