@@ -51,7 +51,7 @@ from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
 from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
 from qwen3_tts_sft.dataset_layouts import (FLAGS, JSONL_ROW_FIELDS, REJECT_REASONS, AudioChecks, Limits, Processing,
-                                           Reject, RowChecker, detect_layout, input_order, read_input)
+                                           InputRow, Reject, RowChecker, detect_layout, input_order, read_input)
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "tokenizer and encode nothing (default: off)")
 
     filters = parser.add_argument_group("filters (a rejected row goes to OUTPUT.rejects.jsonl with its reason)")
-    filters.add_argument("--min_seconds", type=float, default=0.5,
+    filters.add_argument("--min_seconds", type=float, default=audio.MIN_CLIP_SECONDS,
                          help="shorter clips are mostly breaths, clicks or single syllables, and their "
                               "transcripts are the least reliable (default: %(default)s)")
     filters.add_argument("--max_seconds", type=float, default=30.0,
@@ -255,7 +255,8 @@ def run_settings(args, inputs: list) -> dict:
                 max_segment_seconds=args.max_segment_seconds, min_pause_seconds=args.min_pause_seconds,
                 asr_model=absolute(args.asr_model), asr_check=args.asr_check, max_cer=args.max_cer,
                 references_per_speaker=args.references_per_speaker,
-                shard_index=args.shard_index, num_shards=args.num_shards, input_fingerprint=input_fingerprint(inputs))
+                shard_index=args.shard_index, num_shards=args.num_shards,
+                input_fingerprint=input_fingerprint(inputs, absolute(args.ref_audio)))
 
 
 def settings_differences(earlier: dict, now: dict) -> list:
@@ -265,19 +266,52 @@ def settings_differences(earlier: dict, now: dict) -> list:
             if key != "input_fingerprint" and earlier.get(key) != now.get(key)]
 
 
-def input_fingerprint(inputs: list) -> str:
-    """sha256 of the inputs as they are now: a file's bytes; a folder's file names, sizes and times."""
+def input_fingerprint(inputs: list, ref_audio: str = None) -> str:
+    """sha256 of the inputs as they are now: a file's bytes; a folder's file names, sizes and times;
+    and the size and time of every recording a JSONL or metadata.csv names (and of --ref_audio), so
+    that a recording fixed or replaced since is encoded again."""
     digest = hashlib.sha256()
-    for _, path in inputs:
+
+    def add_file_state(file: Path, name: str):
+        stat = file.stat() if file.is_file() else None
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode() if stat else f"{name}\0-\n".encode())
+
+    for layout, path in inputs:
         if path.is_dir():
             for file in sorted(item for item in path.rglob("*") if item.is_file()):
-                stat = file.stat()
-                digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        else:
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+                add_file_state(file, str(file.relative_to(path)))
+            continue
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        for item in read_input(layout, path):
+            for name in ("audio", "ref_audio") if isinstance(item, InputRow) else ():
+                if isinstance(item.row.get(name), str):
+                    add_file_state(Path(item.row[name]), item.row[name])
+    if ref_audio:
+        add_file_state(Path(ref_audio), ref_audio)
     return digest.hexdigest()
+
+
+def check_inputs(inputs: list, output: Path):
+    """Refuse, before any work, inputs whose rows would be read twice, and an output whose own files
+    a folder input would read back as recordings next time."""
+    for index, (_, path) in enumerate(inputs):
+        for _, earlier in inputs[:index]:
+            if os.path.samefile(path, earlier):
+                raise SystemExit(f"error: --input {path} is given twice (also as {earlier}): its rows would be "
+                                 f"read twice")
+    for layout, folder in inputs:
+        if layout != "folder":  # a folder input reads every audio file below it
+            continue
+        for inner_layout, inner in inputs:
+            if inner_layout != "jsonl" and folder in inner.parents:
+                raise SystemExit(f"error: --input {inner} lies inside the --input folder {folder}: its recordings "
+                                 f"would be read twice. Give one of the two.")
+        if folder in output.parents:
+            raise SystemExit(f"error: --output_jsonl {output} lies inside the --input folder {folder}: the next run "
+                             f"would read the files written beside it (the chosen references) as recordings. Choose "
+                             f"an --output_jsonl outside {folder}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +335,7 @@ def main(argv=None):
     if output in [path for _, path in inputs]:
         raise SystemExit(f"error: --output_jsonl {args.output_jsonl} is also an --input: it would be overwritten. "
                          f"Choose another --output_jsonl.")
+    check_inputs(inputs, output)
     settings = run_settings(args, inputs)
     own_output = shard_output(output, args.shard_index, args.num_shards)
     own_output.parent.mkdir(parents=True, exist_ok=True)
@@ -341,7 +376,8 @@ def already_complete(output: Path, settings: dict):
     if summary["settings"].get("input_fingerprint") != settings["input_fingerprint"]:
         print(f"the input has changed since {output} was written: encoding it again")
         return None
-    print(f"{output} is already complete and the input is unchanged; nothing to do (delete it to encode again)")
+    print(f"{output} is already complete and the input (its rows and the recordings they name) is unchanged; "
+          f"nothing to do (delete it to encode again)")
     return summary
 
 
@@ -532,7 +568,7 @@ def transcribe(pieces: list, transcriber, sample_rate: int, check: bool, max_cer
 
 def new_throughput() -> dict:
     """Speed of this run's encoding: audio seconds per wall second is what the summary reports."""
-    return dict(encoded_clips=0, encoded_audio_seconds=0.0, wall_seconds=0.0, tokenizer_seconds=0.0)
+    return dict(encoded_clips=0, encoded_audio_seconds=0.0, wall_seconds=0.0, tokenizer_seconds=0.0, shards=1)
 
 
 def take_entry(take: list, codes: dict) -> dict:
@@ -834,9 +870,11 @@ def print_summary(report: dict):
     where = f": {reasons} (see {report['output']}.rejects.jsonl)" if reasons else ""
     print(f"  rejected {report['rejected']} rows{where}")
     if speed["encoded_clips"]:
+        shards = speed.get("shards", 1)
+        busy = speed["tokenizer_seconds"] / max(speed["wall_seconds"] * shards, 1e-9)  # the shards ran side by side
         print(f"  encoded {speed['encoded_audio_seconds'] / 3600:.3f} h of audio in {speed['wall_seconds']:.1f} s: "
-              f"{speed['audio_seconds_per_wall_second']:.0f} audio seconds per wall second, the tokenizer busy "
-              f"{speed['tokenizer_seconds'] / max(speed['wall_seconds'], 1e-9):.0%} of the time")
+              f"{speed['audio_seconds_per_wall_second']:.0f} audio seconds per wall second, the tokenizer"
+              f"{'s (one a shard)' if shards > 1 else ''} busy {busy:.0%} of the time")
 
 
 def wait_for_shards(output: Path, count: int):
@@ -870,6 +908,7 @@ def merge_shards(output: Path, count: int) -> dict:
     throughput = {key: sum(speed[key] for speed in speeds) for key in ("encoded_clips", "encoded_audio_seconds",
                                                                         "tokenizer_seconds")}
     throughput["wall_seconds"] = max(speed["wall_seconds"] for speed in speeds)  # the shards ran side by side
+    throughput["shards"] = count
     summary = publish(output, clips, rejects, settings, throughput)
     if not summary["clips"]:
         raise SystemExit(f"error: no usable clips in any shard (reasons in {beside(output, '.rejects.jsonl')})")

@@ -50,6 +50,10 @@ LOUDNESS_FRAMES_PER_SECOND = 100  # loudness is measured in 10 ms frames
 # encoder padding are a few frames off; a cut file is off by much more).
 TRUNCATION_TOLERANCE = dict(fraction=0.01, seconds=0.05)
 
+# Clips shorter than this are mostly breaths, clicks or single syllables, with the least reliable
+# transcripts (prepare_codes.py --min_seconds); nor do they make a reference clip (the trainer).
+MIN_CLIP_SECONDS = 0.5
+
 # RMS level below which a clip holds no voice: speech recorded at any usable gain sits well above it,
 # a take of room noise below (prepare_codes.py --silence_dbfs).
 SILENCE_DBFS = -50.0
@@ -219,59 +223,98 @@ def decode(path, sample_rate: int) -> DecodedAudio:
 
 def truncation(path, decoded_frames: int, file_rate: int):
     """Why a file counts as cut short, or None. libsndfile reads what is there and says nothing:
-    a WAV's frame count comes from the file's length, not its data chunk, and a cut Ogg simply ends;
-    so the WAV data chunk size and the Ogg end-of-stream flag are read here."""
-    declared = declared_wav_frames(path)
-    if declared is None:
-        declared = sf.info(str(path)).frames  # FLAC and MP3 headers give the full count
-    missing = declared - decoded_frames
-    if missing > max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * file_rate):
-        return (f"truncated: the header says {declared / file_rate:.2f} s, only {decoded_frames / file_rate:.2f} s "
-                f"can be decoded")
-    if Path(path).suffix.lower() in (".ogg", ".opus") and not ogg_stream_ends(path):
+    it takes a WAV's length from the file's size, not from its data chunk, and a cut Ogg simply
+    ends; so the data size a WAV-family header declares, and the Ogg pages, are read here."""
+    data = wav_data(path)
+    if data is not None and data.declared_bytes is not None:
+        # Bytes, not frames: right for compressed WAVs (ADPCM) too, whose frames are packed in blocks.
+        declared, present, rate = data.declared_bytes, data.present_bytes, data.bytes_per_second or 1
+        tolerance = max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * rate)
+        if declared - present > tolerance:
+            return (f"truncated: the header says {declared / rate:.2f} s, the file holds only "
+                    f"{present / rate:.2f} s")
+    elif data is None:  # FLAC and MP3 headers give the full frame count
+        declared = sf.info(str(path)).frames
+        if declared - decoded_frames > max(TRUNCATION_TOLERANCE["fraction"] * declared,
+                                           TRUNCATION_TOLERANCE["seconds"] * file_rate):
+            return (f"truncated: the header says {declared / file_rate:.2f} s, only {decoded_frames / file_rate:.2f} s "
+                    f"can be decoded")
+    return ogg_truncation(path)
+
+
+@dataclass
+class WavData:
+    """The data chunk of a WAV-family file, as its header declares it and as the file holds it."""
+    declared_bytes: int     # None: unknown (a recorder streaming the audio left the size open)
+    present_bytes: int      # the bytes from the chunk's start to the end of the file
+    bytes_per_second: int   # the format chunk's average byte rate (0 if there was none before the data)
+
+
+def wav_data(path):
+    """WavData of a RIFF WAV, an RF64 or BW64 (WAVs over 4 GB: 64-bit sizes in a ds64 chunk) or a
+    Sony Wave64 file; None for other files (or an unusual WAV)."""
+    with open(path, "rb") as handle:
+        head = handle.read(40)
+        file_size = handle.seek(0, 2)
+        if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+            return riff_data(handle, file_size, 12, id_size=4, size_bytes=4, align=2)
+        if head[:4] == b"riff" and head[24:28] == b"wave":  # Wave64: 16-byte ids, 64-bit sizes counting the header
+            return riff_data(handle, file_size, 40, id_size=16, size_bytes=8, align=8)
+    return None
+
+
+def riff_data(handle, file_size: int, offset: int, id_size: int, size_bytes: int, align: int):
+    """Walk the chunks from `offset` to the data chunk. Chunk ids are told apart by their first 4 bytes."""
+    header_size = id_size + size_bytes
+    size_of_data, bytes_per_second = None, 0  # an RF64's ds64 chunk holds the real data size
+    handle.seek(offset)
+    while len(header := handle.read(header_size)) == header_size:
+        chunk, size = header[:4], int.from_bytes(header[id_size:], "little")
+        body = size - header_size if id_size == 16 else size  # Wave64 sizes count the chunk's header
+        if chunk == b"ds64":
+            size_of_data = int.from_bytes(handle.read(16)[8:16], "little")
+            handle.seek(body - 16, 1)
+        elif chunk == b"fmt ":
+            bytes_per_second = struct.unpack("<I", handle.read(12)[8:12])[0]
+            handle.seek(body - 12, 1)
+        elif chunk == b"data":
+            present = file_size - handle.tell()
+            if size_bytes == 4 and size == 0xFFFFFFFF:  # RF64's placeholder, or a stream of unknown length
+                body = size_of_data
+            return WavData(body, present, bytes_per_second)
+        else:
+            handle.seek(body, 1)
+        handle.seek(-handle.tell() % align, 1)
+    return None
+
+
+def ogg_truncation(path):
+    """Why an Ogg file (Vorbis, Opus, FLAC in Ogg) is cut short, or None: its last page must be
+    whole and carry the end-of-stream mark."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"OggS":
+            return None
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - 65536))  # a page is at most 65,307 bytes
+        tail = handle.read()
+    page = tail.rfind(b"OggS\0")  # the capture pattern and stream structure version 0
+    header = tail[page:page + 27]
+    table = tail[page + 27:page + 27 + header[26]] if len(header) == 27 else b""
+    if page < 0 or len(header) < 27 or len(table) < header[26] or page + 27 + len(table) + sum(table) > len(tail):
+        return "truncated: the file ends inside an Ogg page (cut short when copied or downloaded)"
+    if not header[5] & 0x04:
         return "truncated: the Ogg stream stops before its last page (no end-of-stream mark)"
     return None
 
 
-def declared_wav_frames(path):
-    """Frames a RIFF WAV's data chunk says it holds, or None for other files (or an unusual WAV)."""
-    data = wav_data_chunk(path)
-    if data is None:
-        return None
-    size, block_align, _ = data
-    # 0xFFFFFFFF: streamed or RF64, size unknown here
-    return size // block_align if block_align and size != 0xFFFFFFFF else None
-
-
-def wav_data_chunk(path):
-    """(the data chunk's declared size, the block align, the bytes that follow its header) of a RIFF
-    WAV, or None for other files (or an unusual WAV)."""
-    with open(path, "rb") as handle:
-        if handle.read(12)[8:12] != b"WAVE":
-            return None
-        file_size = handle.seek(0, 2)
-        handle.seek(12)
-        block_align = None
-        while len(header := handle.read(8)) == 8:
-            chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
-            if chunk == b"fmt ":
-                block_align = struct.unpack("<H", handle.read(16)[12:14])[0]
-                handle.seek(size - 16 + (size & 1), 1)
-            elif chunk == b"data":
-                return size, block_align, file_size - handle.tell()
-            else:
-                handle.seek(size + (size & 1), 1)
-    return None
-
-
-def ogg_stream_ends(path) -> bool:
-    """Whether the last Ogg page in the file carries the end-of-stream flag."""
-    with open(path, "rb") as handle:
-        size = handle.seek(0, 2)
-        handle.seek(max(0, size - 65536))
-        tail = handle.read()
-    page = tail.rfind(b"OggS")
-    return page >= 0 and len(tail) > page + 5 and bool(tail[page + 5] & 0x04)
+def unreadable(path, error: Exception) -> str:
+    """What to say of a file that fails to decode; where its header was read, that it cannot be read
+    whole (libsndfile gives up on a cut FLAC: "lost sync")."""
+    try:
+        seconds = duration_seconds(path)
+    except Exception:  # soundfile raises several types for unreadable files
+        return f"unreadable ({error})"
+    return f"cannot be decoded whole ({error}); its header says {seconds:.2f} s: the file is cut short or damaged"
 
 
 def duration_seconds(path) -> float:
@@ -283,6 +326,8 @@ def duration_seconds(path) -> float:
 def probe(path) -> tuple:
     """(seconds, None) for a file whose header shows audio, else (None, (reason, problem))."""
     path = Path(path)
+    if path.is_dir():
+        return None, ("missing_audio", "is a folder, not an audio file")
     if not path.is_file():
         return None, ("missing_audio", "file not found")
     if path.stat().st_size == 0:
@@ -293,11 +338,12 @@ def probe(path) -> tuple:
         return None, ("unreadable_audio", f"unreadable ({error})")
     if seconds > 0:
         return seconds, None
-    data = wav_data_chunk(path)
-    if data is not None and data[0] == 0 and data[2] > 0:  # a recorder that streams the audio fills the size in last
-        return None, ("unreadable_audio", f"its header says it holds no samples, but {data[2]} bytes of audio follow: "
-                                          f"its recorder never finished writing it. Re-save it with the length fixed "
-                                          f"(sox --ignore-length IN.wav OUT.wav)")
+    data = wav_data(path)
+    # A recorder that streams the audio fills the size in last.
+    if data is not None and data.declared_bytes == 0 and data.present_bytes > 0:
+        return None, ("unreadable_audio", f"its header says it holds no samples, but {data.present_bytes} bytes of "
+                                          f"audio follow: its recorder never finished writing it. Re-save it with the "
+                                          f"length fixed (sox --ignore-length IN.wav OUT.wav)")
     return None, ("empty_audio", "holds no samples")
 
 
@@ -310,7 +356,7 @@ def reference_problem(path, sample_rate: int, length_problem=lambda seconds: Non
     try:
         decoded = decode(path, sample_rate)
     except Exception as error:  # soundfile raises several types for unreadable files
-        return f"unreadable ({error})"
+        return unreadable(path, error)
     if decoded.truncated:
         return decoded.truncated
     if not decoded.finite:

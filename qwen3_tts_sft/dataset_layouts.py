@@ -215,20 +215,28 @@ def folder_rows(folder: Path):
         # take.txt, take.TXT, take.lab, and take.wav.txt as some tools write it.
         names = [Path(audio_file).with_suffix(case(ext)) for ext in TRANSCRIPT_EXTENSIONS for case in (str, str.upper)]
         names += [Path(audio_file + ext) for ext in TRANSCRIPT_EXTENSIONS]
-        transcript = next((path for path in names if path.is_file()), None)
-        if transcript is None:
+        transcripts = list(dict.fromkeys(path for path in names if path.is_file()))
+        if not transcripts:
             stem = Path(audio_file).stem
             yield InputRow(audio_file, dict(audio=audio_file), None,
                            missing_text=f"no {stem}.txt or {stem}.lab beside the audio")
             continue
-        raw = transcript.read_bytes()
-        try:
-            text = " ".join(raw.decode("utf-8-sig").split())
-        except UnicodeDecodeError as error:
-            yield Reject(audio_file, "bad_row", "text", f"{transcript} is not UTF-8 text (byte 0x{raw[error.start]:02x} "
-                                                        f"at offset {error.start})")
-            continue
-        yield InputRow(audio_file, dict(audio=audio_file, text=text), text)
+        texts = {}
+        for transcript in transcripts:
+            raw = transcript.read_bytes()
+            try:
+                texts.setdefault(" ".join(raw.decode("utf-8-sig").split()), transcript)
+            except UnicodeDecodeError as error:
+                yield Reject(audio_file, "bad_row", "text", f"{transcript} is not UTF-8 text (byte "
+                                                            f"0x{raw[error.start]:02x} at offset {error.start})")
+                break
+        else:
+            if len(texts) > 1:  # which one is right is not ours to guess
+                yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {' and '.join(map(str, texts.values()))}"
+                                                            f"; keep the right one")
+                continue
+            [text] = texts
+            yield InputRow(audio_file, dict(audio=audio_file, text=text), text)
 
 
 @dataclass
@@ -299,7 +307,9 @@ class RowChecker:
             row[field_name] = value
 
         audio_file = row.get("audio")
-        if not isinstance(audio_file, str) or not audio_file.strip():
+        if audio_file is not None and not isinstance(audio_file, str):
+            return reject("bad_row", "audio", f"is not a string (a path to the recording): {audio_file!r}")
+        if audio_file is None or not audio_file.strip():
             return reject("missing_audio", "audio", "missing")
         seconds, problem = self.probe(audio_file)
         problem = problem or self.limits.problem(seconds)
@@ -436,7 +446,7 @@ class AudioChecks:
             samples = audio.to_mono(native, file_rate, sample_rate)
             truncated = audio.truncation(path, len(native), file_rate)
         except Exception as error:  # a header can be fine and the data behind it corrupt
-            return rejected("unreadable_audio", f"unreadable ({error})")
+            return rejected("unreadable_audio", audio.unreadable(path, error))
         if truncated:
             return rejected("truncated_audio", truncated)
         if not np.isfinite(samples).all():
@@ -447,7 +457,10 @@ class AudioChecks:
             samples = audio.remove_dc_offset(samples, sample_rate)
         level = audio.rms_dbfs(samples)
         if level < self.silence_dbfs:
-            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+            cancelled = native.shape[1] > 1 and audio.rms_dbfs(native[:, 0]) >= self.silence_dbfs
+            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}" + (
+                "; its channels are not silent alone, they cancel when mixed to mono (one is the other inverted): "
+                "re-save it with one channel" if cancelled else ""))
         ref_audio = clip.row.get("ref_audio")
         if ref_audio:
             if ref_audio not in self.references:  # one reference clip usually serves many rows
@@ -523,12 +536,17 @@ class AudioChecks:
     def finish(self, piece: Decoded, sample_rate: int, frame_samples: int):
         """Length limits, clipping, loudness, the measurements; then the padding to whole frames."""
         seconds = len(piece.samples) / sample_rate
+        where = piece.clip.row["audio"]
+        if piece.source != piece.clip.source:
+            where += f" from {piece.quality['start']:.2f} s"
         problem = self.limits.problem(seconds)
         if problem:
-            where = piece.clip.row["audio"]
-            if piece.source != piece.clip.source:
-                where += f" from {piece.quality['start']:.2f} s"
             piece.rejected(problem[0], "audio", f"{where}: {problem[1]}")
+            return
+        # The take as a whole passed this check; one of its pieces (a segment over a pause) may not.
+        level = audio.rms_dbfs(piece.samples)
+        if level < self.silence_dbfs:
+            piece.rejected("silent", "audio", f"{where}: level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
             return
         clipped = piece.clipped_fraction > self.clipped_fraction
         if clipped and self.reject_clipped:

@@ -90,10 +90,10 @@ def assign_speakers(clips: list, talker_config, overwrite_existing: bool = False
             continue
         if clip.ref_audio not in problems:
             problems[clip.ref_audio] = reference_problem(clip.ref_audio) if reference_problem else None
-            if problems[clip.ref_audio]:
-                speaker.unusable_references.append((clip.source, clip.ref_audio, problems[clip.ref_audio]))
         if not problems[clip.ref_audio]:
             speaker.reference_audio.append(clip.ref_audio)
+        elif clip.ref_audio not in [path for _, path, _ in speaker.unusable_references]:  # said for every speaker
+            speaker.unusable_references.append((clip.source, clip.ref_audio, problems[clip.ref_audio]))
     for speaker in speakers.values():
         if not speaker.reference_audio:
             raise ValueError(f"speaker {speaker.name!r} has no usable reference clip (its vector comes from them):\n"
@@ -106,6 +106,8 @@ def reference_problem(path: Path, max_seconds: float = 0.0):
     """Why a reference clip named by the training data cannot give its speaker's vector, or None:
     the checks prepare_codes.py applies to references, and no longer than --max_audio_seconds."""
     def length_problem(seconds):
+        if seconds < audio.MIN_CLIP_SECONDS:
+            return f"{seconds:.2f} s long, under {audio.MIN_CLIP_SECONDS:g} s: too short to give a voice"
         if max_seconds and seconds > max_seconds:
             return (f"{seconds:.1f} s long, over --max_audio_seconds {max_seconds:g}: a reference is one "
                     f"utterance of a few seconds")

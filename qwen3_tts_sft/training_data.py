@@ -274,20 +274,20 @@ def format_problems(problems: list, jsonl_path: Path, limit: int = 50) -> str:
 
 def apply_length_limits(clips: list, max_audio_seconds: float = None, max_text_tokens: int = None,
                         log=print) -> list:
-    """Drop clips longer than the limits, saying how many and why."""
-    too_long_audio = too_long_text = 0
-    kept = []
+    """Drop clips longer than the limits, saying how many, which (the first few) and why."""
+    too_long_audio, too_long_text, kept = [], [], []
     for clip in clips:
         if max_audio_seconds and clip.num_frames > max_audio_seconds * FRAMES_PER_SECOND:
-            too_long_audio += 1
+            too_long_audio.append(f"{clip.source} ({clip.num_frames / FRAMES_PER_SECOND:.1f} s)")
         elif max_text_tokens and len(clip.prompt) > max_text_tokens:
-            too_long_text += 1
+            too_long_text.append(f"{clip.source} ({len(clip.prompt)} tokens)")
         else:
             kept.append(clip)
-    if too_long_audio:
-        log(f"dropped {too_long_audio} clips longer than {max_audio_seconds} s (--max_audio_seconds)")
-    if too_long_text:
-        log(f"dropped {too_long_text} clips whose prompt exceeds {max_text_tokens} tokens (--max_text_tokens)")
+    for dropped, why in ((too_long_audio, f"longer than {max_audio_seconds} s (--max_audio_seconds)"),
+                         (too_long_text, f"whose prompt exceeds {max_text_tokens} tokens (--max_text_tokens)")):
+        if dropped:
+            more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+            log(f"dropped {len(dropped)} clips {why}: {', '.join(dropped[:5])}{more}")
     if not kept:
         raise DataError("no clips left after the length limits")
     return kept
@@ -298,7 +298,8 @@ def split_off_eval(clips: list, fraction: float, seed: int) -> tuple:
     order = np.random.default_rng(seed).permutation(len(clips))
     count = max(1, round(fraction * len(clips)))
     if count >= len(clips):
-        raise DataError(f"--eval_split {fraction} leaves no training clips")
+        raise DataError(f"--eval_split {fraction} of {len(clips)} clips holds out {count}, leaving none to train on: "
+                        f"lower it, or give held-out clips as --eval_jsonl")
     held_out = set(order[:count].tolist())
     return ([clip for i, clip in enumerate(clips) if i not in held_out],
             [clip for i, clip in enumerate(clips) if i in held_out])

@@ -467,7 +467,10 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
                           f"own speaker ({', '.join(names)}), and the flag only names rows without one. Pass those "
                           f"names to generate_custom_voice(speaker=...)")
     if args.eval_split:
-        train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
+        try:
+            train_clips, eval_clips = split_off_eval(train_clips, args.eval_split, args.seed)
+        except DataError as error:
+            raise SystemExit(f"error: {error}") from None
     speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker,
                                          args.max_audio_seconds, log=accelerator.print)
     replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))

@@ -188,7 +188,8 @@ def test_length_limits_drop_and_count_long_clips(good_row, tmp_path):
     messages = []
     kept = apply_length_limits(clips, max_audio_seconds=(frames + 1) / 12.5, max_text_tokens=0, log=messages.append)
     assert len(kept) == 1 and kept[0].num_frames == frames
-    assert messages == [f"dropped 1 clips longer than {(frames + 1) / 12.5} s (--max_audio_seconds)"]
+    assert messages == [f"dropped 1 clips longer than {(frames + 1) / 12.5} s (--max_audio_seconds): "
+                        f"{tmp_path / 'd.jsonl'}:2 ({3 * frames / 12.5:.1f} s)"]
     messages.clear()
     assert apply_length_limits(clips, max_audio_seconds=0, max_text_tokens=25, log=messages.append) == clips
     with pytest.raises(DataError):
@@ -246,3 +247,33 @@ def test_unusable_reference_clips_are_left_out_of_the_voice_and_named(tiny_model
     message = str(raised.value)
     assert "speaker 'alice' has no usable reference clip" in message
     assert f"{data}:1: ref_audio: {long_take}: 40.0 s long, over --max_audio_seconds 30" in message
+
+
+def test_a_reference_too_short_for_a_voice_is_named_for_every_speaker_that_uses_it(tmp_path):
+    """A 0.05 s reference would crash the speaker encoder; two speakers naming the same bad file each
+    hear about it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import soundfile as sf
+
+    from qwen3_tts_sft.speakers import assign_speakers, reference_problem
+
+    blip, good = tmp_path / "blip.wav", tmp_path / "good.wav"
+    sf.write(blip, 0.3 * np.sin(np.arange(1200) * 0.3).astype(np.float32), 24000)
+    sf.write(good, 0.3 * np.sin(np.arange(48000) * 0.05).astype(np.float32), 24000)
+    assert reference_problem(blip) == "0.05 s long, under 0.5 s: too short to give a voice"
+    clips = [SimpleNamespace(source=f"d.jsonl:{line}", speaker=speaker, ref_audio=ref)
+             for line, (speaker, ref) in enumerate([("alice", blip), ("alice", good), ("bob", blip), ("bob", good)], 1)]
+    ids = dict(codec_pad_id=4, codec_bos_id=5, codec_eos_token_id=6, codec_think_id=7, codec_nothink_id=8,
+               codec_think_bos_id=9, codec_think_eos_id=10)
+    config = SimpleNamespace(spk_id={}, codec_language_id={}, vocab_size=4096, **ids)
+    alice, bob = assign_speakers(clips, config, reference_problem=reference_problem)
+    assert alice.reference_audio == bob.reference_audio == [good]
+    assert [source for source, _, _ in alice.unusable_references + bob.unusable_references] == ["d.jsonl:1", "d.jsonl:3"]
+
+
+def test_an_eval_split_that_leaves_nothing_to_train_on_is_an_error_not_a_traceback(tiny_model, good_row, tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(good_row)] * 3)
+    with pytest.raises(SystemExit, match=r"--eval_split 0.9 of 3 clips holds out 3, leaving none to train on"):
+        train(tiny_model, data, tmp_path / "out", eval_split=0.9, max_steps=1)

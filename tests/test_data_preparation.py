@@ -234,17 +234,31 @@ def test_reader_numbers_lines_as_an_editor_does(tmp_path):
     assert isinstance(reject, Reject) and "a.txt is not UTF-8" in reject.problem
 
 
-@pytest.mark.parametrize("name, options", [("clip.wav", dict(subtype="PCM_16")), ("clip.wav", dict(subtype="PCM_24")),
-                                           ("clip.flac", {}), ("clip.ogg", {}), ("clip.mp3", {})])
-def test_cut_files_are_found_out(tmp_path, name, options):
+@pytest.mark.parametrize("name, options", [
+    ("clip.wav", dict(subtype="PCM_16")), ("clip.wav", dict(subtype="PCM_24")), ("clip.wav", dict(subtype="IMA_ADPCM")),
+    ("clip.rf64", dict(format="RF64")), ("clip.w64", dict(format="W64")), ("clip.flac", {}), ("clip.ogg", {}),
+    ("clip.opus", dict(format="OGG", subtype="OPUS")), ("clip.mp3", {})])
+@pytest.mark.parametrize("keep", [0.4, 0.97])
+def test_cut_files_are_found_out(tmp_path, name, options, keep):
+    """Whatever the container: WAVs (ADPCM's frames come in blocks), the 64-bit WAVs (RF64, Wave64),
+    Ogg cut inside a page, and cut near the end as well as in the middle."""
     path = write(tmp_path / name, speech(3.12), **options)
     assert audio.decode(path, 24000).truncated is None
-    cut_short(path, 0.4)
+    cut_short(path, keep)
     if name.endswith(".flac"):  # libsndfile gives up on a cut FLAC: unreadable, rejected all the same
-        with pytest.raises(RuntimeError, match="lost sync"):
+        with pytest.raises(RuntimeError, match="lost sync") as raised:
             audio.decode(path, 24000)
+        assert "its header says 3.12 s: the file is cut short or damaged" in audio.unreadable(path, raised.value)
         return
     assert audio.decode(path, 24000).truncated.startswith("truncated: ")
+
+
+def test_an_ogg_cut_between_pages_or_inside_its_last_page_is_found_out(tmp_path):
+    whole = write(tmp_path / "clip.ogg", speech(3.12)).read_bytes()
+    pages = [index for index in range(len(whole)) if whole.startswith(b"OggS", index)]
+    for cut in (pages[-1], pages[-1] + (len(whole) - pages[-1]) // 2):
+        (tmp_path / "cut.ogg").write_bytes(whole[:cut])
+        assert audio.decode(tmp_path / "cut.ogg", 24000).truncated.startswith("truncated: ")
 
 
 def test_a_wav_its_recorder_never_finished_is_named_as_such(tmp_path):
@@ -496,3 +510,43 @@ def test_row_checker_plans_long_takes_only_when_they_can_be_cut(tmp_path):
     assert isinstance(RowChecker(Limits(0.5, 30)).check(with_segments), PlannedClip)
     beyond = InputRow("raw.jsonl:3", dict(row, segments=[dict(start=38, end=45, text="Past the end.")]), "")
     assert "after the audio's end" in RowChecker(Limits(0.5, 30)).check(beyond).problem
+
+
+def test_a_segment_that_holds_no_voice_is_rejected_even_when_its_take_has_one(tmp_path):
+    """The level check of a whole take passes on its speech; a segment laid over a pause is room
+    tone, and kept it would be boosted by tens of dB and trained on as speech."""
+    path = write(tmp_path / "take.wav", np.concatenate([speech(5, seed=1), room_tone(4, seed=2), speech(5, seed=3)]))
+    segments = [dict(start=0, end=5, text="Speech one."), dict(start=5.2, end=8.8, text="Only room tone."),
+                dict(start=9, end=14, text="Speech two.")]
+    clip = PlannedClip("raw.jsonl:1", dict(audio=str(path)), "", 14.0, segments)
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.1, 15, 0.4, -23.0))
+    [take] = checks.process([clip], 24000, 1920)
+    assert [piece.reject.reason if piece.reject else None for piece in take] == [None, "silent", None]
+    assert f"{path} from 5.20 s: level" in take[1].reject.problem
+
+
+def test_channels_that_cancel_when_mixed_to_mono_are_named(tmp_path):
+    voice = speech(3, seed=4)
+    path = write(tmp_path / "antiphase.wav", np.stack([voice, -voice], axis=1))
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.1, 15, 0.4, None))
+    [piece] = checks.decode_take(PlannedClip("raw.jsonl:1", dict(audio=str(path), text="t"), "", 3.0), 24000)
+    assert piece.reject.reason == "silent" and "cancel when mixed to mono" in piece.reject.problem
+
+
+def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path):
+    from qwen3_tts_sft.dataset_layouts import InputRow
+
+    (tmp_path / "folder.wav").mkdir()
+    checker = RowChecker(Limits(0.5, 30))
+    assert checker.check(InputRow("raw.jsonl:1", dict(audio=123, text="t"), "")).problem.startswith("is not a string")
+    reject = checker.check(InputRow("raw.jsonl:2", dict(audio=str(tmp_path / "folder.wav"), text="t"), ""))
+    assert "is a folder, not an audio file" in reject.problem
+    clips = tmp_path / "clips"
+    write(clips / "a.wav", speech(1.0))
+    (clips / "a.txt").write_text("What was said.")
+    (clips / "a.lab").write_text("Something else.")
+    [reject] = read_input("folder", clips)
+    assert isinstance(reject, Reject) and "its transcripts differ" in reject.problem
+    (clips / "a.lab").write_text("What  was said.\n")  # the same words: no conflict
+    [row] = read_input("folder", clips)
+    assert row.row["text"] == "What was said."

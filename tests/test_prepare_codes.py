@@ -364,7 +364,30 @@ def test_rows_added_after_a_complete_run_are_encoded_on_the_next(speech_tokenize
     assert "the input has changed since" in capsys.readouterr().out
     assert [row["text"] for row in read_jsonl(output)] == [row["text"] for row in rows]
     prepare(speech_tokenizer, raw, output)
-    assert "already complete and the input is unchanged" in capsys.readouterr().out
+    assert "already complete and the input (its rows and the recordings they name) is unchanged" in capsys.readouterr().out
+    codes_before = [row["audio_codes"] for row in read_jsonl(output)]
+    write_audio(Path(rows[1]["audio"]), voice(0.9, 24000, 7), 24000)  # a recording replaced, the JSONL as it was
+    prepare(speech_tokenizer, raw, output)
+    assert "the input has changed since" in capsys.readouterr().out
+    codes_after = [row["audio_codes"] for row in read_jsonl(output)]
+    assert codes_after[0] == codes_before[0] and codes_after[1] != codes_before[1]
+
+
+def test_inputs_read_twice_or_an_output_inside_a_folder_input_are_refused_at_once(speech_tokenizer, tmp_path):
+    folder = tmp_path / "clips"
+    write_audio(folder / "take.wav", voice(0.6, 24000, 0), 24000)
+    (folder / "take.txt").write_text("A sentence.")
+    raw = write_jsonl(tmp_path / "raw.jsonl", [dict(audio=str(folder / "take.wav"), text="A sentence.")])
+    (tmp_path / "link.jsonl").symlink_to(raw)
+    (folder / "more").mkdir()
+    for inputs, refusal in (([raw, tmp_path / "link.jsonl"], "is given twice"),
+                            ([folder, folder / "more"], "lies inside the --input folder")):
+        with pytest.raises(SystemExit, match=refusal):
+            prepare_codes.main(["--tokenizer_model_path", str(speech_tokenizer), "--input", *map(str, inputs),
+                                "--output_jsonl", str(tmp_path / "out" / "train.jsonl"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--output_jsonl .* lies inside the --input folder"):
+        prepare(speech_tokenizer, folder, folder / "train.jsonl")
+    assert not (folder / "train.jsonl.partial").exists()
 
 
 def test_an_output_that_is_an_input_or_not_ours_is_refused(speech_tokenizer, clip_set, tmp_path):
