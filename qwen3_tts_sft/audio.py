@@ -8,6 +8,7 @@ soundfile, soxr; pyloudnorm when loudness is asked for): prepare_codes.py and in
 import it without the model code.
 """
 
+import contextlib
 import hashlib
 import math
 import struct
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+
+from qwen3_tts_sft import quiet
 
 FRAMES_PER_SECOND = 12.5  # the 12 Hz codec: one frame of 16 codes every 80 ms
 # A sample at or beyond this magnitude counts as clipped: 16-bit full scale reads as 0.99997,
@@ -180,9 +183,21 @@ class DecodedAudio:
         return bool(np.isfinite(self.samples).all())
 
 
+# What libmpg123 writes straight to the process's stderr for a cut MP3 (which the truncation check
+# then names): it would break the progress bar.
+MPG123_CUT_NOTICE = "Xing stream size off by more than"
+
+
+def libsndfile(path):
+    """Around each soundfile call on `path`: without libmpg123's notice on a cut MP3."""
+    mp3 = Path(path).suffix.lower() == ".mp3"
+    return quiet.shell_stderr_without(MPG123_CUT_NOTICE) if mp3 else contextlib.nullcontext()
+
+
 def read_native(path) -> tuple:
     """(samples [frames, channels] float32, the file's rate). Raises on unreadable or empty files."""
-    audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    with libsndfile(path):
+        audio, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     if audio.shape[0] == 0:
         raise ValueError("the file holds no samples")
     return audio, file_rate
@@ -234,7 +249,8 @@ def truncation(path, decoded_frames: int, file_rate: int):
             return (f"truncated: the header says {declared / rate:.2f} s, the file holds only "
                     f"{present / rate:.2f} s")
     elif data is None:  # FLAC and MP3 headers give the full frame count
-        declared = sf.info(str(path)).frames
+        with libsndfile(path):
+            declared = sf.info(str(path)).frames
         if declared - decoded_frames > max(TRUNCATION_TOLERANCE["fraction"] * declared,
                                            TRUNCATION_TOLERANCE["seconds"] * file_rate):
             return (f"truncated: the header says {declared / file_rate:.2f} s, only {decoded_frames / file_rate:.2f} s "
@@ -319,7 +335,8 @@ def unreadable(path, error: Exception) -> str:
 
 def duration_seconds(path) -> float:
     """Length of an audio file from its header, without decoding it."""
-    info = sf.info(str(path))
+    with libsndfile(path):
+        info = sf.info(str(path))
     return info.frames / info.samplerate
 
 

@@ -43,8 +43,8 @@ def without_sox_notice(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def shell_stderr_without(notice: str):
-    """Send file descriptor 2 (where child shells write) to a temporary file, then copy back every
-    line of it that does not contain `notice`."""
+    """Send file descriptor 2 (where child shells and C libraries write) to a temporary file, then
+    copy back every line of it that does not contain `notice`."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as written:
