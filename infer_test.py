@@ -138,7 +138,7 @@ def checkpoints_in(folder: Path) -> list:
     return [(candidate, step) for _, _, candidate, step in sorted(found)]
 
 
-def require_model_folder(path: Path) -> None:
+def require_model_folder(path: Path, flag: str = "--model_path") -> None:
     """Stop unless `path` holds a model; a training output folder gets the list of its checkpoints.
 
     The newest checkpoint is named but not picked: the newest is not always the one to keep
@@ -147,7 +147,7 @@ def require_model_folder(path: Path) -> None:
     if (path / "config.json").is_file():
         return
     if not path.exists():
-        stop(f"--model_path {path}: not found")
+        stop(f"{flag} {path}: not found")
     checkpoints = checkpoints_in(path)
     if not checkpoints:
         stop(f"{path} is not a model folder (no config.json) and holds no checkpoint-* folders")
@@ -159,8 +159,15 @@ def require_model_folder(path: Path) -> None:
 def require_speakers(path: Path) -> dict:
     """The model's config; stop when the model has no speakers to test: a Base model (or another kind)
     has no spk_id rows."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        stop(f"{path / 'config.json'} is not valid JSON ({error}): not a model folder as a download or the "
+             f"trainer writes it")
     model_type = config.get("tts_model_type")
+    if model_type is None:
+        stop(f"{path} is not a Qwen3-TTS model folder (its config.json names no tts_model_type); pass a checkpoint "
+             f"folder written by sft_12hz_chatterbox.py")
     if model_type == "custom_voice" and (config.get("talker_config") or {}).get("spk_id"):
         return config
     kind = "a Base model" if model_type == "base" else f"a {model_type} model (tts_model_type)"
@@ -298,6 +305,8 @@ def parse_args(argv=None):
         parser.error("give --model_path (one checkpoint) or --compare (several, or a scores.jsonl)")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    if any(not text.strip() for text in args.text or []):
+        parser.error("--text must hold a sentence: an empty one has nothing to speak or to measure")
     if args.max_new_tokens and args.max_new_tokens < 3:
         parser.error("--max_new_tokens must be at least 3: generation makes at least 2 frames")
     if min(args.max_rate_ratio, args.max_sentence_rate_ratio) < 1:
@@ -352,8 +361,18 @@ def default_language(names: list, trained_in: dict, data_path) -> str:
     return language
 
 
-def wav_stem(speaker: str) -> str:
-    return re.sub(r"[^\w.-]", "_", speaker)  # a speaker name may hold characters a file name cannot
+def wav_stems(speakers: list) -> dict:
+    """{speaker: the start of its wav files' names}: the name with the characters a file name cannot
+    hold replaced, and a number added where two names come out the same ("a b", "a_b")."""
+    stems = {}
+    for speaker in speakers:
+        stem = base = re.sub(r"[^\w.-]", "_", speaker)
+        number = 1
+        while stem.lower() in (taken.lower() for taken in stems.values()):  # case-insensitive file systems
+            number += 1
+            stem = f"{base}-{number}"
+        stems[speaker] = stem
+    return stems
 
 
 def main(argv=None):
@@ -361,6 +380,14 @@ def main(argv=None):
     import torch  # the model code loads only now, so reading the command line (and --help) is instant
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        stop(f"--device {args.device}: not a device (cuda, cuda:N or cpu)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        stop(f"--device {args.device}: no CUDA GPU is visible here; pass --device cpu")
+    elif device.type not in ("cuda", "cpu"):
+        stop(f"--device {args.device}: infer_test.py runs on cuda or cpu")
     if args.compare:
         compare(args)
         return
@@ -372,13 +399,13 @@ def main(argv=None):
         raise SystemExit(1)
 
 
-def check(args, model_path: Path, out_dir: Path) -> dict:
+def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> dict:
     """Speak, measure and judge one checkpoint; write its wavs and report.json to `out_dir`; return the report."""
     from qwen3_tts_sft import checkpoint
 
     limits = Thresholds(**{name: getattr(args, name) for name in Thresholds.__dataclass_fields__})
     device = args.device
-    require_model_folder(model_path)
+    require_model_folder(model_path, flag)
     talker_config = require_speakers(model_path)["talker_config"]
     if args.asr_model and not Path(args.asr_model).exists():
         stop(f"--asr_model {args.asr_model}: not found")
@@ -387,6 +414,9 @@ def check(args, model_path: Path, out_dir: Path) -> dict:
     base_path = args.base_model_path or flags.get("init_model_path")
     if args.compare_base and not base_path:
         stop("--compare_base needs the base model: pass --base_model_path")
+    if args.compare_base and not (Path(base_path) / "config.json").is_file():
+        given = "--base_model_path" if args.base_model_path else "the base model (the trainer's --init_model_path)"
+        stop(f"--compare_base: {given} {base_path}: no model folder there" + checkpoint.hub_download_hint(base_path))
     if args.language is not None:  # before the training data is read: a typo answers at once
         problem = language_problem(args.language, model_languages(talker_config.get("codec_language_id")))
         if problem:
@@ -396,7 +426,10 @@ def check(args, model_path: Path, out_dir: Path) -> dict:
     language = (args.language.strip().lower() if args.language is not None else
                 default_language(speakers_to_test(args.speaker, state, talker_config["spk_id"]), trained_in, data_path))
     texts = read_sentences(args, language)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # it, or a folder above it, is a file
+        stop(f"--out_dir {out_dir}: cannot make that folder ({error.strerror})")
     settings = SpeakSettings(language=language, non_streaming_mode=args.text_layout == "non_streaming",
                              greedy=args.greedy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              seed=args.seed)
@@ -406,8 +439,9 @@ def check(args, model_path: Path, out_dir: Path) -> dict:
     encoder, encoder_source = load_speaker_encoder(tts.model.config, model_path, base_path, device)
     items = [(name, index, text) for name in vectors for index, text in enumerate(texts)]
     sentences, wavs = listening.speak_and_measure(tts, items, vectors, encoder, rates, settings)
+    stems = wav_stems(list(vectors))
     for sentence, (wav, sample_rate) in zip(sentences, wavs):
-        sentence["wav"] = str(out_dir / f"{wav_stem(sentence['speaker'])}_{sentence['index']:02d}.wav")
+        sentence["wav"] = str(out_dir / f"{stems[sentence['speaker']]}_{sentence['index']:02d}.wav")
         sf.write(sentence["wav"], np.nan_to_num(wav), sample_rate)
     encoder_rate = tts.model.config.speaker_encoder_config.sample_rate
     del tts
@@ -451,8 +485,8 @@ def compare(args) -> None:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 stop(f"--compare {scores}: not a scores.jsonl ({error})")
             entries += evaluations
-            labels += [f"{scores.parent.name}/{entry.get('checkpoint') or 'step ' + str(entry['step'])}"
-                       for entry in evaluations]
+            labels += [f"{scores.parent.name}/" + (scoring.checkpoint_label(scores.parent, entry.get("checkpoint"))
+                                                    or f"step {entry['step']}") for entry in evaluations]
             continue
         checkpoints = [] if (path / "config.json").is_file() or not path.is_dir() else checkpoints_in(path)
         if checkpoints:
@@ -461,7 +495,7 @@ def compare(args) -> None:
                  f"evaluations (it needs eval data, --eval_jsonl or --eval_split, or --eval_generate_steps). "
                  f"Its checkpoints can be checked and compared here instead: --compare {folders}")
         out_dir = Path(args.out_dir) / path.name if args.out_dir else path / "infer_test"
-        report = check(args, path, out_dir)
+        report = check(args, path, out_dir, flag="--compare")
         entries.append(report_entry(report, "non_streaming" if report["non_streaming_mode"] else "streaming"))
         labels.append(str(path))
     listened = [entry for entry in entries if entry.get("listening_score") is not None]
@@ -534,7 +568,8 @@ def print_table(report: dict, out_dir: Path):
     passed = [check for check, result in report["checks"].items() if result == "passed"]
     print(f"checks passed: {', '.join(passed) or 'none'}; score {report['score']:.3f}")
     speakers = [summary["speaker"] for summary in report["speakers"]]
-    listen = ", ".join(str(out_dir / f"{wav_stem(name)}_*.wav") for name in speakers)
+    first_wavs = {sentence["speaker"]: sentence["wav"] for sentence in reversed(report["sentences"])}
+    listen = ", ".join(first_wavs[name].rsplit("_", 1)[0] + "_*.wav" for name in speakers)
     if report["base_model_path"]:
         listen += f" (the base model's: {out_dir / 'base'})"
     print(f"{'PASSED' if report['passed'] else 'FAILED'} for {', '.join(speakers)}: report.json in {out_dir}; "

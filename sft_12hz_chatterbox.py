@@ -194,7 +194,7 @@ def parse_args(argv=None):
     data.add_argument("--max_bad_fraction", type=float, default=0.01,
                       help="stop if more than this fraction of rows are bad")
     data.add_argument("--max_audio_seconds", type=float, default=30.0,
-                      help="drop clips longer than this (memory grows with length)")
+                      help="drop clips longer than this (memory grows with length; 0 = no limit)")
     data.add_argument("--max_text_tokens", type=int, default=0, help="drop clips whose prompt is longer (0 = no limit)")
     data.add_argument("--max_nonfinite_steps", type=int, default=5,
                       help="stop after this many optimizer steps in a row with a non-finite loss or gradient")
@@ -220,10 +220,21 @@ def check_args(args):
         problems.append("--resume_from_checkpoint and --overwrite_output_dir contradict each other")
     if not Path(args.init_model_path, "config.json").is_file():
         problems.append(missing_model_problem(Path(args.init_model_path)))
-    if not Path(args.train_jsonl).is_file():
-        problems.append(f"--train_jsonl {args.train_jsonl}: file not found")
-    if args.eval_jsonl and not Path(args.eval_jsonl).is_file():
-        problems.append(f"--eval_jsonl {args.eval_jsonl}: file not found")
+    for flag, value in (("--train_jsonl", args.train_jsonl), ("--eval_jsonl", args.eval_jsonl)):
+        if value and not Path(value).is_file():
+            problems.append(f"{flag} {value}: " + ("a folder, not a JSONL file" if Path(value).is_dir() else
+                                                   "file not found"))
+    problems += output_folder_problems(Path(args.init_model_path), Path(args.output_model_path))
+    if args.num_workers < 0:
+        problems.append("--num_workers must not be negative (0: load data in the main process)")
+    if args.code_predictor_loss_weight < 0:
+        problems.append("--code_predictor_loss_weight must not be negative")
+    if args.lora_rank < 0:
+        problems.append("--lora_rank must not be negative (0: full fine-tuning)")
+    if args.lora_rank and args.lora_alpha is not None and args.lora_alpha <= 0:
+        problems.append("--lora_alpha must be positive: the adapters' output is scaled by alpha / rank")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append("--lora_dropout must be in [0, 1)")
     if args.speaker_encoder_from and not Path(args.speaker_encoder_from).is_dir():
         problems.append(f"--speaker_encoder_from {args.speaker_encoder_from}: no such folder")
     if not 0 <= args.replay_ratio < 1:
@@ -267,6 +278,23 @@ def listening_problems(args) -> list:
         problems.append("--load_best_model_at_end with --metric_for_best_model eval_loss needs eval data "
                         "(--eval_jsonl or --eval_split)")
     return problems
+
+
+def output_folder_problems(init_model: Path, output: Path) -> list:
+    """An --output_model_path that cannot hold checkpoints, or that would swallow the starting model
+    (--overwrite_output_dir deletes the checkpoints in it) or be copied into every checkpoint of itself
+    (each checkpoint carries the starting model's folder)."""
+    init_model, output = init_model.resolve(), output.resolve()
+    existing = next((path for path in [output, *output.parents] if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return [f"--output_model_path {output}: {existing} is a file, not a folder"]
+    if init_model == output or output in init_model.parents:
+        return [f"--init_model_path {init_model} is, or lies inside, --output_model_path {output}, where this run's "
+                f"checkpoints go (and --overwrite_output_dir would delete it): choose another --output_model_path"]
+    if init_model in output.parents:
+        return [f"--output_model_path {output} lies inside --init_model_path {init_model}, which every checkpoint "
+                f"copies: choose an --output_model_path outside it"]
+    return []
 
 
 def missing_model_problem(path: Path) -> str:

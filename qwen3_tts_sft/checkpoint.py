@@ -37,8 +37,14 @@ TRAINING_STATE_DIR = "training_state"
 SPEAKER_VECTORS = "speaker_vectors.safetensors"
 PARTIAL_SUFFIX = ".partial"
 # Base-model files that are not copied: they are rewritten, or they are another run's state.
-NOT_COPIED = {"config.json", MODEL_WEIGHTS, SPEAKER_ENCODER_WEIGHTS, TRAINER_STATE, TRAINING_STATE_DIR,
-              "model.safetensors.index.json", "adapter"}
+NOT_COPIED = {"config.json", MODEL_WEIGHTS, SPEAKER_ENCODER_WEIGHTS, TRAINER_STATE, "model.safetensors.index.json"}
+# The one folder of a model that loading reads. Other folders in a starting checkpoint are what was
+# written into it (training_state/, adapter/, an infer_test/ report, a run's logs): not the model's.
+MODEL_FOLDERS = {"speech_tokenizer"}
+# The trainer's flags that name files or folders: trainer_state.json records them as absolute paths,
+# so that infer_test.py (its training data, its base model) finds them from any folder.
+PATH_FLAGS = ("init_model_path", "train_jsonl", "eval_jsonl", "output_model_path", "speaker_encoder_from",
+              "eval_sentences", "asr_model", "resume_from_checkpoint")
 # Key prefixes: the trainer wraps the loaded model as `.model` (talker_step.TalkerTrainingModel), and
 # the model keeps its speaker encoder as `.speaker_encoder`.
 TRAINING_MODULE_PREFIX = "model."
@@ -54,6 +60,7 @@ class TrainingProgress:
     epoch: int = 0                 # epoch in progress
     steps_done_in_epoch: int = 0   # optimizer steps of that epoch already taken
     nonfinite_in_a_row: int = 0
+    highest_lr: float = 0.0        # the highest learning rate an update used, over resumes (the summary's)
     best_eval_loss: float = None
     best_eval_step: int = None
     best_step: int = None          # the evaluation --metric_for_best_model ranks first (scoring.choose_best)
@@ -112,6 +119,15 @@ class DataFingerprint:
 # Writing
 # ---------------------------------------------------------------------------------------------
 
+def recorded_flags(args) -> dict:
+    """The trainer's flags as trainer_state.json records them: paths absolute ('latest' as it is)."""
+    flags = dict(vars(args))
+    for name in PATH_FLAGS:
+        if flags.get(name) and flags[name] != "latest":
+            flags[name] = str(Path(flags[name]).expanduser().resolve())
+    return flags
+
+
 def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list, speaker_vectors: torch.Tensor,
                  dtype: torch.dtype = torch.bfloat16, speaker_encoder_config: dict = None) -> None:
     """Write an inference-ready model folder from a full `Qwen3TTSForConditionalGeneration` state dict.
@@ -161,7 +177,8 @@ def export_model(state_dict: dict, base_dir: Path, out_dir: Path, speakers: list
 def copied_from_base(base_dir: Path) -> list:
     """The base model's files and folders that every checkpoint carries as they are."""
     return [item for item in sorted(Path(base_dir).iterdir())
-            if not (item.name in NOT_COPIED or item.name.endswith(".safetensors") or item.name.startswith("."))]
+            if (item.name in MODEL_FOLDERS if item.is_dir() else
+                not (item.name in NOT_COPIED or item.name.endswith(".safetensors") or item.name.startswith(".")))]
 
 
 def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: list, state: TrainerState,
@@ -305,11 +322,13 @@ def speaker_encoder_weights(checkpoint_dir: Path, base_dir=None) -> tuple:
     return weights, files
 
 
-def list_checkpoints(output_dir: Path) -> list:
-    """Finished, resumable checkpoints (with trainer_state.json and training_state/), oldest step first."""
+def list_checkpoints(output_dir: Path, with_training_state: bool = True) -> list:
+    """Finished checkpoints (with trainer_state.json), oldest step first: those a run can resume from
+    (with training_state/ too), or with `with_training_state=False` also those kept for listening
+    whose training state was deleted."""
     found = []
     for folder in Path(output_dir).glob("checkpoint-*"):
-        if resumable(folder):
+        if resumable(folder) if with_training_state else has_trainer_state(folder):
             found.append((checkpoint_step(folder), folder.stat().st_mtime, folder))
     return [folder for _, _, folder in sorted(found)]
 

@@ -26,7 +26,11 @@ def add_adapters(model, rank: int, alpha: float, dropout: float, target_modules:
     """Put LoRA adapters into model.talker and make them the only trainable weights."""
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=[name.strip() for name in target_modules.split(",") if name.strip()])
-    inject_adapter_in_model(config, model.talker, adapter_name=ADAPTER)
+    try:
+        inject_adapter_in_model(config, model.talker, adapter_name=ADAPTER)
+    except ValueError as error:  # no layer of that name, or one that is not a linear layer
+        raise SystemExit(f"error: --lora_target_modules {target_modules}: {error}. The defaults are "
+                         f"{DEFAULT_TARGET_MODULES}") from None
     for name, parameter in model.named_parameters():
         parameter.requires_grad = ".lora_" in name
     return config

@@ -278,6 +278,11 @@ COLUMNS = [("step", ">6", "step", ""), ("eval loss", ">10", "eval_loss", ".4f"),
            ("rate", ">11", "rate", ""), ("cer", ">6", "cer", ".0%"), ("seconds", ">8", "listen_seconds", ".1f")]
 
 
+def checkpoint_label(output_dir: Path, name: str) -> str:
+    """An evaluation's checkpoint as a table names it: marked when --save_total_limit removed it since."""
+    return name or "" if not name or (Path(output_dir) / name).is_dir() else f"{name} (removed)"
+
+
 def table_rows(entries: list, labels: list = None, winner=None) -> list:
     """One line a header, then one an entry (labelled, e.g. with its checkpoint; the winner starred)."""
     labels = labels or [entry.get("checkpoint") or "" for entry in entries]

@@ -426,14 +426,13 @@ def write_custom_voice_dir(model_dir, out_dir, speakers: dict = None) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS, NOT_COPIED, SPEAKER_ENCODER_PREFIX
+    from qwen3_tts_sft.checkpoint import MODEL_WEIGHTS, SPEAKER_ENCODER_PREFIX, copied_from_base
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     speakers = TINY_BUILT_IN_SPEAKERS if speakers is None else speakers
     out_dir.mkdir(parents=True, exist_ok=True)
-    for item in model_dir.iterdir():
-        if item.name not in NOT_COPIED:
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
+    for item in copied_from_base(model_dir):
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
     weights = load_file(str(model_dir / MODEL_WEIGHTS))
     save_file({name: tensor for name, tensor in weights.items() if not name.startswith(SPEAKER_ENCODER_PREFIX)},
               str(out_dir / MODEL_WEIGHTS), metadata={"format": "pt"})

@@ -194,6 +194,7 @@ class TrainingRun:
             progress.epoch += 1
             progress.steps_done_in_epoch = 0
         if finite:
+            progress.highest_lr = max(progress.highest_lr, self.optimizer.param_groups[0]["lr"])
             self.optimizer.step()
             if self.graphs is not None:
                 self.graphs.optimizer_has_stepped = True
@@ -233,14 +234,11 @@ class TrainingRun:
         return self.args.lr * schedule.lr_lambdas[0](min(self.args.warmup_steps, max(steps - 1, 0)))
 
     def highest_lr_used(self) -> float:
-        """The highest rate the run's updates used, over its resumes: this process's updates by the
-        schedule they followed (a resume with --allow_schedule_change follows a new one), earlier
-        ones as logged."""
-        schedule = self.scheduler.scheduler.lr_lambdas[0]
-        this_run = [self.args.lr * schedule(step) for step in range(self.start_step, self.progress.step)]
+        """The highest rate the run's updates used, over its resumes (recorded at each update; from a
+        checkpoint written before that record, its earlier updates as logged)."""
         earlier = [entry["train/lr"] for entry in self.progress.log_history
                    if "train/lr" in entry and entry["step"] <= self.start_step]
-        return max(this_run + earlier, default=0.0)
+        return max([self.progress.highest_lr] + earlier)
 
     def warmup_warning(self) -> str:
         """A warning when the warmup takes more than half the run: the rate then stays far below --lr."""
@@ -253,8 +251,9 @@ class TrainingRun:
         else:
             effect = f"the learning rate reaches --lr {args.lr:g} only at step {args.warmup_steps + 1}"
         return (f"  warning: --warmup_steps {args.warmup_steps} covers more than half of the {steps} optimizer "
-                f"steps: {effect}. Warm up over about 5-10% of the steps (--warmup_steps {max(1, steps // 10)} "
-                f"here), or train for more steps.")
+                f"steps: {effect}. Warm up over about 5-10% of the steps (--warmup_steps {steps // 10} here"
+                f"{', none at all: with warmup 1 the first update is at rate 0' if steps < 10 else ''}), or train for "
+                f"more steps.")
 
     def elapsed_and_eta(self) -> str:
         elapsed = time.perf_counter() - self.started
@@ -414,7 +413,7 @@ class TrainingRun:
                 entry["checkpoint"] = name
         if progress.best_step == progress.step:
             progress.best_checkpoint = name
-        state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps, flags=vars(self.args),
+        state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps, flags=checkpoint.recorded_flags(self.args),
                              versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes, weights=self.settings.weights.name,
                              train_data_sha256=self.settings.train_data.sha256,
@@ -463,7 +462,9 @@ class TrainingRun:
             f"{accelerator.num_processes} processes = {clips_per_step} clips per step",
             f"  steps: {self.steps_per_epoch} per epoch x {args.num_epochs} epochs -> {self.total_steps} optimizer "
             f"steps, {args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr "
-            f"{peak_lr:.3g}" + (f" (--lr {args.lr:g})" if peak_lr < args.lr else ""),
+            f"{peak_lr:.3g}" + (f" (--lr {args.lr:g})" if peak_lr < args.lr else "")
+            + (f"; --max_steps {args.max_steps} is more than {args.num_epochs} epochs hold: raise --num_epochs to "
+               f"train that long" if args.max_steps > self.steps_per_epoch * args.num_epochs else ""),
             f"  parameters: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen "
             + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
             + f"speaker encoder {'trained' if args.train_speaker_encoder else 'frozen'}, "
@@ -556,8 +557,7 @@ class TrainingRun:
         best = scoring.choose_best(evaluations, metric)
         lines = [f"  evaluations (also in {self.output_dir / scoring.SCORES_FILE}; * the best by "
                  f"--metric_for_best_model {metric}):"]
-        labels = [name or "" if not name or (self.output_dir / name).is_dir() else f"{name} (removed)"
-                  for name in (entry["checkpoint"] for entry in evaluations)]
+        labels = [scoring.checkpoint_label(self.output_dir, entry["checkpoint"]) for entry in evaluations]
         lines += ["  " + line for line in scoring.table_rows(evaluations, labels, winner=best)]
         if best is None:
             lines.append(f"  best: none of the evaluations measured {metric}" + (

@@ -106,6 +106,7 @@ def build_run(args) -> TrainingRun:
     tts = load_base_model(args, settings.weights, keep_speech_decoder=listens_here)
     ids = SpecialIds.from_config(tts.model.config)
     train_set, eval_set, speaker_table, replay_set = load_datasets(args, settings, ids, tts, accelerator)
+    torch.manual_seed(args.seed)  # the LoRA adapters' first weights and the dropout masks: the same run twice
     train_module = make_training_model(tts.model, speaker_table, args, settings, accelerator)
     optimizer = make_optimizer(train_module, args, settings, accelerator)
     listener = None
@@ -306,30 +307,40 @@ def weight_storage_choice(args, precision: str, device_type: str, num_processes:
 
 
 def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
-    """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident."""
+    """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident,
+    those kept without their training state (for listening) included."""
     existing = checkpoint.list_checkpoints(output_dir) if output_dir.is_dir() else []
+    finished = checkpoint.list_checkpoints(output_dir, with_training_state=False) if output_dir.is_dir() else []
     if args.resume_from_checkpoint == "latest":
-        if not existing:
+        start = existing[-1] if existing else None
+        start_step = checkpoint.checkpoint_step(start) if start else 0
+        kept = [found.name for found in finished if not checkpoint.resumable(found)
+                and checkpoint.checkpoint_step(found) > start_step]
+        if kept:  # the run would save over them under the same names
+            problems.append(
+                f"--resume_from_checkpoint latest: {output_dir} holds checkpoints without their training state "
+                f"({', '.join(kept)}) past {start.name if start else 'the start'}, the newest it can resume from; "
+                f"resuming would write over them. Move them out of {output_dir}, or pass another --output_model_path")
+        elif start is None:
             # A job's first start, or a requeue of one stopped before its first save: one command serves both.
             log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet, starting from the beginning")
-            return None
-        return existing[-1]
+        return start
     if args.resume_from_checkpoint:
         path = Path(args.resume_from_checkpoint)
         if not checkpoint.resumable(path):
             problems.append(f"--resume_from_checkpoint {path}: not a checkpoint with training state")
             return path
         step = checkpoint.checkpoint_step(path)
-        later = [found.name for found in existing if checkpoint.checkpoint_step(found) > step]
+        later = [found.name for found in finished if checkpoint.checkpoint_step(found) > step]
         if later:  # they would be written again from here: the run they came from would be lost
             problems.append(
                 f"--resume_from_checkpoint {path} (step {step}): {output_dir} holds later checkpoints of that run "
                 f"({', '.join(later)}), which resuming here would overwrite. To branch off from step {step}, pass "
                 f"another --output_model_path; to continue the run, --resume_from_checkpoint latest")
         return path
-    if existing and not args.overwrite_output_dir:
+    if finished and not args.overwrite_output_dir:
         problems.append(
-            f"{output_dir} already holds checkpoints ({existing[-1].name} ...). Continue that run with "
+            f"{output_dir} already holds checkpoints ({finished[-1].name} ...). Continue that run with "
             f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir.")
     return None
 
@@ -473,6 +484,12 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
             raise SystemExit(f"error: {error}") from None
     speaker_table = voices.speaker_table(train_clips + (eval_clips or []), tts.model, args.overwrite_speaker,
                                          args.max_audio_seconds, log=accelerator.print)
+    untrained = sorted({clip.speaker for clip in eval_clips or []} - {clip.speaker for clip in train_clips})
+    if untrained:
+        accelerator.print(f"warning: {', '.join(untrained)} only in the eval data: no training row speaks "
+                          f"{'that voice' if len(untrained) == 1 else 'those voices'}, so the checkpoint holds "
+                          f"{'it' if len(untrained) == 1 else 'them'} untrained (the speaker vector of the reference "
+                          f"clips alone). A misspelt speaker name?")
     replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))
     rehearsal = replay.mixed_clips(replay_set, len(train_clips), args.replay_ratio, args.seed)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}

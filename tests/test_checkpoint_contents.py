@@ -90,3 +90,24 @@ def test_a_06b_shaped_model_trains_saves_and_speaks(tiny_model_06b, coded_clips,
     tts = Qwen3TTSModel.from_pretrained(str(output / "checkpoint-epoch-0"), dtype=torch.float32)
     wavs, rate = tts.generate_custom_voice("Hello there.", speaker="alice", language="english", max_new_tokens=6)
     assert rate == 24000 and wavs[0].size > 0
+
+
+def test_a_checkpoint_carries_the_starting_models_files_not_what_was_written_into_it(tmp_path):
+    start = tmp_path / "start"
+    for name in ("config.json", "model.safetensors", "vocab.json", "trainer_state.json", "generation_config.json"):
+        (start / name).parent.mkdir(parents=True, exist_ok=True)
+        (start / name).write_text("{}")
+    for folder in ("speech_tokenizer", "infer_test", "training_state", "adapter", "logs"):
+        (start / folder).mkdir()
+    assert [item.name for item in checkpoint.copied_from_base(start)] == ["generation_config.json",
+                                                                          "speech_tokenizer", "vocab.json"]
+
+
+def test_trainer_state_records_paths_that_work_from_any_folder(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    monkeypatch.chdir(tmp_path)
+    flags = checkpoint.recorded_flags(Namespace(train_jsonl="data/train.jsonl", init_model_path="base",
+                                                resume_from_checkpoint="latest", eval_jsonl=None, lr=1e-5))
+    assert flags == dict(train_jsonl=str(tmp_path / "data" / "train.jsonl"), init_model_path=str(tmp_path / "base"),
+                         resume_from_checkpoint="latest", eval_jsonl=None, lr=1e-5)

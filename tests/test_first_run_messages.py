@@ -70,7 +70,8 @@ def test_a_warmup_longer_than_half_the_run_is_warned_with_the_rate_reached(short
     assert "3 optimizer steps, 4 warmup, linear schedule, peak lr 5e-06 (--lr 1e-05)" in banner
     warning = ("warning: --warmup_steps 4 covers more than half of the 3 optimizer steps: the learning rate never "
                "gets above 5e-06 (--lr 1e-05)")
-    assert warning in banner and "(--warmup_steps 1 here)" in banner
+    assert warning in banner
+    assert "(--warmup_steps 0 here, none at all: with warmup 1 the first update is at rate 0)" in banner
     assert "learning rate: reached 5e-06 (--lr 1e-05, 4 warmup steps)" in summary and warning in summary
 
 
@@ -272,3 +273,24 @@ def test_only_the_import_notices_are_silenced(capfd):
     with quiet.shell_stderr_without(quiet.SHELL_SOX_NOT_FOUND):
         subprocess.run(["sh", "-c", "echo 'sh: 1: sox: not found' >&2; echo 'a real problem' >&2"], check=True)
     assert capfd.readouterr().err == "a real problem\n"
+
+
+def test_after_a_resume_the_summary_gives_the_highest_rate_any_update_used(tiny_model, coded_clips, tmp_path, capsys):
+    """Step 1 used --lr (no warmup, then a linear decay); the resumed run's summary still says so,
+    though no log line recorded that rate."""
+    flags = dict(batch_size=2, lr=1e-5, warmup_steps=0, logging_steps=50, save_steps=1)
+    output = train(tiny_model, coded_clips, tmp_path / "out", max_steps=2, **flags)
+    capsys.readouterr()
+    train(tiny_model, coded_clips, output, max_steps=3, resume_from_checkpoint="latest", allow_schedule_change=True,
+          **flags)
+    assert "learning rate: reached 1e-05 (--lr 1e-05, 0 warmup steps)" in capsys.readouterr().out
+
+
+def test_an_eval_only_speaker_and_a_max_steps_beyond_the_epochs_are_said(tiny_model, coded_clips, tmp_path, capsys):
+    eval_rows = [dict(row, speaker="stranger") for row in read_jsonl(coded_clips)[:2]]
+    eval_jsonl = write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    train(tiny_model, coded_clips, tmp_path / "out", batch_size=4, max_steps=50, eval_jsonl=eval_jsonl,
+          eval_generate_steps=0)
+    printed = capsys.readouterr().out
+    assert "warning: stranger only in the eval data: no training row speaks that voice" in printed
+    assert "; --max_steps 50 is more than 1 epochs hold: raise --num_epochs to train that long" in printed

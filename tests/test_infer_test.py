@@ -460,3 +460,28 @@ print("after --help, torch imported:", "torch" in sys.modules)
     assert f"(default: {Thresholds.max_dc_offset})" in printed
     assert "(default: the language the checked speakers' training rows name, when it is one with built-in " \
            "sentences, else auto)" in " ".join(printed.split())  # the help's lines are wrapped
+
+
+def test_speaker_names_that_clean_up_alike_get_files_of_their_own():
+    stems = infer_test.wav_stems(["a b", "a_b", "A_B", "émile"])
+    assert stems == {"a b": "a_b", "a_b": "a_b-2", "A_B": "A_B-3", "émile": "émile"}
+
+
+def test_arguments_that_cannot_work_stop_with_a_message_not_a_traceback(trained, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    bad_config = tmp_path / "bad_model"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    cases = [(["--text", " "], "--text must hold a sentence"),
+             (["--device", "bogus"], "--device bogus: not a device"),
+             (["--out_dir", str(tmp_path / "a_file")], "cannot make that folder"),
+             (["--compare_base", "--base_model_path", str(tmp_path / "nowhere")], "no model folder there"),
+             (["--model_path", str(bad_config)], "config.json is not valid JSON"),
+             (["--model_path", str(trained / "speech_tokenizer")], "is not a Qwen3-TTS model folder"),
+             (["--compare", str(tmp_path / "nowhere")], "--compare " + str(tmp_path / "nowhere") + ": not found")]
+    for flags, message in cases:
+        model = [] if "--model_path" in flags or "--compare" in flags else ["--model_path", str(trained)]
+        with pytest.raises(SystemExit) as stopped:
+            infer_test.main(model + flags)
+        assert stopped.value.code == 2, flags
+        assert message in capsys.readouterr().err, flags

@@ -56,3 +56,12 @@ def test_merging_is_w_plus_scaled_b_a():
     merged = lora.merged_state_dict(state, config)
     assert merged.keys() == {"talker.x.q_proj.weight", "talker.y.bias"}
     assert torch.allclose(merged["talker.x.q_proj.weight"], weight + 3.0 * b @ a)
+
+
+def test_a_lora_run_repeats_exactly_with_its_seed(tiny_model, coded_clips, tmp_path):
+    adapters = []
+    for name in ("first", "second"):
+        output = train(tiny_model, coded_clips, tmp_path / name, lora_rank=4, batch_size=4, max_steps=1)
+        adapters.append(load_file(output / "checkpoint-step-1" / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])

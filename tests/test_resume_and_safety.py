@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -371,3 +372,53 @@ def test_sigkill_while_saving_never_shows_a_half_written_checkpoint(tiny_model, 
     assert visible == sorted(p.name for p in checkpoint.list_checkpoints(output))  # each visible one is complete
     train(tiny_model, twelve_clips, output, resume_from_checkpoint="latest", **RUN)
     assert checkpoint.latest_checkpoint(output).name == "checkpoint-epoch-1"
+
+
+def test_latest_never_writes_over_checkpoints_kept_without_their_training_state(tiny_model, twelve_clips, tmp_path):
+    """The recipe says to delete training_state/ from checkpoints kept for listening. `latest` resumes
+    from the newest that can be resumed, and refuses when a stripped one lies past it: the run would
+    save over it under the same name."""
+    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=2, save_steps=1, save_total_limit=0)
+    shutil.rmtree(output / "checkpoint-step-2" / checkpoint.TRAINING_STATE_DIR)
+    (output / "checkpoint-step-2" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, output, max_steps=3, save_steps=1, save_total_limit=0,
+              resume_from_checkpoint="latest", allow_schedule_change=True)
+    assert ("holds checkpoints without their training state (checkpoint-step-2) past checkpoint-step-1"
+            in str(raised.value))
+    shutil.rmtree(output / "checkpoint-step-1" / checkpoint.TRAINING_STATE_DIR)
+    with pytest.raises(SystemExit, match=r"\(checkpoint-step-1, checkpoint-step-2\) past the start"):
+        train(tiny_model, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest")
+    with pytest.raises(SystemExit, match="already holds checkpoints"):  # a fresh start into it, likewise
+        train(tiny_model, twelve_clips, output, max_steps=1)
+    assert (output / "checkpoint-step-2" / "notes.txt").read_text() == "mine"
+
+
+def test_a_starting_model_and_the_output_folder_must_not_hold_each_other(tiny_model, tmp_path):
+    """Starting from a checkpoint inside the output folder, --overwrite_output_dir (which the refusal to
+    overwrite suggests) would delete it; an output inside the starting model's folder would be copied
+    into each of its own checkpoints."""
+    import sft_12hz_chatterbox
+
+    inner = tmp_path / "out" / "checkpoint-epoch-0"
+    shutil.copytree(tiny_model, inner)
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+
+    def refusal(init, output, *flags):
+        args = sft_12hz_chatterbox.parse_args(["--init_model_path", str(init), "--train_jsonl", str(data),
+                                               "--output_model_path", str(output), *flags])
+        with pytest.raises(SystemExit) as raised:
+            sft_12hz_chatterbox.check_args(args)
+        return str(raised.value)
+
+    assert "lies inside, --output_model_path" in refusal(inner, tmp_path / "out", "--overwrite_output_dir")
+    assert "lies inside --init_model_path" in refusal(inner, inner / "second_run")
+    (tmp_path / "a_file").write_text("")
+    assert "is a file, not a folder" in refusal(tiny_model, tmp_path / "a_file" / "out")
+    for flags, problem in ((["--lora_rank", "-2"], "--lora_rank must not be negative"),
+                           (["--lora_rank", "4", "--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
+                           (["--lora_rank", "4", "--lora_alpha", "0"], "--lora_alpha must be positive"),
+                           (["--num_workers", "-1"], "--num_workers must not be negative")):
+        assert problem in refusal(tiny_model, tmp_path / "out2", *flags)
+    assert inner.is_dir()
