@@ -1,6 +1,7 @@
 """LoRA: only the adapters train; the checkpoint holds the merged model, which stock qwen_tts loads
 and which computes what the adapted model computed; the adapter alone loads back with peft."""
 
+import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from qwen_tts import Qwen3TTSModel
@@ -65,3 +66,9 @@ def test_a_lora_run_repeats_exactly_with_its_seed(tiny_model, coded_clips, tmp_p
         adapters.append(load_file(output / "checkpoint-step-1" / "adapter" / "adapter_model.safetensors"))
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+
+
+def test_target_modules_that_match_no_linear_layer_are_named(tiny_model, coded_clips, tmp_path):
+    for modules in ("nonexistent", "text_projection"):
+        with pytest.raises(SystemExit, match=f"(?s)--lora_target_modules {modules}: .*The defaults are q_proj"):
+            train(tiny_model, coded_clips, tmp_path / modules, lora_rank=4, lora_target_modules=modules, max_steps=1)
