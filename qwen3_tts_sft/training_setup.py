@@ -97,7 +97,6 @@ class Settings:
 def build_run(args) -> TrainingRun:
     """A run ready to train, from the trainer's parsed flags (sft_12hz_chatterbox.parse_args)."""
     use_expandable_segments()
-    same_thread_count_in_the_backward()
     accelerator = make_accelerator(args)
     settings = resolve_settings(args, accelerator)
     log_run_header(args, settings, accelerator)
@@ -238,15 +237,6 @@ def use_expandable_segments() -> None:
     reads them when it starts: a process that used CUDA already keeps what it has."""
     if not any(name in os.environ for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR_SETTINGS
-
-
-def same_thread_count_in_the_backward() -> None:
-    """Give autograd's GPU thread the CPU thread count of this one. On a GPU the backward runs on a
-    thread of autograd's own, which starts with torch's default count unless one was set, and
-    compiled code checks the count: a layer recomputed in the backward (--low_memory,
-    --gradient_checkpointing) was compiled a second time for it ("GLOBAL_STATE changed:
-    num_threads"). Setting the count sets it for threads started later too."""
-    torch.set_num_threads(torch.get_num_threads())
 
 
 def compile_choice(args, device_type: str, fsdp: bool) -> str:
