@@ -568,8 +568,8 @@ def print_table(report: dict, out_dir: Path):
     passed = [check for check, result in report["checks"].items() if result == "passed"]
     print(f"checks passed: {', '.join(passed) or 'none'}; score {report['score']:.3f}")
     speakers = [summary["speaker"] for summary in report["speakers"]]
-    first_wavs = {sentence["speaker"]: sentence["wav"] for sentence in reversed(report["sentences"])}
-    listen = ", ".join(first_wavs[name].rsplit("_", 1)[0] + "_*.wav" for name in speakers)
+    wavs = {sentence["speaker"]: sentence["wav"] for sentence in report["sentences"]}  # one per speaker
+    listen = ", ".join(wavs[name].rsplit("_", 1)[0] + "_*.wav" for name in speakers)
     if report["base_model_path"]:
         listen += f" (the base model's: {out_dir / 'base'})"
     print(f"{'PASSED' if report['passed'] else 'FAILED'} for {', '.join(speakers)}: report.json in {out_dir}; "

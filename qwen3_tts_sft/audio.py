@@ -241,20 +241,19 @@ def truncation(path, decoded_frames: int, file_rate: int):
     it takes a WAV's length from the file's size, not from its data chunk, and a cut Ogg simply
     ends; so the data size a WAV-family header declares, and the Ogg pages, are read here."""
     data = wav_data(path)
-    if data is not None and data.declared_bytes is not None:
-        # Bytes, not frames: right for compressed WAVs (ADPCM) too, whose frames are packed in blocks.
-        declared, present, rate = data.declared_bytes, data.present_bytes, data.bytes_per_second or 1
-        tolerance = max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * rate)
-        if declared - present > tolerance:
-            return (f"truncated: the header says {declared / rate:.2f} s, the file holds only "
-                    f"{present / rate:.2f} s")
-    elif data is None:  # FLAC and MP3 headers give the full frame count
+    if data is None:  # FLAC and MP3 headers give the full frame count
         with libsndfile(path):
             declared = sf.info(str(path)).frames
-        if declared - decoded_frames > max(TRUNCATION_TOLERANCE["fraction"] * declared,
-                                           TRUNCATION_TOLERANCE["seconds"] * file_rate):
-            return (f"truncated: the header says {declared / file_rate:.2f} s, only {decoded_frames / file_rate:.2f} s "
-                    f"can be decoded")
+        found, per_second, found_is = decoded_frames, file_rate, "only {:.2f} s can be decoded"
+    elif data.declared_bytes is not None:
+        # Bytes, not frames: right for compressed WAVs (ADPCM) too, whose frames are packed in blocks.
+        declared, found, per_second = data.declared_bytes, data.present_bytes, data.bytes_per_second or 1
+        found_is = "the file holds only {:.2f} s"
+    else:  # a WAV whose recorder left the size open: nothing to compare with
+        return None
+    tolerance = max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * per_second)
+    if declared - found > tolerance:
+        return f"truncated: the header says {declared / per_second:.2f} s, " + found_is.format(found / per_second)
     return ogg_truncation(path)
 
 

@@ -232,8 +232,8 @@ def folder_rows(folder: Path):
                 break
         else:
             if len(texts) > 1:  # which one is right is not ours to guess
-                yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {' and '.join(map(str, texts.values()))}"
-                                                            f"; keep the right one")
+                differing = " and ".join(map(str, texts.values()))
+                yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {differing}; keep the right one")
                 continue
             [text] = texts
             yield InputRow(audio_file, dict(audio=audio_file, text=text), text)
@@ -546,7 +546,8 @@ class AudioChecks:
         # The take as a whole passed this check; one of its pieces (a segment over a pause) may not.
         level = audio.rms_dbfs(piece.samples)
         if level < self.silence_dbfs:
-            piece.rejected("silent", "audio", f"{where}: level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+            piece.rejected("silent", "audio",
+                           f"{where}: level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
             return
         clipped = piece.clipped_fraction > self.clipped_fraction
         if clipped and self.reject_clipped:

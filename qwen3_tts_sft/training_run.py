@@ -413,8 +413,8 @@ class TrainingRun:
                 entry["checkpoint"] = name
         if progress.best_step == progress.step:
             progress.best_checkpoint = name
-        state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps, flags=checkpoint.recorded_flags(self.args),
-                             versions=self.settings.versions,
+        state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps,
+                             flags=checkpoint.recorded_flags(self.args), versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes, weights=self.settings.weights.name,
                              train_data_sha256=self.settings.train_data.sha256,
                              speakers=[s.as_json() for s in self.speaker_table if not s.kept],

@@ -299,10 +299,10 @@ def weight_storage_choice(args, precision: str, device_type: str, num_processes:
 def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
     """The checkpoint to resume from, or None; refuses to overwrite earlier checkpoints by accident,
     those kept without their training state (for listening) included."""
-    existing = checkpoint.list_checkpoints(output_dir) if output_dir.is_dir() else []
     finished = checkpoint.list_checkpoints(output_dir, with_training_state=False) if output_dir.is_dir() else []
     if args.resume_from_checkpoint == "latest":
-        start = existing[-1] if existing else None
+        resumable = [found for found in finished if checkpoint.resumable(found)]
+        start = resumable[-1] if resumable else None
         start_step = checkpoint.checkpoint_step(start) if start else 0
         kept = [found.name for found in finished if not checkpoint.resumable(found)
                 and checkpoint.checkpoint_step(found) > start_step]
