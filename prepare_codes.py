@@ -273,8 +273,8 @@ def input_fingerprint(inputs: list, ref_audio: str = None) -> str:
     digest = hashlib.sha256()
 
     def add_file_state(file: Path, name: str):
-        stat = file.stat() if file.is_file() else None
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode() if stat else f"{name}\0-\n".encode())
+        state = recording_state(file)
+        digest.update(f"{name}\0{state[0]}\0{state[1]}\n".encode() if state else f"{name}\0-\n".encode())
 
     for layout, path in inputs:
         if path.is_dir():
@@ -291,6 +291,16 @@ def input_fingerprint(inputs: list, ref_audio: str = None) -> str:
     if ref_audio:
         add_file_state(Path(ref_audio), ref_audio)
     return digest.hexdigest()
+
+
+def recording_state(file) -> list:
+    """[size, modification time in ns] of a file as it is now, None if it is not a file: a recording
+    replaced since an earlier run has another."""
+    file = Path(file)
+    if not file.is_file():
+        return None
+    stat = file.stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def check_inputs(inputs: list, output: Path):
@@ -421,10 +431,12 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
         throughput = decode_and_encode(todo, args, checks, progress, show_reject, done_seconds, len(clips))
     progress.close()
 
-    kept, decode_rejects = [], []
+    latest = {}  # source -> (offset, entry): a row encoded again replaces its earlier line
     for offset, entry in read_lines(progress.path) if progress.path.exists() else []:
-        if "settings" in entry:
-            continue
+        if "settings" not in entry:
+            latest[entry["source"]] = offset, entry
+    kept, decode_rejects = [], []
+    for offset, entry in latest.values():
         kept += [ClipInfo.of(row, (progress.path, offset, index), input_order(row["source"]))
                  for index, row in enumerate(entry["kept"])]
         decode_rejects += entry["rejected"]
@@ -575,7 +587,8 @@ def take_entry(take: list, codes: dict) -> dict:
     """The progress line of one input row: its kept output rows and its rejects."""
     clip = take[0].clip
     kept = [output_row(piece, codes.get(id(piece))) for piece in take if piece.reject is None]
-    return dict(source=clip.source, audio=clip.row["audio"], text=clip.row.get("text"), kept=kept,
+    return dict(source=clip.source, audio=clip.row["audio"], text=clip.row.get("text"),
+                recording=recording_state(clip.row["audio"]), kept=kept,
                 rejected=[asdict(piece.reject) for piece in take if piece.reject is not None])
 
 
@@ -616,20 +629,27 @@ class ProgressFile:
             if differences:
                 raise SystemExit(f"error: {path} holds a run started with other settings: {', '.join(differences)}. "
                                  f"Run with the earlier settings to carry on, or delete it to start over.")
-            for _, entry in lines:
-                self.done[entry["source"]] = (entry["audio"], entry["text"])
+            for _, entry in lines:  # a row done again (its recording replaced) has a later line
+                self.done[entry["source"]] = (entry["audio"], entry["text"], entry.get("recording"))
             print(f"resuming from {path}: {len(self.done)} clips already done")
             self.handle = open(path, "a", encoding="utf-8")
 
     def todo(self, clips: list) -> list:
-        """The clips not done yet. Stops when the done rows are not this input's rows (the input changed)."""
+        """The clips not done yet, and those whose recording was replaced since they were done. Stops
+        when the done rows are not this input's rows (the input changed)."""
         planned = {clip.source: clip for clip in clips}
-        for source, done in self.done.items():
+        replaced = set()
+        for source, (audio_path, text, recording) in self.done.items():
             clip = planned.get(source)
-            if clip is None or done != (clip.row["audio"], clip.row.get("text")):
+            if clip is None or (audio_path, text) != (clip.row["audio"], clip.row.get("text")):
                 raise SystemExit(f"error: {self.path}: the row {source} done by the earlier run is not that row "
                                  f"of this input: the input changed. Delete {self.path} to start over.")
-        return [clip for clip in clips if clip.source not in self.done]
+            if recording is not None and recording != recording_state(audio_path):  # None: written before this was kept
+                replaced.add(source)
+        if replaced:
+            print(f"{len(replaced)} recordings changed since the earlier run encoded them: encoding them again "
+                  f"(e.g. {min(replaced)})")
+        return [clip for clip in clips if clip.source not in self.done or clip.source in replaced]
 
     def append(self, entries: list):
         if self.handle is None:

@@ -14,6 +14,7 @@ voices to a CustomVoice model (or to a checkpoint of this trainer): its own spea
 
 import argparse
 import signal
+import sys
 from pathlib import Path
 
 # torch, accelerate and the model code are imported in main(), after the flags are read: --help
@@ -325,7 +326,8 @@ def main(argv=None):
     from qwen3_tts_sft.training_setup import AlreadyFinished, build_run, free_memory  # quietly imports qwen_tts
 
     try:
-        run = build_run(args)
+        with StopAtOnce():
+            run = build_run(args)
     except AlreadyFinished:  # a resume of a run that has nothing left to train (it said so)
         return
     try:
@@ -376,16 +378,15 @@ def train(run, stop_request) -> bool:
     return True
 
 
-class StopRequest:
-    """Turns SIGTERM / SIGINT (what schedulers send before preemption, and Ctrl-C) into a save-and-exit
-    at the next step, whether they are sent to this process or to the whole job (the data workers
-    leave them to this process: training_run.STOP_SIGNALS). Used as a context manager: the earlier
-    handlers are back afterwards, for whatever else runs in this process (tests, a notebook)."""
+class StopSignals:
+    """Inside a `with` block, SIGTERM and SIGINT (what schedulers send before preemption, and Ctrl-C)
+    go to self.handle, whether they are sent to this process or to the whole job (the data workers
+    leave them to this process: training_run.STOP_SIGNALS). The earlier handlers are back
+    afterwards, for whatever else runs in this process (tests, a notebook)."""
 
     def __init__(self):
         from qwen3_tts_sft.training_run import STOP_SIGNALS
 
-        self.signal_name = None
         self.earlier_handlers = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
 
     def __enter__(self):
@@ -394,6 +395,27 @@ class StopRequest:
     def __exit__(self, *exception):
         for signum, handler in self.earlier_handlers.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+    def handle(self, signum, frame):
+        raise NotImplementedError
+
+
+class StopAtOnce(StopSignals):
+    """While the run is being set up there is nothing to save: stop at once and say so, with the usual
+    exit status (128 + the signal), instead of dying silently (SIGTERM) or with a traceback (Ctrl-C)."""
+
+    def handle(self, signum, frame):
+        print(f"stopped by {signal.Signals(signum).name} while setting up, before the first step: nothing was "
+              f"trained or saved", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+
+class StopRequest(StopSignals):
+    """Turns a stop signal into a save-and-exit at the next step."""
+
+    def __init__(self):
+        self.signal_name = None
+        super().__init__()
 
     def handle(self, signum, frame):
         if self.signal_name is not None:  # a second signal: stop now

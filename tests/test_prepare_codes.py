@@ -326,6 +326,29 @@ def test_half_written_last_line_is_cut_and_redone(speech_tokenizer, clip_set, re
     assert_same_dataset(output, reference_run)
 
 
+def test_rerun_encodes_again_a_recording_replaced_since_it_was_done(speech_tokenizer, clip_set, killed_partial,
+                                                                     tmp_path, capsys):
+    """A user re-records a clip the killed run had already encoded, then carries on: the new recording's
+    codes are published, not the old ones, and no row is written twice."""
+    folder = tmp_path / "clip_set"
+    shutil.copytree(clip_set.parent, folder)  # copy2: the recordings keep their sizes and times
+    moved = killed_partial.read_text().replace(str(clip_set.parent), str(folder))
+    output = tmp_path / "out" / "train.jsonl"
+    output.parent.mkdir()
+    output.with_name("train.jsonl.partial").write_text(moved)
+    done = [json.loads(line) for line in moved.splitlines()[1:]]
+    replaced = next(entry for entry in done if entry["kept"])["audio"]
+    write_audio(Path(replaced), voice(1.5, 24000, seed=99), 24000)  # longer than any clip before: other codes
+
+    prepare(speech_tokenizer, folder / "raw.jsonl", output, "--batch_size", 2)
+
+    assert "1 recordings changed since the earlier run encoded them" in capsys.readouterr().out
+    fresh = tmp_path / "fresh" / "train.jsonl"
+    prepare(speech_tokenizer, folder / "raw.jsonl", fresh, "--batch_size", 2)
+    assert_same_dataset(output, fresh)
+    check_codes(next(row for row in read_jsonl(output) if row["audio"] == replaced), 1.5)
+
+
 def test_rerun_with_other_settings_or_input_is_refused(speech_tokenizer, clip_set, killed_partial, tmp_path):
     output = tmp_path / "train.jsonl"
     copy_partial(killed_partial, output)

@@ -92,6 +92,18 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_model, twel
     assert checkpoint.read_trainer_state(checkpoint.latest_checkpoint(tmp_path / "out")).progress.step == 12
 
 
+def test_sigterm_while_setting_up_says_nothing_was_saved(tiny_model, twelve_clips, tmp_path):
+    """Preempted while the model loads: no traceback, no silent death; the usual exit status."""
+    process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "out"), "train data: ",
+                                 stderr=subprocess.PIPE)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, errors[-3000:]
+    assert "stopped by SIGTERM while setting up, before the first step: nothing was trained or saved" in errors
+    assert "Traceback" not in errors
+    assert checkpoint.latest_checkpoint(tmp_path / "out") is None
+
+
 def test_sigterm_to_the_whole_job_with_data_workers_saves_and_exits_cleanly(tiny_model, twelve_clips, tmp_path):
     """What Slurm preemption, `timeout` and `kill -TERM -PGID` do: every process of the job, the data
     loader's workers (the default --num_workers 2) included, gets the signal."""
