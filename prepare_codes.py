@@ -303,6 +303,13 @@ def recording_state(file) -> list:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def input_state(clip) -> dict:
+    """What a progress line records of its input row, to tell on a resume whether the row was fixed (its
+    text, speaker, language, reference or segments) or its recording replaced since it was encoded."""
+    row = json.dumps(dict(row=clip.row, segments=clip.segments, line=clip.input), sort_keys=True, ensure_ascii=False)
+    return dict(row_sha256=hashlib.sha256(row.encode()).hexdigest(), recording=recording_state(clip.row["audio"]))
+
+
 def check_inputs(inputs: list, output: Path):
     """Refuse, before any work, inputs whose rows would be read twice, and an output whose own files
     a folder input would read back as recordings next time."""
@@ -431,9 +438,9 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
         throughput = decode_and_encode(todo, args, checks, progress, show_reject, done_seconds, len(clips))
     progress.close()
 
-    latest = {}  # source -> (offset, entry): a row encoded again replaces its earlier line
+    latest, planned_sources = {}, {clip.source for clip in clips}  # a row encoded again replaces its earlier line
     for offset, entry in read_lines(progress.path) if progress.path.exists() else []:
-        if "settings" not in entry:
+        if entry.get("source") in planned_sources:
             latest[entry["source"]] = offset, entry
     kept, decode_rejects = [], []
     for offset, entry in latest.values():
@@ -587,8 +594,7 @@ def take_entry(take: list, codes: dict) -> dict:
     """The progress line of one input row: its kept output rows and its rejects."""
     clip = take[0].clip
     kept = [output_row(piece, codes.get(id(piece))) for piece in take if piece.reject is None]
-    return dict(source=clip.source, audio=clip.row["audio"], text=clip.row.get("text"),
-                recording=recording_state(clip.row["audio"]), kept=kept,
+    return dict(source=clip.source, audio=clip.row["audio"], **input_state(clip), kept=kept,
                 rejected=[asdict(piece.reject) for piece in take if piece.reject is not None])
 
 
@@ -610,7 +616,7 @@ def output_row(piece, codes) -> dict:
 
 class ProgressFile:
     """OUTPUT.partial: a settings line, then a line per finished input row:
-    {"source", "audio", "text", "kept": [output rows], "rejected": [rejects]}.
+    {"source", "audio", "row_sha256", "recording", "kept": [output rows], "rejected": [rejects]}.
 
     Appended and flushed batch by batch, so a crash loses at most the batch being written. The file
     is created with the first batch: a run that fails before it (a wrong tokenizer path) leaves nothing.
@@ -618,7 +624,7 @@ class ProgressFile:
 
     def __init__(self, path: Path, settings: dict):
         self.path, self.settings, self.handle = path, settings, None
-        self.done = {}  # source -> (audio, text) of the input row
+        self.done = {}  # source -> input_state of the row when it was encoded
         cut = cut_partial_last_line(path) if path.exists() else 0
         if cut:
             print(f"{path}: cut off a half-written last line ({cut} bytes) left by an interrupted run")
@@ -629,27 +635,24 @@ class ProgressFile:
             if differences:
                 raise SystemExit(f"error: {path} holds a run started with other settings: {', '.join(differences)}. "
                                  f"Run with the earlier settings to carry on, or delete it to start over.")
-            for _, entry in lines:  # a row done again (its recording replaced) has a later line
-                self.done[entry["source"]] = (entry["audio"], entry["text"], entry.get("recording"))
+            for _, entry in lines:  # a row encoded again has a later line
+                self.done[entry["source"]] = {key: entry.get(key) for key in ("row_sha256", "recording")}
             print(f"resuming from {path}: {len(self.done)} clips already done")
             self.handle = open(path, "a", encoding="utf-8")
 
     def todo(self, clips: list) -> list:
-        """The clips not done yet, and those whose recording was replaced since they were done. Stops
-        when the done rows are not this input's rows (the input changed)."""
-        planned = {clip.source: clip for clip in clips}
-        replaced = set()
-        for source, (audio_path, text, recording) in self.done.items():
-            clip = planned.get(source)
-            if clip is None or (audio_path, text) != (clip.row["audio"], clip.row.get("text")):
-                raise SystemExit(f"error: {self.path}: the row {source} done by the earlier run is not that row "
-                                 f"of this input: the input changed. Delete {self.path} to start over.")
-            if recording is not None and recording != recording_state(audio_path):  # None: written before this was kept
-                replaced.add(source)
-        if replaced:
-            print(f"{len(replaced)} recordings changed since the earlier run encoded them: encoding them again "
-                  f"(e.g. {min(replaced)})")
-        return [clip for clip in clips if clip.source not in self.done or clip.source in replaced]
+        """The clips to encode: those not done yet, and those whose row or recording changed since the
+        interrupted run encoded them (a line written before this was recorded counts as changed)."""
+        changed = [clip.source for clip in clips if clip.source in self.done
+                   and self.done[clip.source] != input_state(clip)]
+        gone = set(self.done) - {clip.source for clip in clips}
+        if changed:
+            print(f"{len(changed)} rows or their recordings changed since the earlier run encoded them: "
+                  f"encoding them again (e.g. {changed[0]})")
+        if gone:
+            print(f"{len(gone)} rows the earlier run encoded are no longer in the input: left out "
+                  f"(e.g. {min(gone)})")
+        return [clip for clip in clips if clip.source not in self.done or clip.source in changed]
 
     def append(self, entries: list):
         if self.handle is None:

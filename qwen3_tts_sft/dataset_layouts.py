@@ -33,8 +33,11 @@ import numpy as np
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.languages import PUBLISHED_LANGUAGE_IDS, language_problem, model_languages
 
-# Files the folder and LJSpeech layouts take as audio: what soundfile (libsndfile 1.1+) decodes.
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
+# Files the folder and LJSpeech layouts take as audio (any case): what soundfile (libsndfile 1.1+)
+# decodes. Audio it cannot decode is rejected by name rather than passed over in silence.
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".caf",
+                    ".w64", ".rf64", ".au", ".snd")
+UNDECODED_AUDIO_EXTENSIONS = (".m4a", ".aac", ".mp4", ".wma", ".webm", ".amr", ".ape", ".wv", ".mka", ".ac3")
 TRANSCRIPT_EXTENSIONS = (".txt", ".lab")
 
 # The fields of a JSONL input row that prepare_codes reads; "segments" aligns a long take's transcript.
@@ -188,7 +191,9 @@ def ljspeech_rows(metadata: Path):
         # Split on "|" only: LJSpeech texts hold quotes that a CSV reader would eat.
         clip_id, *texts = [column.strip() for column in line.split("|")]
         if not texts:
-            yield Reject(source, "missing_transcript", "text", "the line has no text column (id|text)", line)
+            comma = ("; it looks comma-separated (a Hugging Face audiofolder metadata.csv?): give it as a JSONL "
+                     "instead" if "," in line else "")
+            yield Reject(source, "missing_transcript", "text", f"the line has no text column (id|text){comma}", line)
             continue
         if len(texts) > 2:  # which column is the text is anyone's guess: keep no wrong transcript
             yield Reject(source, "bad_row", "text", f"the line has {len(texts) + 1} columns where LJSpeech has 2 or 3 "
@@ -204,22 +209,35 @@ def find_audio(folders: tuple, clip_id: str) -> Path:
     metadata.csv's own folder, where an id like wavs/0001.wav is relative to); the first .wav path
     when none exists."""
     candidates = [folder / name for folder in folders
-                  for name in [clip_id] + [clip_id + extension for extension in AUDIO_EXTENSIONS]]
+                  for name in [clip_id] + [clip_id + case(extension) for extension in AUDIO_EXTENSIONS
+                                           for case in (str, str.upper)]]
     return next((path for path in candidates if path.is_file()), candidates[1])
 
 
 def folder_rows(folder: Path):
-    audio_files = sorted((str(path.resolve()) for path in folder.rglob("*")
-                          if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()))
-    for audio_file in audio_files:
-        # take.txt, take.TXT, take.lab, and take.wav.txt as some tools write it.
-        names = [Path(audio_file).with_suffix(case(ext)) for ext in TRANSCRIPT_EXTENSIONS for case in (str, str.upper)]
-        names += [Path(audio_file + ext) for ext in TRANSCRIPT_EXTENSIONS]
-        transcripts = list(dict.fromkeys(path for path in names if path.is_file()))
+    """Every audio file below the folder, with the transcript beside it as listed: a symbolic link's
+    transcript is the one beside the link, and its source the link's path."""
+    files = sorted(path for path in folder.resolve().rglob("*")  # a link to nowhere: rejected as missing
+                   if (path.is_file() or path.is_symlink() and not path.exists())
+                   and not path.name.startswith("._"))  # ._name: macOS metadata, not audio
+    by_name = {}  # (folder, lower-case name) -> files: take.txt, take.TXT and take.Txt alike
+    for path in files:
+        by_name.setdefault((path.parent, path.name.lower()), []).append(path)
+    for path in files:
+        audio_file = str(path)
+        if path.suffix.lower() in UNDECODED_AUDIO_EXTENSIONS:
+            yield Reject(audio_file, "unreadable_audio", "audio", f"{path.suffix} audio is not a format soundfile "
+                         f"decodes; convert it (e.g. ffmpeg -i '{path.name}' '{path.stem}.flac')")
+            continue
+        if path.suffix.lower() not in AUDIO_EXTENSIONS:
+            continue
+        # take.txt, take.lab, and take.wav.txt as some tools write it.
+        names = [path.stem + extension for extension in TRANSCRIPT_EXTENSIONS]
+        names += [path.name + extension for extension in TRANSCRIPT_EXTENSIONS]
+        transcripts = [found for name in names for found in by_name.get((path.parent, name.lower()), [])]
         if not transcripts:
-            stem = Path(audio_file).stem
             yield InputRow(audio_file, dict(audio=audio_file), None,
-                           missing_text=f"no {stem}.txt or {stem}.lab beside the audio")
+                           missing_text=f"no {path.stem}.txt or {path.stem}.lab beside the audio")
             continue
         texts = {}
         for transcript in transcripts:

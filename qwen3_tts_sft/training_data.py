@@ -52,11 +52,13 @@ NOT_ENCODED = "missing: the row has its audio but no codes yet"
 
 
 def resolve_path(value: str, jsonl_dir: Path) -> Path:
-    """A path from the JSONL: as given if it exists from here, else relative to the JSONL's folder."""
+    """A path from the JSONL: relative to the JSONL's folder; if nothing is there, relative to the
+    working directory (the reference script's rows are written that way). The JSONL's folder comes
+    first, so that the same command run from another folder reads the same recordings."""
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    return jsonl_dir / path
+    if path.is_absolute() or (jsonl_dir / path).exists() or not path.exists():
+        return jsonl_dir / path
+    return path
 
 
 def make_prompter(processor, config):

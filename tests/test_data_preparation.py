@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -553,3 +554,42 @@ def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path)
     (clips / "a.lab").write_text("What  was said.\n")  # the same words: no conflict
     [row] = read_input("folder", clips)
     assert row.row["text"] == "What was said."
+
+
+def test_folder_layout_reads_links_cases_and_names_what_it_cannot_decode(tmp_path):
+    """A data set built from symbolic links, transcripts named with any case, formats soundfile reads
+    beyond WAV and FLAC; audio it cannot decode is named, not passed over; macOS ._ files are skipped."""
+    pool, clips = tmp_path / "pool", tmp_path / "clips"
+    write(pool / "aaa.wav", speech(1.0, seed=1))
+    (pool / "aaa.txt").write_text("The pool's own text, for something else.")
+    clips.mkdir()
+    (clips / "take1.wav").symlink_to(pool / "aaa.wav")
+    (clips / "take1.txt").write_text("The take's text.")
+    write(clips / "Upper.WAV", speech(1.0, seed=2))
+    (clips / "Upper.Txt").write_text("Mixed-case transcript.")
+    write(clips / "apple.caf", speech(1.0, seed=3), format="CAF")
+    (clips / "apple.txt").write_text("From a CAF file.")
+    (clips / "phone.m4a").write_bytes(b"\0\0\0\x20ftypM4A ")
+    (clips / "phone.txt").write_text("Not decodable here.")
+    (clips / "._Upper.WAV").write_bytes(b"\0\x05\x16\x07")
+    (clips / "gone.wav").symlink_to(tmp_path / "deleted.wav")
+    (clips / "gone.txt").write_text("Its file was deleted.")
+
+    rows = {Path(item.source).name: item for item in read_input("folder", clips)}
+
+    assert set(rows) == {"take1.wav", "Upper.WAV", "apple.caf", "phone.m4a", "gone.wav"}
+    assert rows["take1.wav"].row == dict(audio=str(clips / "take1.wav"), text="The take's text.")
+    assert rows["Upper.WAV"].row["text"] == "Mixed-case transcript."
+    assert rows["apple.caf"].row["text"] == "From a CAF file."
+    assert isinstance(rows["phone.m4a"], Reject) and "convert it" in rows["phone.m4a"].problem
+    checker = RowChecker(Limits(0.5, 30))
+    assert isinstance(checker.check(rows["apple.caf"]), PlannedClip)
+    assert checker.check(rows["gone.wav"]).reason == "missing_audio"
+
+
+def test_ljspeech_ids_find_clips_with_upper_case_extensions(tmp_path):
+    write(tmp_path / "wavs" / "LJ000.WAV", speech(1.0))
+    (tmp_path / "metadata.csv").write_text("LJ000|Upper-case file name.\nfile_name,transcription\n")
+    row, comma = read_input("ljspeech", tmp_path / "metadata.csv")
+    assert row.row["audio"] == str(tmp_path / "wavs" / "LJ000.WAV")
+    assert "comma-separated" in comma.problem

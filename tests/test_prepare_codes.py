@@ -175,6 +175,21 @@ def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer,
     assert not (output.parent / "train.jsonl.partial").exists()
 
 
+def test_relative_paths_are_read_beside_the_jsonl_from_any_folder(speech_tokenizer, tmp_path, monkeypatch):
+    """Two data sets with the same file names: run from one, prepare the other, and get the other's audio."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    write_audio(here / "wavs" / "0.wav", voice(0.6, 24000, 1), 24000)
+    write_audio(there / "wavs" / "0.wav", voice(1.1, 24000, 2), 24000)
+    raw = write_jsonl(there / "raw.jsonl", [dict(audio="wavs/0.wav", text="From over there.", speaker="x")])
+    monkeypatch.chdir(here)
+
+    prepare(speech_tokenizer, raw, tmp_path / "out" / "train.jsonl")
+
+    [row] = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert row["audio"] == str(there / "wavs" / "0.wav")
+    check_codes(row, 1.1)
+
+
 def test_ljspeech_layout(speech_tokenizer, tmp_path):
     ljs = tmp_path / "LJSpeech"
     for clip_id, seconds in (("LJ001", 0.6), ("LJ003", 0.7), ("LJ004", 0.6), ("LJ005", 0.6), ("LJ007", 0.6),
@@ -270,8 +285,11 @@ def reference_run(speech_tokenizer, clip_set, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed_partial(speech_tokenizer, clip_set, tmp_path_factory):
+    return run_killed_after_two_batches(speech_tokenizer, clip_set, tmp_path_factory.mktemp("killed") / "train.jsonl")
+
+
+def run_killed_after_two_batches(speech_tokenizer, clip_set, output):
     """The progress file of a run SIGKILLed after its second batch (a child process, as a user runs it)."""
-    output = tmp_path_factory.mktemp("killed") / "train.jsonl"
     result = run_script(ROOT / "prepare_codes.py", "--tokenizer_model_path", speech_tokenizer, "--input", clip_set,
                         "--output_jsonl", output, "--device", "cpu", "--batch_size", 2, check=False, timeout=180,
                         env=dict(os.environ, **{prepare_codes.KILL_HOOK: "2"}))
@@ -326,45 +344,54 @@ def test_half_written_last_line_is_cut_and_redone(speech_tokenizer, clip_set, re
     assert_same_dataset(output, reference_run)
 
 
-def test_rerun_encodes_again_a_recording_replaced_since_it_was_done(speech_tokenizer, clip_set, killed_partial,
-                                                                     tmp_path, capsys):
+def test_rerun_encodes_again_a_recording_replaced_since_it_was_done(speech_tokenizer, clip_set, tmp_path, capsys):
     """A user re-records a clip the killed run had already encoded, then carries on: the new recording's
     codes are published, not the old ones, and no row is written twice."""
     folder = tmp_path / "clip_set"
-    shutil.copytree(clip_set.parent, folder)  # copy2: the recordings keep their sizes and times
-    moved = killed_partial.read_text().replace(str(clip_set.parent), str(folder))
+    shutil.copytree(clip_set.parent, folder)
     output = tmp_path / "out" / "train.jsonl"
-    output.parent.mkdir()
-    output.with_name("train.jsonl.partial").write_text(moved)
-    done = [json.loads(line) for line in moved.splitlines()[1:]]
+    partial = run_killed_after_two_batches(speech_tokenizer, folder / "raw.jsonl", output)
+    done = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
     replaced = next(entry for entry in done if entry["kept"])["audio"]
     write_audio(Path(replaced), voice(1.5, 24000, seed=99), 24000)  # longer than any clip before: other codes
 
     prepare(speech_tokenizer, folder / "raw.jsonl", output, "--batch_size", 2)
 
-    assert "1 recordings changed since the earlier run encoded them" in capsys.readouterr().out
+    assert "1 rows or their recordings changed since the earlier run encoded them" in capsys.readouterr().out
     fresh = tmp_path / "fresh" / "train.jsonl"
     prepare(speech_tokenizer, folder / "raw.jsonl", fresh, "--batch_size", 2)
     assert_same_dataset(output, fresh)
     check_codes(next(row for row in read_jsonl(output) if row["audio"] == replaced), 1.5)
 
 
-def test_rerun_with_other_settings_or_input_is_refused(speech_tokenizer, clip_set, killed_partial, tmp_path):
+def test_rerun_with_other_settings_is_refused(speech_tokenizer, clip_set, killed_partial, tmp_path):
     output = tmp_path / "train.jsonl"
     copy_partial(killed_partial, output)
     with pytest.raises(SystemExit, match=r"--max_seconds 30.0 \(now 20.0\)"):
         prepare(speech_tokenizer, clip_set, output, "--max_seconds", 20)
 
-    # The same input file name, other rows: the done rows no longer match.
-    changed = clip_set.with_name("changed.jsonl")
-    changed.write_text(clip_set.read_text().replace("Sentence number", "Sentence"))
-    partial = output.with_name("train.jsonl.partial")
-    first, *rest = partial.read_text().splitlines(keepends=True)
-    settings = json.loads(first)
-    settings["settings"]["input"] = [str(changed)]  # a list: several --input may be given
-    partial.write_text(json.dumps(settings) + "\n" + "".join(rest))
-    with pytest.raises(SystemExit, match="the input changed"):
-        prepare(speech_tokenizer, changed, output)
+
+def test_rerun_after_rows_were_fixed_encodes_them_again(speech_tokenizer, clip_set, tmp_path, capsys):
+    """Interrupted, then rows fixed (another speaker, language, text) before carrying on: the result
+    is the fixed input's, as if the run had never stopped."""
+    shutil.copytree(clip_set.parent, tmp_path / "clip_set")
+    raw, output = tmp_path / "clip_set" / "raw.jsonl", tmp_path / "out" / "train.jsonl"
+    partial = run_killed_after_two_batches(speech_tokenizer, raw, output)
+    done_lines = [int(json.loads(line)["source"].rpartition(":")[2]) for line in partial.read_text().splitlines()[1:]]
+    rows = read_jsonl(raw)
+    fixed_line = min(line for line in done_lines if rows[line - 1]["audio"].startswith("clip_"))
+    rows[fixed_line - 1].update(speaker="carol", language="german", text="Ein anderer Satz.")
+    write_jsonl(raw, rows)
+
+    prepare(speech_tokenizer, raw, output, "--batch_size", 2)
+
+    assert "1 rows or their recordings changed since the earlier run encoded them" in capsys.readouterr().out
+    fresh = tmp_path / "fresh" / "train.jsonl"
+    prepare(speech_tokenizer, raw, fresh, "--batch_size", 2)
+    assert_same_dataset(output, fresh)
+    carol = [row for row in read_jsonl(output) if row["speaker"] == "carol"]
+    assert [(row["source"], row["language"], row["text"]) for row in carol] == [
+        (f"{raw}:{fixed_line}", "german", "Ein anderer Satz.")]
 
 
 def test_rerun_of_a_complete_output_does_nothing(speech_tokenizer, clip_set, reference_run, capsys):
