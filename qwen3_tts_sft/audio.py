@@ -183,15 +183,17 @@ class DecodedAudio:
         return bool(np.isfinite(self.samples).all())
 
 
-# What libmpg123 writes straight to the process's stderr for a cut MP3 (which the truncation check
-# then names): it would break the progress bar.
-MPG123_CUT_NOTICE = "Xing stream size off by more than"
+# What libmpg123 writes straight to the process's stderr when an MP3's size disagrees with its Xing
+# header: cut short, or MP3s joined end to end (then only the first one's length decodes). The
+# truncation check names both; the notice itself would break the progress bar.
+MPG123_SIZE_NOTICE = "Xing stream size off by more than"
 
 
 def libsndfile(path):
-    """Around each soundfile call on `path`: without libmpg123's notice on a cut MP3."""
+    """Around each soundfile call on `path`: without libmpg123's size notice, which lands in the list
+    the block yields."""
     mp3 = Path(path).suffix.lower() == ".mp3"
-    return quiet.shell_stderr_without(MPG123_CUT_NOTICE) if mp3 else contextlib.nullcontext()
+    return quiet.shell_stderr_without(MPG123_SIZE_NOTICE) if mp3 else contextlib.nullcontext([])
 
 
 def read_native(path) -> tuple:
@@ -240,9 +242,9 @@ def truncation(path, decoded_frames: int, file_rate: int):
     """Why a file counts as cut short, or None. libsndfile reads what is there and says nothing:
     it takes a WAV's length from the file's size, not from its data chunk, and a cut Ogg simply
     ends; so the data size a WAV-family header declares, and the Ogg pages, are read here."""
-    data = wav_data(path)
+    data, size_notices = wav_data(path), []
     if data is None:  # FLAC and MP3 headers give the full frame count
-        with libsndfile(path):
+        with libsndfile(path) as size_notices:
             declared = sf.info(str(path)).frames
         found, per_second, found_is = decoded_frames, file_rate, "only {:.2f} s can be decoded"
     elif data.declared_bytes is not None:
@@ -254,6 +256,9 @@ def truncation(path, decoded_frames: int, file_rate: int):
     tolerance = max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * per_second)
     if declared - found > tolerance:
         return f"truncated: the header says {declared / per_second:.2f} s, " + found_is.format(found / per_second)
+    if size_notices:
+        return (f"the MP3 holds more than its header (Xing frame) counts, and only {found / per_second:.2f} s of "
+                f"it decode: MP3s joined end to end? Re-encode the whole (e.g. ffmpeg -i in.mp3 out.flac)")
     return ogg_truncation(path)
 
 

@@ -44,18 +44,19 @@ def without_sox_notice(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def shell_stderr_without(notice: str):
     """Send file descriptor 2 (where child shells and C libraries write) to a temporary file, then
-    copy back every line of it that does not contain `notice`."""
+    copy back every line of it that does not contain `notice`. Yields a list that receives, on the
+    way out, the lines left out."""
     sys.stderr.flush()
     saved = os.dup(2)
+    left_out = []
     with tempfile.TemporaryFile() as written:
         os.dup2(written.fileno(), 2)
         try:
-            yield
+            yield left_out
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             written.seek(0)
-            kept = [line for line in written.read().decode(errors="replace").splitlines(keepends=True)
-                    if notice not in line]
-            sys.stderr.write("".join(kept))
+            for line in written.read().decode(errors="replace").splitlines(keepends=True):
+                (left_out.append if notice in line else sys.stderr.write)(line)

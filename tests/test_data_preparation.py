@@ -254,7 +254,18 @@ def test_cut_files_are_found_out(tmp_path, name, options, keep, capfd):
         return
     assert audio.probe(path)[1] is None
     assert audio.decode(path, 24000).truncated.startswith("truncated: ")
-    assert audio.MPG123_CUT_NOTICE not in capfd.readouterr().err
+    assert audio.MPG123_SIZE_NOTICE not in capfd.readouterr().err
+
+
+def test_mp3s_joined_end_to_end_are_not_kept_in_part(tmp_path, capfd):
+    """`cat part1.mp3 part2.mp3 > whole.mp3`: libmpg123 decodes only the first part's length, which
+    its header gives, so the file is not read whole."""
+    parts = [write(tmp_path / f"part{index}.mp3", speech(2.0, seed=index)).read_bytes() for index in range(2)]
+    (tmp_path / "whole.mp3").write_bytes(b"".join(parts))
+    assert audio.decode(tmp_path / "part0.mp3", 24000).truncated is None
+    problem = audio.decode(tmp_path / "whole.mp3", 24000).truncated
+    assert problem is not None and "MP3s joined end to end?" in problem
+    assert audio.MPG123_SIZE_NOTICE not in capfd.readouterr().err
 
 
 def test_an_ogg_cut_between_pages_or_inside_its_last_page_is_found_out(tmp_path):
