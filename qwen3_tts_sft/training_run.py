@@ -459,7 +459,9 @@ class TrainingRun:
             "  speakers: " + ", ".join(f"{s.name} (codec id {s.codec_id}, {len(s.reference_audio)} reference clips)"
                                         for s in self.speaker_table if not s.kept),
             f"  batch: {args.batch_size} per process x {args.gradient_accumulation_steps} accumulation x "
-            f"{accelerator.num_processes} processes = {clips_per_step} clips per step",
+            f"{accelerator.num_processes} processes = {clips_per_step} clips per step"
+            + (f"; note: the {len(self.train_set.clips)} training clips fill less than one step, so each epoch is "
+               f"one smaller step" if clips_per_step > len(self.train_set.clips) * len(settings.layouts) else ""),
             f"  steps: {self.steps_per_epoch} per epoch x {args.num_epochs} epochs -> {self.total_steps} optimizer "
             f"steps, {args.warmup_steps} warmup, {args.lr_scheduler} schedule, peak lr "
             f"{peak_lr:.3g}" + (f" (--lr {args.lr:g})" if peak_lr < args.lr else "")

@@ -18,7 +18,7 @@ def test_steps_warmup_and_decay_follow_the_flags(tiny_model, coded_clips, tmp_pa
     output = train(tiny_model, coded_clips, tmp_path / "out", batch_size=2, gradient_accumulation_steps=2,
                    num_epochs=3, warmup_steps=2, lr=1e-3, lr_scheduler="linear", save_total_limit=0)
     printed = capsys.readouterr().out
-    assert "= 4 clips per step" in printed
+    assert "= 4 clips per step" in printed and "fill less than one step" not in printed
     assert "2 per epoch x 3 epochs -> 6 optimizer steps" in printed
     assert sorted(p.name for p in output.glob("checkpoint-*")) == [f"checkpoint-epoch-{e}" for e in range(3)]
 
@@ -26,6 +26,11 @@ def test_steps_warmup_and_decay_follow_the_flags(tiny_model, coded_clips, tmp_pa
     assert state["step"] == 6
     # The rate each update used: linear warmup from 0 over 2 steps, then linear decay to 0 at step 6.
     assert rates == pytest.approx([0.0, 0.5e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+
+
+def test_a_batch_larger_than_the_data_is_pointed_out(tiny_model, coded_clips, tmp_path, capsys):
+    train(tiny_model, coded_clips, tmp_path / "out", batch_size=8, gradient_accumulation_steps=2, max_steps=1)
+    assert "= 16 clips per step; note: the 8 training clips fill less than one step" in capsys.readouterr().out
 
 
 def test_max_steps_stops_early_with_a_step_checkpoint(tiny_model, coded_clips, tmp_path):
