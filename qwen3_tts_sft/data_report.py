@@ -10,10 +10,12 @@ Checks across clips, per speaker:
                     text over other audio: flagged (a retake is fine, a copied transcript is not)
 References, for rows without a ref_audio: a speaker's references are its `references_per_speaker`
 cleanest clips: no flags (so not clipped, not of a low rate), REFERENCE_SECONDS long where it can,
-little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a piece of a long take is written, as encoded,
-beside the output (the trainer reads reference clips from files).
+little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a
+piece of a long take is written, as encoded, beside the output (the trainer reads reference clips
+from files), under a name of its speaker's own (reference_name).
 """
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -135,12 +137,21 @@ def reference_file(clip: ClipInfo, folder: Path, number: int) -> str:
     samples = audio.load_mono(clip.row_audio, rate)[round(quality["start"] * rate):round(quality["end"] * rate)]
     samples = samples * np.float32(10 ** (quality.get("gain_db", 0.0) / 20))
     folder.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^\w.-]+", "_", clip.speaker).strip("._") or "speaker"
-    path = folder / f"{name}-{number}.wav"
+    path = folder / f"{reference_name(clip.speaker)}-{number}.wav"
     import soundfile
 
     soundfile.write(path, samples, rate, subtype="PCM_16")
     return str(path)
+
+
+def reference_name(speaker: str) -> str:
+    """The speaker's name as a file name, one per speaker and the same on every run: a name that is
+    not a safe file name as it is gets cleaned up and a short hash of the exact name added, so that
+    "x y" and "x_y" do not write (and read) each other's reference files."""
+    name = re.sub(r"[^\w.-]+", "_", speaker).strip("._") or "speaker"
+    if name != speaker:
+        name += "-" + hashlib.sha1(speaker.encode()).hexdigest()[:8]
+    return name
 
 
 def spread(values) -> dict:

@@ -6,6 +6,7 @@ Whisper, reference checks and choice, the quality report, and the command line i
 Most runs use --validate_only (no encoding); one encodes, on the tiny speech tokenizer."""
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -18,7 +19,7 @@ import pytest
 
 import prepare_codes
 from helpers import ROOT, read_jsonl
-from qwen3_tts_sft import audio, voice_activity
+from qwen3_tts_sft import audio, data_report, voice_activity
 from qwen3_tts_sft.dataset_layouts import (AudioChecks, Limits, PlannedClip, Processing, Reject, RowChecker,
                                            read_input)
 from recordings import cut_short, room_tone, speech, write, write_tiny_whisper
@@ -390,6 +391,35 @@ def test_model_folder_as_tokenizer_path_and_segment_references(tiny_model, tmp_p
     assert lengths == pytest.approx(sorted(row["quality"]["seconds"] * 24000 for row in rows), abs=50)  # ms-rounded
     for path in references:
         assert audio.integrated_loudness(audio.load_mono(path, 24000), 24000) == pytest.approx(-23.0, abs=0.3)
+
+
+def test_speakers_whose_names_clean_up_alike_keep_their_own_references(tiny_model, tmp_path):
+    """"x y" and "x_y" are two voices: each one's written references are its own pieces, in files
+    of its own, named the same way on every run."""
+    data = tmp_path / "data"
+    lines = []
+    for seed, speaker in ((1, "x y"), (2, "x_y")):
+        take = np.concatenate([speech(1.8, seed=seed), room_tone(0.6), speech(1.8, seed=seed + 10)])
+        write(data / f"take{seed}.wav", take)
+        segments = [dict(start=0.0, end=1.9, text="a" * 25), dict(start=2.3, end=4.2, text="b" * 25)]
+        lines.append(json.dumps(dict(audio=f"take{seed}.wav", speaker=speaker, segments=segments)))
+    raw = data / "raw.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+    prepare_codes.main(["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0",
+                        "--tokenizer_model_path", str(tiny_model)])
+
+    references = {}
+    for row in read_jsonl(output):
+        references.setdefault(row["speaker"], set()).add(row["ref_audio"])
+    assert len(references["x y"]) == len(references["x_y"]) == 2 and not references["x y"] & references["x_y"]
+    assert len(list(output.with_name("train.jsonl.references").iterdir())) == 4
+    report = json.loads(output.with_name("train.jsonl.report.json").read_text())
+    for speaker, line in (("x y", 1), ("x_y", 2)):  # each speaker's references come from its own take
+        assert {reference["source"].rsplit("#", 1)[0] for reference in report["speakers"][speaker]["references"]} \
+            == {f"{raw}:{line}"}
+    assert data_report.reference_name("x_y") == "x_y"
+    assert data_report.reference_name("x y") == "x_y-" + hashlib.sha1(b"x y").hexdigest()[:8]
 
 
 def encode_one(tiny_model, folder, samples, speaker: str, text: str) -> dict:
