@@ -1,7 +1,8 @@
 """The dataset as a whole, once every clip is decoded: checks across clips, the choice of reference
 clips, and the quality report (OUTPUT.report.json and its plot, OUTPUT.report.png).
 
-Checks across clips, per speaker:
+First, per clip: a clip faster than MAX_CHARACTERS_PER_SECOND is rejected whatever its speaker (no
+language is spoken that fast: the text is not what the clip says). Then across clips, per speaker:
     speaking rate   characters per second against the speaker's median (over at least
                     MIN_CLIPS_FOR_MEDIAN clips): beyond --flag_rate_ratio (either way) the clip is
                     flagged, beyond --reject_rate_ratio rejected. A transcript that belongs to another
@@ -27,6 +28,11 @@ from qwen3_tts_sft import audio
 from qwen3_tts_sft.transcription import normalise
 
 MIN_CLIPS_FOR_MEDIAN = 5
+# Read speech stays below about 25 characters/s in any language: English, Spanish and the like, spaces
+# and punctuation counted, are the fastest in characters (15-20 is a brisk reading), Chinese and
+# Japanese, about a syllable or a mora a character, run at 5-10. 40 leaves room for a fast talker, a
+# short clip and notes such as "[laughter]"; the transcript of a longer clip lands far beyond it.
+MAX_CHARACTERS_PER_SECOND = 40.0
 REFERENCE_SECONDS = (3.0, 10.0)  # README: a clean 3-10 s clip makes a good reference
 MAX_REFERENCE_SILENCE = 1.0      # seconds of edge silence in a file that a reference had better not have
 NO_SPEAKER = "(no speaker field)"
@@ -69,8 +75,13 @@ class DatasetChecks:
     def run(self, clips: list) -> tuple:
         """(rejects {source: (reason, problem)}, median rate per speaker); flags are added to the clips."""
         rejects = {}
+        for clip in clips:  # first: a clip that no speaker could say must not count as anyone's audio or rate
+            if clip.rate > MAX_CHARACTERS_PER_SECOND:
+                rejects[clip.source] = ("speaking_rate", impossible_rate(clip))
         first_audio, first_text = {}, {}
         for clip in clips:
+            if clip.source in rejects:
+                continue
             sha1 = clip.quality.get("sha1")
             if sha1 in first_audio:
                 rejects[clip.source] = ("duplicate_audio", f"the same audio as {first_audio[sha1]}")
@@ -104,6 +115,13 @@ class DatasetChecks:
             if speaker in wanted:
                 chosen[speaker] = sorted(group, key=reference_rank)[:self.references_per_speaker]
         return chosen
+
+
+def impossible_rate(clip: ClipInfo) -> str:
+    where = clip.row_audio + (f" from {clip.quality['start']:.2f} s" if clip.segment else "")
+    return (f"{where}: {len(clip.text)} characters in {clip.seconds:.2f} s is {clip.rate:.1f} characters/s, beyond "
+            f"the {MAX_CHARACTERS_PER_SECOND:g} that any language is spoken at: the text is not what this clip says, "
+            f"or the audio is cut")
 
 
 def by_speaker(clips) -> dict:

@@ -54,7 +54,8 @@ REJECT_REASONS = (
     "silent",              # quieter than --silence_dbfs
     "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
     "bad_ref_audio",       # the reference clip is missing, unreadable, silent, of a low rate or out of bounds
-    "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median
+    "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median,
+                           # or beyond data_report.MAX_CHARACTERS_PER_SECOND (any speaker)
     "duplicate_audio",     # the same samples as an earlier clip
 )
 

@@ -68,7 +68,7 @@ def faulty_dataset(tmp_path_factory):
             row(f"{speaker}_{index}.wav", voice, text, speaker)
     row("anna_0.wav", None, "The same audio again.", "anna")                                  # 13 duplicate audio
     row("retake.wav", speech(len(SENTENCES[1]) / RATE, pitch=210, seed=99), SENTENCES[1], "anna")  # 14 duplicate text
-    row("wrong.wav", speech(1.2, pitch=210, seed=98), SENTENCES[2] + " " + SENTENCES[3], "anna")   # 15 ~5x the rate
+    row("wrong.wav", speech(4.0, pitch=210, seed=98), "How are you?", "anna")                    # 15 ~0.2x the rate
     row("loose.wav", speech(2.2, pitch=210, seed=97), SENTENCES[4] + " Again.", "anna")           # 16 ~1.7x the rate
     row("truncated.wav", speech(3.12, pitch=210, seed=96), "This file was cut short.", "anna")    # 17
     cut_short(folder / "truncated.wav", 0.4)
@@ -153,9 +153,29 @@ def test_wrong_transcripts_are_rejected_and_doubtful_ones_flagged(faulty_report)
     assert "rejected: " in printed and f"{rejects['raw.jsonl:15']['source']}: text: " in printed
     fed_again = json.loads(rejects["raw.jsonl:15"]["input"])
     assert fed_again["audio"].endswith("wrong.wav") and fed_again["speaker"] == "anna"
-    assert fed_again["text"] == SENTENCES[2] + " " + SENTENCES[3]
+    assert fed_again["text"] == "How are you?"
     assert 1.5 < clips["raw.jsonl:16"]["rate_ratio"] < 2.5 and "speaking_rate" in clips["raw.jsonl:16"]["flags"]
     assert not any(clips[f"raw.jsonl:{n}"]["flags"] for n in range(1, 13))  # the speakers' own clips
+
+
+def test_a_transcript_no_one_could_say_in_its_clip_is_rejected_for_a_speaker_of_few_clips(tmp_path):
+    """Too few clips for a median (MIN_CLIPS_FOR_MEDIAN), yet 380 characters in a second is no speech
+    at all: rejected by the absolute bound, and left out of the speaker's rate that infer_test uses."""
+    lines = []
+    for name, seconds, text in (("one.wav", 3.0, SENTENCES[0]), ("two.wav", 3.0, SENTENCES[1]),
+                                ("blurt.wav", 1.0, "x" * 380)):
+        write(tmp_path / name, speech(seconds, seed=len(lines)))
+        lines.append(json.dumps(dict(audio=name, text=text, speaker="cara")))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+
+    summary = validate(raw, output)
+
+    reject = rejects_of(output)["raw.jsonl:3"]
+    assert reject["reason"] == "speaking_rate" and reject["field"] == "text"
+    assert re.search(r"blurt\.wav: 380 characters in 1\.\d\d s is \d{3}\.\d characters/s, beyond the 40 ", reject["problem"])
+    assert summary["clips"] == 2 and summary["speakers"]["cara"]["characters_per_second"] < 20
 
 
 def test_a_rejected_piece_of_a_take_is_fed_again_as_that_take_with_its_segment():
