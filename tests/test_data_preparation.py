@@ -174,7 +174,7 @@ def test_a_transcript_no_one_could_say_in_its_clip_is_rejected_for_a_speaker_of_
 
     reject = rejects_of(output)["raw.jsonl:3"]
     assert reject["reason"] == "speaking_rate" and reject["field"] == "text"
-    assert re.search(r"blurt\.wav: 380 characters in 1\.\d\d s is \d{3}\.\d characters/s, beyond the 40 ", reject["problem"])
+    assert re.search(r"blurt\.wav: 380 characters in 1\.\d\d s is \d{3}\.\d characters/s, beyond the 60 ", reject["problem"])
     assert summary["clips"] == 2 and summary["speakers"]["cara"]["characters_per_second"] < 20
 
 
