@@ -8,7 +8,8 @@ language is spoken that fast: the text is not what the clip says). Then across c
                     flagged, beyond --reject_rate_ratio rejected. A transcript that belongs to another
                     clip, or a clip cut short, is far off its speaker's rate; natural variation is not
     duplicates      the same samples as an earlier clip: rejected (it would count twice); the same
-                    text over other audio: flagged (a retake is fine, a copied transcript is not)
+                    text over other audio: flagged, naming a kept clip (a retake is fine, a copied
+                    transcript is not)
 References, for rows without a ref_audio: a speaker's references are its `references_per_speaker`
 cleanest clips: no flags (so not clipped, not of a low rate), REFERENCE_SECONDS long where it can,
 little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a
@@ -78,7 +79,7 @@ class DatasetChecks:
         for clip in clips:  # first: a clip that no speaker could say must not count as anyone's audio or rate
             if clip.rate > MAX_CHARACTERS_PER_SECOND:
                 rejects[clip.source] = ("speaking_rate", impossible_rate(clip))
-        first_audio, first_text = {}, {}
+        first_audio = {}
         for clip in clips:
             if clip.source in rejects:
                 continue
@@ -86,11 +87,7 @@ class DatasetChecks:
             if sha1 in first_audio:
                 rejects[clip.source] = ("duplicate_audio", f"the same audio as {first_audio[sha1]}")
                 continue
-            first_audio.setdefault(sha1, clip.source)
-            text = (clip.speaker, normalise(clip.text))  # speakers of one corpus often read one script
-            if text in first_text:
-                clip.flags["duplicate_text"] = f"the same text as {first_text[text]}"
-            first_text.setdefault(text, clip.source)
+            first_audio[sha1] = clip.source
         medians = {}
         for speaker, group in by_speaker(clip for clip in clips if clip.source not in rejects).items():
             if len(group) < MIN_CLIPS_FOR_MEDIAN:
@@ -105,6 +102,15 @@ class DatasetChecks:
                     rejects[clip.source] = ("speaking_rate", f"{what} (--reject_rate_ratio {self.reject_rate_ratio:g})")
                 elif off > self.flag_rate_ratio:
                     clip.flags["speaking_rate"] = what
+        # Last, among the clips kept: a flag must name a clip that is in the dataset.
+        first_text = {}
+        for clip in clips:
+            if clip.source in rejects:
+                continue
+            text = (clip.speaker, normalise(clip.text))  # speakers of one corpus often read one script
+            if text in first_text:
+                clip.flags["duplicate_text"] = f"the same text as {first_text[text]}"
+            first_text.setdefault(text, clip.source)
         return rejects, medians
 
     def references(self, clips: list) -> dict:

@@ -44,7 +44,7 @@ JSONL_ROW_FIELDS = ("audio", "text", "ref_audio", "speaker", "language", "segmen
 REJECT_REASONS = (
     "bad_row",             # not a JSON object, not UTF-8, or a field of the wrong type
     "missing_transcript",  # no text field, no text column, no .txt/.lab beside the audio (and no --asr_model)
-    "empty_transcript",    # the text is blank (or speech recognition heard nothing)
+    "empty_transcript",    # the text is blank or has no letter or digit (or speech recognition heard nothing)
     "missing_audio",       # no audio field, or the file does not exist
     "unreadable_audio",    # soundfile cannot read it (corrupt, empty file, NaN samples)
     "truncated_audio",     # decodes shorter than its header says: cut short when copied or downloaded
@@ -289,8 +289,9 @@ class RowChecker:
                 return reject("missing_transcript", "text", f"{item.missing_text} (or pass --asr_model to transcribe it)")
             if text is not None and not isinstance(text, str):
                 return reject("bad_row", "text", "is not a string")
-            if text is not None and not text.strip():
-                return reject("empty_transcript", "text", "is empty")
+            problem = transcript_problem(text) if text is not None else None
+            if problem:
+                return reject("empty_transcript", "text", problem)
         if isinstance(text, str) and text.strip():
             row["text"] = text.strip()
         for field_name, default in self.defaults.items():
@@ -342,6 +343,16 @@ class RowChecker:
         return self.probes[path]
 
 
+def transcript_problem(text: str):
+    """Why a transcript says nothing to train on, or None: it is blank, or it holds no letter or digit
+    of any script (only punctuation, symbols or emoji)."""
+    if not text.strip():
+        return "is empty"
+    if not any(character.isalnum() for character in text):
+        return f"{text.strip()!r} has no letters or digits: there are no words in it to speak"
+    return None
+
+
 def checked_segments(segments) -> tuple:
     """(segments as [{"start", "end", "text"}], None) or (None, what is wrong with them)."""
     if not isinstance(segments, list) or not segments:
@@ -356,8 +367,10 @@ def checked_segments(segments) -> tuple:
             return None, f"segment {number}: start and end must be numbers of seconds"
         if not 0 <= start < end or start < previous_end:
             return None, f"segment {number}: {start}..{end} s is not after the previous one, or ends before it starts"
-        if not isinstance(text, str) or not text.strip():
-            return None, f"segment {number}: text is missing or empty"
+        if not isinstance(text, str):
+            return None, f"segment {number}: text is missing"
+        if transcript_problem(text):
+            return None, f"segment {number}: text {transcript_problem(text)}"
         checked.append(dict(start=float(start), end=float(end), text=text.strip()))
         previous_end = end
     return checked, None

@@ -20,7 +20,8 @@ import pytest
 import prepare_codes
 from helpers import ROOT, read_jsonl
 from qwen3_tts_sft import audio, data_report, voice_activity
-from qwen3_tts_sft.dataset_layouts import (AudioChecks, Limits, PlannedClip, Processing, Reject, RowChecker,
+from qwen3_tts_sft.data_report import ClipInfo, DatasetChecks
+from qwen3_tts_sft.dataset_layouts import (AudioChecks, InputRow, Limits, PlannedClip, Processing, Reject, RowChecker,
                                            read_input)
 from recordings import cut_short, room_tone, speech, write, write_tiny_whisper
 
@@ -554,8 +555,6 @@ def test_help_imports_no_torch_and_shows_every_default():
 def test_row_checker_plans_long_takes_only_when_they_can_be_cut(tmp_path):
     write(tmp_path / "take.wav", speech(40.0))
     row = dict(audio=str(tmp_path / "take.wav"), text="Forty seconds of it.")
-    from qwen3_tts_sft.dataset_layouts import InputRow
-
     item = InputRow("raw.jsonl:1", row, "")
     assert RowChecker(Limits(0.5, 30)).check(item).reason == "too_long"
     assert isinstance(RowChecker(Limits(0.5, 30), transcribe=True).check(item), PlannedClip)
@@ -587,8 +586,6 @@ def test_channels_that_cancel_when_mixed_to_mono_are_named(tmp_path):
 
 
 def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path):
-    from qwen3_tts_sft.dataset_layouts import InputRow
-
     (tmp_path / "folder.wav").mkdir()
     checker = RowChecker(Limits(0.5, 30))
     assert checker.check(InputRow("raw.jsonl:1", dict(audio=123, text="t"), "")).problem.startswith("is not a string")
@@ -603,3 +600,34 @@ def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path)
     (clips / "a.lab").write_text("What  was said.\n")  # the same words: no conflict
     [row] = read_input("folder", clips)
     assert row.row["text"] == "What was said."
+
+
+def test_transcripts_without_a_letter_or_digit_are_rejected_in_any_script(tmp_path):
+    """Only punctuation or emoji says nothing to train on; a letter or digit of any script is words."""
+    path = str(write(tmp_path / "clip.wav", speech(1.0)))
+    checker = RowChecker(Limits(0.5, 30))
+    for line, text in enumerate(("...!?", " \u2026 ", "\U0001f642\U0001f642"), start=1):
+        reject = checker.check(InputRow(f"raw.jsonl:{line}", dict(audio=path, text=text), ""))
+        assert isinstance(reject, Reject) and reject.reason == "empty_transcript"
+        assert reject.message() == f"raw.jsonl:{line}: text: {text.strip()!r} has no letters or digits: there are " \
+                                   f"no words in it to speak"
+    for text in ("你好。", "Ça va ?", "42!"):
+        assert isinstance(checker.check(InputRow("raw.jsonl:4", dict(audio=path, text=text), "")), PlannedClip)
+    segments = [dict(start=0.0, end=0.5, text="Hello."), dict(start=0.5, end=1.0, text="?!")]
+    reject = checker.check(InputRow("raw.jsonl:5", dict(audio=path, segments=segments), ""))
+    assert reject.field == "segments" and reject.problem == "segment 2: text '?!' has no letters or digits: there " \
+                                                            "are no words in it to speak"
+
+
+def test_duplicate_text_names_only_a_clip_that_is_kept():
+    """The first clip of a text is rejected across clips (at 34 characters/s, nearly 3x its speaker's
+    median): the retakes after it name each other, not it."""
+    def clip(line, text, seconds):
+        return ClipInfo(("raw.jsonl", line, None), ("raw.jsonl", line, 0), f"raw.jsonl:{line}", "anna", text,
+                        seconds, f"/data/{line}.wav", None, None, dict(sha1=str(line)), {})
+
+    clips = [clip(1, "Hello there!", 0.35), clip(2, "Hello there!", 1.0), clip(3, "Hello there!", 1.1)]
+    clips += [clip(line, f"Sentence {line:03}", 1.0) for line in range(4, 8)]  # 12 characters/s
+    rejects, _ = DatasetChecks(1.5, 2.5, 4).run(clips)
+    assert list(rejects) == ["raw.jsonl:1"] and rejects["raw.jsonl:1"][0] == "speaking_rate"
+    assert clips[1].flags == {} and clips[2].flags == dict(duplicate_text="the same text as raw.jsonl:2")
