@@ -457,6 +457,7 @@ class AudioChecks:
 
         try:
             native, file_rate = audio.read_native(path)
+            floats = audio.stores_floats(path)
             samples = audio.to_mono(native, file_rate, sample_rate)
             truncated = audio.truncation(path, len(native), file_rate)
         except Exception as error:  # a header can be fine and the data behind it corrupt
@@ -482,7 +483,7 @@ class AudioChecks:
             if self.references[ref_audio]:
                 return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {self.references[ref_audio]}")]
 
-        pieces = self.pieces_of(clip, samples, native, file_rate, sample_rate)
+        pieces = self.pieces_of(clip, samples, native, file_rate, sample_rate, floats)
         if has_dc_offset:
             for piece in pieces:
                 piece.flags["dc_offset"] = (f"the recording's mean sample was {dc_offset:+.3f} of full scale "
@@ -490,9 +491,10 @@ class AudioChecks:
         return pieces or rejected("silent", "the voice-activity detector heard no speech to cut")
 
     def pieces_of(self, clip: PlannedClip, samples: np.ndarray, native: np.ndarray, file_rate: int,
-                  sample_rate: int) -> list:
+                  sample_rate: int, floats: bool = False) -> list:
         """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
-        `native`: the file's own samples [frames, channels], where clipping is measured."""
+        `native`: the file's own samples [frames, channels], where clipping is measured; `floats`: the
+        file stores them as floats (audio.clipped_fraction)."""
         spans, texts, trim, missed = self.spans(clip, samples, sample_rate)
         pieces = []
         for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
@@ -505,7 +507,7 @@ class AudioChecks:
                 row["text"] = text
             piece = Decoded(clip, source, row, samples[start:end])
             scale = file_rate / sample_rate  # the span in the file's own samples, where clipping is measured
-            piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)])
+            piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)], floats)
             piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
             if missed:
                 piece.flags["speech_missed"] = missed
