@@ -369,8 +369,9 @@ def checked_segments(segments) -> tuple:
             return None, f"segment {number}: {start}..{end} s is not after the previous one, or ends before it starts"
         if not isinstance(text, str):
             return None, f"segment {number}: text is missing"
-        if transcript_problem(text):
-            return None, f"segment {number}: text {transcript_problem(text)}"
+        problem = transcript_problem(text)
+        if problem:
+            return None, f"segment {number}: text {problem}"
         checked.append(dict(start=float(start), end=float(end), text=text.strip()))
         previous_end = end
     return checked, None
