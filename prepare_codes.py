@@ -51,7 +51,8 @@ from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
 from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
 from qwen3_tts_sft.dataset_layouts import (FLAGS, JSONL_ROW_FIELDS, REJECT_REASONS, AudioChecks, Limits, Processing,
-                                           InputRow, Reject, RowChecker, detect_layout, input_order, read_input)
+                                           InputRow, Reject, RowChecker, detect_layout, input_order, read_input,
+                                           transcript_problem)
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
@@ -573,7 +574,7 @@ def transcribe(pieces: list, transcriber, sample_rate: int, check: bool, max_cer
     heard = [piece for piece in pieces if "text" not in piece.row or check]
     for piece, text in zip(heard, transcriber([piece.samples for piece in heard], sample_rate)):
         if "text" not in piece.row:
-            if not text:
+            if transcript_problem(text):  # nothing, or only punctuation ("...")
                 piece.rejected("empty_transcript", "text", "speech recognition heard no words")
                 continue
             piece.row.update(text=text, text_from="asr")

@@ -25,6 +25,9 @@ FRAMES_PER_SECOND = 12.5  # the 12 Hz codec: one frame of 16 codes every 80 ms
 # A sample at or beyond this magnitude counts as clipped: 16-bit full scale reads as 0.99997,
 # and the speech decoder's output is clamped to [-1, 1].
 CLIP_LEVEL = 0.999
+# Files that store float samples (soundfile's subtypes): these may go past full scale unharmed, to be
+# scaled down later, so a sample beyond CLIP_LEVEL is clipped only where it sits on a flat top.
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 # What the 12 Hz speech tokenizer takes (its get_input_sample_rate and get_encode_downsample_rate):
 # prepare_codes --validate_only measures clips at this rate without loading the tokenizer.
 TOKENIZER_SAMPLE_RATE = 24000
@@ -73,9 +76,21 @@ def peak_dbfs(samples: np.ndarray) -> float:
     return 20 * math.log10(peak) if peak > 0 else -math.inf
 
 
-def clipped_fraction(samples: np.ndarray) -> float:
-    """Share of the samples (any shape) at or beyond CLIP_LEVEL."""
-    return float(np.count_nonzero(np.abs(samples) >= CLIP_LEVEL)) / samples.size if samples.size else 0.0
+def clipped_fraction(samples: np.ndarray, floats: bool = False) -> float:
+    """Share of the samples ([frames] or [frames, channels]) at or beyond CLIP_LEVEL. With `floats`
+    (samples as a float file stores them), only those on a flat top count: equal to the sample before
+    or after in their channel, as a ceiling leaves them; a waveform that merely peaks past full scale
+    is not clipped."""
+    if not samples.size:
+        return 0.0
+    clipped = np.abs(samples) >= CLIP_LEVEL
+    if floats:
+        same_as_next = samples[1:] == samples[:-1]
+        flat = np.zeros_like(clipped)
+        flat[1:] |= same_as_next
+        flat[:-1] |= same_as_next
+        clipped &= flat
+    return float(np.count_nonzero(clipped)) / samples.size
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -173,7 +188,7 @@ class SpeakingRates:
 @dataclass
 class DecodedAudio:
     samples: np.ndarray        # float32 mono at the requested rate
-    clipped_fraction: float    # share of the file's samples (all channels) at full scale
+    clipped_fraction: float    # share of the file's samples (all channels) clipped (clipped_fraction)
     level_dbfs: float          # RMS level of `samples`, in dB below full scale (-inf for digital silence)
     file_rate: int = None      # the file's own sample rate
     truncated: str = None      # why the file counts as truncated, when it does
@@ -194,6 +209,12 @@ def libsndfile(path):
     the block yields."""
     mp3 = Path(path).suffix.lower() == ".mp3"
     return quiet.shell_stderr_without(MPG123_SIZE_NOTICE) if mp3 else contextlib.nullcontext([])
+
+
+def stores_floats(path) -> bool:
+    """Whether the file stores float samples (a 32- or 64-bit float WAV, say): see clipped_fraction."""
+    with libsndfile(path):
+        return sf.info(str(path)).subtype in FLOAT_SUBTYPES
 
 
 def read_native(path) -> tuple:
@@ -234,7 +255,7 @@ def decode(path, sample_rate: int) -> DecodedAudio:
     """
     audio, file_rate = read_native(path)
     samples = to_mono(audio, file_rate, sample_rate)
-    return DecodedAudio(samples, clipped_fraction(audio), rms_dbfs(samples), file_rate,
+    return DecodedAudio(samples, clipped_fraction(audio, stores_floats(path)), rms_dbfs(samples), file_rate,
                         truncation(path, len(audio), file_rate))
 
 

@@ -1,19 +1,23 @@
 """The dataset as a whole, once every clip is decoded: checks across clips, the choice of reference
 clips, and the quality report (OUTPUT.report.json and its plot, OUTPUT.report.png).
 
-Checks across clips, per speaker:
+First, per clip: a clip faster than MAX_CHARACTERS_PER_SECOND is rejected whatever its speaker (no
+language is spoken that fast: the text is not what the clip says). Then across clips, per speaker:
     speaking rate   characters per second against the speaker's median (over at least
                     MIN_CLIPS_FOR_MEDIAN clips): beyond --flag_rate_ratio (either way) the clip is
                     flagged, beyond --reject_rate_ratio rejected. A transcript that belongs to another
                     clip, or a clip cut short, is far off its speaker's rate; natural variation is not
     duplicates      the same samples as an earlier clip: rejected (it would count twice); the same
-                    text over other audio: flagged (a retake is fine, a copied transcript is not)
+                    text over other audio: flagged, naming a kept clip (a retake is fine, a copied
+                    transcript is not)
 References, for rows without a ref_audio: a speaker's references are its `references_per_speaker`
 cleanest clips: no flags (so not clipped, not of a low rate), REFERENCE_SECONDS long where it can,
-little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a piece of a long take is written, as encoded,
-beside the output (the trainer reads reference clips from files).
+little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a
+piece of a long take is written, as encoded, beside the output (the trainer reads reference clips
+from files), under a name of its speaker's own (reference_name).
 """
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -25,6 +29,11 @@ from qwen3_tts_sft import audio
 from qwen3_tts_sft.transcription import normalise
 
 MIN_CLIPS_FOR_MEDIAN = 5
+# Faster than anyone has been measured speaking: the record talkers manage about 10 words a second,
+# some 60 characters of English (spaces counted), the language fastest in characters. Read speech runs
+# at 12-20 (English, Spanish), Chinese and Japanese, about a syllable a character, at 5-10. A clip given
+# the transcript of a much longer one lands far beyond; closer misses are the relative check's.
+MAX_CHARACTERS_PER_SECOND = 60.0
 REFERENCE_SECONDS = (3.0, 10.0)  # README: a clean 3-10 s clip makes a good reference
 MAX_REFERENCE_SILENCE = 1.0      # seconds of edge silence in a file that a reference had better not have
 NO_SPEAKER = "(no speaker field)"
@@ -67,17 +76,18 @@ class DatasetChecks:
     def run(self, clips: list) -> tuple:
         """(rejects {source: (reason, problem)}, median rate per speaker); flags are added to the clips."""
         rejects = {}
-        first_audio, first_text = {}, {}
+        for clip in clips:  # first: a clip that no speaker could say must not count as anyone's audio or rate
+            if clip.rate > MAX_CHARACTERS_PER_SECOND:
+                rejects[clip.source] = ("speaking_rate", impossible_rate(clip))
+        first_audio = {}
         for clip in clips:
+            if clip.source in rejects:
+                continue
             sha1 = clip.quality.get("sha1")
             if sha1 in first_audio:
                 rejects[clip.source] = ("duplicate_audio", f"the same audio as {first_audio[sha1]}")
                 continue
-            first_audio.setdefault(sha1, clip.source)
-            text = (clip.speaker, normalise(clip.text))  # speakers of one corpus often read one script
-            if text in first_text:
-                clip.flags["duplicate_text"] = f"the same text as {first_text[text]}"
-            first_text.setdefault(text, clip.source)
+            first_audio[sha1] = clip.source
         medians = {}
         for speaker, group in by_speaker(clip for clip in clips if clip.source not in rejects).items():
             if len(group) < MIN_CLIPS_FOR_MEDIAN:
@@ -92,6 +102,15 @@ class DatasetChecks:
                     rejects[clip.source] = ("speaking_rate", f"{what} (--reject_rate_ratio {self.reject_rate_ratio:g})")
                 elif off > self.flag_rate_ratio:
                     clip.flags["speaking_rate"] = what
+        # Last, among the clips kept: a flag must name a clip that is in the dataset.
+        first_text = {}
+        for clip in clips:
+            if clip.source in rejects:
+                continue
+            text = (clip.speaker, normalise(clip.text))  # speakers of one corpus often read one script
+            if text in first_text:
+                clip.flags["duplicate_text"] = f"the same text as {first_text[text]}"
+            first_text.setdefault(text, clip.source)
         return rejects, medians
 
     def references(self, clips: list) -> dict:
@@ -102,6 +121,13 @@ class DatasetChecks:
             if speaker in wanted:
                 chosen[speaker] = sorted(group, key=reference_rank)[:self.references_per_speaker]
         return chosen
+
+
+def impossible_rate(clip: ClipInfo) -> str:
+    where = clip.row_audio + (f" from {clip.quality['start']:.2f} s" if clip.segment else "")
+    return (f"{where}: {len(clip.text)} characters in {clip.seconds:.2f} s is {clip.rate:.1f} characters/s, beyond "
+            f"the {MAX_CHARACTERS_PER_SECOND:g} that any language is spoken at: the text is not what this clip says, "
+            f"or the audio is cut")
 
 
 def by_speaker(clips) -> dict:
@@ -135,12 +161,21 @@ def reference_file(clip: ClipInfo, folder: Path, number: int) -> str:
     samples = audio.load_mono(clip.row_audio, rate)[round(quality["start"] * rate):round(quality["end"] * rate)]
     samples = samples * np.float32(10 ** (quality.get("gain_db", 0.0) / 20))
     folder.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^\w.-]+", "_", clip.speaker).strip("._") or "speaker"
-    path = folder / f"{name}-{number}.wav"
+    path = folder / f"{reference_name(clip.speaker)}-{number}.wav"
     import soundfile
 
     soundfile.write(path, samples, rate, subtype="PCM_16")
     return str(path)
+
+
+def reference_name(speaker: str) -> str:
+    """The speaker's name as a file name, one per speaker and the same on every run: a name that is
+    not a safe file name as it is gets cleaned up and a short hash of the exact name added, so that
+    "x y" and "x_y" do not write (and read) each other's reference files."""
+    name = re.sub(r"[^\w.-]+", "_", speaker).strip("._") or "speaker"
+    if name != speaker:
+        name += "-" + hashlib.sha1(speaker.encode()).hexdigest()[:8]
+    return name
 
 
 def spread(values) -> dict:

@@ -47,7 +47,7 @@ JSONL_ROW_FIELDS = ("audio", "text", "ref_audio", "speaker", "language", "segmen
 REJECT_REASONS = (
     "bad_row",             # not a JSON object, not UTF-8, or a field of the wrong type
     "missing_transcript",  # no text field, no text column, no .txt/.lab beside the audio (and no --asr_model)
-    "empty_transcript",    # the text is blank (or speech recognition heard nothing)
+    "empty_transcript",    # the text is blank or has no letter or digit (or speech recognition heard nothing)
     "missing_audio",       # no audio field, or the file does not exist
     "unreadable_audio",    # soundfile cannot read it (corrupt, empty file, NaN samples)
     "truncated_audio",     # decodes shorter than its header says: cut short when copied or downloaded
@@ -57,7 +57,8 @@ REJECT_REASONS = (
     "silent",              # quieter than --silence_dbfs
     "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
     "bad_ref_audio",       # the reference clip is missing, unreadable, silent, of a low rate or out of bounds
-    "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median
+    "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median,
+                           # or beyond data_report.MAX_CHARACTERS_PER_SECOND (any speaker)
     "duplicate_audio",     # the same samples as an earlier clip
 )
 
@@ -306,8 +307,9 @@ class RowChecker:
                 return reject("missing_transcript", "text", f"{item.missing_text} (or pass --asr_model to transcribe it)")
             if text is not None and not isinstance(text, str):
                 return reject("bad_row", "text", "is not a string")
-            if text is not None and not text.strip():
-                return reject("empty_transcript", "text", "is empty")
+            problem = transcript_problem(text) if text is not None else None
+            if problem:
+                return reject("empty_transcript", "text", problem)
         if isinstance(text, str) and text.strip():
             row["text"] = text.strip()
         for field_name, default in self.defaults.items():
@@ -359,6 +361,16 @@ class RowChecker:
         return self.probes[path]
 
 
+def transcript_problem(text: str):
+    """Why a transcript says nothing to train on, or None: it is blank, or it holds no letter or digit
+    of any script (only punctuation, symbols or emoji)."""
+    if not text.strip():
+        return "is empty"
+    if not any(character.isalnum() for character in text):
+        return f"{text.strip()!r} has no letters or digits: there are no words in it to speak"
+    return None
+
+
 def checked_segments(segments) -> tuple:
     """(segments as [{"start", "end", "text"}], None) or (None, what is wrong with them)."""
     if not isinstance(segments, list) or not segments:
@@ -373,8 +385,11 @@ def checked_segments(segments) -> tuple:
             return None, f"segment {number}: start and end must be numbers of seconds"
         if not 0 <= start < end or start < previous_end:
             return None, f"segment {number}: {start}..{end} s is not after the previous one, or ends before it starts"
-        if not isinstance(text, str) or not text.strip():
-            return None, f"segment {number}: text is missing or empty"
+        if not isinstance(text, str):
+            return None, f"segment {number}: text is missing"
+        problem = transcript_problem(text)
+        if problem:
+            return None, f"segment {number}: text {problem}"
         checked.append(dict(start=float(start), end=float(end), text=text.strip()))
         previous_end = end
     return checked, None
@@ -461,6 +476,7 @@ class AudioChecks:
 
         try:
             native, file_rate = audio.read_native(path)
+            floats = audio.stores_floats(path)
             samples = audio.to_mono(native, file_rate, sample_rate)
             truncated = audio.truncation(path, len(native), file_rate)
         except Exception as error:  # a header can be fine and the data behind it corrupt
@@ -486,7 +502,7 @@ class AudioChecks:
             if self.references[ref_audio]:
                 return [take.rejected("bad_ref_audio", "ref_audio", f"{ref_audio}: {self.references[ref_audio]}")]
 
-        pieces = self.pieces_of(clip, samples, native, file_rate, sample_rate)
+        pieces = self.pieces_of(clip, samples, native, file_rate, sample_rate, floats)
         if has_dc_offset:
             for piece in pieces:
                 piece.flags["dc_offset"] = (f"the recording's mean sample was {dc_offset:+.3f} of full scale "
@@ -494,9 +510,10 @@ class AudioChecks:
         return pieces or rejected("silent", "the voice-activity detector heard no speech to cut")
 
     def pieces_of(self, clip: PlannedClip, samples: np.ndarray, native: np.ndarray, file_rate: int,
-                  sample_rate: int) -> list:
+                  sample_rate: int, floats: bool = False) -> list:
         """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
-        `native`: the file's own samples [frames, channels], where clipping is measured."""
+        `native`: the file's own samples [frames, channels], where clipping is measured; `floats`: the
+        file stores them as floats (audio.clipped_fraction)."""
         spans, texts, trim, missed = self.spans(clip, samples, sample_rate)
         pieces = []
         for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
@@ -509,7 +526,7 @@ class AudioChecks:
                 row["text"] = text
             piece = Decoded(clip, source, row, samples[start:end])
             scale = file_rate / sample_rate  # the span in the file's own samples, where clipping is measured
-            piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)])
+            piece.clipped_fraction = audio.clipped_fraction(native[int(start * scale):int(end * scale)], floats)
             piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
             if missed:
                 piece.flags["speech_missed"] = missed

@@ -6,6 +6,7 @@ Whisper, reference checks and choice, the quality report, and the command line i
 Most runs use --validate_only (no encoding); one encodes, on the tiny speech tokenizer."""
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -19,8 +20,9 @@ import pytest
 
 import prepare_codes
 from helpers import ROOT, read_jsonl
-from qwen3_tts_sft import audio, voice_activity
-from qwen3_tts_sft.dataset_layouts import (AudioChecks, Limits, PlannedClip, Processing, Reject, RowChecker,
+from qwen3_tts_sft import audio, data_report, voice_activity
+from qwen3_tts_sft.data_report import ClipInfo, DatasetChecks
+from qwen3_tts_sft.dataset_layouts import (AudioChecks, InputRow, Limits, PlannedClip, Processing, Reject, RowChecker,
                                            read_input)
 from recordings import cut_short, room_tone, speech, write, write_tiny_whisper
 
@@ -68,7 +70,7 @@ def faulty_dataset(tmp_path_factory):
             row(f"{speaker}_{index}.wav", voice, text, speaker)
     row("anna_0.wav", None, "The same audio again.", "anna")                                  # 13 duplicate audio
     row("retake.wav", speech(len(SENTENCES[1]) / RATE, pitch=210, seed=99), SENTENCES[1], "anna")  # 14 duplicate text
-    row("wrong.wav", speech(1.2, pitch=210, seed=98), SENTENCES[2] + " " + SENTENCES[3], "anna")   # 15 ~5x the rate
+    row("wrong.wav", speech(4.0, pitch=210, seed=98), "How are you?", "anna")                    # 15 ~0.2x the rate
     row("loose.wav", speech(2.2, pitch=210, seed=97), SENTENCES[4] + " Again.", "anna")           # 16 ~1.7x the rate
     row("truncated.wav", speech(3.12, pitch=210, seed=96), "This file was cut short.", "anna")    # 17
     cut_short(folder / "truncated.wav", 0.4)
@@ -153,9 +155,29 @@ def test_wrong_transcripts_are_rejected_and_doubtful_ones_flagged(faulty_report)
     assert "rejected: " in printed and f"{rejects['raw.jsonl:15']['source']}: text: " in printed
     fed_again = json.loads(rejects["raw.jsonl:15"]["input"])
     assert fed_again["audio"].endswith("wrong.wav") and fed_again["speaker"] == "anna"
-    assert fed_again["text"] == SENTENCES[2] + " " + SENTENCES[3]
+    assert fed_again["text"] == "How are you?"
     assert 1.5 < clips["raw.jsonl:16"]["rate_ratio"] < 2.5 and "speaking_rate" in clips["raw.jsonl:16"]["flags"]
     assert not any(clips[f"raw.jsonl:{n}"]["flags"] for n in range(1, 13))  # the speakers' own clips
+
+
+def test_a_transcript_no_one_could_say_in_its_clip_is_rejected_for_a_speaker_of_few_clips(tmp_path):
+    """Too few clips for a median (MIN_CLIPS_FOR_MEDIAN), yet 380 characters in a second is no speech
+    at all: rejected by the absolute bound, and left out of the speaker's rate that infer_test uses."""
+    lines = []
+    for name, seconds, text in (("one.wav", 3.0, SENTENCES[0]), ("two.wav", 3.0, SENTENCES[1]),
+                                ("blurt.wav", 1.0, "x" * 380)):
+        write(tmp_path / name, speech(seconds, seed=len(lines)))
+        lines.append(json.dumps(dict(audio=name, text=text, speaker="cara")))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+
+    summary = validate(raw, output)
+
+    reject = rejects_of(output)["raw.jsonl:3"]
+    assert reject["reason"] == "speaking_rate" and reject["field"] == "text"
+    assert re.search(r"blurt\.wav: 380 characters in 1\.\d\d s is \d{3}\.\d characters/s, beyond the 60 ", reject["problem"])
+    assert summary["clips"] == 2 and summary["speakers"]["cara"]["characters_per_second"] < 20
 
 
 def test_a_rejected_piece_of_a_take_is_fed_again_as_that_take_with_its_segment():
@@ -404,6 +426,35 @@ def test_model_folder_as_tokenizer_path_and_segment_references(tiny_model, tmp_p
         assert audio.integrated_loudness(audio.load_mono(path, 24000), 24000) == pytest.approx(-23.0, abs=0.3)
 
 
+def test_speakers_whose_names_clean_up_alike_keep_their_own_references(tiny_model, tmp_path):
+    """"x y" and "x_y" are two voices: each one's written references are its own pieces, in files
+    of its own, named the same way on every run."""
+    data = tmp_path / "data"
+    lines = []
+    for seed, speaker in ((1, "x y"), (2, "x_y")):
+        take = np.concatenate([speech(1.8, seed=seed), room_tone(0.6), speech(1.8, seed=seed + 10)])
+        write(data / f"take{seed}.wav", take)
+        segments = [dict(start=0.0, end=1.9, text="a" * 25), dict(start=2.3, end=4.2, text="b" * 25)]
+        lines.append(json.dumps(dict(audio=f"take{seed}.wav", speaker=speaker, segments=segments)))
+    raw = data / "raw.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out" / "train.jsonl"
+    prepare_codes.main(["--input", str(raw), "--output_jsonl", str(output), "--device", "cpu", "--num_workers", "0",
+                        "--tokenizer_model_path", str(tiny_model)])
+
+    references = {}
+    for row in read_jsonl(output):
+        references.setdefault(row["speaker"], set()).add(row["ref_audio"])
+    assert len(references["x y"]) == len(references["x_y"]) == 2 and not references["x y"] & references["x_y"]
+    assert len(list(output.with_name("train.jsonl.references").iterdir())) == 4
+    report = json.loads(output.with_name("train.jsonl.report.json").read_text())
+    for speaker, line in (("x y", 1), ("x_y", 2)):  # each speaker's references come from its own take
+        assert {reference["source"].rsplit("#", 1)[0] for reference in report["speakers"][speaker]["references"]} \
+            == {f"{raw}:{line}"}
+    assert data_report.reference_name("x_y") == "x_y"
+    assert data_report.reference_name("x y") == "x_y-" + hashlib.sha1(b"x y").hexdigest()[:8]
+
+
 def encode_one(tiny_model, folder, samples, speaker: str, text: str) -> dict:
     """prepare_codes.py on one recording of `speaker`; its output row."""
     raw = folder / "data" / "raw.jsonl"
@@ -516,8 +567,6 @@ def test_help_imports_no_torch_and_shows_every_default():
 def test_row_checker_plans_long_takes_only_when_they_can_be_cut(tmp_path):
     write(tmp_path / "take.wav", speech(40.0))
     row = dict(audio=str(tmp_path / "take.wav"), text="Forty seconds of it.")
-    from qwen3_tts_sft.dataset_layouts import InputRow
-
     item = InputRow("raw.jsonl:1", row, "")
     assert RowChecker(Limits(0.5, 30)).check(item).reason == "too_long"
     assert isinstance(RowChecker(Limits(0.5, 30), transcribe=True).check(item), PlannedClip)
@@ -549,8 +598,6 @@ def test_channels_that_cancel_when_mixed_to_mono_are_named(tmp_path):
 
 
 def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path):
-    from qwen3_tts_sft.dataset_layouts import InputRow
-
     (tmp_path / "folder.wav").mkdir()
     checker = RowChecker(Limits(0.5, 30))
     assert checker.check(InputRow("raw.jsonl:1", dict(audio=123, text="t"), "")).problem.startswith("is not a string")
@@ -604,3 +651,34 @@ def test_ljspeech_ids_find_clips_with_upper_case_extensions(tmp_path):
     row, comma = read_input("ljspeech", tmp_path / "metadata.csv")
     assert row.row["audio"] == str(tmp_path / "wavs" / "LJ000.WAV")
     assert "comma-separated" in comma.problem
+
+
+def test_transcripts_without_a_letter_or_digit_are_rejected_in_any_script(tmp_path):
+    """Only punctuation or emoji says nothing to train on; a letter or digit of any script is words."""
+    path = str(write(tmp_path / "clip.wav", speech(1.0)))
+    checker = RowChecker(Limits(0.5, 30))
+    for line, text in enumerate(("...!?", " \u2026 ", "\U0001f642\U0001f642"), start=1):
+        reject = checker.check(InputRow(f"raw.jsonl:{line}", dict(audio=path, text=text), ""))
+        assert isinstance(reject, Reject) and reject.reason == "empty_transcript"
+        assert reject.message() == f"raw.jsonl:{line}: text: {text.strip()!r} has no letters or digits: there are " \
+                                   f"no words in it to speak"
+    for text in ("你好。", "Ça va ?", "42!"):
+        assert isinstance(checker.check(InputRow("raw.jsonl:4", dict(audio=path, text=text), "")), PlannedClip)
+    segments = [dict(start=0.0, end=0.5, text="Hello."), dict(start=0.5, end=1.0, text="?!")]
+    reject = checker.check(InputRow("raw.jsonl:5", dict(audio=path, segments=segments), ""))
+    assert reject.field == "segments" and reject.problem == "segment 2: text '?!' has no letters or digits: there " \
+                                                            "are no words in it to speak"
+
+
+def test_duplicate_text_names_only_a_clip_that_is_kept():
+    """The first clip of a text is rejected across clips (at 34 characters/s, nearly 3x its speaker's
+    median): the retakes after it name each other, not it."""
+    def clip(line, text, seconds):
+        return ClipInfo(("raw.jsonl", line, None), ("raw.jsonl", line, 0), f"raw.jsonl:{line}", "anna", text,
+                        seconds, f"/data/{line}.wav", None, None, dict(sha1=str(line)), {})
+
+    clips = [clip(1, "Hello there!", 0.35), clip(2, "Hello there!", 1.0), clip(3, "Hello there!", 1.1)]
+    clips += [clip(line, f"Sentence {line:03}", 1.0) for line in range(4, 8)]  # 12 characters/s
+    rejects, _ = DatasetChecks(1.5, 2.5, 4).run(clips)
+    assert list(rejects) == ["raw.jsonl:1"] and rejects["raw.jsonl:1"][0] == "speaking_rate"
+    assert clips[1].flags == {} and clips[2].flags == dict(duplicate_text="the same text as raw.jsonl:2")

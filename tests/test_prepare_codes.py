@@ -17,7 +17,7 @@ import soundfile as sf
 
 from qwen3_tts_sft import audio
 import prepare_codes
-from qwen3_tts_sft.dataset_layouts import detect_layout
+from qwen3_tts_sft.dataset_layouts import AudioChecks, Limits, PlannedClip, Processing, detect_layout
 from helpers import ROOT, read_jsonl, run_script, write_jsonl
 from qwen3_tts_sft.tiny_model import synthetic_voice
 
@@ -85,6 +85,24 @@ def test_clipping_and_silence_are_measured(tmp_path):
     silent = write_audio(tmp_path / "silent.wav", np.zeros(12000), 24000)
     assert audio.decode(loud, 24000).clipped_fraction > 0.05
     assert audio.decode(silent, 24000).level_dbfs == -math.inf
+
+
+def test_a_float_file_past_full_scale_is_clipped_only_where_it_is_flattened(tmp_path):
+    """A float WAV may peak past 1.0 unharmed (loudness normalisation scales it down); one held at a
+    ceiling is clipped, as is a 16-bit file at full scale."""
+    loud = 4 * voice(0.6)
+    assert np.abs(loud).max() > 1.5
+    peaks = write_audio(tmp_path / "peaks.wav", loud, 24000, subtype="FLOAT")
+    flattened = write_audio(tmp_path / "flattened.wav", np.clip(loud, -1.2, 1.2), 24000, subtype="FLOAT")
+    integer = write_audio(tmp_path / "integer.wav", np.clip(loud, -1, 1), 24000, subtype="PCM_16")
+    assert audio.decode(peaks, 24000).clipped_fraction == 0
+    assert audio.decode(flattened, 24000).clipped_fraction > 0.05 and audio.decode(integer, 24000).clipped_fraction > 0.05
+
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, None))
+    clips = [PlannedClip(str(path), dict(audio=str(path), text="Loud."), None, 0.6) for path in (peaks, flattened)]
+    [[kept_whole], [flagged]] = checks.process(clips, 24000, 1920)
+    assert kept_whole.reject is None and "clipped" not in kept_whole.flags and kept_whole.clipped_fraction is None
+    assert "full scale" in flagged.flags["clipped"] and flagged.clipped_fraction > 0.05
 
 
 def test_layout_detection(tmp_path):
