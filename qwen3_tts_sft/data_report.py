@@ -85,9 +85,12 @@ class DatasetChecks:
                 continue
             sha1 = clip.quality.get("sha1")
             if sha1 in first_audio:
-                rejects[clip.source] = ("duplicate_audio", f"the same audio as {first_audio[sha1]}")
+                first = first_audio[sha1]
+                other_text = (f", which keeps its own text {first.text!r} and not this row's {clip.text!r}"
+                              if normalise(first.text) != normalise(clip.text) else "")
+                rejects[clip.source] = ("duplicate_audio", f"the same audio as {first.source}{other_text}")
                 continue
-            first_audio[sha1] = clip.source
+            first_audio[sha1] = clip
         medians = {}
         for speaker, group in by_speaker(clip for clip in clips if clip.source not in rejects).items():
             if len(group) < MIN_CLIPS_FOR_MEDIAN:

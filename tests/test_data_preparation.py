@@ -195,6 +195,7 @@ def test_low_rate_clipping_and_duplicates_are_named_per_clip(faulty_report):
     assert "8000 Hz" in clips["raw.jsonl:20"]["flags"]["low_sample_rate"]
     assert "full scale" in clips["raw.jsonl:21"]["flags"]["clipped"]
     assert rejects["raw.jsonl:13"]["reason"] == "duplicate_audio" and "raw.jsonl:1" in rejects["raw.jsonl:13"]["problem"]
+    assert "and not this row's 'The same audio again.'" in rejects["raw.jsonl:13"]["problem"]  # which text was dropped
     assert "raw.jsonl:2" in clips["raw.jsonl:14"]["flags"]["duplicate_text"]
     assert summary["flagged_clips"]["low_sample_rate"] == 1 and summary["flagged_clips"]["clipped"] == 1
     assert rejects["raw.jsonl:23"]["reason"] == "bad_ref_audio" and "silent" in rejects["raw.jsonl:23"]["problem"]
