@@ -77,28 +77,32 @@ def stop(message: str):
 # The training data: its speaking rate, and the languages its speakers were trained in
 # ---------------------------------------------------------------------------------------------
 
-def training_data(jsonl_path: Path, default_speaker: str = None) -> tuple:
-    """(rates, languages) of a codes JSONL, read in one pass (it may be large): speaking rates
-    {speaker: rate, ALL_SPEAKERS: rate of all rows} (see SpeakingRates), and {speaker: the set of
-    languages its rows name}, a row without one read as auto, as the trainer reads it."""
+def training_data(jsonl_path: Path, model_path: Path, default_speaker: str = None) -> tuple:
+    """(rates, languages) of a codes JSONL: speaking rates {speaker: rate, ALL_SPEAKERS: rate of all
+    rows} (see SpeakingRates), and {speaker: the set of languages its rows name}. Read as the trainer
+    reads it (training_data.read_clips), so that the rows it skipped are left out here too; but not
+    its reference clips, which the machine that listens may not have."""
+    from qwen3_tts_sft.quiet import import_qwen_tts
+    from qwen3_tts_sft.sequence_layout import SpecialIds
+    from qwen3_tts_sft.training_data import DataError, read_clips
+
+    import_qwen_tts()
+    from qwen_tts.core.models import Qwen3TTSConfig
+
+    config = Qwen3TTSConfig(**json.loads((model_path / "config.json").read_text(encoding="utf-8")))
+    skipped = []
+    try:
+        clips = read_clips(jsonl_path, SpecialIds.from_config(config), default_speaker, max_bad_fraction=1.0,
+                           log=skipped.append, references=False)
+    except DataError as error:
+        stop(f"the training data cannot give speaking rates: {error}")
+    if skipped:  # the report's last line counts them; the trainer printed the rest
+        print(f"note: {skipped[0].splitlines()[-1]}, as the trainer did: they count for no rate")
     rates, languages = SpeakingRates(), {}
-    with open(jsonl_path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                speaker = row.get("speaker") or default_speaker
-                rates.add(row["text"], len(row["audio_codes"]), speaker)
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                stop(f"{jsonl_path}:{line_number}: not a codes row with text and audio_codes ({error})")
-            language = row.get("language", AUTO_LANGUAGE)
-            if speaker and isinstance(language, str):  # the trainer refuses other rows: they taught no language
-                languages.setdefault(speaker.strip().lower(), set()).add(language.strip().lower())
-    result = rates.rates()
-    if ALL_SPEAKERS not in result:
-        stop(f"{jsonl_path}: no rows with audio")
-    return result, languages
+    for clip in clips:
+        rates.add(clip.text, clip.num_frames, clip.speaker)
+        languages.setdefault(clip.speaker, set()).add(clip.language)
+    return rates.rates(), languages
 
 
 def summary_rate(path: Path) -> dict:
@@ -154,6 +158,16 @@ def require_model_folder(path: Path, flag: str = "--model_path") -> None:
     listed = "\n".join(f"  {folder}" + ("" if step is None else f"  (step {step})") for folder, step in checkpoints)
     stop(f"{path} is a training output folder, not a checkpoint. Its checkpoints, oldest first:\n{listed}\n"
          f"pass one to --model_path; the newest: --model_path {checkpoints[-1][0]}")
+
+
+def require_whole(path: Path, flag: str = "--model_path") -> None:
+    """Stop when a model folder lacks its weights or its speech tokenizer: a copy that did not finish."""
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    missing = [name for name, there in (("model.safetensors", weights),
+                                        ("speech_tokenizer/", (path / "speech_tokenizer" / "config.json").is_file()))
+               if not there]
+    if missing:
+        stop(f"{flag} {path}: an incomplete model folder: no {' and no '.join(missing)} (an interrupted copy?)")
 
 
 def require_speakers(path: Path) -> dict:
@@ -329,7 +343,7 @@ def read_sentences(args, language: str) -> list:
     return SENTENCES[language]
 
 
-def find_training_data(args, flags: dict, want_languages: bool) -> tuple:
+def find_training_data(args, model_path: Path, flags: dict, want_languages: bool) -> tuple:
     """(rates, where they came from, {speaker: languages}, the codes JSONL read). Rates: (None, why
     there are none) without training data. Languages: None when no codes JSONL was read; with
     --data_summary (the rates' source) the checkpoint's is read for them only when `want_languages`."""
@@ -339,7 +353,7 @@ def find_training_data(args, flags: dict, want_languages: bool) -> tuple:
     path = args.train_jsonl or flags.get("train_jsonl")
     if not path or not Path(path).is_file() or (summary and not want_languages):
         path = None
-    rates, languages = training_data(Path(path), flags.get("speaker_name")) if path else (None, None)
+    rates, languages = training_data(Path(path), model_path, flags.get("speaker_name")) if path else (None, None)
     if summary:
         return summary, args.data_summary, languages, path
     if rates is None:
@@ -407,6 +421,7 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
     device = args.device
     require_model_folder(model_path, flag)
     talker_config = require_speakers(model_path)["talker_config"]
+    require_whole(model_path, flag)
     if args.asr_model and not Path(args.asr_model).exists():
         stop(f"--asr_model {args.asr_model}: not found")
     state = checkpoint.read_trainer_state(model_path) if checkpoint.has_trainer_state(model_path) else None
@@ -421,7 +436,8 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
         problem = language_problem(args.language, model_languages(talker_config.get("codec_language_id")))
         if problem:
             stop(f"--language {problem}")
-    rates, rate_source, trained_in, data_path = find_training_data(args, flags, want_languages=args.language is None)
+    rates, rate_source, trained_in, data_path = find_training_data(args, model_path, flags,
+                                                                   want_languages=args.language is None)
     # Not written back to args: --compare checks each checkpoint with the flags as given.
     language = (args.language.strip().lower() if args.language is not None else
                 default_language(speakers_to_test(args.speaker, state, talker_config["spk_id"]), trained_in, data_path))

@@ -34,6 +34,8 @@ MODEL_WEIGHTS = "model.safetensors"
 SPEAKER_ENCODER_WEIGHTS = "speaker_encoder.safetensors"
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE_DIR = "training_state"
+# In training_state/: the size of every file there, so that a resume tells a whole copy from a part.
+TRAINING_STATE_FILES = "files.json"
 SPEAKER_VECTORS = "speaker_vectors.safetensors"
 PARTIAL_SUFFIX = ".partial"
 # Base-model files that are not copied: they are rewritten, or they are another run's state.
@@ -215,9 +217,11 @@ def save(accelerator, train_module, final: Path, base_dir: Path, speaker_table: 
         del state_dict
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial / TRAINING_STATE_DIR))
+        accelerator.wait_for_everyone()  # every process's files are written before they are listed
         if accelerator.is_main_process:
             save_file({"speaker_vectors": vectors.detach().to("cpu", torch.float32).contiguous()},
                       str(partial / TRAINING_STATE_DIR / SPEAKER_VECTORS))
+            list_training_state(partial / TRAINING_STATE_DIR)
             (partial / TRAINER_STATE).write_text(json.dumps(state.to_json(), indent=2, default=str) + "\n",
                                                  encoding="utf-8")
             publish(partial, final)
@@ -284,13 +288,51 @@ def has_trainer_state(folder: Path) -> bool:
     return (Path(folder) / TRAINER_STATE).is_file()
 
 
+def list_training_state(state_dir: Path) -> None:
+    sizes = {str(path.relative_to(state_dir)): path.stat().st_size
+             for path in sorted(state_dir.rglob("*")) if path.is_file()}
+    (state_dir / TRAINING_STATE_FILES).write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
+
+
+def training_state_problem(folder: Path):
+    """Why a run cannot resume from this checkpoint, or None: no trainer_state.json, no training_state/
+    (deleted from a checkpoint kept for listening), or files it listed missing or of another size (a
+    copy cut short). Checkpoints written before the list was kept are taken as they are."""
+    state_dir = Path(folder) / TRAINING_STATE_DIR
+    if not has_trainer_state(folder):
+        return f"no {TRAINER_STATE}"
+    if not state_dir.is_dir():
+        return f"no {TRAINING_STATE_DIR}/"
+    if not (state_dir / TRAINING_STATE_FILES).is_file():
+        return None
+    sizes = json.loads((state_dir / TRAINING_STATE_FILES).read_text(encoding="utf-8"))
+    wrong = [name for name, size in sizes.items()
+             if not (state_dir / name).is_file() or (state_dir / name).stat().st_size != size]
+    if wrong:
+        return f"{TRAINING_STATE_DIR}/ is incomplete: {', '.join(wrong)} missing or cut short (an interrupted copy?)"
+    return None
+
+
 def resumable(folder: Path) -> bool:
-    return has_trainer_state(folder) and (Path(folder) / TRAINING_STATE_DIR).is_dir()
+    return training_state_problem(folder) is None
 
 
 def load_training_state(folder: Path, accelerator) -> TrainerState:
-    """Load accelerate's state (weights, optimizer, scheduler, random streams) into the prepared objects."""
-    accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
+    """Load accelerate's state (weights, optimizer, scheduler, random streams) into the prepared objects.
+    Raises SystemExit, naming the checkpoint, where its state does not fit the model being trained."""
+    try:
+        accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: cannot resume from {folder}: {error.filename} is missing (an interrupted copy?). "
+                         f"Copy the checkpoint again, or resume from an earlier one") from None
+    except RuntimeError as error:
+        if "in loading state_dict" not in str(error):  # not a mismatch of weights: someone else's problem
+            raise
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line),
+                        str(error).splitlines()[0])
+        raise SystemExit(f"error: cannot resume from {folder}: its weights do not fit the model being trained "
+                         f"({mismatch}). Resume with the --init_model_path the run started with (its "
+                         f"trainer_state.json names it), or start afresh into another --output_model_path") from None
     return read_trainer_state(folder)
 
 

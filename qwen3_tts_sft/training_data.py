@@ -74,16 +74,19 @@ class ClipReader:
     """Checks rows one by one; remembers which reference files were already found readable.
 
     With a `prompter` (see make_prompter) the text is tokenized too, and a clip longer than
-    `max_positions` (the talker's position limit) is a problem of its row.
+    `max_positions` (the talker's position limit) is a problem of its row. `check_audio`: read each
+    reference clip's header (else only see that it exists); `references=False`: leave `ref_audio` alone
+    (infer_test.py reads a checkpoint's training rows where their recordings may not be).
     """
 
     def __init__(self, ids: SpecialIds, default_speaker: str = None, prompter=None, max_positions: int = None,
-                 check_audio: bool = True):
+                 check_audio: bool = True, references: bool = True):
         self.ids = ids
         self.default_speaker = default_speaker
         self.prompter = prompter
         self.max_positions = max_positions
         self.check_audio = check_audio
+        self.references = references
         self.languages = ids.supported_languages()
         self.readable = {}
 
@@ -104,22 +107,22 @@ class ClipReader:
         else:
             codes = self.codes_array(row.get("audio_codes"), problems)
 
-        ref_audio = row.get("ref_audio")
-        ref_path = None
-        if not isinstance(ref_audio, str) or not ref_audio:
+        ref_audio, ref_path = row.get("ref_audio"), None
+        if self.references and (not isinstance(ref_audio, str) or not ref_audio):
             problems.append(("ref_audio", "missing" if ref_audio is None else "is not a path"))
-        else:
+        elif self.references:
             ref_path = resolve_path(ref_audio, jsonl_dir)
             problem = self.audio_problem(ref_path)
             if problem:
                 problems.append(("ref_audio", f"{ref_audio}: {problem}"))
 
-        language = row.get("language", AUTO_LANGUAGE)
+        # A null field is an absent one (pandas writes missing values as null), as prepare_codes reads it.
+        language = AUTO_LANGUAGE if row.get("language") is None else row["language"]
         problem = language_problem(language, self.languages)
         if problem:
             problems.append(("language", problem))
 
-        speaker = row.get("speaker", self.default_speaker)
+        speaker = self.default_speaker if row.get("speaker") is None else row["speaker"]
         if speaker is None:
             problems.append(("speaker", "missing, and no --speaker_name was given (pass --speaker_name NAME, "
                                         "or give the row a \"speaker\")"))
@@ -176,13 +179,14 @@ class ClipReader:
 
 def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict: bool = False,
                max_bad_fraction: float = 0.01, log=print, prompter=None, max_positions: int = None,
-               tokenizer_path="MODEL/speech_tokenizer") -> list:
+               tokenizer_path="MODEL/speech_tokenizer", references: bool = True) -> list:
     """Read and check a codes JSONL. Returns the good clips; raises DataError when it must stop.
-    `tokenizer_path` goes into the prepare_codes.py command suggested for rows not encoded yet."""
+    `tokenizer_path` goes into the prepare_codes.py command suggested for rows not encoded yet;
+    `references`: see ClipReader."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise DataError(f"{jsonl_path}: file not found")
-    reader = ClipReader(ids, default_speaker, prompter, max_positions)
+    reader = ClipReader(ids, default_speaker, prompter, max_positions, references=references)
     clips, problems, rows = [], [], 0  # problems: (line number, "field: problem")
     with open(jsonl_path, "rb") as lines:  # decoded line by line: bytes that are not UTF-8 spoil one row only
         for line_number, line in enumerate(lines, start=1):

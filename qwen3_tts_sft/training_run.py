@@ -467,7 +467,7 @@ class TrainingRun:
             f"{peak_lr:.3g}" + (f" (--lr {args.lr:g})" if peak_lr < args.lr else "")
             + (f"; --max_steps {args.max_steps} is more than {args.num_epochs} epochs hold: raise --num_epochs to "
                f"train that long" if args.max_steps > self.steps_per_epoch * args.num_epochs else ""),
-            f"  parameters: {trainable / 1e6:.1f}M trainable, {frozen / 1e6:.1f}M frozen "
+            f"  parameters: {parameter_count(trainable)} trainable, {parameter_count(frozen)} frozen "
             + (f"(LoRA rank {args.lora_rank} adapters, merged into each checkpoint; " if args.lora_rank else "(")
             + f"speaker encoder {'trained' if args.train_speaker_encoder else 'frozen'}, "
             f"text embedding {'trained' if args.train_text_embedding else 'frozen'})",
@@ -612,6 +612,10 @@ def hear_it(model_dir: Path, speakers: list) -> str:
 
 def gigabytes(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
+def parameter_count(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"  # LoRA on a tiny model: thousands
 
 
 def plot_losses(history: list, path: Path) -> None:

@@ -304,21 +304,36 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
         resumable = [found for found in finished if checkpoint.resumable(found)]
         start = resumable[-1] if resumable else None
         start_step = checkpoint.checkpoint_step(start) if start else 0
-        kept = [found.name for found in finished if not checkpoint.resumable(found)
-                and checkpoint.checkpoint_step(found) > start_step]
+        later = [found for found in finished if not checkpoint.resumable(found)
+                 and checkpoint.checkpoint_step(found) > start_step]
+        kept = [found.name for found in later if not (found / checkpoint.TRAINING_STATE_DIR).is_dir()]
+        cut = [f"{found.name}: {checkpoint.training_state_problem(found)}" for found in later if found.name not in kept]
+        past = f"past {start.name if start else 'the start'}, the newest it can resume from"
         if kept:  # the run would save over them under the same names
             problems.append(
                 f"--resume_from_checkpoint latest: {output_dir} holds checkpoints without their training state "
-                f"({', '.join(kept)}) past {start.name if start else 'the start'}, the newest it can resume from; "
-                f"resuming would write over them. Move them out of {output_dir}, or pass another --output_model_path")
-        elif start is None:
+                f"({', '.join(kept)}) {past}; resuming would write over them. Move them out of {output_dir}, or "
+                f"pass another --output_model_path")
+        if cut:
+            problems.append(
+                f"--resume_from_checkpoint latest: {output_dir} holds checkpoints {past} that cannot be resumed "
+                f"from ({'; '.join(cut)}). Copy them again whole, or delete them to resume from "
+                f"{start.name if start else 'the start'}")
+        if start is None and not later:
             # A job's first start, or a requeue of one stopped before its first save: one command serves both.
             log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet, starting from the beginning")
         return start
     if args.resume_from_checkpoint:
         path = Path(args.resume_from_checkpoint)
+        if not path.exists() and (output_dir / path).exists():  # a checkpoint's name, as the trainer printed it
+            path = output_dir / path
+        if not path.exists():
+            problems.append(f"--resume_from_checkpoint {path}: not found (or pass latest: the newest in "
+                            f"{output_dir})")
+            return path
         if not checkpoint.resumable(path):
-            problems.append(f"--resume_from_checkpoint {path}: not a checkpoint with training state")
+            problems.append(f"--resume_from_checkpoint {path}: cannot be resumed from: "
+                            f"{checkpoint.training_state_problem(path)}")
             return path
         step = checkpoint.checkpoint_step(path)
         later = [found.name for found in finished if checkpoint.checkpoint_step(found) > step]
@@ -362,6 +377,12 @@ def resume_problems(args, state, train_data: DataFingerprint, weights: WeightSto
         match = "no" if saved_weights == FP32_WEIGHTS.name else "yes"
         problems.append(f"the checkpoint holds {saved_weights} weights and this run would hold {weights.name} "
                         f"(--bf16_weights {args.bf16_weights} here); resume with --bf16_weights {match}")
+    started_from, starting_from = Path(saved.get("init_model_path") or args.init_model_path), Path(args.init_model_path)
+    if started_from.resolve() != starting_from.resolve() and all(
+            (folder / "config.json").is_file() for folder in (started_from, starting_from)) and (
+            (started_from / "config.json").read_bytes() != (starting_from / "config.json").read_bytes()):
+        problems.append(f"--init_model_path is {starting_from} but the checkpoint was made from {started_from}, "
+                        f"another model (their config.json differ): resume with the model the run started with")
     if state.num_processes != accelerator.num_processes:
         problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}")
     if state.train_data_sha256 != train_data.sha256:
@@ -377,7 +398,8 @@ def resume_problems(args, state, train_data: DataFingerprint, weights: WeightSto
                         f"from there)")
     if problems:
         return ["cannot resume this checkpoint:\n  " + "\n  ".join(problems)]
-    changed = [f"--{name} {saved.get(name)} -> {value}" for name, value in sorted(vars(args).items())
+    now = checkpoint.recorded_flags(args)  # paths absolute, as they were recorded: ./x and /abs/x are one
+    changed = [f"--{name} {saved.get(name)} -> {value}" for name, value in sorted(now.items())
                if name in saved and saved[name] != value
                and name not in ("resume_from_checkpoint", "allow_schedule_change")]
     if changed:
@@ -450,7 +472,7 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
     whose clips make up --replay_ratio of the train set."""
     processor, config = tts.processor, tts.model.config
 
-    def read(path):
+    def read(path, what):
         try:
             clips = read_clips(path, ids, args.speaker_name, strict=args.strict, max_bad_fraction=args.max_bad_fraction,
                                log=accelerator.print, prompter=make_prompter(processor, config),
@@ -458,10 +480,10 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
                                tokenizer_path=Path(args.init_model_path) / "speech_tokenizer")
             return apply_length_limits(clips, args.max_audio_seconds, args.max_text_tokens, log=accelerator.print)
         except DataError as error:
-            raise SystemExit(f"error: the training data cannot be used:\n{error}")
+            raise SystemExit(f"error: the {what} cannot be used:\n{error}")
 
-    train_clips = read(args.train_jsonl)
-    eval_clips = read(args.eval_jsonl) if args.eval_jsonl else None
+    train_clips = read(args.train_jsonl, "training data (--train_jsonl)")
+    eval_clips = read(args.eval_jsonl, "eval data (--eval_jsonl)") if args.eval_jsonl else None
     names = sorted({clip.speaker for clip in train_clips})
     if args.speaker_name and args.speaker_name.strip().lower() not in names:
         accelerator.print(f"note: --speaker_name {args.speaker_name} names no voice of this run: every row names its "

@@ -313,5 +313,6 @@ def report(run) -> list:
     for name, entry in summary["new"].items():
         losses = [f"{split} loss {entry[f'{split}_loss']:.4f} over {entry[f'{split}_clips']} clips"
                   for split in ("train", "eval") if entry[f"{split}_loss"] is not None]
-        lines.append(f"    {name}: new (codec id {entry['codec_id']}); " + ", ".join(losses))
+        untrained = "; untrained: no training row speaks it" if entry["train_clips"] == 0 else ""
+        lines.append(f"    {name}: new (codec id {entry['codec_id']}{untrained}); " + ", ".join(losses))
     return lines

@@ -167,6 +167,10 @@ def test_default_speaker_name_and_language_case(good_row, tmp_path):
     clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(dict(row, language="English"))]), IDS,
                        default_speaker="My_Voice")
     assert (clips[0].speaker, clips[0].language) == ("my_voice", "english")
+    # null, as pandas writes a missing value, is the field left out
+    clips = read_clips(write_lines(tmp_path / "null.jsonl", [json.dumps(dict(row, speaker=None, language=None))]),
+                       IDS, default_speaker="My_Voice")
+    assert (clips[0].speaker, clips[0].language) == ("my_voice", "auto")
 
 
 def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_path):

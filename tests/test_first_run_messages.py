@@ -293,4 +293,5 @@ def test_an_eval_only_speaker_and_a_max_steps_beyond_the_epochs_are_said(tiny_mo
           eval_generate_steps=0)
     printed = capsys.readouterr().out
     assert "warning: stranger only in the eval data: no training row speaks that voice" in printed
+    assert "stranger: new (codec id" in printed and "; untrained: no training row speaks it); eval loss" in printed
     assert "; --max_steps 50 is more than 1 epochs hold: raise --num_epochs to train that long" in printed

@@ -115,14 +115,20 @@ def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
     assert failures(cer=0.5)["cer"].value == 0.5
 
 
-def test_training_rate_per_speaker_from_codes_rows(tmp_path):
+def test_training_rate_per_speaker_from_codes_rows(tiny_model, tmp_path, capsys):
+    """The rows as the trainer read them: a byte-order mark is no part of the first; a line that is not
+    UTF-8, or a row the trainer skipped, counts for no rate; reference clips are not needed here."""
     frames = [[0] * 16]
     rows = [dict(text="a" * 20, audio_codes=frames * 25, speaker="Alice", language="German"),  # 20 chars in 2 s
             dict(text="b" * 10, audio_codes=frames * 25, speaker="alice", language="german"),  # 10 chars in 2 s
-            dict(text="c" * 30, audio_codes=frames * 50)]                     # 30 chars in 4 s, default speaker
-    rates, languages = infer_test.training_data(write_jsonl(tmp_path / "codes.jsonl", rows), default_speaker="Bob")
+            dict(text="c" * 30, audio_codes=frames * 50),                     # 30 chars in 4 s, default speaker
+            dict(text="d" * 90, audio_codes=frames * 25, speaker=123)]        # skipped by the trainer
+    path = write_jsonl(tmp_path / "codes.jsonl", [dict(row, ref_audio="elsewhere.wav") for row in rows])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes() + b'{"text": "caf\xe9"}\n')
+    rates, languages = infer_test.training_data(path, tiny_model, default_speaker="Bob")
     assert rates == pytest.approx({"alice": 7.5, "bob": 7.5, listening.ALL_SPEAKERS: 7.5})
     assert languages == {"alice": {"german"}, "bob": {"auto"}}  # a row without a language is auto, as trained
+    assert "skipping 2 bad rows of 5" in capsys.readouterr().out
     summary_file = tmp_path / "summary.json"
     summary = dict(characters_per_second=12.5, speakers=dict(Alice=dict(characters_per_second=10)))
     summary_file.write_text(json.dumps(summary))
@@ -379,6 +385,8 @@ def test_without_language_a_voice_is_checked_in_the_language_it_was_trained_in(
     german = tmp_path / "checkpoint-german"
     german.mkdir()
     shutil.copy(trained / "config.json", german)
+    for name in ("model.safetensors", "speech_tokenizer"):  # a whole model folder, the weights never loaded
+        (german / name).symlink_to(trained / name)
     state = json.loads((trained / checkpoint.TRAINER_STATE).read_text())
     rows = [dict(row, language="german") if row["speaker"] == "bob" else row for row in read_jsonl(coded_clips)]
     state["flags"]["train_jsonl"] = str(write_jsonl(tmp_path / "german.jsonl", rows))
@@ -472,11 +480,14 @@ def test_arguments_that_cannot_work_stop_with_a_message_not_a_traceback(trained,
     bad_config = tmp_path / "bad_model"
     bad_config.mkdir()
     (bad_config / "config.json").write_text("{not json")
+    cut_copy = tmp_path / "cut_copy"  # a checkpoint copied without its weights
+    shutil.copytree(trained, cut_copy, ignore=shutil.ignore_patterns("model.safetensors", "training_state"))
     cases = [(["--text", " "], "--text must hold a sentence"),
              (["--device", "bogus"], "--device bogus: not a device"),
              (["--out_dir", str(tmp_path / "a_file")], "cannot make that folder"),
              (["--compare_base", "--base_model_path", str(tmp_path / "nowhere")], "no model folder there"),
              (["--model_path", str(bad_config)], "config.json is not valid JSON"),
+             (["--model_path", str(cut_copy)], "an incomplete model folder: no model.safetensors (an interrupted"),
              (["--model_path", str(trained / "speech_tokenizer")], "is not a Qwen3-TTS model folder"),
              (["--compare", str(tmp_path / "nowhere")], "--compare " + str(tmp_path / "nowhere") + ": not found")]
     for flags, message in cases:

@@ -406,6 +406,37 @@ def test_latest_never_writes_over_checkpoints_kept_without_their_training_state(
     assert (output / "checkpoint-step-2" / "notes.txt").read_text() == "mine"
 
 
+def test_a_checkpoint_copied_in_part_or_from_another_model_is_named_not_a_traceback(tiny_model, tiny_model_06b,
+                                                                                     twelve_clips, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Checkpoints carried to another machine: a training state copied in part, a resume given a
+    checkpoint's name, the same model at another path, and another model."""
+    base = Path(shutil.copytree(tiny_model, tmp_path / "base"))
+    output = train(base, twelve_clips, tmp_path / "out", max_steps=2, save_steps=1, save_total_limit=0)
+    (output / "checkpoint-step-2" / checkpoint.TRAINING_STATE_DIR / "optimizer.bin").unlink()
+    with pytest.raises(SystemExit) as raised:
+        train(base, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest", allow_schedule_change=True)
+    assert ("checkpoint-step-2: training_state/ is incomplete: optimizer.bin missing or cut short (an interrupted "
+            "copy?)" in str(raised.value))
+
+    # A checkpoint's name, as the trainer prints it, from another working directory; the model moved.
+    shutil.rmtree(output / "checkpoint-step-2")
+    moved = Path(shutil.copytree(base, tmp_path / "moved_base"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    train(moved, os.path.relpath(twelve_clips), output, max_steps=2, resume_from_checkpoint="checkpoint-step-1")
+    [changed] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resuming with changed")]
+    assert checkpoint.latest_checkpoint(output).name == "checkpoint-step-2"
+    assert f"--init_model_path {base} -> {moved}" in changed and "--train_jsonl" not in changed  # the same file
+
+    shutil.rmtree(output / "checkpoint-step-2")
+    with pytest.raises(SystemExit, match="another model \\(their config.json differ\\)"):
+        train(tiny_model_06b, twelve_clips, output, max_steps=2, resume_from_checkpoint="latest")
+    shutil.rmtree(base)  # the model the run started from is gone: the weights themselves do not fit
+    with pytest.raises(SystemExit, match="its weights do not fit the model being trained \\(size mismatch"):
+        train(tiny_model_06b, twelve_clips, output, max_steps=2, resume_from_checkpoint="latest")
+
+
 def test_a_starting_model_and_the_output_folder_must_not_hold_each_other(tiny_model, tmp_path):
     """Starting from a checkpoint inside the output folder, --overwrite_output_dir (which the refusal to
     overwrite suggests) would delete it; an output inside the starting model's folder would be copied
