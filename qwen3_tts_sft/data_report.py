@@ -79,32 +79,28 @@ class DatasetChecks:
         for clip in clips:  # first: a clip that no speaker could say must not count as anyone's audio or rate
             if clip.rate > MAX_CHARACTERS_PER_SECOND:
                 rejects[clip.source] = ("speaking_rate", impossible_rate(clip))
-        first_audio = {}
+        copies = {}  # the audio's sha1 -> its clips in input order: a recording listed more than once
         for clip in clips:
-            if clip.source in rejects:
-                continue
-            sha1 = clip.quality.get("sha1")
-            if sha1 in first_audio:
-                first = first_audio[sha1]
-                other_text = (f", which keeps its own text {first.text!r} and not this row's {clip.text!r}"
-                              if normalise(first.text) != normalise(clip.text) else "")
-                rejects[clip.source] = ("duplicate_audio", f"the same audio as {first.source}{other_text}")
-                continue
-            first_audio[sha1] = clip
-        medians = {}
-        for speaker, group in by_speaker(clip for clip in clips if clip.source not in rejects).items():
-            if len(group) < MIN_CLIPS_FOR_MEDIAN:
-                continue
-            median = medians[speaker] = float(np.median([clip.rate for clip in group]))
+            if clip.source not in rejects:
+                copies.setdefault(clip.quality.get("sha1") or clip.source, []).append(clip)
+        medians = {speaker: float(np.median([clip.rate for clip in group]))
+                   for speaker, group in by_speaker(group[0] for group in copies.values()).items()
+                   if len(group) >= MIN_CLIPS_FOR_MEDIAN}
+        for group in copies.values():
+            # The first copy whose text fits the speaker's rate is kept, the others are its duplicates: a
+            # recording listed twice, once with a wrong transcript, keeps the right one.
+            kept = None
             for clip in group:
-                ratio = clip.rate / median
-                off = max(ratio, 1 / ratio) if ratio > 0 else math.inf
-                what = (f"{clip.rate:.1f} characters/s, {ratio:.2f}x the speaker's median {median:.1f}: "
-                        f"the text may not be what is said, or the audio is cut")
-                if off > self.reject_rate_ratio:
-                    rejects[clip.source] = ("speaking_rate", f"{what} (--reject_rate_ratio {self.reject_rate_ratio:g})")
-                elif off > self.flag_rate_ratio:
+                if kept is not None:
+                    rejects[clip.source] = ("duplicate_audio", duplicate_problem(clip, kept))
+                    continue
+                verdict, what = self.rate_check(clip, medians.get(clip.speaker))
+                if verdict == "reject":
+                    rejects[clip.source] = ("speaking_rate", what)
+                    continue
+                if verdict == "flag":
                     clip.flags["speaking_rate"] = what
+                kept = clip
         # Last, among the clips kept: a flag must name a clip that is in the dataset.
         first_text = {}
         for clip in clips:
@@ -116,6 +112,18 @@ class DatasetChecks:
             first_text.setdefault(text, clip.source)
         return rejects, medians
 
+    def rate_check(self, clip: ClipInfo, median: float) -> tuple:
+        """("reject" or "flag", why) when the clip's rate is far off its speaker's median, else (None, None)."""
+        if median is None:  # too few clips for a median
+            return None, None
+        ratio = clip.rate / median
+        off = max(ratio, 1 / ratio) if ratio > 0 else math.inf
+        what = (f"{clip.rate:.1f} characters/s, {ratio:.2f}x the speaker's median {median:.1f}: "
+                f"the text may not be what is said, or the audio is cut")
+        if off > self.reject_rate_ratio:
+            return "reject", f"{what} (--reject_rate_ratio {self.reject_rate_ratio:g})"
+        return ("flag", what) if off > self.flag_rate_ratio else (None, None)
+
     def references(self, clips: list) -> dict:
         """{speaker: [the chosen clips]} for the speakers with rows that have no ref_audio."""
         wanted = {clip.speaker for clip in clips if clip.ref_audio is None}
@@ -124,6 +132,12 @@ class DatasetChecks:
             if speaker in wanted:
                 chosen[speaker] = sorted(group, key=reference_rank)[:self.references_per_speaker]
         return chosen
+
+
+def duplicate_problem(clip: ClipInfo, kept: ClipInfo) -> str:
+    other_text = (f", which keeps its own text {kept.text!r} and not this row's {clip.text!r}"
+                  if normalise(kept.text) != normalise(clip.text) else "")
+    return f"the same audio as {kept.source}{other_text}"
 
 
 def impossible_rate(clip: ClipInfo) -> str:

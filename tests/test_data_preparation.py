@@ -683,3 +683,21 @@ def test_duplicate_text_names_only_a_clip_that_is_kept():
     rejects, _ = DatasetChecks(1.5, 2.5, 4).run(clips)
     assert list(rejects) == ["raw.jsonl:1"] and rejects["raw.jsonl:1"][0] == "speaking_rate"
     assert clips[1].flags == {} and clips[2].flags == dict(duplicate_text="the same text as raw.jsonl:2")
+
+
+def test_a_recording_listed_twice_keeps_the_row_whose_text_fits(tmp_path):
+    """The same take listed first with another sentence's longer text, then with its own: the row that
+    fits the speaker's rate is kept and the other rejected for its rate, not the right one as a copy."""
+    rows = []
+    for index, sentence in enumerate(SENTENCES):
+        path = write(tmp_path / f"clip_{index}.wav", speech(len(sentence) / RATE, seed=index))
+        rows.append(dict(audio=str(path), text=sentence, speaker="anna"))
+    wrong = dict(rows[0], text=" ".join(SENTENCES[:3]))  # three sentences over one sentence's audio
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(row) + "\n" for row in [wrong] + rows))
+
+    validate(raw, tmp_path / "out.jsonl")
+
+    rejects = rejects_of(tmp_path / "out.jsonl")
+    assert {source: reject["reason"] for source, reject in rejects.items()} == {"raw.jsonl:1": "speaking_rate"}
+    assert "raw.jsonl:2" in clips_of(tmp_path / "out.jsonl")  # the same take, its own text: kept
