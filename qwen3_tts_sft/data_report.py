@@ -7,9 +7,9 @@ language is spoken that fast: the text is not what the clip says). Then across c
                     MIN_CLIPS_FOR_MEDIAN clips): beyond --flag_rate_ratio (either way) the clip is
                     flagged, beyond --reject_rate_ratio rejected. A transcript that belongs to another
                     clip, or a clip cut short, is far off its speaker's rate; natural variation is not
-    duplicates      the same samples as an earlier clip: rejected (it would count twice); the same
-                    text over other audio: flagged, naming a kept clip (a retake is fine, a copied
-                    transcript is not)
+    duplicates      the same samples as a kept clip: rejected (it would count twice), the first
+                    copy whose text fits the rate being the one kept; the same text over other
+                    audio: flagged, naming a kept clip (a retake is fine, a copied transcript is not)
 References, for rows without a ref_audio: a speaker's references are its `references_per_speaker`
 cleanest clips: no flags (so not clipped, not of a low rate), REFERENCE_SECONDS long where it can,
 little silence at the edges, the best signal to noise first. A clip kept whole is its own file; a
