@@ -441,17 +441,16 @@ def speak_in_batches(tts, items: list, settings: SpeakSettings, generate=None) -
     caller's random state are restored afterwards). `generate(texts, speakers, options)` makes one
     batch; default: custom_voice(tts)."""
     import torch
-    from transformers.utils import logging as hf_logging
+
+    from qwen3_tts_sft.quiet import quiet_transformers
 
     generate = generate or custom_voice(tts)
     model = tts.model
     was_training = model.training
-    verbosity = hf_logging.get_verbosity()
     spoken = []
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []), torch.inference_mode():
         torch.manual_seed(settings.seed)
         model.eval()
-        hf_logging.set_verbosity_error()  # generate's notice of the pad id it picks, on every call
         try:
             for start in range(0, len(items), settings.batch_size):
                 batch = items[start:start + settings.batch_size]
@@ -463,12 +462,12 @@ def speak_in_batches(tts, items: list, settings: SpeakSettings, generate=None) -
                     # make transformers print that the flag is ignored, on every call.
                     options.update(do_sample=False, subtalker_dosample=False, temperature=1.0, subtalker_temperature=1.0)
                 texts, names = [text for _, _, text in batch], [name for name, _, _ in batch]
-                wavs, sample_rate, frames, seconds = speak(tts, lambda: generate(texts, names, options))
+                with quiet_transformers():  # generate's notice of the pad id it picks, on every call
+                    wavs, sample_rate, frames, seconds = speak(tts, lambda: generate(texts, names, options))
                 rtf = seconds / max(sum(len(wav) for wav in wavs) / sample_rate, 1e-9)
                 spoken += [(item, wav, sample_rate, count, cap, rtf) for item, wav, count in zip(batch, wavs, frames)]
         finally:
             model.train(was_training)
-            hf_logging.set_verbosity(verbosity)
     return spoken
 
 

@@ -60,3 +60,18 @@ def shell_stderr_without(notice: str):
             written.seek(0)
             for line in written.read().decode(errors="replace").splitlines(keepends=True):
                 (left_out.append if notice in line else sys.stderr.write)(line)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings about its own deprecations and generation defaults (the pad id generate
+    picks, a sampling flag it ignores), hidden: they repeat for every batch and say nothing about the
+    data or the model."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
 from qwen3_tts_sft.languages import model_languages
+from qwen3_tts_sft.quiet import quiet_transformers
 from qwen3_tts_sft.sequence_layout import prefix_language
 from qwen3_tts_sft.training_data import Clip
 
@@ -164,7 +165,9 @@ def generation_options(tts, max_frames: int) -> dict:
     penalty (generation_config.json). Two tokens more than the cap: speech that runs away comes
     back longer than max_frames, speech that stops comes back at its own length."""
     # The same merge generate_custom_voice makes (qwen_tts 0.1.1), so greedy here is greedy there.
-    return tts._merge_generate_kwargs(do_sample=False, subtalker_dosample=False, max_new_tokens=max_frames + 2)
+    # Temperature 1 changes nothing without sampling; the model's own (0.9) makes transformers say so.
+    return tts._merge_generate_kwargs(do_sample=False, subtalker_dosample=False, temperature=1.0,
+                                      subtalker_temperature=1.0, max_new_tokens=max_frames + 2)
 
 
 def generate(tts, speakers: list, chosen: list, max_frames: int, options: dict, prompter, accelerator) -> tuple:
@@ -176,7 +179,7 @@ def generate(tts, speakers: list, chosen: list, max_frames: int, options: dict, 
     for speaker, language in tqdm(pairs, desc="replay set", unit="language", dynamic_ncols=True):
         texts = sentences()[language]
         input_ids = [torch.tensor([prompter(text)], device=device) for text in texts]
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), quiet_transformers():
             codes, _ = model.generate(input_ids=input_ids, languages=[language] * len(texts),
                                       speakers=[speaker.name] * len(texts), non_streaming_mode=True, **options)
         for index, (text, frames) in enumerate(zip(texts, codes)):

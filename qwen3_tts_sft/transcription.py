@@ -9,12 +9,12 @@ The check compares texts by character error rate (edit distance over the referen
 normalise(): case, punctuation and spacing are not what a transcript mismatch is about.
 """
 
-import contextlib
 import re
 import unicodedata
 from pathlib import Path
 
 from qwen3_tts_sft import audio
+from qwen3_tts_sft.quiet import quiet_transformers
 
 BATCH_SIZE = 16
 
@@ -40,20 +40,6 @@ class Transcriber:
         with quiet_transformers():
             results = self.pipeline(inputs, batch_size=BATCH_SIZE)
         return [printable(result["text"]) for result in results]
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' warnings about its own deprecations and generation defaults, hidden: they
-    repeat for every batch and say nothing about the data."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 def printable(text: str) -> str:
