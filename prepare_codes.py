@@ -644,12 +644,12 @@ class ProgressFile:
     def todo(self, clips: list) -> list:
         """The clips to encode: those not done yet, and those whose row or recording changed since the
         interrupted run encoded them (a line written before this was recorded counts as changed)."""
-        changed = [clip.source for clip in clips if clip.source in self.done
-                   and self.done[clip.source] != input_state(clip)]
+        changed = {clip.source for clip in clips if clip.source in self.done
+                   and self.done[clip.source] != input_state(clip)}
         gone = set(self.done) - {clip.source for clip in clips}
         if changed:
             print(f"{len(changed)} rows or their recordings changed since the earlier run encoded them: "
-                  f"encoding them again (e.g. {changed[0]})")
+                  f"encoding them again (e.g. {min(changed)})")
         if gone:
             print(f"{len(gone)} rows the earlier run encoded are no longer in the input: left out "
                   f"(e.g. {min(gone)})")
