@@ -185,6 +185,14 @@ def parse_args(argv=None):
         parser.error("need --min_seconds <= --max_segment_seconds <= --max_seconds")
     if not 1 <= args.flag_rate_ratio <= args.reject_rate_ratio or args.references_per_speaker < 1:
         parser.error("need 1 <= --flag_rate_ratio <= --reject_rate_ratio and --references_per_speaker >= 1")
+    if args.trim_padding_seconds < 0 or args.min_pause_seconds <= 0 or not 0 <= args.clipped_fraction <= 1:
+        parser.error("need --trim_padding_seconds >= 0, --min_pause_seconds > 0 and --clipped_fraction in [0, 1]")
+    if args.loudness_lufs >= 0 or args.silence_dbfs >= 0:
+        parser.error("--loudness_lufs and --silence_dbfs are levels below full scale: negative numbers")
+    if args.validate_only and args.num_shards > 1:
+        parser.error("--validate_only checks the whole dataset at once (duplicates and speaking rates are checks "
+                     "across clips, which shards would skip): run it without shards; --num_workers spreads the "
+                     "decoding over the CPU cores")
     return args
 
 
@@ -370,7 +378,7 @@ def main(argv=None):
         partial = progress_path(own_output, args.validate_only)
         raise SystemExit(f"interrupted; run the same command again to carry on from {partial}") from None
     if args.merge_when_done:
-        wait_for_shards(output, args.num_shards)
+        wait_for_shards(output, args.num_shards, settings["input_fingerprint"])
         return merge_shards(output, args.num_shards)
     return summary
 
@@ -901,10 +909,11 @@ def print_summary(report: dict):
               f"{'s (one a shard)' if shards > 1 else ''} busy {busy:.0%} of the time")
 
 
-def wait_for_shards(output: Path, count: int):
-    """Under a launcher, process 0 waits for the other shards' outputs (the launcher stops all if one fails)."""
+def wait_for_shards(output: Path, count: int, fingerprint: str):
+    """Under a launcher, process 0 waits for the other shards' outputs of this input (the launcher stops
+    all if one fails): a shard's output from an earlier run, before the input was fixed, is not one."""
     missing, shown = [shard_output(output, index, count) for index in range(count)], None
-    while missing := [path for path in missing if not path.exists()]:
+    while missing := [path for path in missing if shard_fingerprint(path) != fingerprint]:
         if missing != shown:
             print(f"waiting for {len(missing)} shard(s) to finish: {', '.join(path.name for path in missing)}",
                   flush=True)
@@ -912,12 +921,39 @@ def wait_for_shards(output: Path, count: int):
         time.sleep(2)
 
 
+def shard_fingerprint(path: Path):
+    """The input fingerprint a complete shard output was made from, None while there is none (its summary
+    is written before the output is renamed into place)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(beside(path, ".summary.json").read_text())["settings"].get("input_fingerprint")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def stale_shards(shards: list, settings: list) -> list:
+    """The indices of the shards not made from the input as it is now (all agree: none); where the input
+    cannot be read any more, those that differ from the newest shard."""
+    fingerprints = [shard["input_fingerprint"] for shard in settings]
+    if len(set(fingerprints)) == 1:
+        return []
+    inputs = [(layout, Path(path)) for layout, path in zip(settings[0]["layout"], settings[0]["input"])]
+    try:
+        now = input_fingerprint(inputs, settings[0]["ref_audio"])
+    except OSError:
+        now = fingerprints[max(range(len(shards)), key=lambda index: shards[index].stat().st_mtime)]
+    return [index for index, fingerprint in enumerate(fingerprints) if fingerprint != now]
+
+
 def merge_shards(output: Path, count: int) -> dict:
     """Merge complete shard outputs into OUTPUT, in input order, with their rejects and a summary of the whole."""
+    if count < 2:
+        raise SystemExit("error: --merge_shards needs --num_shards, the count the shards were made with (>= 2)")
     shards = [shard_output(output, index, count) for index in range(count)]
     missing = [str(path) for path in shards if not path.exists()]
-    if count < 2 or missing:
-        raise SystemExit(f"error: need --num_shards >= 2 and every shard complete; missing: {', '.join(missing)}")
+    if missing:
+        raise SystemExit(f"error: every shard must be complete to merge; missing: {', '.join(missing)}")
     reports = [json.loads(beside(path, ".summary.json").read_text()) for path in shards]
     settings = dict(reports[0]["settings"], shard_index=None)
     for path, report in zip(shards, reports):
@@ -925,6 +961,12 @@ def merge_shards(output: Path, count: int) -> dict:
         if differences:
             raise SystemExit(f"error: {path} was written with other settings than {shards[0]}: "
                              f"{', '.join(differences)}")
+    stale = stale_shards(shards, [report["settings"] for report in reports])
+    if stale:
+        raise SystemExit(f"error: shards {', '.join(map(str, stale))} were made from the input as it was before it "
+                         f"changed (rows fixed or added, recordings replaced): a row would be lost, or written twice. "
+                         f"Run {'them' if len(stale) > 1 else 'it'} again (the same command, --shard_index "
+                         f"{' / '.join(map(str, stale))}), then merge")
     clips = [ClipInfo.of(row, (path, offset, None), input_order(row["source"]))
              for path in shards for offset, row in read_lines(path)]
     rejects = [reject for path in shards for _, reject in read_lines(beside(path, ".rejects.jsonl"))]

@@ -701,3 +701,16 @@ def test_a_recording_listed_twice_keeps_the_row_whose_text_fits(tmp_path):
     rejects = rejects_of(tmp_path / "out.jsonl")
     assert {source: reject["reason"] for source, reject in rejects.items()} == {"raw.jsonl:1": "speaking_rate"}
     assert "raw.jsonl:2" in clips_of(tmp_path / "out.jsonl")  # the same take, its own text: kept
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--trim_padding_seconds", "-0.5"], "need --trim_padding_seconds >= 0"),
+    (["--min_pause_seconds", "-1"], "--min_pause_seconds > 0"),
+    (["--loudness_lufs", "10"], "levels below full scale: negative numbers"),
+    (["--num_shards", "2", "--shard_index", "1"], "--validate_only checks the whole dataset at once")])
+def test_settings_that_cannot_mean_what_they_say_are_refused(tmp_path, flags, message, capsys):
+    """A negative padding would cut into the speech, a positive loudness clip every clip; shards of a
+    validation would skip the checks across clips."""
+    with pytest.raises(SystemExit) as stopped:
+        validate(tmp_path, tmp_path / "out.jsonl", *flags)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -494,6 +494,37 @@ def test_shards_merge_into_the_same_dataset(speech_tokenizer, clip_set, referenc
     assert summary["throughput"]["encoded_clips"] == 9
 
 
+def test_shards_of_an_input_fixed_between_their_runs_are_not_merged(speech_tokenizer, clip_set, tmp_path):
+    """A row fixed after both shards ran, then only one shard run again: the merge names the stale
+    one, and a launcher's rank 0 waits for it rather than merging the old file."""
+    import threading
+
+    shutil.copytree(clip_set.parent, tmp_path / "clip_set")
+    raw, output = tmp_path / "clip_set" / "raw.jsonl", tmp_path / "out" / "train.jsonl"
+    for index in range(2):
+        prepare(speech_tokenizer, raw, output, "--shard_index", index, "--num_shards", 2, "--batch_size", 2)
+    rows = read_jsonl(raw)
+    rows[1]["text"] = "A fixed transcript."
+    write_jsonl(raw, rows)
+    fixed_shard = next(index for index in range(2) if f"{raw}:2" in
+                       {row["source"] for row in read_jsonl(output.with_name(f"train.shard-{index}-of-2.jsonl"))})
+    prepare(speech_tokenizer, raw, output, "--shard_index", fixed_shard, "--num_shards", 2, "--batch_size", 2)
+    stale = 1 - fixed_shard
+    with pytest.raises(SystemExit, match=f"shards {stale} were made from the input as it was before it changed"):
+        prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(output)])
+
+    fingerprint = prepare_codes.shard_fingerprint(output.with_name(f"train.shard-{fixed_shard}-of-2.jsonl"))
+    waiting = threading.Thread(target=prepare_codes.wait_for_shards, args=(output, 2, fingerprint), daemon=True)
+    waiting.start()
+    waiting.join(timeout=3)
+    assert waiting.is_alive()  # the stale shard's old output does not count
+    prepare(speech_tokenizer, raw, output, "--shard_index", stale, "--num_shards", 2, "--batch_size", 2)
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(output)])
+    assert "A fixed transcript." in {row["text"] for row in read_jsonl(output)}
+
+
 def test_merge_refuses_incomplete_shards(tmp_path):
     with pytest.raises(SystemExit, match="shard-1-of-2"):
         prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(tmp_path / "train.jsonl")])
