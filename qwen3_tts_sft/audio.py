@@ -45,6 +45,9 @@ PEAK_CEILING_DBFS = -1.0
 # Trimming cuts only audio this far below a clip's loud frames (and heard as no speech): a voice
 # the detector misses is never cut. Weak consonants sit 20-30 dB below the vowels.
 QUIET_BELOW_LOUDEST_DB = 35.0
+# Nor is sound within this of the recording's noise floor (its quietest tenth of 10 ms frames) loud:
+# a home recording's room noise can sit within 35 dB of its speech, and would then never be trimmed.
+ABOVE_NOISE_FLOOR_DB = 6.0
 # Sound within this of a recording's loud frames is as loud as its speech: a long take's pieces
 # that leave much of it out missed speech the detector did not hear (or loud noise between sentences).
 SPEECH_BELOW_LOUDEST_DB = 20.0
@@ -130,14 +133,17 @@ def speech_to_noise_db(samples: np.ndarray, sample_rate: int) -> float:
 
 def loud_frames(samples: np.ndarray, sample_rate: int, below_loudest_db: float) -> np.ndarray:
     """Per 10 ms frame (LOUDNESS_FRAMES_PER_SECOND), whether it is within `below_loudest_db` of the
-    recording's loud frames (their 95th percentile). All False for digital silence."""
+    recording's loud frames (their 95th percentile) and ABOVE_NOISE_FLOOR_DB above its noise floor.
+    All False for digital silence."""
     frame = sample_rate // LOUDNESS_FRAMES_PER_SECOND
     frames = -(-len(samples) // frame)
     padded = np.pad(samples, (0, frames * frame - len(samples)))
     power = np.mean(np.square(padded.reshape(frames, frame), dtype=np.float64), axis=1)
     if not power.any():
         return np.zeros(frames, dtype=bool)
-    return power >= np.percentile(power, 95) * 10 ** (-below_loudest_db / 10)
+    loudest, floor = np.percentile(power, [95, 10])
+    threshold = max(loudest * 10 ** (-below_loudest_db / 10), floor * 10 ** (ABOVE_NOISE_FLOOR_DB / 10))
+    return power >= threshold
 
 
 def loud_bounds(samples: np.ndarray, sample_rate: int, below_loudest_db: float = QUIET_BELOW_LOUDEST_DB):

@@ -714,3 +714,19 @@ def test_settings_that_cannot_mean_what_they_say_are_refused(tmp_path, flags, me
     with pytest.raises(SystemExit) as stopped:
         validate(tmp_path, tmp_path / "out.jsonl", *flags)
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("noise_dbfs", [-70, -54, -45])
+def test_room_noise_at_the_edges_is_trimmed_whatever_its_level(noise_dbfs):
+    """A home recording's room noise can sit within 35 dB of its speech: it is the recording's noise
+    floor, not loud sound the detector missed, and is trimmed all the same."""
+    rng = np.random.default_rng(7)
+    voice = speech(3.0, seed=5)
+    samples = np.concatenate([np.zeros(36000, np.float32), voice, np.zeros(24000, np.float32)])
+    samples = samples + (10 ** (noise_dbfs / 20) * rng.standard_normal(len(samples))).astype(np.float32)
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(True, 0.2, 15, 0.4, None))
+    [piece] = checks.pieces_of(PlannedClip("x", dict(audio="x.wav", text="t"), None, 5.5), samples,
+                               samples[:, None], 24000, 24000)
+    [bounds] = voice_activity.speech_bounds([piece.samples], 24000)
+    checks.trim(piece, bounds, 24000)
+    assert piece.quality["trimmed_seconds"] > 1.5  # of the 2.5 s of room noise around the speech
