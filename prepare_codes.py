@@ -543,7 +543,7 @@ def decode_and_encode(todo: list, args, checks: AudioChecks, progress, show_reje
     stats = new_throughput()
     bar = tqdm(total=total, initial=total - len(todo), unit="clip", desc="checking" if tokenizer is None else "encoding",
                dynamic_ncols=True)
-    started = time.perf_counter()
+    started, done_now = time.perf_counter(), 0.0
     for batch_number, takes in enumerate(loader, start=1):
         pieces = [piece for take in takes for piece in take if piece.reject is None]
         if transcriber is not None:
@@ -566,9 +566,11 @@ def decode_and_encode(todo: list, args, checks: AudioChecks, progress, show_reje
         stats["encoded_clips"] += len(codes)
         stats["encoded_audio_seconds"] += sum(piece.seconds for piece in good if id(piece) in codes)
         stats["wall_seconds"] = time.perf_counter() - started
+        # --validate_only encodes nothing: its bar counts the audio checked.
+        done_now += sum(piece.seconds for piece in good if tokenizer is None or id(piece) in codes)
         bar.update(len(takes))
-        bar.set_postfix_str(f"{(done_seconds + stats['encoded_audio_seconds']) / 3600:.2f} h audio done, "
-                            f"{stats['encoded_audio_seconds'] / stats['wall_seconds']:.0f}x real time")
+        bar.set_postfix_str(f"{(done_seconds + done_now) / 3600:.2f} h audio done, "
+                            f"{done_now / stats['wall_seconds']:.0f}x real time")
         if batch_number == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
