@@ -50,9 +50,9 @@ from qwen3_tts_sft import audio, data_report
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
 from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
-from qwen3_tts_sft.dataset_layouts import (FLAGS, JSONL_ROW_FIELDS, REJECT_REASONS, AudioChecks, Limits, Processing,
-                                           InputRow, Reject, RowChecker, detect_layout, input_order, read_input,
-                                           transcript_problem)
+from qwen3_tts_sft.dataset_layouts import (FLAGS, REJECT_REASONS, AudioChecks, Limits, Processing,
+                                           InputRow, Reject, RowChecker, detect_layout, input_order, line_to_feed_again,
+                                           read_input, transcript_problem)
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
@@ -728,16 +728,6 @@ class RowFiles:
     def close(self):
         for handle in self.handles.values():
             handle.close()
-
-
-def line_to_feed_again(row: dict) -> str:
-    """A kept row rejected by the checks across clips, as a JSONL input line that makes it again: its
-    own fields, and a piece of a long take as that take with the one segment."""
-    fields = {name: value for name, value in row.items() if name in JSONL_ROW_FIELDS}
-    if "segment" in row:
-        fields["segments"] = [dict(row["segment"], text=row["text"])]
-        del fields["text"]
-    return json.dumps(fields, ensure_ascii=False)
 
 
 def publish(output: Path, clips: list, rejects: list, settings: dict, throughput: dict, write_rows: bool = True,

@@ -413,9 +413,22 @@ class Decoded:
     reject: Reject = None
 
     def rejected(self, reason: str, field_name: str, problem: str) -> "Decoded":
-        self.reject = Reject(self.source, reason, field_name, problem, self.clip.input)
+        # A piece with its text is fed again as its own segment: the take's line would make every piece again.
+        is_piece = self.row is not None and "segment" in self.row and "text" in self.row
+        self.reject = Reject(self.source, reason, field_name, problem,
+                             line_to_feed_again(self.row) if is_piece else self.clip.input)
         self.samples = None
         return self
+
+
+def line_to_feed_again(row: dict) -> str:
+    """An output row as a JSONL input line that makes it again: its own fields, and a piece of a long
+    take as that take with the one segment."""
+    fields = {name: value for name, value in row.items() if name in JSONL_ROW_FIELDS}
+    if "segment" in row:
+        fields["segments"] = [dict(row["segment"], text=row["text"])]
+        del fields["text"]
+    return json.dumps(fields, ensure_ascii=False)
 
 
 @dataclass

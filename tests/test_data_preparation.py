@@ -23,7 +23,7 @@ from helpers import ROOT, read_jsonl
 from qwen3_tts_sft import audio, data_report, voice_activity
 from qwen3_tts_sft.data_report import ClipInfo, DatasetChecks
 from qwen3_tts_sft.dataset_layouts import (AudioChecks, InputRow, Limits, PlannedClip, Processing, Reject, RowChecker,
-                                           read_input)
+                                           line_to_feed_again, read_input)
 from recordings import cut_short, room_tone, speech, write, write_tiny_whisper
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "She sells sea shells by the sea shore today.",
@@ -184,7 +184,7 @@ def test_a_rejected_piece_of_a_take_is_fed_again_as_that_take_with_its_segment()
     piece = dict(audio="/data/take.wav", text="Heard text.", speaker="bert", language="english", text_from="asr",
                  segment=dict(start=5.1, end=10.5), source="raw.jsonl:18#2", quality=dict(frames=68),
                  flags=dict(speaking_rate="..."))
-    assert json.loads(prepare_codes.line_to_feed_again(piece)) == dict(
+    assert json.loads(line_to_feed_again(piece)) == dict(
         audio="/data/take.wav", speaker="bert", language="english",
         segments=[dict(start=5.1, end=10.5, text="Heard text.")])
 
@@ -588,6 +588,9 @@ def test_a_segment_that_holds_no_voice_is_rejected_even_when_its_take_has_one(tm
     [take] = checks.process([clip], 24000, 1920)
     assert [piece.reject.reason if piece.reject else None for piece in take] == [None, "silent", None]
     assert f"{path} from 5.20 s: level" in take[1].reject.problem
+    # Fed again, the line makes that one segment, not the whole take with the two kept ones.
+    assert json.loads(take[1].reject.input) == dict(audio=str(path), segments=[
+        dict(start=5.2, end=8.8, text="Only room tone.")])
 
 
 def test_channels_that_cancel_when_mixed_to_mono_are_named(tmp_path):
