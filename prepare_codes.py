@@ -579,10 +579,16 @@ def decode_and_encode(todo: list, args, checks: AudioChecks, progress, show_reje
 
 def transcribe(pieces: list, transcriber, sample_rate: int, check: bool, max_cer: float):
     """Text for the pieces without it; with `check`, the error rate of the others' text."""
-    from qwen3_tts_sft.transcription import character_error_rate
+    from qwen3_tts_sft.transcription import Failure, character_error_rate
 
     heard = [piece for piece in pieces if "text" not in piece.row or check]
     for piece, text in zip(heard, transcriber([piece.samples for piece in heard], sample_rate)):
+        if isinstance(text, Failure) and "text" not in piece.row:
+            piece.rejected("missing_transcript", "text", f"speech recognition failed on it ({text})")
+            continue
+        if isinstance(text, Failure):  # its own text stays, unchecked
+            piece.quality["asr_error"] = str(text)
+            continue
         if "text" not in piece.row:
             if transcript_problem(text):  # nothing, or only punctuation ("...")
                 piece.rejected("empty_transcript", "text", "speech recognition heard no words")

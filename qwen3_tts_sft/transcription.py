@@ -32,14 +32,28 @@ class Transcriber:
         self.sample_rate = self.pipeline.feature_extractor.sampling_rate
 
     def __call__(self, clips: list, sample_rate: int) -> list:
-        """The transcript of each clip (float32 mono at `sample_rate`), blank-trimmed."""
+        """The transcript of each clip (float32 mono at `sample_rate`), blank-trimmed; for a clip the
+        recogniser fails on, why (an exception's type and message) in place of its text, as a Failure."""
         if not clips:
             return []
         inputs = [dict(raw=audio.resample(clip, sample_rate, self.sample_rate), sampling_rate=self.sample_rate)
                   for clip in clips]
-        with quiet_transformers():
-            results = self.pipeline(inputs, batch_size=BATCH_SIZE)
-        return [printable(result["text"]) for result in results]
+        try:
+            with quiet_transformers():
+                return [printable(result["text"]) for result in self.pipeline(inputs, batch_size=BATCH_SIZE)]
+        except Exception:  # one clip's failure must not stop the run: each alone, to find which
+            return [self.one(clip) for clip in inputs]
+
+    def one(self, clip: dict):
+        try:
+            with quiet_transformers():
+                return printable(self.pipeline(clip)["text"])
+        except Exception as error:
+            return Failure(f"{type(error).__name__}: {error}")
+
+
+class Failure(str):
+    """Why speech recognition failed on a clip, where its transcript would be."""
 
 
 def printable(text: str) -> str:

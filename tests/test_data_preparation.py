@@ -733,3 +733,30 @@ def test_room_noise_at_the_edges_is_trimmed_whatever_its_level(noise_dbfs):
     [bounds] = voice_activity.speech_bounds([piece.samples], 24000)
     checks.trim(piece, bounds, 24000)
     assert piece.quality["trimmed_seconds"] > 1.5  # of the 2.5 s of room noise around the speech
+
+
+def test_a_clip_speech_recognition_fails_on_is_rejected_and_the_run_goes_on(tmp_path):
+    """The recogniser raising on one clip of a batch (transformers' long-form path did on a clip over
+    30 s) names that clip; the others keep their transcripts."""
+    from qwen3_tts_sft.dataset_layouts import Decoded
+    from qwen3_tts_sft.transcription import Failure, Transcriber
+
+    transcriber = Transcriber(str(write_tiny_whisper(tmp_path / "whisper")), "cpu")
+    pipeline = transcriber.pipeline
+
+    def failing_on_long_clips(inputs, **options):
+        if any(len(item["raw"]) > 5 * transcriber.sample_rate for item in (inputs if isinstance(inputs, list)
+                                                                             else [inputs])):
+            raise IndexError("index -1 is out of bounds for dimension 0 with size 0")
+        return pipeline(inputs, **options)
+
+    transcriber.pipeline = failing_on_long_clips
+    short, long = transcriber([speech(2.0, seed=1), speech(6.0, seed=2)], 24000)
+    assert not isinstance(short, Failure) and isinstance(long, Failure) and long.startswith("IndexError: ")
+
+    pieces = [Decoded(PlannedClip("take.wav", dict(audio="take.wav"), None, 8.0), f"take.wav#{number}",
+                      dict(audio="take.wav"), samples) for number, samples in ((1, speech(2.0)), (2, speech(6.0)))]
+    prepare_codes.transcribe(pieces, transcriber, 24000, check=False, max_cer=0.3)
+    assert pieces[0].reject is None and pieces[0].row["text_from"] == "asr"
+    assert pieces[1].reject.reason == "missing_transcript"
+    assert "speech recognition failed on it (IndexError: index -1" in pieces[1].reject.problem
