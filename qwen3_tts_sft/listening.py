@@ -269,6 +269,8 @@ def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
     return dict(
         speaker=name, sentences=len(sentences), seconds=seconds, characters_per_second=rate,
         training_characters_per_second=training_rate,
+        # A speaker without training rows (one the starting model had) is held to the whole set's rate.
+        training_rate_of=None if training_rate is None else "speaker" if name in (rates or {}) else "all speakers",
         rate_ratio=rate / training_rate if rate and training_rate else None,
         speaker_similarity=similarity, base_speaker_similarity=base_similarity,
         similarity_gain=similarity - base_similarity if None not in (similarity, base_similarity) else None,
@@ -318,9 +320,11 @@ def speaker_failures(summary: dict, limits: Thresholds) -> list:
     failures = []
     ratio = summary["rate_ratio"]
     if ratio is not None and not 1 / limits.max_rate_ratio <= ratio <= limits.max_rate_ratio:
+        whose = (", the whole training set's: no rows of this speaker"
+                 if summary.get("training_rate_of") == "all speakers" else "")
         fail("rate", ratio, limits.max_rate_ratio,
              f"speaks {ratio:.2f}x the training rate ({summary['characters_per_second']:.1f} vs "
-             f"{summary['training_characters_per_second']:.1f} chars/s; allowed "
+             f"{summary['training_characters_per_second']:.1f} chars/s{whose}; allowed "
              f"{1 / limits.max_rate_ratio:.2f}x to {limits.max_rate_ratio:.2f}x)")
     similarity = summary["speaker_similarity"]
     if similarity is None or not similarity >= limits.min_speaker_similarity:

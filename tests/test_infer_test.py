@@ -108,6 +108,12 @@ def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
     assert failures() == {}
     assert failures(rate_ratio=1.4, similarity=0.6, cer=0.1) == {}
     assert "speaks 2.00x the training rate (20.0 vs 10.0 chars/s;" in failures(rate_ratio=2.0)["rate"].message
+    # A voice the starting model had, with no training rows: held to the whole set's rate, and told so.
+    kept_voice = listening.summarize_speaker("alice", [dict(text="x" * 20, seconds=1.0, speaker_similarity=0.9,
+                                                            cer=None)], {listening.ALL_SPEAKERS: 10.0})
+    assert kept_voice["training_rate_of"] == "all speakers"
+    assert ("(20.0 vs 10.0 chars/s, the whole training set's: no rows of this speaker;" in
+            listening.speaker_failures(kept_voice, Thresholds())[0].message)
     assert failures(rate_ratio=0.5)["rate"].value == 0.5
     assert failures(rate_ratio=None) == {}  # no training rate: main() reports the check as skipped
     assert failures(similarity=0.3)["speaker_similarity"].limit == Thresholds.min_speaker_similarity
