@@ -298,7 +298,7 @@ class RowChecker:
 
         segments = row.pop("segments", None)
         if segments is not None:
-            segments, problem = checked_segments(segments)
+            segments, problem = checked_segments(segments, text_needed=not self.transcribe)
             if problem:
                 return reject("bad_row", "segments", problem)
         text = row.pop("text", None)
@@ -371,8 +371,10 @@ def transcript_problem(text: str):
     return None
 
 
-def checked_segments(segments) -> tuple:
-    """(segments as [{"start", "end", "text"}], None) or (None, what is wrong with them)."""
+def checked_segments(segments, text_needed: bool = True) -> tuple:
+    """(segments as [{"start", "end", "text"}], None) or (None, what is wrong with them). Without
+    `text_needed` (speech recognition is on) a segment may leave its text out, to be transcribed:
+    times from a diarization or voice-activity tool."""
     if not isinstance(segments, list) or not segments:
         return None, "is not a list of {\"start\", \"end\", \"text\"} objects"
     checked, previous_end = [], 0.0
@@ -385,8 +387,12 @@ def checked_segments(segments) -> tuple:
             return None, f"segment {number}: start and end must be numbers of seconds"
         if not 0 <= start < end or start < previous_end:
             return None, f"segment {number}: {start}..{end} s is not after the previous one, or ends before it starts"
+        if text is None and not text_needed:
+            checked.append(dict(start=float(start), end=float(end), text=None))
+            previous_end = end
+            continue
         if not isinstance(text, str):
-            return None, f"segment {number}: text is missing"
+            return None, f"segment {number}: text is missing (or pass --asr_model to transcribe it)"
         problem = transcript_problem(text)
         if problem:
             return None, f"segment {number}: text {problem}"

@@ -760,3 +760,22 @@ def test_a_clip_speech_recognition_fails_on_is_rejected_and_the_run_goes_on(tmp_
     assert pieces[0].reject is None and pieces[0].row["text_from"] == "asr"
     assert pieces[1].reject.reason == "missing_transcript"
     assert "speech recognition failed on it (IndexError: index -1" in pieces[1].reject.problem
+
+
+def test_segments_without_text_are_transcribed_with_speech_recognition(tmp_path):
+    """Times from a diarization or voice-activity tool, no words: each segment becomes a clip whose
+    text speech recognition writes; without --asr_model the row is named, with the flag to pass."""
+    take = write(tmp_path / "take.wav", np.concatenate([speech(4, seed=1), room_tone(1, seed=2), speech(5, seed=3)]))
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(dict(audio=str(take), speaker="dora", segments=[dict(start=0, end=4.2),
+                                                                               dict(start=4.8, end=10)])) + "\n")
+    with pytest.raises(SystemExit, match="no usable clips"):
+        validate(raw, tmp_path / "no_asr.jsonl")
+    assert "or pass --asr_model to transcribe it" in rejects_of(tmp_path / "no_asr.jsonl")["raw.jsonl:1"]["problem"]
+
+    whisper = write_tiny_whisper(tmp_path / "whisper")
+    summary = validate(raw, tmp_path / "out.jsonl", "--asr_model", whisper)
+    report = clips_of(tmp_path / "out.jsonl")
+    assert summary["clips"] == summary["transcribed_clips"] == 2
+    assert all(clip["text_from"] == "asr" for clip in report.values())
+    assert set(report) == {"raw.jsonl:1#1", "raw.jsonl:1#2"}
