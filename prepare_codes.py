@@ -898,7 +898,7 @@ def print_summary(report: dict):
     print(f"  flagged (kept): {flags or 'none'}; per clip in {report['report']}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in report["rejects_by_reason"].items() if count)
     where = f": {reasons} (see {report['output']}.rejects.jsonl)" if reasons else ""
-    print(f"  rejected {report['rejected']} rows{where}")
+    print(f"  rejected {report['rejected']} (rows, and pieces of long takes){where}")
     if speed["encoded_clips"]:
         shards = speed.get("shards", 1)
         busy = speed["tokenizer_seconds"] / max(speed["wall_seconds"] * shards, 1e-9)  # the shards ran side by side
