@@ -17,6 +17,8 @@ looks wrong, `clipped_fraction` when clipped, and `text_from: "asr"` for recogni
 Rows are in input order. Beside OUTPUT:
     OUTPUT.partial         progress, flushed batch by batch; after a crash or kill, the same command
                            carries on from it (a half-written last line is cut off)
+    OUTPUT.encoded         the finished progress, kept: after rows are fixed or added, the same
+                           command encodes only those (delete it to save disk; then it encodes all)
     OUTPUT.rejects.jsonl   one line per rejected row: source, reason, field, problem, input line
     OUTPUT.summary.json    clips, hours, speakers, durations, characters per second, rejects, speed
     OUTPUT.report.json     per speaker and per clip: durations, rates, loudness, flags, references;
@@ -372,6 +374,9 @@ def main(argv=None):
         summary = None
         if not args.validate_only and own_output.exists() and not beside(own_output, ".partial").exists():
             summary = already_complete(own_output, settings)
+            if summary is None and beside(own_output, ".encoded").exists():
+                print(f"carrying on from {beside(own_output, '.encoded')}: only the rows that changed are encoded")
+                os.replace(beside(own_output, ".encoded"), beside(own_output, ".partial"))
         if summary is None:
             summary = prepare(args, inputs, own_output, settings, languages)
     except KeyboardInterrupt:
@@ -400,7 +405,8 @@ def already_complete(output: Path, settings: dict):
         raise SystemExit(f"error: {output} is complete, but was written with other settings: {', '.join(differences)}. "
                          f"Delete it, or choose another --output_jsonl.")
     if summary["settings"].get("input_fingerprint") != settings["input_fingerprint"]:
-        print(f"the input has changed since {output} was written: encoding it again")
+        print(f"the input has changed since {output} was written: encoding it again"
+              + (" where it changed" if beside(output, ".encoded").exists() else ""))
         return None
     print(f"{output} is already complete and the input (its rows and the recordings they name) is unchanged; "
           f"nothing to do (delete it to encode again)")
@@ -458,7 +464,9 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
         decode_rejects += entry["rejected"]
     summary = publish(output, kept, [asdict(reject) for reject in rejects] + decode_rejects, settings, throughput,
                       write_rows=not args.validate_only, check_dataset=args.num_shards == 1, show_reject=show_reject)
-    if progress.path.exists():
+    if progress.path.exists() and not args.validate_only:  # kept for a rerun after rows are fixed
+        os.replace(progress.path, beside(output, ".encoded"))
+    elif progress.path.exists():
         progress.path.unlink()
     if not summary["clips"] and args.num_shards == 1:
         raise SystemExit(f"error: no usable clips: all {summary['rejected']} rows were rejected "

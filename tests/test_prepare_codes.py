@@ -420,7 +420,8 @@ def test_rerun_of_a_complete_output_does_nothing(speech_tokenizer, clip_set, ref
 
 
 def test_rows_added_after_a_complete_run_are_encoded_on_the_next(speech_tokenizer, tmp_path, capsys):
-    """Fixing rejected rows or adding recordings, then running the same command again, encodes them."""
+    """Fixing rejected rows or adding recordings, then running the same command again, encodes them,
+    and only them (OUTPUT.encoded keeps what the run before encoded); without that file, all."""
     rows = [dict(audio=str(write_audio(tmp_path / f"clip_{index}.wav", voice(0.6, 24000, index), 24000)),
                  text=f"Sentence number {index}.", speaker="alice") for index in range(3)]
     raw, output = write_jsonl(tmp_path / "raw.jsonl", rows[:2]), tmp_path / "out" / "train.jsonl"
@@ -428,17 +429,26 @@ def test_rows_added_after_a_complete_run_are_encoded_on_the_next(speech_tokenize
     assert len(read_jsonl(output)) == 2
     write_jsonl(raw, rows)
 
-    prepare(speech_tokenizer, raw, output)
+    summary = prepare(speech_tokenizer, raw, output)
     assert "the input has changed since" in capsys.readouterr().out
     assert [row["text"] for row in read_jsonl(output)] == [row["text"] for row in rows]
+    assert summary["throughput"]["encoded_clips"] == 1  # the added one
     prepare(speech_tokenizer, raw, output)
     assert "already complete and the input (its rows and the recordings they name) is unchanged" in capsys.readouterr().out
     codes_before = [row["audio_codes"] for row in read_jsonl(output)]
     write_audio(Path(rows[1]["audio"]), voice(0.9, 24000, 7), 24000)  # a recording replaced, the JSONL as it was
-    prepare(speech_tokenizer, raw, output)
+    summary = prepare(speech_tokenizer, raw, output)
     assert "the input has changed since" in capsys.readouterr().out
     codes_after = [row["audio_codes"] for row in read_jsonl(output)]
     assert codes_after[0] == codes_before[0] and codes_after[1] != codes_before[1]
+    assert summary["throughput"]["encoded_clips"] == 1
+    write_jsonl(raw, rows[:2])  # a row taken out: left out, nothing encoded
+    summary = prepare(speech_tokenizer, raw, output)
+    assert summary["throughput"]["encoded_clips"] == 0 and len(read_jsonl(output)) == 2
+    output.with_name("train.jsonl.encoded").unlink()  # deleted to save disk: the next change encodes all
+    write_audio(Path(rows[0]["audio"]), voice(0.7, 24000, 8), 24000)
+    summary = prepare(speech_tokenizer, raw, output)
+    assert summary["throughput"]["encoded_clips"] == 2 and len(read_jsonl(output)) == 2
 
 
 def test_inputs_read_twice_or_an_output_inside_a_folder_input_are_refused_at_once(speech_tokenizer, tmp_path):
