@@ -434,6 +434,12 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
             (rejects if isinstance(checked, Reject) else planned).append(checked)
         if len(planned) + len(rejects) == found:
             raise SystemExit(f"error: {input_path}: no rows found (read as the {layout} layout)")
+    cut_with_text = [clip.source for clip in planned
+                     if clip.segments is None and "text" in clip.row and clip.seconds > args.max_seconds]
+    if cut_with_text and args.shard_index == 0:
+        print(f"note: {len(cut_with_text)} takes too long to keep whole have a text of their own (e.g. "
+              f"{cut_with_text[0]}), which cannot be placed on the pieces they are cut into: speech recognition "
+              f"writes each piece's text. Give their \"segments\" to keep your words.")
     # Clip k of the longest-first order goes to shard k % N: every shard gets the same mix of lengths.
     # Longest first also puts the most memory-hungry batches at the start.
     clips = sorted(planned, key=lambda clip: (-clip.seconds, input_order(clip.source)))

@@ -779,3 +779,15 @@ def test_segments_without_text_are_transcribed_with_speech_recognition(tmp_path)
     assert summary["clips"] == summary["transcribed_clips"] == 2
     assert all(clip["text_from"] == "asr" for clip in report.values())
     assert set(report) == {"raw.jsonl:1#1", "raw.jsonl:1#2"}
+
+
+def test_a_long_take_whose_own_text_cannot_be_used_is_said_once(tmp_path, capsys):
+    pauses = [part for seed in range(5) for part in (speech(6, seed=seed), room_tone(1, seed=seed))]
+    take = write(tmp_path / "chapter.wav", np.concatenate(pauses))  # 35 s: longer than --max_seconds 30
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(dict(audio=str(take), text="The whole chapter's text.", speaker="eve")) + "\n")
+    validate(raw, tmp_path / "out.jsonl", "--asr_model", write_tiny_whisper(tmp_path / "whisper"),
+             "--reject_rate_ratio", 100, "--flag_rate_ratio", 100)
+    printed = capsys.readouterr().out
+    assert printed.count("note: 1 takes too long to keep whole have a text of their own (e.g. ") == 1
+    assert all(clip["text_from"] == "asr" for clip in clips_of(tmp_path / "out.jsonl").values())
