@@ -374,8 +374,7 @@ def main(argv=None):
         summary = None
         if not args.validate_only and own_output.exists() and not beside(own_output, ".partial").exists():
             summary = already_complete(own_output, settings)
-            if summary is None and beside(own_output, ".encoded").exists():
-                print(f"carrying on from {beside(own_output, '.encoded')}: only the rows that changed are encoded")
+            if summary is None and beside(own_output, ".encoded").exists():  # it said so: only what changed
                 os.replace(beside(own_output, ".encoded"), beside(own_output, ".partial"))
         if summary is None:
             summary = prepare(args, inputs, own_output, settings, languages)

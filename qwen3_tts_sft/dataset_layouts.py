@@ -387,16 +387,14 @@ def checked_segments(segments, text_needed: bool = True) -> tuple:
             return None, f"segment {number}: start and end must be numbers of seconds"
         if not 0 <= start < end or start < previous_end:
             return None, f"segment {number}: {start}..{end} s is not after the previous one, or ends before it starts"
-        if text is None and not text_needed:
-            checked.append(dict(start=float(start), end=float(end), text=None))
-            previous_end = end
-            continue
-        if not isinstance(text, str):
-            return None, f"segment {number}: text is missing (or pass --asr_model to transcribe it)"
-        problem = transcript_problem(text)
-        if problem:
-            return None, f"segment {number}: text {problem}"
-        checked.append(dict(start=float(start), end=float(end), text=text.strip()))
+        if text is not None or text_needed:  # else speech recognition writes it
+            if not isinstance(text, str):
+                return None, f"segment {number}: text is missing (or pass --asr_model to transcribe it)"
+            problem = transcript_problem(text)
+            if problem:
+                return None, f"segment {number}: text {problem}"
+            text = text.strip()
+        checked.append(dict(start=float(start), end=float(end), text=text))
         previous_end = end
     return checked, None
 

@@ -98,8 +98,8 @@ class ClipReader:
         text = row.get("text")
         if not isinstance(text, str):
             problems.append(("text", "missing" if text is None else "is not a string"))
-        elif transcript_problem(text):
-            problems.append(("text", transcript_problem(text)))
+        elif problem := transcript_problem(text):
+            problems.append(("text", problem))
 
         if row.get("audio_codes") is None and isinstance(row.get("audio"), str):
             problems.append(("audio_codes", NOT_ENCODED))
@@ -108,13 +108,14 @@ class ClipReader:
             codes = self.codes_array(row.get("audio_codes"), problems)
 
         ref_audio, ref_path = row.get("ref_audio"), None
-        if self.references and (not isinstance(ref_audio, str) or not ref_audio):
-            problems.append(("ref_audio", "missing" if ref_audio is None else "is not a path"))
-        elif self.references:
-            ref_path = resolve_path(ref_audio, jsonl_dir)
-            problem = self.audio_problem(ref_path)
-            if problem:
-                problems.append(("ref_audio", f"{ref_audio}: {problem}"))
+        if self.references:
+            if not isinstance(ref_audio, str) or not ref_audio:
+                problems.append(("ref_audio", "missing" if ref_audio is None else "is not a path"))
+            else:
+                ref_path = resolve_path(ref_audio, jsonl_dir)
+                problem = self.audio_problem(ref_path)
+                if problem:
+                    problems.append(("ref_audio", f"{ref_audio}: {problem}"))
 
         # A null field is an absent one (pandas writes missing values as null), as prepare_codes reads it.
         language = AUTO_LANGUAGE if row.get("language") is None else row["language"]

@@ -301,13 +301,14 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
     those kept without their training state (for listening) included."""
     finished = checkpoint.list_checkpoints(output_dir, with_training_state=False) if output_dir.is_dir() else []
     if args.resume_from_checkpoint == "latest":
-        resumable = [found for found in finished if checkpoint.resumable(found)]
+        state_problems = {found: checkpoint.training_state_problem(found) for found in finished}
+        resumable = [found for found in finished if state_problems[found] is None]
         start = resumable[-1] if resumable else None
         start_step = checkpoint.checkpoint_step(start) if start else 0
-        later = [found for found in finished if not checkpoint.resumable(found)
-                 and checkpoint.checkpoint_step(found) > start_step]
+        later = [found for found in finished
+                 if state_problems[found] and checkpoint.checkpoint_step(found) > start_step]
         kept = [found.name for found in later if not (found / checkpoint.TRAINING_STATE_DIR).is_dir()]
-        cut = [f"{found.name}: {checkpoint.training_state_problem(found)}" for found in later if found.name not in kept]
+        cut = [f"{found.name}: {state_problems[found]}" for found in later if found.name not in kept]
         past = f"past {start.name if start else 'the start'}, the newest it can resume from"
         if kept:  # the run would save over them under the same names
             problems.append(
@@ -331,9 +332,9 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
             problems.append(f"--resume_from_checkpoint {path}: not found (or pass latest: the newest in "
                             f"{output_dir})")
             return path
-        if not checkpoint.resumable(path):
-            problems.append(f"--resume_from_checkpoint {path}: cannot be resumed from: "
-                            f"{checkpoint.training_state_problem(path)}")
+        problem = checkpoint.training_state_problem(path)
+        if problem:
+            problems.append(f"--resume_from_checkpoint {path}: cannot be resumed from: {problem}")
             return path
         step = checkpoint.checkpoint_step(path)
         later = [found.name for found in finished if checkpoint.checkpoint_step(found) > step]
