@@ -40,6 +40,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -54,7 +55,7 @@ from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
 from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
 from qwen3_tts_sft.dataset_layouts import (FLAGS, REJECT_REASONS, AudioChecks, Limits, Processing,
                                            InputRow, Reject, RowChecker, detect_layout, input_order, line_to_feed_again,
-                                           read_input, transcript_problem)
+                                           files_below, read_input, transcript_problem)
 
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--speaker", default=None, help="speaker for rows without one (default: none; the "
                                                       "trainer's --speaker_name then applies)")
     data.add_argument("--language", default=None, help="language for rows without one (default: none, read as auto)")
+    data.add_argument("--speaker_from_folder", action="store_true",
+                      help="a folder --input holds a folder per speaker (VCTK, LibriTTS): each clip's speaker is the "
+                           "name of the folder directly below --input that holds it (default: off: one voice, "
+                           "whatever the subfolders)")
     data.add_argument("--validate_only", action="store_true",
                       help="decode and check everything and write the rejects, summary and report, but load no "
                            "tokenizer and encode nothing (default: off)")
@@ -258,6 +263,7 @@ def run_settings(args, inputs: list) -> dict:
     return dict(input=[str(path) for _, path in inputs], layout=[layout for layout, _ in inputs],
                 tokenizer_model_path=None if args.validate_only else args.tokenizer_model_path,
                 ref_audio=absolute(args.ref_audio), speaker=args.speaker, language=args.language,
+                speaker_from_folder=args.speaker_from_folder,
                 min_seconds=args.min_seconds, max_seconds=args.max_seconds, silence_dbfs=args.silence_dbfs,
                 clipped_fraction=args.clipped_fraction, reject_clipped=args.reject_clipped,
                 flag_rate_ratio=args.flag_rate_ratio, reject_rate_ratio=args.reject_rate_ratio,
@@ -289,7 +295,7 @@ def input_fingerprint(inputs: list, ref_audio: str = None) -> str:
 
     for layout, path in inputs:
         if path.is_dir():
-            for file in sorted(item for item in path.rglob("*") if item.is_file()):
+            for file in files_below(path):
                 add_file_state(file, str(file.relative_to(path)))
             continue
         with open(path, "rb") as handle:
@@ -349,8 +355,12 @@ def check_inputs(inputs: list, output: Path):
 def main(argv=None):
     args = parse_args(argv)
     output = Path(args.output_jsonl).expanduser().resolve()
+    if output.is_dir():
+        raise SystemExit(f"error: --output_jsonl {args.output_jsonl} is a folder: give the file to write, e.g. "
+                         f"{Path(args.output_jsonl) / 'train.jsonl'}")
     if args.merge_shards:
-        return merge_shards(output, args.num_shards)
+        with lock_output(output):
+            return merge_shards(output, args.num_shards)
     if not args.validate_only:
         args.tokenizer_model_path = speech_tokenizer_folder(args.tokenizer_model_path)
     languages = languages_of_tokenizer_folder(args.tokenizer_model_path)
@@ -366,7 +376,16 @@ def main(argv=None):
     check_inputs(inputs, output)
     settings = run_settings(args, inputs)
     own_output = shard_output(output, args.shard_index, args.num_shards)
-    own_output.parent.mkdir(parents=True, exist_ok=True)
+    with lock_output(own_output):
+        summary = prepare_or_resume(args, inputs, own_output, settings, languages)
+    if args.merge_when_done:
+        wait_for_shards(output, args.num_shards, settings["input_fingerprint"])
+        return merge_shards(output, args.num_shards)
+    return summary
+
+
+def prepare_or_resume(args, inputs: list, own_output: Path, settings: dict, languages: list) -> dict:
+    """This process's output: already complete, carried on from its progress file, or prepared anew."""
     if args.validate_only and own_output.exists():
         raise SystemExit(f"error: {own_output} exists: --validate_only would overwrite its rejects, summary and "
                          f"report. Choose another --output_jsonl to check the data.")
@@ -376,15 +395,37 @@ def main(argv=None):
             summary = already_complete(own_output, settings)
             if summary is None and beside(own_output, ".encoded").exists():  # it said so: only what changed
                 os.replace(beside(own_output, ".encoded"), beside(own_output, ".partial"))
-        if summary is None:
-            summary = prepare(args, inputs, own_output, settings, languages)
+        return summary or prepare(args, inputs, own_output, settings, languages)
     except KeyboardInterrupt:
         partial = progress_path(own_output, args.validate_only)
         raise SystemExit(f"interrupted; run the same command again to carry on from {partial}") from None
-    if args.merge_when_done:
-        wait_for_shards(output, args.num_shards, settings["input_fingerprint"])
-        return merge_shards(output, args.num_shards)
-    return summary
+
+
+def lock_output(output: Path):
+    """Create OUTPUT's folder and hold OUTPUT.lock (the open file; its `with` releases it). Two runs writing
+    one output would interleave their lines in its progress file; the second is stopped here instead,
+    and a folder this user cannot write to is named before any work is done."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(beside(output, ".lock"), "a+", encoding="utf-8")
+    except OSError as error:
+        raise SystemExit(f"error: --output_jsonl {output}: cannot write in {error.filename or output.parent} "
+                         f"({error.strerror}); choose a folder you can write to") from None
+    try:
+        import fcntl
+    except ImportError:  # not on Linux or macOS: no lock
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise SystemExit(f"error: another prepare_codes.py run ({holder}) is writing {output}; wait for it to end, "
+                         f"or give another --output_jsonl") from None
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 def progress_path(output: Path, validate_only: bool) -> Path:
@@ -428,11 +469,14 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
     planned, rejects = [], []
     for layout, input_path in inputs:
         found = len(planned) + len(rejects)
-        for item in tqdm(read_input(layout, input_path), desc=f"checking {layout} rows", unit="row"):
+        for item in tqdm(read_input(layout, input_path, args.speaker_from_folder), desc=f"checking {layout} rows",
+                         unit="row"):
             checked = checker.check(item)
             (rejects if isinstance(checked, Reject) else planned).append(checked)
         if len(planned) + len(rejects) == found:
             raise SystemExit(f"error: {input_path}: no rows found (read as the {layout} layout)")
+        if layout == "folder" and not args.speaker_from_folder and args.shard_index == 0:
+            say_if_speakers_may_be_folders(input_path, planned[found:] + rejects)
     cut_with_text = [clip.source for clip in planned
                      if clip.segments is None and "text" in clip.row and clip.seconds > args.max_seconds]
     if cut_with_text and args.shard_index == 0:
@@ -477,6 +521,18 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
         raise SystemExit(f"error: no usable clips: all {summary['rejected']} rows were rejected "
                          f"(reasons in {beside(output, '.rejects.jsonl')})")
     return summary
+
+
+def say_if_speakers_may_be_folders(folder: Path, rows: list):
+    """A folder input's recordings in several folders directly below it are one voice unless
+    --speaker_from_folder says otherwise: say so, naming the folders, since a folder per speaker
+    (VCTK, LibriTTS) read as one voice trains a blend of them all."""
+    names = sorted({Path(row.source).relative_to(folder).parts[0] for row in rows
+                    if Path(row.source).is_relative_to(folder) and len(Path(row.source).relative_to(folder).parts) > 1})
+    if len(names) > 1:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        print(f"note: the recordings lie in {len(names)} folders below {folder} ({shown}), read as one voice: if "
+              f"each folder is a speaker, run again with --speaker_from_folder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +714,10 @@ class ProgressFile:
         cut = cut_partial_last_line(path) if path.exists() else 0
         if cut:
             print(f"{path}: cut off a half-written last line ({cut} bytes) left by an interrupted run")
+        damaged = drop_damaged_lines(path) if path.exists() else []
+        if damaged:
+            print(f"{path}: left out {len(damaged)} damaged lines (line {', '.join(map(str, damaged[:5]))}"
+                  f"{', ...' if len(damaged) > 5 else ''}); their rows are encoded again")
         if path.exists() and path.stat().st_size:
             lines = read_lines(path)
             _, first = next(lines)
@@ -712,6 +772,27 @@ def cut_partial_last_line(path: Path) -> int:
             position = start
         handle.truncate(keep)
     return size - keep
+
+
+def drop_damaged_lines(path: Path) -> list:
+    """Rewrite a progress file without its lines that are not JSON (a disk fault, or a writer that
+    was not this script); returns their line numbers. Only the rows on them are lost, and encoded
+    again. A damaged first line, the settings, leaves nothing to check a resume against."""
+    kept, damaged = [], []
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                json.loads(line)
+                kept.append(line)
+            except ValueError:
+                damaged.append(line_number)
+    if 1 in damaged:
+        raise SystemExit(f"error: {path}:1, the run's settings, is damaged: delete {path} to start over")
+    if damaged:
+        rewritten = beside(path, ".rewrite")
+        rewritten.write_bytes(b"".join(kept))
+        os.replace(rewritten, path)
+    return damaged
 
 
 def read_lines(path: Path):

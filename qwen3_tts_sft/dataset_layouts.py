@@ -23,8 +23,10 @@ evened out; what the report needs is measured. A row that fails becomes a Reject
 nothing here stops the run.
 """
 
+import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,7 @@ class InputRow:
     row: dict                      # the output row's fields so far: audio, text, and whatever the input gave
     input: str
     missing_text: str = "missing"  # what to say when it has no text
+    layout: str = "jsonl"
 
 
 @dataclass
@@ -123,22 +126,51 @@ def detect_layout(path: Path) -> tuple:
         return "folder", path
     if not path.is_file():
         raise SystemExit(f"error: {path}: no such file or folder")
+    problem = input_file_problem(path)
+    if problem:
+        raise SystemExit(f"error: --input {path} {problem}. --input takes a JSONL (one JSON object a line), an "
+                         f"LJSpeech metadata.csv, or a folder of recordings")
     if path.suffix.lower() == ".csv":
         return "ljspeech", path
     return "jsonl", path
 
 
-def read_input(layout: str, path: Path):
-    """InputRow or Reject per input row, in input order."""
-    readers = dict(jsonl=jsonl_rows, ljspeech=ljspeech_rows, folder=folder_rows)
-    return readers[layout](path)
+def input_file_problem(path: Path):
+    """Why a file given as --input is none of the layouts, or None: audio, a JSON array, UTF-16 text."""
+    with open_input(path) as handle:
+        start = handle.read(64)
+    suffix = path.suffix.lower()
+    if suffix in AUDIO_EXTENSIONS + UNDECODED_AUDIO_EXTENSIONS or start[:4] in (b"RIFF", b"fLaC", b"OggS", b"FORM"):
+        return "is an audio file: give the folder it is in, or a JSONL that lists it"
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "is UTF-16 text: save it as UTF-8"
+    if start.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return ("is one JSON array, not a JSON object a line: convert it with "
+                f"jq -c '.[]' '{path.name}' > '{path.stem}.jsonl'")
+    return None
+
+
+def open_input(path: Path):
+    """An input file opened for reading, or SystemExit naming why it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise SystemExit(f"error: --input {path}: cannot be read ({error.strerror})") from None
+
+
+def read_input(layout: str, path: Path, speaker_from_folder: bool = False):
+    """InputRow or Reject per input row, in input order. `speaker_from_folder`: in the folder layout,
+    a clip's speaker is the name of the folder directly below `path` that holds it."""
+    if layout == "folder":
+        return folder_rows(path, speaker_from_folder)
+    return jsonl_rows(path) if layout == "jsonl" else ljspeech_rows(path)
 
 
 def numbered_lines(path: Path):
     """("file:line", line, None) for each line that is not blank, or ("file:line", line as far as it
     decodes, problem) for a line that is not UTF-8. Lines end at \\n only, so the numbers are an
     editor's; a byte-order mark is skipped."""
-    with open(path, "rb") as lines:
+    with open_input(path) as lines:
         for line_number, raw in enumerate(lines, start=1):
             if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -182,45 +214,121 @@ def json_problem(error: json.JSONDecodeError, line: str) -> str:
             + ("; the line ends inside the JSON (cut short?)" if cut_short else ""))
 
 
-def ljspeech_rows(metadata: Path):
+def ljspeech_rows(metadata: Path, speaker: str = None):
+    """The rows of an LJSpeech metadata.csv; `speaker`, when given, is every row's."""
     # The LJSpeech layout keeps its clips in wavs/; a metadata.csv among its clips is common too.
     clips = metadata.parent / "wavs" if (metadata.parent / "wavs").is_dir() else metadata.parent
-    for source, line, problem in numbered_lines(metadata):
+    lines = list(numbered_lines(metadata))
+    # In a file of mostly id|text lines, a line of three columns is more likely a "|" in its text.
+    column_counts = [len(metadata_columns(line)) for _, line, problem in lines if not problem]
+    two_column_file = column_counts.count(2) > column_counts.count(3)
+    audio_files = AudioFiles((clips, metadata.parent))
+    for source, line, problem in lines:
         if problem:
             yield Reject(source, "bad_row", "(encoding)", problem, line)
             continue
-        # Split on "|" only: LJSpeech texts hold quotes that a CSV reader would eat.
-        clip_id, *texts = [column.strip() for column in line.split("|")]
+        clip_id, *texts = metadata_columns(line)
         if not texts:
-            comma = ("; it looks comma-separated (a Hugging Face audiofolder metadata.csv?): give it as a JSONL "
-                     "instead" if "," in line else "")
-            yield Reject(source, "missing_transcript", "text", f"the line has no text column (id|text){comma}", line)
+            separated = ("; it looks tab-separated: LJSpeech separates its columns with |" if "\t" in line else
+                         "; it looks comma-separated (a Hugging Face audiofolder metadata.csv?): give it as a JSONL "
+                         "instead" if "," in line else "")
+            yield Reject(source, "missing_transcript", "text", f"the line has no text column (id|text){separated}",
+                         line)
             continue
-        if len(texts) > 2:  # which column is the text is anyone's guess: keep no wrong transcript
-            yield Reject(source, "bad_row", "text", f"the line has {len(texts) + 1} columns where LJSpeech has 2 or 3 "
+        # Which column is the text is anyone's guess: keep no wrong transcript.
+        if len(texts) > 2 or len(texts) == 2 and two_column_file:
+            usual = "LJSpeech has 2 or 3" if len(texts) > 2 else "the file's other lines have 2"
+            yield Reject(source, "bad_row", "text", f"the line has {len(texts) + 1} columns where {usual} "
                          f"(id|text|normalized text): is there a \"|\" inside the text?", line)
             continue
         text = texts[1] if len(texts) > 1 and texts[1] else texts[0]
-        audio_path = find_audio((clips, metadata.parent), clip_id)
-        yield InputRow(source, dict(audio=str(audio_path.resolve()), text=text), line)
+        row = dict(audio=str(audio_files.find(clip_id).resolve()), text=text)
+        if speaker is not None:
+            row["speaker"] = speaker
+        yield InputRow(source, row, line, layout="ljspeech")
 
 
-def find_audio(folders: tuple, clip_id: str) -> Path:
-    """The first file named clip_id, or clip_id.<ext> (wav first), in the folders in turn (wavs/, then
-    metadata.csv's own folder, where an id like wavs/0001.wav is relative to); the first .wav path
-    when none exists."""
-    candidates = [folder / name for folder in folders
-                  for name in [clip_id] + [clip_id + case(extension) for extension in AUDIO_EXTENSIONS
-                                           for case in (str, str.upper)]]
-    return next((path for path in candidates if path.is_file()), candidates[1])
+def metadata_columns(line: str) -> list:
+    """A metadata.csv line's columns, split on "|" only: LJSpeech texts hold quotes that a CSV reader
+    would eat. A file written by a CSV writer (pandas, Python's csv) quotes a field that holds a "|"
+    or a quote, doubling the quote inside: such a line is read as CSV, when it parses as CSV throughout."""
+    columns = [column.strip() for column in line.split("|")]
+    if any(column.startswith('"') for column in columns[1:]):
+        try:
+            [quoted] = csv.reader([line], delimiter="|", quotechar='"', strict=True)
+            return [column.strip() for column in quoted]
+        except (csv.Error, ValueError):  # quotes that are the text's own: "Hello," he said.
+            pass
+    return columns
 
 
-def folder_rows(folder: Path):
+class AudioFiles:
+    """Finds a clip's file by its id in folders, in any case of the name (LJ001-0001 and lj001-0001.WAV)."""
+
+    def __init__(self, folders: tuple):
+        self.folders = folders
+        self.by_name = {}  # folder -> {lower-case name: path}, listed when first needed
+
+    def find(self, clip_id: str) -> Path:
+        """The first file named clip_id, or clip_id.<ext> (wav first), in the folders in turn (wavs/,
+        then metadata.csv's own folder, where an id like wavs/0001.wav is relative to); the first .wav
+        path when none exists."""
+        candidates = [folder / name for folder in self.folders
+                      for name in [clip_id] + [clip_id + extension for extension in AUDIO_EXTENSIONS]]
+        for candidate in candidates:
+            found = self.listing(candidate.parent).get(candidate.name.lower())
+            if found is not None:
+                return found
+        return candidates[1]
+
+    def listing(self, folder: Path) -> dict:
+        if folder not in self.by_name:
+            try:
+                self.by_name[folder] = {path.name.lower(): path for path in folder.iterdir() if path.is_file()}
+            except OSError:  # no such folder (an id with a path in it), or one that cannot be listed
+                self.by_name[folder] = {}
+        return self.by_name[folder]
+
+
+def files_below(folder: Path, unreadable: list = None) -> list:
+    """Every file below `folder`, sorted, links to files and folders followed (each folder once, so a
+    link back up ends there); a link to nowhere is listed too, to be rejected as missing. Folders
+    that cannot be listed are appended to `unreadable` as (folder, why)."""
+    def note(error: OSError):
+        if unreadable is not None:
+            unreadable.append((error.filename, error.strerror))
+
+    files, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True, onerror=note):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        files += [Path(root) / name for name in names]
+    return sorted(files)
+
+
+def folder_rows(folder: Path, speaker_from_folder: bool = False):
     """Every audio file below the folder, with the transcript beside it as listed: a symbolic link's
-    transcript is the one beside the link, and its source the link's path."""
-    files = sorted(path for path in folder.resolve().rglob("*")  # a link to nowhere: rejected as missing
-                   if (path.is_file() or path.is_symlink() and not path.exists())
-                   and not path.name.startswith("._"))  # ._name: macOS metadata, not audio
+    transcript is the one beside the link, and its source the link's path. A folder below holding a
+    metadata.csv is an LJSpeech folder: its rows come from its metadata, not from transcript files."""
+    folder = folder.resolve()
+    unreadable = []
+    files = [path for path in files_below(folder, unreadable)
+             if not path.name.startswith("._")]  # ._name: macOS metadata, not audio
+    for path, why in unreadable:
+        yield Reject(str(path), "unreadable_audio", "audio", f"the folder cannot be read ({why}): the recordings "
+                     f"in it are left out")
+
+    def speaker_of(path: Path):
+        inner = path.relative_to(folder).parts
+        return inner[0] if speaker_from_folder and len(inner) > 1 else None
+
+    metadata_folders = sorted({path.parent for path in files if path.name == "metadata.csv"})
+    for metadata_folder in metadata_folders:
+        yield from ljspeech_rows(metadata_folder / "metadata.csv", speaker_of(metadata_folder / "metadata.csv"))
+    files = [path for path in files if not any(inner in path.parents for inner in metadata_folders)]
     by_name = {}  # (folder, lower-case name) -> files: take.txt, take.TXT and take.Txt alike
     for path in files:
         by_name.setdefault((path.parent, path.name.lower()), []).append(path)
@@ -232,30 +340,46 @@ def folder_rows(folder: Path):
             continue
         if path.suffix.lower() not in AUDIO_EXTENSIONS:
             continue
+        row = dict(audio=audio_file)
+        if speaker_of(path) is not None:
+            row["speaker"] = speaker_of(path)
         # take.txt, take.lab, and take.wav.txt as some tools write it.
         names = [path.stem + extension for extension in TRANSCRIPT_EXTENSIONS]
         names += [path.name + extension for extension in TRANSCRIPT_EXTENSIONS]
         transcripts = [found for name in names for found in by_name.get((path.parent, name.lower()), [])]
         if not transcripts:
-            yield InputRow(audio_file, dict(audio=audio_file), None,
+            yield InputRow(audio_file, row, None, layout="folder",
                            missing_text=f"no {path.stem}.txt or {path.stem}.lab beside the audio")
             continue
-        texts = {}
+        texts, problem = {}, None
         for transcript in transcripts:
-            raw = transcript.read_bytes()
-            try:
-                texts.setdefault(" ".join(raw.decode("utf-8-sig").split()), transcript)
-            except UnicodeDecodeError as error:
-                yield Reject(audio_file, "bad_row", "text", f"{transcript} is not UTF-8 text (byte "
-                                                            f"0x{raw[error.start]:02x} at offset {error.start})")
+            text, problem = read_transcript(transcript)
+            if problem:
                 break
+            texts.setdefault(text, transcript)
+        if problem:
+            yield Reject(audio_file, "bad_row", "text", problem)
+        elif len(texts) > 1:  # which one is right is not ours to guess
+            differing = " and ".join(map(str, texts.values()))
+            yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {differing}; keep the right one")
         else:
-            if len(texts) > 1:  # which one is right is not ours to guess
-                differing = " and ".join(map(str, texts.values()))
-                yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {differing}; keep the right one")
-                continue
             [text] = texts
-            yield InputRow(audio_file, dict(audio=audio_file, text=text), text)
+            yield InputRow(audio_file, dict(row, text=text), text, layout="folder")
+
+
+def read_transcript(path: Path) -> tuple:
+    """(the text of a .txt/.lab file with its white space evened out, None), or (None, why it cannot
+    be read). UTF-8, with or without a byte-order mark; UTF-16 with its mark (Windows Notepad's
+    "Unicode") is read too."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        return None, f"{path} cannot be read ({error.strerror})"
+    encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return " ".join(raw.decode(encoding).split()), None
+    except UnicodeDecodeError as error:
+        return None, f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start})"
 
 
 @dataclass
@@ -296,6 +420,10 @@ class RowChecker:
         def reject(reason, field_name, problem):
             return Reject(source, reason, field_name, problem, item.input)
 
+        # Fields prepare_codes does not read ("wav", "transcript"), named where a field is missing.
+        unknown = sorted(set(row) - set(JSONL_ROW_FIELDS))
+        unread = f" (this row's {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a field read here: " \
+                 f"the fields are {', '.join(JSONL_ROW_FIELDS)})" if unknown else ""
         segments = row.pop("segments", None)
         if segments is not None:
             segments, problem = checked_segments(segments, text_needed=not self.transcribe)
@@ -304,7 +432,8 @@ class RowChecker:
         text = row.pop("text", None)
         if segments is None:
             if text is None and not self.transcribe:
-                return reject("missing_transcript", "text", f"{item.missing_text} (or pass --asr_model to transcribe it)")
+                return reject("missing_transcript", "text",
+                              f"{item.missing_text}{unread} (or pass --asr_model to transcribe it)")
             if text is not None and not isinstance(text, str):
                 return reject("bad_row", "text", "is not a string")
             problem = transcript_problem(text) if text is not None else None
@@ -330,14 +459,16 @@ class RowChecker:
         if audio_file is not None and not isinstance(audio_file, str):
             return reject("bad_row", "audio", f"is not a string (a path to the recording): {audio_file!r}")
         if audio_file is None or not audio_file.strip():
-            return reject("missing_audio", "audio", "missing")
+            return reject("missing_audio", "audio", f"missing{unread}")
         seconds, problem = self.probe(audio_file)
         problem = problem or self.limits.problem(seconds)
         if problem and problem[0] == "too_long":
             if segments is None and not self.transcribe:
-                return reject("too_long", "audio", f"{audio_file}: {problem[1]}; to cut it into clips, give its "
-                              f"transcript per segment (\"segments\": [{{\"start\", \"end\", \"text\"}}]) or pass "
-                              f"--asr_model to cut it at its pauses and transcribe the pieces")
+                where = "give its transcript per segment" if item.layout == "jsonl" else \
+                    "list it in a JSONL input with its transcript per segment"
+                return reject("too_long", "audio", f"{audio_file}: {problem[1]}; to cut it into clips, {where} "
+                              f"(\"segments\": [{{\"start\", \"end\", \"text\"}}]) or pass --asr_model to cut it at "
+                              f"its pauses and transcribe the pieces")
             problem = None
         if segments and segments[-1]["end"] > seconds + 0.01:
             return reject("bad_row", "segments", f"the last segment ends at {segments[-1]['end']:g} s, "

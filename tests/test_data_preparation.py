@@ -657,6 +657,97 @@ def test_ljspeech_ids_find_clips_with_upper_case_extensions(tmp_path):
     assert "comma-separated" in comma.problem
 
 
+def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tmp_path, capsys):
+    """VCTK-like folders (one per speaker, sessions below), one holding an LJSpeech metadata.csv of its
+    own: without --speaker_from_folder the run says the folders are read as one voice; with it, each
+    clip's speaker is its top folder, and the metadata.csv's transcripts are used, not looked for in
+    .txt files."""
+    data = tmp_path / "data"
+    for number, name in enumerate(("Anna Müller/session 1/a1.wav", "Anna Müller/a2.wav", "bob/b1.wav")):
+        write(data / name, speech(1.0, seed=number))
+        (data / name).with_suffix(".txt").write_text(f"Clip number {number} of this voice.")
+    write(data / "carol" / "wavs" / "c1.wav", speech(1.0, seed=5))
+    (data / "carol" / "metadata.csv").write_text("C1|Carol's line from her metadata.\n")
+
+    validate(data, tmp_path / "one" / "train.jsonl")
+    assert "note: the recordings lie in 3 folders below" in capsys.readouterr().out
+    rows = list(read_input("folder", data, speaker_from_folder=True))
+    speakers = {Path(row.row["audio"]).name: row.row.get("speaker") for row in rows}
+    assert speakers == {"a1.wav": "Anna Müller", "a2.wav": "Anna Müller", "b1.wav": "bob", "c1.wav": "carol"}
+    carol = next(row for row in rows if row.row["audio"].endswith("c1.wav"))
+    assert carol.row["text"] == "Carol's line from her metadata." and carol.source.endswith("metadata.csv:1")
+
+    summary = validate(data, tmp_path / "by_folder" / "train.jsonl", "--speaker_from_folder")
+    assert "note: the recordings lie" not in capsys.readouterr().out
+    assert sorted(summary["speakers"]) == ["anna müller", "bob", "carol"]
+
+
+def test_folders_behind_links_are_read_and_broken_or_unreadable_transcripts_named(tmp_path):
+    """A session folder that is a symbolic link is read like any other (a link back up is read once);
+    a transcript that is a link to nowhere rejects its clip, naming it, and the rest goes on."""
+    elsewhere, data = tmp_path / "elsewhere", tmp_path / "data"
+    write(elsewhere / "s2" / "two.wav", speech(1.0, seed=2))
+    (elsewhere / "s2" / "two.txt").write_text("From the linked session.")
+    write(data / "s1" / "one.wav", speech(1.0, seed=1))
+    (data / "s1" / "one.txt").write_text("From the session itself.")
+    (data / "s2").symlink_to(elsewhere / "s2", target_is_directory=True)
+    (data / "s1" / "up").symlink_to(data, target_is_directory=True)  # a loop
+    write(data / "s1" / "lost.wav", speech(1.0, seed=3))
+    (data / "s1" / "lost.txt").symlink_to(tmp_path / "nowhere.txt")
+    (data / "s1" / "notepad.wav").write_bytes((data / "s1" / "one.wav").read_bytes())
+    (data / "s1" / "notepad.txt").write_bytes("Saved as Unicode by Notepad.".encode("utf-16"))
+
+    rows = {Path(row.source).name: row for row in read_input("folder", data)}
+
+    assert set(rows) == {"one.wav", "two.wav", "lost.wav", "notepad.wav"}
+    assert rows["two.wav"].row["text"] == "From the linked session."
+    assert rows["notepad.wav"].row["text"] == "Saved as Unicode by Notepad."
+    assert isinstance(rows["lost.wav"], Reject)
+    assert rows["lost.wav"].problem == f"{data / 's1' / 'lost.txt'} cannot be read (No such file or directory)"
+
+
+def test_metadata_written_by_hand_or_by_a_csv_writer_keeps_no_wrong_transcript(tmp_path):
+    """In an id|text file, a third column is a "|" in the text: rejected, not split. A file written by
+    pandas or Python's csv quotes the fields that hold a "|" or a quote: read as CSV. Quotes that are
+    the text's own stay. Ids match files in any case; a tab-separated file is named as such."""
+    for clip_id in ("LJ001", "lj002", "LJ003", "LJ004", "LJ005"):
+        write(tmp_path / "wavs" / f"{clip_id}.wav", speech(1.0))
+    (tmp_path / "metadata.csv").write_text(
+        "LJ001|Ok | The box was thrown.\n"
+        'LJ002|"She said ""not today"" and closed the door."\n'
+        'LJ003|"Option A | option B" are both fine.\n'  # not CSV: quotes of its own, then more text
+        'LJ004|"Option A | option B are both fine."\n'
+        '"LJ005"|"Hello," he said.\n'
+        "LJ006\tA tab-separated line.\n")
+    rows = list(read_input("ljspeech", tmp_path / "metadata.csv"))
+    assert isinstance(rows[0], Reject) and "columns where the file's other lines have 2" in rows[0].problem
+    assert rows[1].row["text"] == 'She said "not today" and closed the door.'
+    assert rows[1].row["audio"] == str(tmp_path / "wavs" / "lj002.wav")
+    assert isinstance(rows[2], Reject)
+    assert rows[3].row["text"] == "Option A | option B are both fine."
+    assert rows[4].row["text"] == '"Hello," he said.'
+    assert "it looks tab-separated" in rows[5].problem
+
+
+def test_input_files_of_the_wrong_kind_are_named(tmp_path):
+    wav = write(tmp_path / "take.wav", speech(1.0))
+    (tmp_path / "manifest.json").write_text('[{"audio": "take.wav", "text": "Hello."}]')
+    (tmp_path / "utf16.jsonl").write_bytes('{"audio": "take.wav", "text": "Hello."}\n'.encode("utf-16"))
+    for name, message in ((wav.name, "is an audio file: give the folder it is in"),
+                          ("manifest.json", "is one JSON array, not a JSON object a line: convert it with jq"),
+                          ("utf16.jsonl", "is UTF-16 text: save it as UTF-8")):
+        with pytest.raises(SystemExit, match=message):
+            validate(tmp_path / name, tmp_path / "out" / "train.jsonl")
+    checker = RowChecker(Limits(0.5, 30))
+    reject = checker.check(InputRow("raw.jsonl:1", dict(wav=str(wav), transcript="Hello."), ""))
+    assert reject.field == "text" and reject.problem.startswith(
+        "missing (this row's transcript, wav are not a field read here: the fields are audio, text, ref_audio, "
+        "speaker, language, segments)")
+    reject = checker.check(InputRow("raw.jsonl:2", dict(wav=str(wav), text="Hello."), ""))
+    assert reject.field == "audio" and reject.problem == "missing (this row's wav is not a field read here: the " \
+                                                         "fields are audio, text, ref_audio, speaker, language, segments)"
+
+
 def test_transcripts_without_a_letter_or_digit_are_rejected_in_any_script(tmp_path):
     """Only punctuation or emoji says nothing to train on; a letter or digit of any script is words."""
     path = str(write(tmp_path / "clip.wav", speech(1.0)))

@@ -362,6 +362,61 @@ def test_half_written_last_line_is_cut_and_redone(speech_tokenizer, clip_set, re
     assert_same_dataset(output, reference_run)
 
 
+def test_damaged_lines_inside_the_progress_file_are_left_out_and_redone(speech_tokenizer, clip_set, reference_run,
+                                                                       killed_partial, tmp_path, capsys):
+    """A line in the middle of OUTPUT.partial that is not JSON (two writers, a disk fault) costs only its
+    own rows, encoded again; the rest of the progress is kept and the dataset comes out whole."""
+    output = tmp_path / "train.jsonl"
+    partial = copy_partial(killed_partial, output)
+    lines = partial.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][: len(lines[2]) // 2] + lines[3]  # line 3 cut short and run into line 4
+    del lines[3]
+    partial.write_text("".join(lines))
+
+    summary = prepare(speech_tokenizer, clip_set, output, "--batch_size", 2)
+
+    assert "left out 1 damaged lines (line 3); their rows are encoded again" in capsys.readouterr().out
+    assert_same_dataset(output, reference_run)
+    assert summary["throughput"]["encoded_clips"] < 9  # the other finished rows were not encoded again
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(speech_tokenizer, clip_set, tmp_path):
+    output = tmp_path / "train.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "import prepare_codes; from pathlib import Path\n"
+                               "with prepare_codes.lock_output(Path(sys.argv[2])):\n"
+                               "    print('locked', flush=True); time.sleep(60)", str(ROOT), str(output)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"another prepare_codes.py run \(process {holder.pid} on .*\) is "
+                                             rf"writing {output}"):
+            prepare(speech_tokenizer, clip_set, output)
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare(speech_tokenizer, clip_set, output)  # the lock goes with its process
+    assert output.exists()
+
+
+def test_an_output_folder_that_cannot_be_written_or_is_a_folder_is_named_first(speech_tokenizer, clip_set,
+                                                                                tmp_path):
+    with pytest.raises(SystemExit, match="is a folder: give the file to write, e.g. .*train.jsonl"):
+        prepare(speech_tokenizer, clip_set, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    # As root (CI, containers), without the capability that ignores permissions, as any user runs.
+    as_a_user = [] if os.getuid() else ["setpriv", "--inh-caps", "-dac_override", "--bounding-set", "-dac_override"]
+    if as_a_user and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: every folder is writable")
+    result = subprocess.run(as_a_user + [sys.executable, str(ROOT / "prepare_codes.py"), "--tokenizer_model_path",
+                                         str(speech_tokenizer), "--input", str(clip_set), "--output_jsonl",
+                                         str(locked / "new" / "train.jsonl"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot write in {locked}/new (Permission denied); choose a folder you can write to" in result.stderr
+
+
 def test_rerun_encodes_again_a_recording_replaced_since_it_was_done(speech_tokenizer, clip_set, tmp_path, capsys):
     """A user re-records a clip the killed run had already encoded, then carries on: the new recording's
     codes are published, not the old ones, and no row is written twice."""
