@@ -27,6 +27,7 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ JSONL_ROW_FIELDS = ("audio", "text", "ref_audio", "speaker", "language", "segmen
 
 # Why a row is rejected; the summary counts each one, zero counts included.
 REJECT_REASONS = (
-    "bad_row",             # not a JSON object, not UTF-8, or a field of the wrong type
+    "bad_row",             # not a JSON object, not UTF-8, a field of the wrong type, markup in a transcript
     "missing_transcript",  # no text field, no text column, no .txt/.lab beside the audio (and no --asr_model)
     "empty_transcript",    # the text is blank or has no letter or digit (or speech recognition heard nothing)
     "missing_audio",       # no audio field, or the file does not exist
@@ -439,6 +440,9 @@ class RowChecker:
             problem = transcript_problem(text) if text is not None else None
             if problem:
                 return reject("empty_transcript", "text", problem)
+            problem = markup_problem(text) if text is not None else None
+            if problem:
+                return reject("bad_row", "text", problem)
         if isinstance(text, str) and text.strip():
             row["text"] = text.strip()
         for field_name, default in self.defaults.items():
@@ -502,6 +506,19 @@ def transcript_problem(text: str):
     return None
 
 
+# A tag of SSML or HTML (<speak>, <break time="1s"/>, </p>): markup for a synthesiser, not words spoken.
+MARKUP_TAG = re.compile(r"</?[A-Za-z][\w:-]*(\s[^<>]*)?/?>")
+
+
+def markup_problem(text: str):
+    """Why a transcript is not the words spoken, or None: it holds SSML or HTML tags, which would be
+    trained as text the voice reads out (and <sub alias> or <say-as> say what to speak instead)."""
+    tags = [match.group(0) for match in MARKUP_TAG.finditer(text)]
+    if tags:
+        return f"holds markup ({', '.join(dict.fromkeys(tags[:3]))}): write the words as spoken, without tags"
+    return None
+
+
 def checked_segments(segments, text_needed: bool = True) -> tuple:
     """(segments as [{"start", "end", "text"}], None) or (None, what is wrong with them). Without
     `text_needed` (speech recognition is on) a segment may leave its text out, to be transcribed:
@@ -521,7 +538,7 @@ def checked_segments(segments, text_needed: bool = True) -> tuple:
         if text is not None or text_needed:  # else speech recognition writes it
             if not isinstance(text, str):
                 return None, f"segment {number}: text is missing (or pass --asr_model to transcribe it)"
-            problem = transcript_problem(text)
+            problem = transcript_problem(text) or markup_problem(text)
             if problem:
                 return None, f"segment {number}: text {problem}"
             text = text.strip()

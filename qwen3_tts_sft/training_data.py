@@ -19,7 +19,7 @@ import torch
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
-from qwen3_tts_sft.dataset_layouts import json_problem, transcript_problem
+from qwen3_tts_sft.dataset_layouts import json_problem, markup_problem, transcript_problem
 from qwen3_tts_sft.languages import language_problem
 from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
                                            check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
@@ -98,7 +98,7 @@ class ClipReader:
         text = row.get("text")
         if not isinstance(text, str):
             problems.append(("text", "missing" if text is None else "is not a string"))
-        elif problem := transcript_problem(text):
+        elif problem := transcript_problem(text) or markup_problem(text):
             problems.append(("text", problem))
 
         if row.get("audio_codes") is None and isinstance(row.get("audio"), str):

@@ -61,18 +61,20 @@ def test_each_bad_field_is_reported_with_file_line_and_field(good_row, tmp_path)
         variant(speaker=None),                              # 11 no speaker and no default
         "[1, 2, 3]",                                        # 12 not an object
         variant(text="...!?"),                              # 13 no words to speak
+        variant(text="<speak>Hi.</speak>"),                 # 14 markup, not the words spoken
     ]
     path = write_lines(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataError) as raised:
         read_clips(path, IDS)
     report = str(raised.value)
     expected = {2: "(json)", 3: "text", 4: "text", 5: "audio_codes", 6: "audio_codes", 7: "audio_codes",
-                8: "audio_codes", 9: "ref_audio", 10: "language", 11: "speaker", 12: "(row)", 13: "text"}
+                8: "audio_codes", 9: "ref_audio", 10: "language", 11: "speaker", 12: "(row)", 13: "text", 14: "text"}
     for line, field in expected.items():
         assert f"{path}:{line}: {field}: " in report, f"line {line} ({field}) not reported:\n{report}"
     assert f"{path}:1:" not in report
-    assert "12 of 13 rows" in report
+    assert "13 of 14 rows" in report
     assert "'...!?' has no letters or digits" in report
+    assert "holds markup (<speak>, </speak>)" in report
 
 
 def test_a_problem_every_row_shares_is_one_line_with_its_fix(good_row, tmp_path):

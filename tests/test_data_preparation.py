@@ -757,8 +757,13 @@ def test_transcripts_without_a_letter_or_digit_are_rejected_in_any_script(tmp_pa
         assert isinstance(reject, Reject) and reject.reason == "empty_transcript"
         assert reject.message() == f"raw.jsonl:{line}: text: {text.strip()!r} has no letters or digits: there are " \
                                    f"no words in it to speak"
-    for text in ("你好。", "Ça va ?", "42!"):
+    for text in ("你好。", "Ça va ?", "42!", "I <3 you, and 2 < 3 > 1."):
         assert isinstance(checker.check(InputRow("raw.jsonl:4", dict(audio=path, text=text), "")), PlannedClip)
+    reject = checker.check(InputRow("raw.jsonl:6", dict(audio=path, text='<speak>Hello <break time="1s"/> world.'
+                                                                          '</speak>'), ""))
+    assert (reject.reason, reject.field) == ("bad_row", "text")
+    assert reject.problem == 'holds markup (<speak>, <break time="1s"/>, </speak>): write the words as spoken, ' \
+                             'without tags'
     segments = [dict(start=0.0, end=0.5, text="Hello."), dict(start=0.5, end=1.0, text="?!")]
     reject = checker.check(InputRow("raw.jsonl:5", dict(audio=path, segments=segments), ""))
     assert reject.field == "segments" and reject.problem == "segment 2: text '?!' has no letters or digits: there " \
