@@ -8,7 +8,6 @@ soundfile, soxr; pyloudnorm when loudness is asked for): prepare_codes.py and in
 import it without the model code.
 """
 
-import contextlib
 import hashlib
 import math
 import struct
@@ -212,9 +211,9 @@ MPG123_SIZE_NOTICE = "Xing stream size off by more than"
 
 def libsndfile(path):
     """Around each soundfile call on `path`: without libmpg123's size notice, which lands in the list
-    the block yields."""
-    mp3 = Path(path).suffix.lower() == ".mp3"
-    return quiet.shell_stderr_without(MPG123_SIZE_NOTICE) if mp3 else contextlib.nullcontext([])
+    the block yields. Around every file, whatever its name: an MP3 named .wav is decoded as the MP3 it
+    is, and libmpg123 speaks as it opens the file, before soundfile can tell its format."""
+    return quiet.shell_stderr_without(MPG123_SIZE_NOTICE)
 
 
 def stores_floats(path) -> bool:
@@ -269,11 +268,13 @@ def truncation(path, decoded_frames: int, file_rate: int):
     """Why a file counts as cut short, or None. libsndfile reads what is there and says nothing:
     it takes a WAV's length from the file's size, not from its data chunk, and a cut Ogg simply
     ends; so the data size a WAV-family header declares, and the Ogg pages, are read here."""
-    data, size_notices = wav_data(path), []
+    data, joined_mp3s = wav_data(path), False
     if data is None:  # FLAC and MP3 headers give the full frame count
         with libsndfile(path) as size_notices:
-            declared = sf.info(str(path)).frames
-        found, per_second, found_is = decoded_frames, file_rate, "only {:.2f} s can be decoded"
+            info = sf.info(str(path))
+        # The format libsndfile found, not the file's name: MP3s joined and named .wav are MP3s all the same.
+        joined_mp3s = info.format == "MP3" and bool(size_notices)
+        declared, found, per_second, found_is = info.frames, decoded_frames, file_rate, "only {:.2f} s can be decoded"
     elif data.declared_bytes is not None:
         # Bytes, not frames: right for compressed WAVs (ADPCM) too, whose frames are packed in blocks.
         declared, found, per_second = data.declared_bytes, data.present_bytes, data.bytes_per_second or 1
@@ -283,7 +284,7 @@ def truncation(path, decoded_frames: int, file_rate: int):
     tolerance = max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * per_second)
     if declared - found > tolerance:
         return f"truncated: the header says {declared / per_second:.2f} s, " + found_is.format(found / per_second)
-    if size_notices:
+    if joined_mp3s:
         return (f"the MP3 holds more than its header (Xing frame) counts, and only {found / per_second:.2f} s of "
                 f"it decode: MP3s joined end to end? Re-encode the whole (e.g. ffmpeg -i in.mp3 out.flac)")
     return ogg_truncation(path)
