@@ -65,6 +65,11 @@ MIN_CLIP_SECONDS = 0.5
 # RMS level below which a clip holds no voice: speech recorded at any usable gain sits well above it,
 # a take of room noise below (prepare_codes.py --silence_dbfs).
 SILENCE_DBFS = -50.0
+# Channels that do not cancel mix to mono at least as loud as their loudest channel alone would (its level less
+# 20*log10(channels): 6 dB for stereo, the other channel silent). A mix this far below even that has lost the
+# voice: one channel is the other inverted (a miswired balanced cable, a channel flipped in editing), and what
+# is left is their difference, mostly noise, at whatever level. Such a file is rejected.
+CANCELLED_MIX_DB = 10.0
 
 
 def rms_dbfs(samples: np.ndarray) -> float:
@@ -166,6 +171,35 @@ def loud_seconds_outside(samples: np.ndarray, sample_rate: int, spans: list,
     return np.count_nonzero(loud) / LOUDNESS_FRAMES_PER_SECOND
 
 
+def mix_loss_db(audio: np.ndarray) -> float:
+    """How far (dB) the mono mix of a file's channels ([frames, channels]) falls below what its loudest
+    channel alone would give it: 0 or less for channels that do not cancel (one channel: 0), inf for a
+    mix of digital silence from channels that are not silent. Summed block by block, in float64: no
+    copy of an hour-long take."""
+    channels = audio.shape[1]
+    if channels < 2:
+        return 0.0
+    channel_power, mix_power = np.zeros(channels), 0.0
+    for start in range(0, len(audio), 1 << 16):
+        block = audio[start:start + (1 << 16)].astype(np.float64)
+        channel_power += np.square(block).sum(axis=0)
+        mix_power += float(np.square(block.mean(axis=1)).sum())
+    alone = channel_power.max() / channels ** 2  # the mix's power were the loudest channel the only one
+    if alone == 0:
+        return 0.0
+    return 10 * math.log10(alone / mix_power) if mix_power > 0 else math.inf
+
+
+def cancelled_channels(audio: np.ndarray):
+    """Why a file ([frames, channels]) cannot be mixed to mono, or None: its channels cancel (CANCELLED_MIX_DB)."""
+    loss = mix_loss_db(audio)
+    if loss < CANCELLED_MIX_DB:
+        return None
+    below_loudest = loss + 20 * math.log10(audio.shape[1])
+    mix = "digital silence" if math.isinf(loss) else f"{below_loudest:.0f} dB quieter than its loudest channel"
+    return f"its channels cancel when mixed to mono (one is the other inverted): the mix is {mix}. Re-save it with one channel"
+
+
 def content_hash(samples: np.ndarray) -> str:
     """Names a clip's samples: the same audio in two files (or twice in one dataset) hashes the same."""
     return hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
@@ -197,6 +231,7 @@ class DecodedAudio:
     level_dbfs: float          # RMS level of `samples`, in dB below full scale (-inf for digital silence)
     file_rate: int = None      # the file's own sample rate
     truncated: str = None      # why the file counts as truncated, when it does
+    cancelled: str = None      # why its channels cannot be mixed to mono, when they cancel (cancelled_channels)
 
     @property
     def finite(self) -> bool:
@@ -261,7 +296,7 @@ def decode(path, sample_rate: int) -> DecodedAudio:
     audio, file_rate = read_native(path)
     samples = to_mono(audio, file_rate, sample_rate)
     return DecodedAudio(samples, clipped_fraction(audio, stores_floats(path)), rms_dbfs(samples), file_rate,
-                        truncation(path, len(audio), file_rate))
+                        truncation(path, len(audio), file_rate), cancelled_channels(audio))
 
 
 def truncation(path, decoded_frames: int, file_rate: int):
@@ -410,6 +445,8 @@ def reference_problem(path, sample_rate: int, length_problem=lambda seconds: Non
         return decoded.truncated
     if not decoded.finite:
         return "holds NaN or infinite samples"
+    if decoded.cancelled:
+        return decoded.cancelled
     if decoded.level_dbfs < silence_dbfs:
         return f"silent: level {decoded.level_dbfs:.1f} dBFS is below {silence_dbfs:g} dBFS"
     if decoded.file_rate < LOW_SAMPLE_RATE:

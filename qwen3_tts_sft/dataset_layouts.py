@@ -55,6 +55,7 @@ REJECT_REASONS = (
     "too_short",           # shorter than --min_seconds (after trimming)
     "too_long",            # longer than --max_seconds, with no way to split it
     "silent",              # quieter than --silence_dbfs
+    "channels_cancel",     # its channels cancel when mixed to mono (one the other inverted): audio.CANCELLED_MIX_DB
     "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
     "bad_ref_audio",       # the reference clip is missing, unreadable, silent, of a low rate or out of bounds
     "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median,
@@ -502,16 +503,16 @@ class AudioChecks:
             return rejected("truncated_audio", truncated)
         if not np.isfinite(samples).all():
             return rejected("unreadable_audio", "holds NaN or infinite samples")
+        cancelled = audio.cancelled_channels(native)
+        if cancelled:  # what is left of the voice may be loud enough to pass for a clip: rejected at any level
+            return rejected("channels_cancel", cancelled)
         dc_offset = float(samples.mean()) if len(samples) else 0.0
         has_dc_offset = abs(dc_offset) > audio.MAX_DC_OFFSET
         if has_dc_offset:  # no sound in it; the silence checks and the codes would see it
             samples = audio.remove_dc_offset(samples, sample_rate)
         level = audio.rms_dbfs(samples)
         if level < self.silence_dbfs:
-            cancelled = native.shape[1] > 1 and audio.rms_dbfs(native[:, 0]) >= self.silence_dbfs
-            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}" + (
-                "; its channels are not silent alone, they cancel when mixed to mono (one is the other inverted): "
-                "re-save it with one channel" if cancelled else ""))
+            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
         ref_audio = clip.row.get("ref_audio")
         if ref_audio:
             if ref_audio not in self.references:  # one reference clip usually serves many rows

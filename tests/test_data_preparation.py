@@ -601,12 +601,37 @@ def test_a_segment_that_holds_no_voice_is_rejected_even_when_its_take_has_one(tm
         dict(start=5.2, end=8.8, text="Only room tone.")])
 
 
-def test_channels_that_cancel_when_mixed_to_mono_are_named(tmp_path):
-    voice = speech(3, seed=4)
-    path = write(tmp_path / "antiphase.wav", np.stack([voice, -voice], axis=1))
+def noise(seconds: float, dbfs: float, seed: int) -> np.ndarray:
+    """White noise at an RMS level of `dbfs`, as a microphone's preamp adds it."""
+    return (10 ** (dbfs / 20) * np.random.default_rng(seed).standard_normal(int(seconds * 24000))).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, cancel", [("inverted", True), ("inverted, each channel with its noise", True),
+                                          ("inverted, one channel lower", True), ("the same in both", False),
+                                          ("one channel lower", False), ("independent channels", False),
+                                          ("one channel silent", False), ("5.1, the voice in the centre", False)])
+def test_channels_that_cancel_when_mixed_to_mono_are_named_whatever_is_left(tmp_path, name, cancel):
+    """One channel the other inverted: the voice cancels in the mono mix. What is left, each channel's
+    own noise, is loud enough to pass for a clip (it would be boosted 20 dB and kept), so the file is
+    rejected by how far the mix falls below its channels, not by its level. Stereo as recorded (one
+    voice in both, two voices, one channel silent) and a voice in one channel of six mix as they are."""
+    voice, other = speech(3, seed=4), speech(3, seed=5, pitch=200)
+    silent = np.zeros_like(voice)
+    channels = {"inverted": [voice, -voice],
+                "inverted, each channel with its noise": [voice + noise(3, -45, 1), -voice + noise(3, -45, 2)],
+                "inverted, one channel lower": [voice, -0.9 * voice],
+                "the same in both": [voice, voice], "one channel lower": [voice, 0.3 * voice],
+                "independent channels": [voice, other], "one channel silent": [voice, silent],
+                "5.1, the voice in the centre": [silent, silent, voice, silent, silent, silent]}[name]
+    path = write(tmp_path / "take.wav", np.stack(channels, axis=1))
     checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.1, 15, 0.4, None))
     [piece] = checks.decode_take(PlannedClip("raw.jsonl:1", dict(audio=str(path), text="t"), "", 3.0), 24000)
-    assert piece.reject.reason == "silent" and "cancel when mixed to mono" in piece.reject.problem
+    problem = audio.reference_problem(path, 24000)
+    if cancel:
+        assert piece.reject.reason == "channels_cancel" and "cancel when mixed to mono" in piece.reject.problem
+        assert "Re-save it with one channel" in piece.reject.problem and problem == piece.reject.problem.split(": ", 1)[1]
+    else:
+        assert piece.reject is None and problem is None
 
 
 def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path):
