@@ -65,6 +65,10 @@ MIN_CLIP_SECONDS = 0.5
 # RMS level below which a clip holds no voice: speech recorded at any usable gain sits well above it,
 # a take of room noise below (prepare_codes.py --silence_dbfs).
 SILENCE_DBFS = -50.0
+# A clip below --silence_dbfs whose loud frames stand this far above its quiet ones (speech_to_noise_db) is
+# speech recorded at low gain, not room noise: noise alone scores a few dB, speech even in a noisy room about
+# 20. Its rejection says so, with the --silence_dbfs that keeps it.
+LOW_GAIN_SPEECH_DB = 20.0
 # Channels that do not cancel mix to mono at least as loud as their loudest channel alone would (its level less
 # 20*log10(channels): 6 dB for stereo, the other channel silent). A mix this far below even that has lost the
 # voice: one channel is the other inverted (a miswired balanced cable, a channel flipped in editing), and what
@@ -169,6 +173,20 @@ def loud_seconds_outside(samples: np.ndarray, sample_rate: int, spans: list,
     for start, end in spans:
         loud[start // frame:-(-end // frame)] = False
     return np.count_nonzero(loud) / LOUDNESS_FRAMES_PER_SECOND
+
+
+def silence_problem(samples: np.ndarray, sample_rate: int, silence_dbfs: float) -> str:
+    """Why a clip quieter than --silence_dbfs (`silence_dbfs`) is rejected; where its loud parts stand well
+    above its own noise floor (LOW_GAIN_SPEECH_DB), that it looks like speech recorded at low gain, and
+    the --silence_dbfs that keeps it."""
+    level = rms_dbfs(samples)
+    problem = f"level {level:.1f} dBFS is below --silence_dbfs {silence_dbfs:g}"
+    above_noise = speech_to_noise_db(samples, sample_rate)
+    if math.isfinite(level) and above_noise >= LOW_GAIN_SPEECH_DB:
+        keeps = 10 * math.floor((level - 5) / 10)  # at least 5 dB below its level, in tens
+        problem += (f", but its loud parts stand {above_noise:.0f} dB above its noise floor: it looks like speech "
+                    f"recorded at low gain, not room noise. Lower --silence_dbfs (e.g. {keeps}) to keep it")
+    return problem
 
 
 def mix_loss_db(audio: np.ndarray) -> float:

@@ -512,7 +512,7 @@ class AudioChecks:
             samples = audio.remove_dc_offset(samples, sample_rate)
         level = audio.rms_dbfs(samples)
         if level < self.silence_dbfs:
-            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+            return rejected("silent", audio.silence_problem(samples, sample_rate, self.silence_dbfs))
         ref_audio = clip.row.get("ref_audio")
         if ref_audio:
             if ref_audio not in self.references:  # one reference clip usually serves many rows
@@ -597,10 +597,9 @@ class AudioChecks:
             piece.rejected(problem[0], "audio", f"{where}: {problem[1]}")
             return
         # The take as a whole passed this check; one of its pieces (a segment over a pause) may not.
-        level = audio.rms_dbfs(piece.samples)
-        if level < self.silence_dbfs:
+        if audio.rms_dbfs(piece.samples) < self.silence_dbfs:
             piece.rejected("silent", "audio",
-                           f"{where}: level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+                           f"{where}: {audio.silence_problem(piece.samples, sample_rate, self.silence_dbfs)}")
             return
         clipped = piece.clipped_fraction > self.clipped_fraction
         if clipped and self.reject_clipped:

@@ -601,6 +601,31 @@ def test_a_segment_that_holds_no_voice_is_rejected_even_when_its_take_has_one(tm
         dict(start=5.2, end=8.8, text="Only room tone.")])
 
 
+def test_speech_recorded_at_low_gain_is_told_apart_from_room_noise(tmp_path):
+    """Both at -60 dBFS, both below --silence_dbfs -50: clean speech, its loud parts well above its noise
+    floor, is named as speech recorded at low gain, with the --silence_dbfs that keeps it; room noise
+    is only said to be below it."""
+    def at_level(samples, dbfs):
+        return (samples * 10 ** (dbfs / 20) / np.sqrt(np.mean(np.square(samples)))).astype(np.float32)
+
+    quiet_speech = write(tmp_path / "quiet_speech.wav", at_level(speech(3, seed=11), -60), subtype="PCM_24")
+    room = write(tmp_path / "room.wav", at_level(room_tone(3, seed=12), -60), subtype="PCM_24")
+
+    def decoded(path, silence_dbfs):
+        checks = AudioChecks(Limits(0.5, 30), silence_dbfs, 0.001, False, Processing(False, 0.1, 15, 0.4, None))
+        [piece] = checks.decode_take(PlannedClip("raw.jsonl:1", dict(audio=str(path), text="t"), "", 3.0), 24000)
+        return piece
+
+    speech_reject, noise_reject = decoded(quiet_speech, -50).reject, decoded(room, -50).reject
+    assert speech_reject.reason == noise_reject.reason == "silent"
+    level, advice = speech_reject.problem.split(", but ")
+    assert level == noise_reject.problem.replace(str(room), str(quiet_speech))
+    assert re.fullmatch(r"its loud parts stand [2-4]\d dB above its noise floor: it looks like speech recorded at low "
+                        r"gain, not room noise\. Lower --silence_dbfs \(e\.g\. -70\) to keep it", advice)
+    assert noise_reject.problem == f"{room}: level -60.0 dBFS is below --silence_dbfs -50"
+    assert decoded(quiet_speech, -70).reject is None
+
+
 def noise(seconds: float, dbfs: float, seed: int) -> np.ndarray:
     """White noise at an RMS level of `dbfs`, as a microphone's preamp adds it."""
     return (10 ** (dbfs / 20) * np.random.default_rng(seed).standard_normal(int(seconds * 24000))).astype(np.float32)
