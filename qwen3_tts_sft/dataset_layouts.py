@@ -54,6 +54,8 @@ REJECT_REASONS = (
     "empty_audio",         # the file holds no samples
     "too_short",           # shorter than --min_seconds (after trimming)
     "too_long",            # longer than --max_seconds, with no way to split it
+    "cut_in_speech",       # a piece of a long take cut inside speech: no pause or quiet moment to cut at
+                           # within --max_segment_seconds (voice_activity.speech_pieces)
     "silent",              # quieter than --silence_dbfs
     "channels_cancel",     # its channels cancel when mixed to mono (one the other inverted): audio.CANCELLED_MIX_DB
     "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
@@ -532,7 +534,7 @@ class AudioChecks:
         """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
         `native`: the file's own samples [frames, channels], where clipping is measured; `floats`: the
         file stores them as floats (audio.clipped_fraction)."""
-        spans, texts, trim, missed = self.spans(clip, samples, sample_rate)
+        spans, texts, trim, missed, cuts_in_speech = self.spans(clip, samples, sample_rate)
         pieces = []
         for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
             whole = clip.segments is None and spans == [(0, len(samples))]  # else a piece: named #n, its span kept
@@ -548,28 +550,37 @@ class AudioChecks:
             piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
             if missed:
                 piece.flags["speech_missed"] = missed
+            cuts = [f"{'starts' if at == start else 'ends'} at {at / sample_rate:.2f} s" for at in (start, end)
+                    if at in cuts_in_speech]
+            if cuts:
+                piece.rejected("cut_in_speech", "audio", (
+                    f"{clip.row['audio']} from {start / sample_rate:.2f} s: it {' and '.join(cuts)}, inside speech: "
+                    f"the take has no pause there, nor any sound quieter than its speech, within --max_segment_seconds "
+                    f"{self.processing.max_piece_seconds:g}, so it was cut mid-word. Give the take's \"segments\" "
+                    f"(start, end, text), or a longer --max_segment_seconds"))
             pieces.append(piece)
         return pieces
 
     def spans(self, clip: PlannedClip, samples: np.ndarray, sample_rate: int) -> tuple:
         """([(start, end) samples], [text or None per span], whether to trim each span's edges, what
-        the voice-activity detector's pieces left out (speech_missed) or None)."""
+        the voice-activity detector's pieces left out (speech_missed) or None, the samples where it
+        had to cut inside speech)."""
         settings = self.processing
         if clip.segments is not None:
             spans = [(round(s["start"] * sample_rate), min(len(samples), round(s["end"] * sample_rate)))
                      for s in clip.segments]
-            return spans, [s["text"] for s in clip.segments], settings.trim, None
+            return spans, [s["text"] for s in clip.segments], settings.trim, None, []
         seconds = len(samples) / sample_rate
         # Cut: a take too long to keep whole (only planned when recognition is on), or a long clip
         # that recognition transcribes anyway, which may as well come out in sentence-sized pieces.
         if seconds > self.limits.max_seconds or ("text" not in clip.row and seconds > settings.max_piece_seconds):
             from qwen3_tts_sft import voice_activity
 
-            spans = voice_activity.speech_pieces(samples, sample_rate, settings.max_piece_seconds,
-                                                 settings.min_pause_seconds, settings.padding_seconds)
+            spans, cuts_in_speech = voice_activity.speech_pieces(
+                samples, sample_rate, settings.max_piece_seconds, settings.min_pause_seconds, settings.padding_seconds)
             # The pieces already end at speech, plus padding: not trimmed again.
-            return spans, [None] * len(spans), False, speech_missed(samples, sample_rate, spans)
-        return [(0, len(samples))], [clip.row.get("text")], settings.trim, None
+            return spans, [None] * len(spans), False, speech_missed(samples, sample_rate, spans), cuts_in_speech
+        return [(0, len(samples))], [clip.row.get("text")], settings.trim, None, []
 
     def trim(self, piece: Decoded, bounds, sample_rate: int):
         """Cut the silence before and after the speech down to the padding. Silence is what the

@@ -332,12 +332,50 @@ def test_voice_activity_finds_the_speech_and_the_pauses():
     take = np.concatenate([room_tone(0.5), speech(4, seed=3), room_tone(0.8), speech(5, seed=4), room_tone(0.2),
                            speech(4, seed=5), room_tone(1.0), speech(3, seed=6), room_tone(0.5)])
     def pieces(max_seconds):
-        return np.array(voice_activity.speech_pieces(take, rate, max_seconds, 0.4, 0.2)) / rate
+        spans, cuts_in_speech = voice_activity.speech_pieces(take, rate, max_seconds, 0.4, 0.2)
+        assert cuts_in_speech == []
+        return np.array(spans) / rate
 
     # Cut at the 0.8 s and 1.0 s pauses, not at the 0.2 s one; each piece padded by 0.2 s.
     np.testing.assert_allclose(pieces(12.0), [(0.3, 4.7), (5.1, 14.7), (15.3, 18.7)], atol=0.15)
     # 9.6 s is too long for 8 s pieces: that one is cut at its longest inner pause.
     np.testing.assert_allclose(pieces(8.0), [(0.3, 4.7), (5.1, 10.4), (10.4, 14.7), (15.3, 18.7)], atol=0.15)
+
+
+def test_a_long_take_without_pauses_is_cut_between_words():
+    """Speech with no pause longer than 80 ms, 30 s of it, in pieces of at most 8 s: silero alone cut
+    it at the limit, mid-word. Each cut falls where the take is quiet, in a gap between words."""
+    rate, take = 24000, speech(30, seed=8)
+    spans, cuts_in_speech = voice_activity.speech_pieces(take, rate, 8.0, 0.4, 0.2)
+    assert cuts_in_speech == [] and len(spans) >= 4
+    assert all(end - start <= 8 * rate for start, end in spans)
+    speech_level = audio.rms_dbfs(take)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        for at in (end, start):  # 10 ms either side of each edge
+            assert audio.rms_dbfs(take[at - 240:at + 240]) < speech_level - audio.SPEECH_BELOW_LOUDEST_DB, at / rate
+
+
+def test_pieces_a_long_take_had_to_be_cut_inside_speech_are_rejected_naming_where(tmp_path, monkeypatch):
+    """12 s the detector hears as speech throughout, under noise as loud as the voice (not a frame
+    quieter than speech), to be cut into pieces of at most 5 s: no cut can fall between words, so
+    each piece is rejected, saying where it was cut, rather than kept and transcribed."""
+    rate = 24000
+    voice = speech(12, seed=9) + (0.1 * np.random.default_rng(9).standard_normal(12 * rate)).astype(np.float32)
+    path = write(tmp_path / "take.wav", np.concatenate([room_tone(1), voice, room_tone(1)]))
+
+    def heard_as_speech_throughout(windows):  # the detector, sure of the voice under the noise
+        seconds = np.arange(len(windows[0]) // voice_activity.WINDOW) * voice_activity.WINDOW / 16000
+        return [np.where((seconds >= 1) & (seconds < 13), 0.95, 0.01)]
+
+    monkeypatch.setattr(voice_activity, "speech_probabilities", heard_as_speech_throughout)
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(True, 0.2, 5, 0.4, None))
+    [take] = checks.process([PlannedClip("take.wav", dict(audio=str(path)), "", 14.0)], rate, 1920)
+    assert [piece.reject.reason if piece.reject else None for piece in take] == ["cut_in_speech"] * 3
+    assert re.fullmatch(re.escape(f"{path} from ") + r"5\.\d\d s: it starts at 5\.\d\d s and ends at 10\.\d\d s, "
+                        r"inside speech: the take has no pause there, nor any sound quieter than its speech, within "
+                        r"--max_segment_seconds 5, so it was cut mid-word\. Give the take's \"segments\" \(start, end, "
+                        r"text\), or a longer --max_segment_seconds", take[1].reject.problem)
+    assert "starts at" not in take[0].reject.problem and "ends at" not in take[2].reject.problem
 
 
 def test_trimming_cuts_only_quiet_sound():
