@@ -215,7 +215,8 @@ def cancelled_channels(audio: np.ndarray):
         return None
     below_loudest = loss + 20 * math.log10(audio.shape[1])
     mix = "digital silence" if math.isinf(loss) else f"{below_loudest:.0f} dB quieter than its loudest channel"
-    return f"its channels cancel when mixed to mono (one is the other inverted): the mix is {mix}. Re-save it with one channel"
+    return (f"its channels cancel when mixed to mono (one is the other inverted): the mix is {mix}. Re-save it with "
+            f"one channel")
 
 
 def content_hash(samples: np.ndarray) -> str:
