@@ -137,13 +137,15 @@ def speech_pieces(samples: np.ndarray, sample_rate: int, max_seconds: float, min
         min_speech_duration_ms=PIECE_MIN_SPEECH_MS, min_silence_duration_ms=int(min_pause_seconds * 1000),
         speech_pad_ms=int(padding_seconds * 1000), audio_length_samples=len(at_vad_rate))
     scale = sample_rate / VAD_SAMPLE_RATE
-    quiet = ~audio.loud_frames(samples, sample_rate, audio.SPEECH_BELOW_LOUDEST_DB)
-    frame = sample_rate // audio.LOUDNESS_FRAMES_PER_SECOND
+    stretches = [(int(stretch["start"] * scale), min(len(samples), int(stretch["end"] * scale)))
+                 for stretch in stretches]
     longest, padding = int(max_seconds * sample_rate), int(padding_seconds * sample_rate)
+    must_cut = any(end - start > longest for start, end in stretches)
+    quiet = ~audio.loud_frames(samples, sample_rate, audio.SPEECH_BELOW_LOUDEST_DB) if must_cut else None
+    frame = sample_rate // audio.LOUDNESS_FRAMES_PER_SECOND
     tail = int((audio.MIN_CLIP_SECONDS + padding_seconds) * sample_rate)
     pieces, cuts_in_speech = [], []
-    for stretch in stretches:
-        start, end = int(stretch["start"] * scale), min(len(samples), int(stretch["end"] * scale))
+    for start, end in stretches:
         while end - start > longest:
             earliest, latest = start + longest // 2, min(start + longest, end - tail)
             if latest <= earliest:  # a limit too short to leave that much after the cut
