@@ -60,7 +60,7 @@ from qwen3_tts_sft.dataset_layouts import (FLAGS, REJECT_REASONS, AudioChecks, L
 # Testing hook, not for users (so not in --help or the README): with this set to N, the process
 # SIGKILLs itself right after its Nth batch is written, a crash at a known point for the tests.
 KILL_HOOK = "PREPARE_CODES_TEST_KILL_AFTER_BATCHES"
-DURATION_BUCKETS = (1, 2, 3, 5, 10, 15, 20, 30)  # upper edges, in seconds, of the summary's histogram
+DURATION_BUCKETS = (1, 2, 3, 5, 10, 15, 20, 30)  # upper edges, in seconds, of the summary's histogram (inclusive)
 SHOWN_REJECTS = 20                                # printed per run; the rejects file holds them all
 TOKENIZER_MODEL_TYPE = "qwen3_tts_tokenizer_12hz"  # model_type in the speech tokenizer's config.json
 
@@ -918,7 +918,9 @@ def write_atomically(path: Path, text: str):
 # ---------------------------------------------------------------------------------------------
 
 class DatasetSummary:
-    """What the training set holds, from its rows. A clip's length is its frames / 12.5, what training sees.
+    """What the training set holds, from its rows. A clip's length is its frames / 12.5, what training sees;
+    the duration histogram alone counts each clip by its own length, before the padding to whole frames
+    (up to 80 ms, which would move a 2.0 s clip into "2-3 s").
 
     characters_per_second is the speaking rate: characters of text (spaces and punctuation included)
     per second of clip, over all clips; a generated clip of N characters should last about N / rate.
@@ -926,12 +928,14 @@ class DatasetSummary:
 
     def __init__(self):
         self.seconds, self.characters, self.speakers, self.clipped = [], [], [], 0
+        self.own_seconds = []  # each clip's length before the padding: where the histogram puts it
         self.flags = dict.fromkeys(FLAGS, 0)
         self.text_from = {}  # source -> "asr", for the clips whose text speech recognition wrote
         self.rates = SpeakingRates()
 
     def add(self, clip: ClipInfo, row: dict):
         self.seconds.append(clip.seconds)
+        self.own_seconds.append(clip.quality.get("seconds", clip.seconds))
         self.characters.append(len(clip.text))
         self.speakers.append(clip.speaker)
         self.rates.add(clip.text, round(clip.seconds * FRAMES_PER_SECOND), row.get("speaker") or NO_SPEAKER)
@@ -945,7 +949,9 @@ class DatasetSummary:
         seconds, characters = np.array(self.seconds), np.array(self.characters)
         speakers = np.array(self.speakers, dtype=object)
         edges = (0,) + DURATION_BUCKETS + (math.inf,)
-        counts = np.histogram(seconds, bins=edges)[0] if len(seconds) else np.zeros(len(edges) - 1, dtype=int)
+        # A bucket holds the clips up to its upper edge: a clip of 2.0 s is a "1-2 s" one.
+        counts = np.bincount(np.searchsorted(DURATION_BUCKETS, self.own_seconds, side="left"),
+                             minlength=len(DURATION_BUCKETS) + 1)
         labels = [f"{low}-{high} s" for low, high in zip(edges, edges[1:-1])] + [f"{edges[-2]}+ s"]
         rates = characters / seconds if len(seconds) else np.zeros(0)
         speaking_rates = self.rates.rates()

@@ -8,7 +8,6 @@ soundfile, soxr; pyloudnorm when loudness is asked for): prepare_codes.py and in
 import it without the model code.
 """
 
-import contextlib
 import hashlib
 import math
 import struct
@@ -66,6 +65,15 @@ MIN_CLIP_SECONDS = 0.5
 # RMS level below which a clip holds no voice: speech recorded at any usable gain sits well above it,
 # a take of room noise below (prepare_codes.py --silence_dbfs).
 SILENCE_DBFS = -50.0
+# A clip below --silence_dbfs whose loud frames stand this far above its quiet ones (speech_to_noise_db) is
+# speech recorded at low gain, not room noise: noise alone scores a few dB, speech even in a noisy room about
+# 20. Its rejection says so, with the --silence_dbfs that keeps it.
+LOW_GAIN_SPEECH_DB = 20.0
+# Channels that do not cancel mix to mono at least as loud as their loudest channel alone would (its level less
+# 20*log10(channels): 6 dB for stereo, the other channel silent). A mix this far below even that has lost the
+# voice: one channel is the other inverted (a miswired balanced cable, a channel flipped in editing), and what
+# is left is their difference, mostly noise, at whatever level. Such a file is rejected.
+CANCELLED_MIX_DB = 10.0
 
 
 def rms_dbfs(samples: np.ndarray) -> float:
@@ -167,6 +175,51 @@ def loud_seconds_outside(samples: np.ndarray, sample_rate: int, spans: list,
     return np.count_nonzero(loud) / LOUDNESS_FRAMES_PER_SECOND
 
 
+def silence_problem(samples: np.ndarray, sample_rate: int, silence_dbfs: float) -> str:
+    """Why a clip quieter than --silence_dbfs (`silence_dbfs`) is rejected; where its loud parts stand well
+    above its own noise floor (LOW_GAIN_SPEECH_DB), that it looks like speech recorded at low gain, and
+    the --silence_dbfs that keeps it."""
+    level = rms_dbfs(samples)
+    problem = f"level {level:.1f} dBFS is below --silence_dbfs {silence_dbfs:g}"
+    above_noise = speech_to_noise_db(samples, sample_rate)
+    if math.isfinite(level) and above_noise >= LOW_GAIN_SPEECH_DB:
+        keeps = 10 * math.floor((level - 5) / 10)  # at least 5 dB below its level, in tens
+        problem += (f", but its loud parts stand {above_noise:.0f} dB above its noise floor: it looks like speech "
+                    f"recorded at low gain, not room noise. Lower --silence_dbfs (e.g. {keeps}) to keep it")
+    return problem
+
+
+def mix_loss_db(audio: np.ndarray) -> float:
+    """How far (dB) the mono mix of a file's channels ([frames, channels]) falls below what its loudest
+    channel alone would give it: 0 or less for channels that do not cancel (one channel: 0), inf for a
+    mix of digital silence from channels that are not silent."""
+    channels = audio.shape[1]
+    if channels < 2:
+        return 0.0
+    # The channels' products summed (a matrix product per block, in float64 across blocks): the mix's power
+    # is their total over channels squared. Ten times faster than forming the mix, and no copy of a long take.
+    products = np.zeros((channels, channels))
+    for start in range(0, len(audio), 1 << 16):
+        block = audio[start:start + (1 << 16)]
+        products += block.T @ block
+    alone = products.diagonal().max() / channels ** 2  # the mix's power were the loudest channel the only one
+    mix = products.sum() / channels ** 2
+    if alone == 0:
+        return 0.0
+    return 10 * math.log10(alone / mix) if mix > 0 else math.inf
+
+
+def cancelled_channels(audio: np.ndarray):
+    """Why a file ([frames, channels]) cannot be mixed to mono, or None: its channels cancel (CANCELLED_MIX_DB)."""
+    loss = mix_loss_db(audio)
+    if loss < CANCELLED_MIX_DB:
+        return None
+    below_loudest = loss + 20 * math.log10(audio.shape[1])
+    mix = "digital silence" if math.isinf(loss) else f"{below_loudest:.0f} dB quieter than its loudest channel"
+    return (f"its channels cancel when mixed to mono (one is the other inverted): the mix is {mix}. Re-save it with "
+            f"one channel")
+
+
 def content_hash(samples: np.ndarray) -> str:
     """Names a clip's samples: the same audio in two files (or twice in one dataset) hashes the same."""
     return hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
@@ -198,6 +251,7 @@ class DecodedAudio:
     level_dbfs: float          # RMS level of `samples`, in dB below full scale (-inf for digital silence)
     file_rate: int = None      # the file's own sample rate
     truncated: str = None      # why the file counts as truncated, when it does
+    cancelled: str = None      # why its channels cannot be mixed to mono, when they cancel (cancelled_channels)
 
     @property
     def finite(self) -> bool:
@@ -212,9 +266,9 @@ MPG123_SIZE_NOTICE = "Xing stream size off by more than"
 
 def libsndfile(path):
     """Around each soundfile call on `path`: without libmpg123's size notice, which lands in the list
-    the block yields."""
-    mp3 = Path(path).suffix.lower() == ".mp3"
-    return quiet.shell_stderr_without(MPG123_SIZE_NOTICE) if mp3 else contextlib.nullcontext([])
+    the block yields. Around every file, whatever its name: an MP3 named .wav is decoded as the MP3 it
+    is, and libmpg123 speaks as it opens the file, before soundfile can tell its format."""
+    return quiet.shell_stderr_without(MPG123_SIZE_NOTICE)
 
 
 def stores_floats(path) -> bool:
@@ -262,18 +316,20 @@ def decode(path, sample_rate: int) -> DecodedAudio:
     audio, file_rate = read_native(path)
     samples = to_mono(audio, file_rate, sample_rate)
     return DecodedAudio(samples, clipped_fraction(audio, stores_floats(path)), rms_dbfs(samples), file_rate,
-                        truncation(path, len(audio), file_rate))
+                        truncation(path, len(audio), file_rate), cancelled_channels(audio))
 
 
 def truncation(path, decoded_frames: int, file_rate: int):
     """Why a file counts as cut short, or None. libsndfile reads what is there and says nothing:
     it takes a WAV's length from the file's size, not from its data chunk, and a cut Ogg simply
     ends; so the data size a WAV-family header declares, and the Ogg pages, are read here."""
-    data, size_notices = wav_data(path), []
+    data, joined_mp3s = wav_data(path), False
     if data is None:  # FLAC and MP3 headers give the full frame count
         with libsndfile(path) as size_notices:
-            declared = sf.info(str(path)).frames
-        found, per_second, found_is = decoded_frames, file_rate, "only {:.2f} s can be decoded"
+            info = sf.info(str(path))
+        # The format libsndfile found, not the file's name: MP3s joined and named .wav are MP3s all the same.
+        joined_mp3s = info.format == "MP3" and bool(size_notices)
+        declared, found, per_second, found_is = info.frames, decoded_frames, file_rate, "only {:.2f} s can be decoded"
     elif data.declared_bytes is not None:
         # Bytes, not frames: right for compressed WAVs (ADPCM) too, whose frames are packed in blocks.
         declared, found, per_second = data.declared_bytes, data.present_bytes, data.bytes_per_second or 1
@@ -283,7 +339,7 @@ def truncation(path, decoded_frames: int, file_rate: int):
     tolerance = max(TRUNCATION_TOLERANCE["fraction"] * declared, TRUNCATION_TOLERANCE["seconds"] * per_second)
     if declared - found > tolerance:
         return f"truncated: the header says {declared / per_second:.2f} s, " + found_is.format(found / per_second)
-    if size_notices:
+    if joined_mp3s:
         return (f"the MP3 holds more than its header (Xing frame) counts, and only {found / per_second:.2f} s of "
                 f"it decode: MP3s joined end to end? Re-encode the whole (e.g. ffmpeg -i in.mp3 out.flac)")
     return ogg_truncation(path)
@@ -409,6 +465,8 @@ def reference_problem(path, sample_rate: int, length_problem=lambda seconds: Non
         return decoded.truncated
     if not decoded.finite:
         return "holds NaN or infinite samples"
+    if decoded.cancelled:
+        return decoded.cancelled
     if decoded.level_dbfs < silence_dbfs:
         return f"silent: level {decoded.level_dbfs:.1f} dBFS is below {silence_dbfs:g} dBFS"
     if decoded.file_rate < LOW_SAMPLE_RATE:

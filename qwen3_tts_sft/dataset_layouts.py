@@ -57,7 +57,10 @@ REJECT_REASONS = (
     "empty_audio",         # the file holds no samples
     "too_short",           # shorter than --min_seconds (after trimming)
     "too_long",            # longer than --max_seconds, with no way to split it
+    "cut_in_speech",       # a piece of a long take cut inside speech: no pause or quiet moment to cut at
+                           # within --max_segment_seconds (voice_activity.speech_pieces)
     "silent",              # quieter than --silence_dbfs
+    "channels_cancel",     # its channels cancel when mixed to mono (one the other inverted): audio.CANCELLED_MIX_DB
     "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
     "bad_ref_audio",       # the reference clip is missing, unreadable, silent, of a low rate or out of bounds
     "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median,
@@ -650,16 +653,16 @@ class AudioChecks:
             return rejected("truncated_audio", truncated)
         if not np.isfinite(samples).all():
             return rejected("unreadable_audio", "holds NaN or infinite samples")
+        cancelled = audio.cancelled_channels(native)
+        if cancelled:  # what is left of the voice may be loud enough to pass for a clip: rejected at any level
+            return rejected("channels_cancel", cancelled)
         dc_offset = float(samples.mean()) if len(samples) else 0.0
         has_dc_offset = abs(dc_offset) > audio.MAX_DC_OFFSET
         if has_dc_offset:  # no sound in it; the silence checks and the codes would see it
             samples = audio.remove_dc_offset(samples, sample_rate)
         level = audio.rms_dbfs(samples)
         if level < self.silence_dbfs:
-            cancelled = native.shape[1] > 1 and audio.rms_dbfs(native[:, 0]) >= self.silence_dbfs
-            return rejected("silent", f"level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}" + (
-                "; its channels are not silent alone, they cancel when mixed to mono (one is the other inverted): "
-                "re-save it with one channel" if cancelled else ""))
+            return rejected("silent", audio.silence_problem(samples, sample_rate, self.silence_dbfs))
         ref_audio = clip.row.get("ref_audio")
         if ref_audio:
             if ref_audio not in self.references:  # one reference clip usually serves many rows
@@ -679,7 +682,7 @@ class AudioChecks:
         """A decoded take's output clips: one for a clip kept whole, else its segments or pieces.
         `native`: the file's own samples [frames, channels], where clipping is measured; `floats`: the
         file stores them as floats (audio.clipped_fraction)."""
-        spans, texts, trim, missed = self.spans(clip, samples, sample_rate)
+        spans, texts, trim, missed, cuts_in_speech = self.spans(clip, samples, sample_rate)
         pieces = []
         for number, ((start, end), text) in enumerate(zip(spans, texts), start=1):
             whole = clip.segments is None and spans == [(0, len(samples))]  # else a piece: named #n, its span kept
@@ -695,28 +698,37 @@ class AudioChecks:
             piece.quality = dict(file_sample_rate=file_rate, start=start / sample_rate, trim=trim)
             if missed:
                 piece.flags["speech_missed"] = missed
+            cuts = [f"{'starts' if at == start else 'ends'} at {at / sample_rate:.2f} s" for at in (start, end)
+                    if at in cuts_in_speech]
+            if cuts:
+                piece.rejected("cut_in_speech", "audio", (
+                    f"{clip.row['audio']} from {start / sample_rate:.2f} s: it {' and '.join(cuts)}, inside speech: "
+                    f"the take has no pause there, nor any sound quieter than its speech, within --max_segment_seconds "
+                    f"{self.processing.max_piece_seconds:g}, so it was cut mid-word. Give the take's \"segments\" "
+                    f"(start, end, text), or a longer --max_segment_seconds"))
             pieces.append(piece)
         return pieces
 
     def spans(self, clip: PlannedClip, samples: np.ndarray, sample_rate: int) -> tuple:
         """([(start, end) samples], [text or None per span], whether to trim each span's edges, what
-        the voice-activity detector's pieces left out (speech_missed) or None)."""
+        the voice-activity detector's pieces left out (speech_missed) or None, the samples where it
+        had to cut inside speech)."""
         settings = self.processing
         if clip.segments is not None:
             spans = [(round(s["start"] * sample_rate), min(len(samples), round(s["end"] * sample_rate)))
                      for s in clip.segments]
-            return spans, [s["text"] for s in clip.segments], settings.trim, None
+            return spans, [s["text"] for s in clip.segments], settings.trim, None, []
         seconds = len(samples) / sample_rate
         # Cut: a take too long to keep whole (only planned when recognition is on), or a long clip
         # that recognition transcribes anyway, which may as well come out in sentence-sized pieces.
         if seconds > self.limits.max_seconds or ("text" not in clip.row and seconds > settings.max_piece_seconds):
             from qwen3_tts_sft import voice_activity
 
-            spans = voice_activity.speech_pieces(samples, sample_rate, settings.max_piece_seconds,
-                                                 settings.min_pause_seconds, settings.padding_seconds)
+            spans, cuts_in_speech = voice_activity.speech_pieces(
+                samples, sample_rate, settings.max_piece_seconds, settings.min_pause_seconds, settings.padding_seconds)
             # The pieces already end at speech, plus padding: not trimmed again.
-            return spans, [None] * len(spans), False, speech_missed(samples, sample_rate, spans)
-        return [(0, len(samples))], [clip.row.get("text")], settings.trim, None
+            return spans, [None] * len(spans), False, speech_missed(samples, sample_rate, spans), cuts_in_speech
+        return [(0, len(samples))], [clip.row.get("text")], settings.trim, None, []
 
     def trim(self, piece: Decoded, bounds, sample_rate: int):
         """Cut the silence before and after the speech down to the padding. Silence is what the
@@ -744,10 +756,9 @@ class AudioChecks:
             piece.rejected(problem[0], "audio", f"{where}: {problem[1]}")
             return
         # The take as a whole passed this check; one of its pieces (a segment over a pause) may not.
-        level = audio.rms_dbfs(piece.samples)
-        if level < self.silence_dbfs:
+        if audio.rms_dbfs(piece.samples) < self.silence_dbfs:
             piece.rejected("silent", "audio",
-                           f"{where}: level {level:.1f} dBFS is below --silence_dbfs {self.silence_dbfs:g}")
+                           f"{where}: {audio.silence_problem(piece.samples, sample_rate, self.silence_dbfs)}")
             return
         clipped = piece.clipped_fraction > self.clipped_fraction
         if clipped and self.reject_clipped:

@@ -5,7 +5,10 @@ Two uses in prepare_codes.py:
                     detector runs only on each clip's first and last EDGE_SECONDS, all the clips of a
                     batch at once, which keeps it off the encoding's critical path (a clip whose
                     edge window holds no speech is searched whole).
-    speech_pieces   a long take cut at its pauses into pieces of at most a given length.
+    speech_pieces   a long take cut at its pauses into pieces of at most a given length; a stretch
+                    of speech with no such pause is cut at its longest quiet moment (quiet_run), and
+                    where it has none, in speech: those cuts are returned, for their pieces to be
+                    rejected rather than kept with a word cut in half.
 
 The detector runs at 16 kHz, on one thread: its speech probabilities are then the same whichever
 process runs it, so a resumed or sharded run trims every clip exactly as one run does.
@@ -109,17 +112,65 @@ def speech_bounds(clips: list, sample_rate: int) -> list:
 
 
 def speech_pieces(samples: np.ndarray, sample_rate: int, max_seconds: float, min_pause_seconds: float,
-                  padding_seconds: float) -> list:
-    """A long take's speech as (start, end) samples: cut at every pause of at least
-    `min_pause_seconds`, pieces longer than `max_seconds` cut again at their longest inner pause,
-    each padded by `padding_seconds` (less where the pause between two is shorter)."""
+                  padding_seconds: float) -> tuple:
+    """A long take's speech as (start, end) samples, and the samples where a cut falls inside speech.
+
+    silero cuts the take at every pause of at least `min_pause_seconds` and pads each stretch of speech
+    by `padding_seconds` (less where the pause between two is shorter). A stretch longer than
+    `max_seconds` is cut here, not by silero's max_speech_duration_s: finding no pause of 98 ms or more
+    in it, that cuts at the limit, mid-word, and says nothing. Here each cut falls in the second half
+    of the longest piece allowed, so that pieces stay sentence-sized, and leaves MIN_CLIP_SECONDS of
+    speech (and the padding) after it; within that, in the middle of the longest run of 10 ms frames
+    quieter than the take's speech (audio.SPEECH_BELOW_LOUDEST_DB below its loud frames, or at its
+    noise floor): a breath or a pause shorter than `min_pause_seconds`, else the gap between two
+    words. That is the quietest point the take offers, and the longest quiet run is the likeliest to
+    be a pause rather than a consonant's closure, so a piece ending there ends on a whole word.
+    Where every frame is as loud as speech (no gap at all, or loud noise under the voice) the cut
+    falls at the limit and is returned: a piece that starts or ends mid-word would teach the model
+    to, and is better rejected, saying where, than kept.
+    """
     module, _ = silero()
     at_vad_rate = audio.resample(samples, sample_rate, VAD_SAMPLE_RATE)
     probabilities = speech_probabilities([at_vad_rate])[0]
-    pieces = module.get_speech_timestamps_from_probs(
+    stretches = module.get_speech_timestamps_from_probs(
         probabilities.tolist(), sampling_rate=VAD_SAMPLE_RATE, threshold=SPEECH_THRESHOLD,
-        min_speech_duration_ms=PIECE_MIN_SPEECH_MS, max_speech_duration_s=max_seconds,
-        min_silence_duration_ms=int(min_pause_seconds * 1000), speech_pad_ms=int(padding_seconds * 1000),
-        audio_length_samples=len(at_vad_rate))
+        min_speech_duration_ms=PIECE_MIN_SPEECH_MS, min_silence_duration_ms=int(min_pause_seconds * 1000),
+        speech_pad_ms=int(padding_seconds * 1000), audio_length_samples=len(at_vad_rate))
     scale = sample_rate / VAD_SAMPLE_RATE
-    return [(int(piece["start"] * scale), min(len(samples), int(piece["end"] * scale))) for piece in pieces]
+    stretches = [(int(stretch["start"] * scale), min(len(samples), int(stretch["end"] * scale)))
+                 for stretch in stretches]
+    longest, padding = int(max_seconds * sample_rate), int(padding_seconds * sample_rate)
+    must_cut = any(end - start > longest for start, end in stretches)
+    quiet = ~audio.loud_frames(samples, sample_rate, audio.SPEECH_BELOW_LOUDEST_DB) if must_cut else None
+    frame = sample_rate // audio.LOUDNESS_FRAMES_PER_SECOND
+    tail = int((audio.MIN_CLIP_SECONDS + padding_seconds) * sample_rate)
+    pieces, cuts_in_speech = [], []
+    for start, end in stretches:
+        while end - start > longest:
+            earliest, latest = start + longest // 2, min(start + longest, end - tail)
+            if latest <= earliest:  # a limit too short to leave that much after the cut
+                latest = start + longest
+            pause = quiet_run(quiet, -(-earliest // frame), latest // frame)
+            if pause is None:
+                cuts_in_speech.append(start + longest)
+                pieces.append((start, start + longest))
+                start += longest
+                continue
+            pause_start, pause_end = pause[0] * frame, pause[1] * frame
+            cut = (pause_start + pause_end) // 2  # each side keeps up to `padding` of the pause
+            pieces.append((start, min(cut, pause_start + padding)))
+            start = max(cut, pause_end - padding)
+        pieces.append((start, end))
+    return pieces, cuts_in_speech
+
+
+def quiet_run(quiet: np.ndarray, first: int, last: int):
+    """(first, last + 1) frame of the longest run of quiet frames among frames first..last - 1 (the
+    latest of equals: the longer piece before it), or None when none of them is quiet."""
+    window = np.concatenate([[False], quiet[first:last], [False]])
+    edges = np.flatnonzero(window[1:] != window[:-1])
+    if not len(edges):
+        return None
+    starts, ends = edges[::2], edges[1::2]
+    longest = np.flatnonzero(ends - starts == (ends - starts).max())[-1]
+    return first + int(starts[longest]), first + int(ends[longest])

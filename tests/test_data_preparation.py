@@ -280,14 +280,22 @@ def test_cut_files_are_found_out(tmp_path, name, options, keep, capfd):
     assert audio.MPG123_SIZE_NOTICE not in capfd.readouterr().err
 
 
-def test_mp3s_joined_end_to_end_are_not_kept_in_part(tmp_path, capfd):
+@pytest.mark.parametrize("name", ["whole.mp3", "whole.wav"])
+def test_mp3s_joined_end_to_end_are_not_kept_in_part(tmp_path, name, capfd):
     """`cat part1.mp3 part2.mp3 > whole.mp3`: libmpg123 decodes only the first part's length, which
-    its header gives, so the file is not read whole."""
+    its header gives, so the file is not read whole. Told by the format soundfile finds, not the name:
+    the same bytes named .wav are rejected alike, and libmpg123's notice stays off the terminal on
+    every path, the header check of a row as well as the decoding."""
     parts = [write(tmp_path / f"part{index}.mp3", speech(2.0, seed=index)).read_bytes() for index in range(2)]
-    (tmp_path / "whole.mp3").write_bytes(b"".join(parts))
+    whole = tmp_path / name
+    whole.write_bytes(b"".join(parts))
     assert audio.decode(tmp_path / "part0.mp3", 24000).truncated is None
-    problem = audio.decode(tmp_path / "whole.mp3", 24000).truncated
+    problem = audio.decode(whole, 24000).truncated
     assert problem is not None and "MP3s joined end to end?" in problem
+    planned = RowChecker(Limits(0.5, 30)).check(InputRow(str(whole), dict(audio=str(whole), text="Two parts."), ""))
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, None))
+    [take] = checks.decode_take(planned, 24000)
+    assert take.reject.reason == "truncated_audio" and "MP3s joined end to end?" in take.reject.problem
     assert audio.MPG123_SIZE_NOTICE not in capfd.readouterr().err
 
 
@@ -324,12 +332,50 @@ def test_voice_activity_finds_the_speech_and_the_pauses():
     take = np.concatenate([room_tone(0.5), speech(4, seed=3), room_tone(0.8), speech(5, seed=4), room_tone(0.2),
                            speech(4, seed=5), room_tone(1.0), speech(3, seed=6), room_tone(0.5)])
     def pieces(max_seconds):
-        return np.array(voice_activity.speech_pieces(take, rate, max_seconds, 0.4, 0.2)) / rate
+        spans, cuts_in_speech = voice_activity.speech_pieces(take, rate, max_seconds, 0.4, 0.2)
+        assert cuts_in_speech == []
+        return np.array(spans) / rate
 
     # Cut at the 0.8 s and 1.0 s pauses, not at the 0.2 s one; each piece padded by 0.2 s.
     np.testing.assert_allclose(pieces(12.0), [(0.3, 4.7), (5.1, 14.7), (15.3, 18.7)], atol=0.15)
     # 9.6 s is too long for 8 s pieces: that one is cut at its longest inner pause.
     np.testing.assert_allclose(pieces(8.0), [(0.3, 4.7), (5.1, 10.4), (10.4, 14.7), (15.3, 18.7)], atol=0.15)
+
+
+def test_a_long_take_without_pauses_is_cut_between_words():
+    """Speech with no pause longer than 80 ms, 30 s of it, in pieces of at most 8 s: silero alone cut
+    it at the limit, mid-word. Each cut falls where the take is quiet, in a gap between words."""
+    rate, take = 24000, speech(30, seed=8)
+    spans, cuts_in_speech = voice_activity.speech_pieces(take, rate, 8.0, 0.4, 0.2)
+    assert cuts_in_speech == [] and len(spans) >= 4
+    assert all(end - start <= 8 * rate for start, end in spans)
+    speech_level = audio.rms_dbfs(take)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        for at in (end, start):  # 10 ms either side of each edge
+            assert audio.rms_dbfs(take[at - 240:at + 240]) < speech_level - audio.SPEECH_BELOW_LOUDEST_DB, at / rate
+
+
+def test_pieces_a_long_take_had_to_be_cut_inside_speech_are_rejected_naming_where(tmp_path, monkeypatch):
+    """12 s the detector hears as speech throughout, under noise as loud as the voice (not a frame
+    quieter than speech), to be cut into pieces of at most 5 s: no cut can fall between words, so
+    each piece is rejected, saying where it was cut, rather than kept and transcribed."""
+    rate = 24000
+    voice = speech(12, seed=9) + (0.1 * np.random.default_rng(9).standard_normal(12 * rate)).astype(np.float32)
+    path = write(tmp_path / "take.wav", np.concatenate([room_tone(1), voice, room_tone(1)]))
+
+    def heard_as_speech_throughout(windows):  # the detector, sure of the voice under the noise
+        seconds = np.arange(len(windows[0]) // voice_activity.WINDOW) * voice_activity.WINDOW / 16000
+        return [np.where((seconds >= 1) & (seconds < 13), 0.95, 0.01)]
+
+    monkeypatch.setattr(voice_activity, "speech_probabilities", heard_as_speech_throughout)
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(True, 0.2, 5, 0.4, None))
+    [take] = checks.process([PlannedClip("take.wav", dict(audio=str(path)), "", 14.0)], rate, 1920)
+    assert [piece.reject.reason if piece.reject else None for piece in take] == ["cut_in_speech"] * 3
+    assert re.fullmatch(re.escape(f"{path} from ") + r"5\.\d\d s: it starts at 5\.\d\d s and ends at 10\.\d\d s, "
+                        r"inside speech: the take has no pause there, nor any sound quieter than its speech, within "
+                        r"--max_segment_seconds 5, so it was cut mid-word\. Give the take's \"segments\" \(start, end, "
+                        r"text\), or a longer --max_segment_seconds", take[1].reject.problem)
+    assert "starts at" not in take[0].reject.problem and "ends at" not in take[2].reject.problem
 
 
 def test_trimming_cuts_only_quiet_sound():
@@ -593,12 +639,63 @@ def test_a_segment_that_holds_no_voice_is_rejected_even_when_its_take_has_one(tm
         dict(start=5.2, end=8.8, text="Only room tone.")])
 
 
-def test_channels_that_cancel_when_mixed_to_mono_are_named(tmp_path):
-    voice = speech(3, seed=4)
-    path = write(tmp_path / "antiphase.wav", np.stack([voice, -voice], axis=1))
+def test_speech_recorded_at_low_gain_is_told_apart_from_room_noise(tmp_path):
+    """Both at -60 dBFS, both below --silence_dbfs -50: clean speech, its loud parts well above its noise
+    floor, is named as speech recorded at low gain, with the --silence_dbfs that keeps it; room noise
+    is only said to be below it."""
+    def at_level(samples, dbfs):
+        return (samples * 10 ** (dbfs / 20) / np.sqrt(np.mean(np.square(samples)))).astype(np.float32)
+
+    quiet_speech = write(tmp_path / "quiet_speech.wav", at_level(speech(3, seed=11), -60), subtype="PCM_24")
+    room = write(tmp_path / "room.wav", at_level(room_tone(3, seed=12), -60), subtype="PCM_24")
+
+    def decoded(path, silence_dbfs):
+        checks = AudioChecks(Limits(0.5, 30), silence_dbfs, 0.001, False, Processing(False, 0.1, 15, 0.4, None))
+        [piece] = checks.decode_take(PlannedClip("raw.jsonl:1", dict(audio=str(path), text="t"), "", 3.0), 24000)
+        return piece
+
+    speech_reject, noise_reject = decoded(quiet_speech, -50).reject, decoded(room, -50).reject
+    assert speech_reject.reason == noise_reject.reason == "silent"
+    level, advice = speech_reject.problem.split(", but ")
+    assert level == noise_reject.problem.replace(str(room), str(quiet_speech))
+    assert re.fullmatch(r"its loud parts stand [2-4]\d dB above its noise floor: it looks like speech recorded at low "
+                        r"gain, not room noise\. Lower --silence_dbfs \(e\.g\. -70\) to keep it", advice)
+    assert noise_reject.problem == f"{room}: level -60.0 dBFS is below --silence_dbfs -50"
+    assert decoded(quiet_speech, -70).reject is None
+
+
+def noise(seconds: float, dbfs: float, seed: int) -> np.ndarray:
+    """White noise at an RMS level of `dbfs`, as a microphone's preamp adds it."""
+    return (10 ** (dbfs / 20) * np.random.default_rng(seed).standard_normal(int(seconds * 24000))).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, cancel", [("inverted", True), ("inverted, each channel with its noise", True),
+                                          ("inverted, one channel lower", True), ("the same in both", False),
+                                          ("one channel lower", False), ("independent channels", False),
+                                          ("one channel silent", False), ("5.1, the voice in the centre", False)])
+def test_channels_that_cancel_when_mixed_to_mono_are_named_whatever_is_left(tmp_path, name, cancel):
+    """One channel the other inverted: the voice cancels in the mono mix. What is left, each channel's
+    own noise, is loud enough to pass for a clip (it would be boosted 20 dB and kept), so the file is
+    rejected by how far the mix falls below its channels, not by its level. Stereo as recorded (one
+    voice in both, two voices, one channel silent) and a voice in one channel of six mix as they are."""
+    voice, other = speech(3, seed=4), speech(3, seed=5, pitch=200)
+    silent = np.zeros_like(voice)
+    channels = {"inverted": [voice, -voice],
+                "inverted, each channel with its noise": [voice + noise(3, -45, 1), -voice + noise(3, -45, 2)],
+                "inverted, one channel lower": [voice, -0.9 * voice],
+                "the same in both": [voice, voice], "one channel lower": [voice, 0.3 * voice],
+                "independent channels": [voice, other], "one channel silent": [voice, silent],
+                "5.1, the voice in the centre": [silent, silent, voice, silent, silent, silent]}[name]
+    path = write(tmp_path / "take.wav", np.stack(channels, axis=1))
     checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.1, 15, 0.4, None))
     [piece] = checks.decode_take(PlannedClip("raw.jsonl:1", dict(audio=str(path), text="t"), "", 3.0), 24000)
-    assert piece.reject.reason == "silent" and "cancel when mixed to mono" in piece.reject.problem
+    problem = audio.reference_problem(path, 24000)
+    if cancel:
+        assert piece.reject.reason == "channels_cancel" and "cancel when mixed to mono" in piece.reject.problem
+        assert "Re-save it with one channel" in piece.reject.problem
+        assert piece.reject.problem == f"{path}: {problem}"  # a reference clip is refused alike
+    else:
+        assert piece.reject is None and problem is None
 
 
 def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path):

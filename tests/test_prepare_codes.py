@@ -17,6 +17,7 @@ import soundfile as sf
 
 from qwen3_tts_sft import audio
 import prepare_codes
+from qwen3_tts_sft.data_report import ClipInfo
 from qwen3_tts_sft.dataset_layouts import AudioChecks, Limits, PlannedClip, Processing, detect_layout
 from helpers import ROOT, read_jsonl, run_script, write_jsonl
 from qwen3_tts_sft.tiny_model import synthetic_voice
@@ -116,6 +117,20 @@ def test_layout_detection(tmp_path):
     assert detect_layout(tmp_path / "raw.jsonl") == ("jsonl", tmp_path / "raw.jsonl")
     with pytest.raises(SystemExit, match="no such file"):
         detect_layout(tmp_path / "nothing")
+
+
+def test_duration_histogram_counts_each_clip_by_its_own_length():
+    """A clip is padded to whole 80 ms frames, but counted in the bucket of its own length, each bucket
+    holding the clips up to its upper edge: 1.95 s and 2.0 s (25 frames, 2.0 s padded) are "1-2 s"
+    clips, 2.01 s (26 frames) a "2-3 s" one, 30.0 s a "20-30 s" one."""
+    summary = prepare_codes.DatasetSummary()
+    for number, seconds in enumerate((1.95, 2.0, 2.01, 30.0, 31.0), start=1):
+        row = dict(source=f"raw.jsonl:{number}", audio="clip.wav", text="Some words.",
+                   quality=dict(seconds=seconds, frames=math.ceil(seconds * audio.FRAMES_PER_SECOND)))
+        summary.add(ClipInfo.of(row, ("raw.jsonl", number, None), (number,)), row)
+    histogram = summary.report(Path("train.jsonl"), [], {}, prepare_codes.new_throughput(), False)["duration_histogram"]
+    assert histogram == {"0-1 s": 0, "1-2 s": 2, "2-3 s": 1, "3-5 s": 0, "5-10 s": 0, "10-15 s": 0, "15-20 s": 0,
+                         "20-30 s": 1, "30+ s": 1}
 
 
 # ---------------------------------------------------------------------------------------------
