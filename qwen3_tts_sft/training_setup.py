@@ -6,6 +6,7 @@ loads), the accelerator, the checkpoint to resume, the base model, the data and 
 module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
 """
 
+import functools
 import gc
 import os
 import platform
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast
@@ -560,10 +562,30 @@ def recompute_layers(model, args) -> None:
     """
     # Non-reentrant checkpointing: works with frozen inputs, LoRA and torch.compile.
     if args.gradient_checkpointing:
-        model.talker.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        recomputed, options = model.talker, dict(use_reentrant=False)
     elif args.low_memory and not (args.lora_rank and args.lora_dropout):
-        model.talker.code_predictor.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=dict(use_reentrant=False, preserve_rng_state=False))
+        recomputed, options = model.talker.code_predictor, dict(use_reentrant=False, preserve_rng_state=False)
+    else:
+        return
+    recomputed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    recomputed._set_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
+        checkpoint_with_the_forwards_thread_count, **options))
+
+
+def checkpoint_with_the_forwards_thread_count(function, *args, **options):
+    """torch.utils.checkpoint.checkpoint, whose recomputation runs with the CPU thread count its forward
+    ran with. On a GPU autograd runs the backward, the recomputation included, on a thread of its own,
+    which starts with the count last set anywhere in the process: the DataLoader's pin-memory thread
+    sets 1. Compiled code guards on the count, so the recomputed layer compiled a second time (an H100,
+    bench_notes.md, sixteenth session)."""
+    count = torch.get_num_threads()
+
+    def run(*inputs, **keywords):
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
+        return function(*inputs, **keywords)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, **options)
 
 
 def compile_layers(model, backend: str = "inductor") -> None:
