@@ -477,6 +477,10 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
             raise SystemExit(f"error: {input_path}: no rows found (read as the {layout} layout)")
         if layout == "folder" and not args.speaker_from_folder and args.shard_index == 0:
             say_if_speakers_may_be_folders(input_path, planned[found:] + rejects)
+    for field_name, count in checker.own_values.items():
+        if count and args.shard_index == 0:  # the flag is a default: a row's own value wins
+            print(f"note: {count} rows name their own {field_name}, which --{field_name} "
+                  f"{checker.defaults[field_name]} does not replace (it fills in rows without one)")
     cut_with_text = [clip.source for clip in planned
                      if clip.segments is None and "text" in clip.row and clip.seconds > args.max_seconds]
     if cut_with_text and args.shard_index == 0:
@@ -496,7 +500,7 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
     todo = progress.todo(clips)
     throughput = new_throughput()
     if todo:
-        print(f"{len(clips)} recordings to decode in this run ({len(clips) - len(todo)} already done), "
+        print(f"{len(todo)} of {len(clips)} recordings to decode in this run ({len(clips) - len(todo)} already done), "
               f"{len(rejects)} rows rejected before decoding")
         done_seconds = sum(clip.seconds for clip in clips) - sum(clip.seconds for clip in todo)
         throughput = decode_and_encode(todo, args, checks, progress, show_reject, done_seconds, len(clips))

@@ -145,7 +145,7 @@ def input_file_problem(path: Path):
         start = handle.read(64)
     suffix = path.suffix.lower()
     if suffix in AUDIO_EXTENSIONS + UNDECODED_AUDIO_EXTENSIONS or start[:4] in (b"RIFF", b"fLaC", b"OggS", b"FORM"):
-        return "is an audio file: give the folder it is in, or a JSONL that lists it"
+        return "is an audio file, not a list of clips"
     if start.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "is UTF-16 text: save it as UTF-8"
     if start.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
@@ -159,7 +159,7 @@ def open_input(path: Path):
     try:
         return open(path, "rb")
     except OSError as error:
-        raise SystemExit(f"error: --input {path}: cannot be read ({error.strerror})") from None
+        raise SystemExit(f"error: {path}: cannot be read ({error.strerror})") from None
 
 
 def read_input(layout: str, path: Path, speaker_from_folder: bool = False):
@@ -415,6 +415,7 @@ class RowChecker:
         self.ref_audio = ref_audio
         self.transcribe = transcribe
         self.probes = {}  # path -> probe(path); one reference clip serves many rows
+        self.own_values = dict.fromkeys(self.defaults, 0)  # rows that name another speaker/language than the flag
 
     def check(self, item):
         if isinstance(item, Reject):
@@ -449,6 +450,8 @@ class RowChecker:
         if isinstance(text, str) and text.strip():
             row["text"] = text.strip()
         for field_name, default in self.defaults.items():
+            if default is not None and row.get(field_name) not in (None, default):
+                self.own_values[field_name] += 1
             value = default if row.get(field_name) is None else row[field_name]
             if value is None:
                 row.pop(field_name, None)

@@ -19,7 +19,8 @@ import torch
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
-from qwen3_tts_sft.dataset_layouts import json_problem, markup_problem, transcript_problem
+from qwen3_tts_sft.data_report import MAX_CHARACTERS_PER_SECOND
+from qwen3_tts_sft.dataset_layouts import input_file_problem, json_problem, markup_problem, transcript_problem
 from qwen3_tts_sft.languages import language_problem
 from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
                                            check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
@@ -45,6 +46,11 @@ class Clip:
 class DataError(Exception):
     """The data cannot be trained on; the message lists every problem found."""
 
+
+# The fields of a codes JSONL row the trainer reads, and those prepare_codes.py adds for people and
+# its report. Any other field is named once per file: "lang" or "speaker_name" would be ignored unsaid.
+READ_FIELDS = ("text", "audio_codes", "ref_audio", "audio", "speaker", "language")
+PREPARE_CODES_FIELDS = ("source", "flags", "quality", "segment", "text_from")
 
 # A row with "audio" and no "audio_codes": a recordings list given where prepare_codes.py's output
 # belongs. Such rows are summed up in one message that gives the command, not listed one by one.
@@ -95,25 +101,34 @@ class ClipReader:
         if not isinstance(row, dict):
             return None, [("(row)", "is not a JSON object")]
         problems = []
+        # A field left out may be there under another name ("codes", "transcript"): name what the row has.
+        missing = f"missing (the row has {', '.join(map(repr, row))})" if row else "missing (the row is {})"
         text = row.get("text")
         if not isinstance(text, str):
-            problems.append(("text", "missing" if text is None else "is not a string"))
+            problems.append(("text", missing if text is None else "is not a string"))
         elif problem := transcript_problem(text) or markup_problem(text):
             problems.append(("text", problem))
 
-        if row.get("audio_codes") is None and isinstance(row.get("audio"), str):
+        # A recordings list, not codes under another name ("codes": a list of frames).
+        codes_elsewhere = any(isinstance(value, list) for key, value in row.items() if key != "segments")
+        if row.get("audio_codes") is None and isinstance(row.get("audio"), str) and not codes_elsewhere:
             problems.append(("audio_codes", NOT_ENCODED))
             codes = None
         else:
-            codes = self.codes_array(row.get("audio_codes"), problems)
+            codes = self.codes_array(row.get("audio_codes"), problems, missing)
 
         ref_audio, ref_path = row.get("ref_audio"), None
         if self.references:
             if not isinstance(ref_audio, str) or not ref_audio:
-                problems.append(("ref_audio", "missing" if ref_audio is None else "is not a path"))
+                problems.append(("ref_audio", f"{missing}: a clean 3-10 s clip of the speaker; prepare_codes.py "
+                                              f"writes each speaker's cleanest clips, or --ref_audio's"
+                                 if ref_audio is None else "is not a path"))
             else:
                 ref_path = resolve_path(ref_audio, jsonl_dir)
                 problem = self.audio_problem(ref_path)
+                if problem == "file not found" and ref_path.is_absolute() and not ref_path.parent.exists():
+                    problem += (f", nor its folder {ref_path.parent}: was the JSONL written on another machine? "
+                                f"Paths relative to the JSONL's folder move with it")
                 if problem:
                     problems.append(("ref_audio", f"{ref_audio}: {problem}"))
 
@@ -130,6 +145,11 @@ class ClipReader:
         elif not isinstance(speaker, str) or not speaker.strip():
             problems.append(("speaker", "is not a name"))
 
+        if not problems and len(text.strip()) / (len(codes) / FRAMES_PER_SECOND) > MAX_CHARACTERS_PER_SECOND:
+            rate = len(text.strip()) / (len(codes) / FRAMES_PER_SECOND)
+            problems.append(("text", f"{len(text.strip())} characters in {len(codes) / FRAMES_PER_SECOND:.2f} s of "
+                                     f"audio is {rate:.0f} characters/s, faster than anyone speaks "
+                                     f"({MAX_CHARACTERS_PER_SECOND:g}): is it this clip's text?"))
         if problems:
             return None, problems
         clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
@@ -145,9 +165,13 @@ class ClipReader:
                                        f"{self.max_positions}")]
         return clip, []
 
-    def codes_array(self, codes, problems: list):
+    def codes_array(self, codes, problems: list, missing: str = "missing"):
         if codes is None:
-            problems.append(("audio_codes", "missing"))
+            problems.append(("audio_codes", missing))
+            return None
+        if isinstance(codes, str):
+            problems.append(("audio_codes", "is a string: it must be a JSON list of frames, each a list of "
+                                            f"{self.ids.num_code_groups} integers, not text"))
             return None
         try:
             array = np.asarray(codes)
@@ -187,8 +211,13 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise DataError(f"{jsonl_path}: file not found")
+    problem = input_file_problem(jsonl_path)
+    if problem:
+        raise DataError(f"{jsonl_path} {problem}: the training data is a JSONL, one JSON object a line, as "
+                        f"prepare_codes.py writes it")
     reader = ClipReader(ids, default_speaker, prompter, max_positions, references=references)
     clips, problems, rows = [], [], 0  # problems: (line number, "field: problem")
+    unread = {}  # a field the trainer does not read -> rows that have it
     with open(jsonl_path, "rb") as lines:  # decoded line by line: bytes that are not UTF-8 spoil one row only
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -196,6 +225,9 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
             rows += 1
             source = f"{jsonl_path}:{line_number}"
             row, row_problems = parse_line(line, line_number)
+            for field_name in row if isinstance(row, dict) else ():
+                if field_name not in READ_FIELDS + PREPARE_CODES_FIELDS:
+                    unread[field_name] = unread.get(field_name, 0) + 1
             if not row_problems:
                 clip, row_problems = reader.row_problems(row, jsonl_path.parent)
             if ("audio_codes", NOT_ENCODED) in row_problems:  # its other fields are prepare_codes.py's to check
@@ -210,6 +242,10 @@ def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict:
             clips.append(clip)
     if rows == 0:
         raise DataError(f"{jsonl_path}: no rows")
+    if unread:
+        counted = ", ".join(f"{name!r} ({count} rows)" for name, count in unread.items())
+        log(f"note: {jsonl_path}: fields the trainer does not read, left as they are: {counted}; the fields it "
+            f"reads are {', '.join(READ_FIELDS)}")
     bad_rows = rows - len(clips)
     if bad_rows:
         report = problem_report(problems, jsonl_path, tokenizer_path)
@@ -314,12 +350,13 @@ def split_off_eval(clips: list, fraction: float, seed: int) -> tuple:
 
 def file_fingerprint(path) -> tuple:
     """(line count, sha256 prefix) of a file, for the run log."""
-    digest, lines = hashlib.sha256(), 0
+    digest, lines, last = hashlib.sha256(), 0, b"\n"
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
             lines += chunk.count(b"\n")
-    return lines, digest.hexdigest()[:16]
+            last = chunk[-1:]
+    return lines + (last != b"\n"), digest.hexdigest()[:16]  # a last line without its newline counts too
 
 
 class TalkerDataset(torch.utils.data.Dataset):

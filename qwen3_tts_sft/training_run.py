@@ -250,10 +250,11 @@ class TrainingRun:
             effect = f"the learning rate never gets above {peak:.3g} (--lr {args.lr:g}) and the run learns little"
         else:
             effect = f"the learning rate reaches --lr {args.lr:g} only at step {args.warmup_steps + 1}"
+        # Any warmup makes the first update's rate 0: below 2 steps of it, none at all is better.
+        suggested = f"--warmup_steps {steps // 10} here" if steps // 10 >= 2 else \
+            "--warmup_steps 0 here: any warmup makes the first update's rate 0"
         return (f"  warning: --warmup_steps {args.warmup_steps} covers more than half of the {steps} optimizer "
-                f"steps: {effect}. Warm up over about 5-10% of the steps (--warmup_steps {steps // 10} here"
-                f"{', none at all: with warmup 1 the first update is at rate 0' if steps < 10 else ''}), or train for "
-                f"more steps.")
+                f"steps: {effect}. Warm up over about 5-10% of the steps ({suggested}), or train for more steps.")
 
     def elapsed_and_eta(self) -> str:
         elapsed = time.perf_counter() - self.started

@@ -276,6 +276,7 @@ def measure(run) -> dict:
         entry = summary["new"][speaker.name] = dict(codec_id=speaker.codec_id)
         for split, dataset in (("train", run.train_set), ("eval", run.eval_set)):
             indices = [i for i, clip in enumerate(dataset.clips) if clip.speaker == speaker.name] if dataset else []
+            entry[f"{split}_clips_in_data"] = len(indices)
             if split == "train" and indices:
                 indices = indices[::math.ceil(len(indices) / REPORT_TRAIN_CLIPS)]
             entry[f"{split}_clips"] = len(indices)
@@ -312,6 +313,8 @@ def report(run) -> list:
                          f"({end - start:+.4f}), over {entry['replay_clips']} clips")
     for name, entry in summary["new"].items():
         losses = [f"{split} loss {entry[f'{split}_loss']:.4f} over {entry[f'{split}_clips']} clips"
+                  + (f" (a sample of its {entry[f'{split}_clips_in_data']})"
+                     if entry[f"{split}_clips"] < entry[f"{split}_clips_in_data"] else "")
                   for split in ("train", "eval") if entry[f"{split}_loss"] is not None]
         untrained = "; untrained: no training row speaks it" if entry["train_clips"] == 0 else ""
         lines.append(f"    {name}: new (codec id {entry['codec_id']}{untrained}); " + ", ".join(losses))

@@ -77,6 +77,48 @@ def test_each_bad_field_is_reported_with_file_line_and_field(good_row, tmp_path)
     assert "holds markup (<speak>, </speak>)" in report
 
 
+def test_rows_made_by_hand_say_what_to_fix(good_row, tmp_path):
+    """Mistakes of a JSONL written by hand: a field under another name (the row's fields are named),
+    codes written as a string, a text far longer than its audio could say, a missing reference (what
+    it is and who writes it), and absolute paths from another machine."""
+    codes = good_row["audio_codes"]
+    rows = [dict(good_row, codes=codes, audio_codes=None),
+            dict(good_row, audio_codes=json.dumps(codes)),
+            dict(good_row, text="word " * (13 * len(codes))),
+            {key: value for key, value in good_row.items() if key != "ref_audio"},
+            dict(good_row, ref_audio="/home/someone/elsewhere/ref.wav")]
+    path = write_lines(tmp_path / "by_hand.jsonl", [json.dumps(row) for row in rows])
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS)
+    report = str(raised.value)
+    assert f"{path}:1: audio_codes: missing (the row has " in report and "'codes'" in report
+    assert f"{path}:2: audio_codes: is a string: it must be a JSON list of frames" in report
+    assert f"{path}:3: text: " in report and "characters/s, faster than anyone speaks (60)" in report
+    assert f"{path}:4: ref_audio: missing (the row has " in report and "prepare_codes.py writes" in report
+    assert "nor its folder /home/someone/elsewhere: was the JSONL written on another machine?" in report
+
+
+def test_fields_the_trainer_does_not_read_are_named_once(good_row, tmp_path):
+    rows = [dict(good_row, lang="chinese"), dict(good_row, lang="chinese", speaker_name="anna"), good_row]
+    path = write_lines(tmp_path / "misnamed.jsonl", [json.dumps(row) for row in rows])
+    said = []
+    assert len(read_clips(path, IDS, log=said.append)) == 3
+    assert said == [f"note: {path}: fields the trainer does not read, left as they are: 'lang' (2 rows), "
+                    f"'speaker_name' (1 rows); the fields it reads are text, audio_codes, ref_audio, audio, speaker, "
+                    f"language"]
+
+
+def test_a_file_that_is_no_jsonl_is_named_as_what_it_is(tmp_path):
+    array = tmp_path / "records.jsonl"
+    array.write_text('[\n  {"text": "Hi."}\n]\n')  # pandas' to_json(orient="records"), pretty-printed
+    utf16 = tmp_path / "powershell.jsonl"
+    utf16.write_bytes('{"text": "Hi."}\n'.encode("utf-16"))
+    with pytest.raises(DataError, match="is one JSON array, not a JSON object a line: convert it with jq"):
+        read_clips(array, IDS)
+    with pytest.raises(DataError, match="is UTF-16 text: save it as UTF-8"):
+        read_clips(utf16, IDS)
+
+
 def test_a_problem_every_row_shares_is_one_line_with_its_fix(good_row, tmp_path):
     """No --speaker_name and no speaker in any row: one line that counts the rows and names the flag,
     a wrong language with what was meant, and no advice to raise the bad-row limit."""
@@ -205,7 +247,8 @@ def test_length_limits_drop_and_count_long_clips(good_row, tmp_path):
 
 
 def test_a_clip_longer_than_the_model_takes_is_named(good_row, tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps(good_row)] * 3 + [json.dumps(dict(good_row, text="x" * 500))])
+    long = dict(good_row, text="x" * 500, audio_codes=good_row["audio_codes"] * 30)  # speakable: 500 characters in 26 s
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(good_row)] * 3 + [json.dumps(long)])
     with pytest.raises(DataError) as raised:
         read_clips(path, IDS, prompter=lambda text: [0] * (len(text) + 8), max_positions=300)
     assert f"{path}:4: text: text and audio need" in str(raised.value) and "the model takes 300" in str(raised.value)

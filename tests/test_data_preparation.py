@@ -570,6 +570,17 @@ def test_metadata_csv_beside_its_clips_and_several_inputs(tmp_path):
     assert rejects_of(tmp_path / "none.jsonl")["metadata.csv:1"]["reason"] == "missing_audio"
 
 
+def test_a_speaker_or_language_flag_that_rows_override_is_pointed_out(tmp_path, capsys):
+    rows = [dict(audio=str(write(tmp_path / f"c{index}.wav", speech(2.0, seed=index))), text=SENTENCES[index][:28],
+                 speaker="anna", **({"language": "german"} if index else {})) for index in range(2)]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    validate(raw, tmp_path / "out" / "train.jsonl", "--speaker", "bob", "--language", "english")
+    out = capsys.readouterr().out
+    assert "note: 2 rows name their own speaker, which --speaker bob does not replace" in out
+    assert "note: 1 rows name their own language, which --language english does not replace" in out
+
+
 def test_speech_recognition_transcribes_cuts_and_checks(tmp_path):
     whisper = write_tiny_whisper(tmp_path / "whisper")
     clips = tmp_path / "clips"
@@ -830,7 +841,7 @@ def test_input_files_of_the_wrong_kind_are_named(tmp_path):
     wav = write(tmp_path / "take.wav", speech(1.0))
     (tmp_path / "manifest.json").write_text('[{"audio": "take.wav", "text": "Hello."}]')
     (tmp_path / "utf16.jsonl").write_bytes('{"audio": "take.wav", "text": "Hello."}\n'.encode("utf-16"))
-    for name, message in ((wav.name, "is an audio file: give the folder it is in"),
+    for name, message in ((wav.name, "is an audio file, not a list of clips. --input takes a JSONL"),
                           ("manifest.json", "is one JSON array, not a JSON object a line: convert it with jq"),
                           ("utf16.jsonl", "is UTF-16 text: save it as UTF-8")):
         with pytest.raises(SystemExit, match=message):

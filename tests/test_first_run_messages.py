@@ -71,7 +71,7 @@ def test_a_warmup_longer_than_half_the_run_is_warned_with_the_rate_reached(short
     warning = ("warning: --warmup_steps 4 covers more than half of the 3 optimizer steps: the learning rate never "
                "gets above 5e-06 (--lr 1e-05)")
     assert warning in banner
-    assert "(--warmup_steps 0 here, none at all: with warmup 1 the first update is at rate 0)" in banner
+    assert "(--warmup_steps 0 here: any warmup makes the first update's rate 0)" in banner
     assert "learning rate: reached 5e-06 (--lr 1e-05, 4 warmup steps)" in summary and warning in summary
 
 

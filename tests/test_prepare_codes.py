@@ -377,6 +377,15 @@ def test_half_written_last_line_is_cut_and_redone(speech_tokenizer, clip_set, re
     assert_same_dataset(output, reference_run)
 
 
+def test_the_trainer_reads_or_knows_every_field_prepare_codes_writes(reference_run):
+    """A field prepare_codes.py adds must be one the trainer reads or knows it need not: else the
+    trainer would call it unread in every row."""
+    from qwen3_tts_sft.training_data import PREPARE_CODES_FIELDS, READ_FIELDS
+
+    fields = {name for row in read_jsonl(reference_run) for name in row}
+    assert fields <= set(READ_FIELDS + PREPARE_CODES_FIELDS)
+
+
 def test_damaged_lines_inside_the_progress_file_are_left_out_and_redone(speech_tokenizer, clip_set, reference_run,
                                                                        killed_partial, tmp_path, capsys):
     """A line in the middle of OUTPUT.partial that is not JSON (two writers, a disk fault) costs only its
