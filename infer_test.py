@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from qwen3_tts_sft import listening
-from qwen3_tts_sft.audio import CLIP_LEVEL, SpeakingRates
+from qwen3_tts_sft.audio import CLIP_LEVEL, SYLLABIC, SpeakingRates, describe_group, group_script, rate_group
 from qwen3_tts_sft.languages import AUTO_LANGUAGE, language_problem, model_languages
 from qwen3_tts_sft.listening import ALL_SPEAKERS, SILENT_WINDOW_DBFS, SpeakSettings, Thresholds
 
@@ -78,8 +78,8 @@ def stop(message: str):
 # ---------------------------------------------------------------------------------------------
 
 def training_data(jsonl_path: Path, model_path: Path, default_speaker: str = None) -> tuple:
-    """(rates, languages) of a codes JSONL: speaking rates {speaker: rate, ALL_SPEAKERS: rate of all
-    rows} (see SpeakingRates), and {speaker: the set of languages its rows name}. Read as the trainer
+    """(rates, languages) of a codes JSONL: speaking rates {rate group: {speaker: rate, ALL_SPEAKERS: rate
+    of all its rows}} (see SpeakingRates), and {speaker: the set of languages its rows name}. Read as the trainer
     reads it (training_data.read_clips), so that the rows it skipped are left out here too; but not
     its reference clips, which the machine that listens may not have."""
     from qwen3_tts_sft.quiet import import_qwen_tts
@@ -100,14 +100,16 @@ def training_data(jsonl_path: Path, model_path: Path, default_speaker: str = Non
         print(f"note: {skipped[0].splitlines()[-1]}, as the trainer did: they count for no rate")
     rates, languages = SpeakingRates(), {}
     for clip in clips:
-        rates.add(clip.text, clip.num_frames, clip.speaker)
+        rates.add(clip.text, clip.num_frames, clip.speaker, clip.language)
         languages.setdefault(clip.speaker, set()).add(clip.language)
     return rates.rates(), languages
 
 
 def summary_rate(path: Path) -> dict:
-    """Rates from a prepare_codes summary JSON: the top-level `characters_per_second`, and each
-    `speakers.NAME.characters_per_second` there is."""
+    """Rates from a prepare_codes summary JSON, as training_data gives them: the top-level
+    `characters_per_second` and `characters_per_second_by_group`, and each speaker's there are
+    (`speakers.NAME.characters_per_second`...). A summary written before rate groups has none: its
+    rates hold for every group (listening.group_rates)."""
     try:
         summary = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -120,9 +122,21 @@ def summary_rate(path: Path) -> dict:
     if not positive(rate):
         stop(f"--data_summary {path}: needs a positive number under characters_per_second, found {rate!r}")
     speakers = summary.get("speakers") if isinstance(summary.get("speakers"), dict) else {}
-    rates = {str(name).lower(): float(entry["characters_per_second"]) for name, entry in speakers.items()
-             if isinstance(entry, dict) and positive(entry.get("characters_per_second"))}
-    return dict(rates, **{ALL_SPEAKERS: float(rate)})
+    speakers = {str(name).lower(): entry for name, entry in speakers.items() if isinstance(entry, dict)}
+
+    def by_group(entry) -> dict:
+        groups = entry.get("characters_per_second_by_group")
+        groups = groups if isinstance(groups, dict) else {}
+        return {group: float(value) for group, value in groups.items() if positive(value)}
+
+    rates = {ALL_SPEAKERS: dict({name: float(entry["characters_per_second"]) for name, entry in speakers.items()
+                                 if positive(entry.get("characters_per_second"))}, **{ALL_SPEAKERS: float(rate)})}
+    for group, value in by_group(summary).items():
+        rates[group] = {ALL_SPEAKERS: value}
+    for name, entry in speakers.items():
+        for group, value in by_group(entry).items():
+            rates.setdefault(group, {})[name] = value
+    return rates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +182,15 @@ def require_whole(path: Path, flag: str = "--model_path") -> None:
                if not there]
     if missing:
         stop(f"{flag} {path}: an incomplete model folder: no {' and no '.join(missing)} (an interrupted copy?)")
+    from safetensors import SafetensorError, safe_open
+
+    for weights_file in sorted([*path.glob("*.safetensors"), *(path / "speech_tokenizer").glob("*.safetensors")]):
+        try:  # reads the header only, and checks that the file holds every byte it lists
+            with safe_open(str(weights_file), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as error:
+            stop(f"{flag} {path}: {weights_file} is incomplete or damaged ({error}): an interrupted copy or "
+                 f"save? Copy it again, or check another checkpoint")
 
 
 def require_speakers(path: Path) -> dict:
@@ -439,9 +462,13 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
     rates, rate_source, trained_in, data_path = find_training_data(args, model_path, flags,
                                                                    want_languages=args.language is None)
     # Not written back to args: --compare checks each checkpoint with the flags as given.
+    names = speakers_to_test(args.speaker, state, talker_config["spk_id"])
     language = (args.language.strip().lower() if args.language is not None else
-                default_language(speakers_to_test(args.speaker, state, talker_config["spk_id"]), trained_in, data_path))
+                default_language(names, trained_in, data_path))
     texts = read_sentences(args, language)
+    note = other_script_note(rates, names, texts, language, own_text=bool(args.text or args.text_file))
+    if note:
+        print(f"note: {note}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # it, or a folder above it, is a file
@@ -456,9 +483,10 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
     items = [(name, index, text) for name in vectors for index, text in enumerate(texts)]
     sentences, wavs = listening.speak_and_measure(tts, items, vectors, encoder, rates, settings)
     stems = wav_stems(list(vectors))
+    remove_earlier_wavs(out_dir, stems.values())
     for sentence, (wav, sample_rate) in zip(sentences, wavs):
         sentence["wav"] = str(out_dir / f"{stems[sentence['speaker']]}_{sentence['index']:02d}.wav")
-        sf.write(sentence["wav"], np.nan_to_num(wav), sample_rate)
+        save(out_dir, sentence["wav"], lambda: sf.write(sentence["wav"], np.nan_to_num(wav), sample_rate))
     encoder_rate = tts.model.config.speaker_encoder_config.sample_rate
     del tts
 
@@ -468,7 +496,9 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
         listening.add_transcripts(sentences, wavs, load_asr(args.asr_model, device))
 
     heard = listening.assess(sentences, rates, limits)
-    why_skipped = dict(sentence_rate=rate_source, rate=rate_source, cer="no --asr_model given")
+    # Without rates, where they came from says why there are none; with them, assess says why not (the group).
+    why_skipped = dict(heard.skipped, cer="no --asr_model given",
+                       **({} if rates else dict(sentence_rate=rate_source, rate=rate_source)))
     audio_seconds = sum(s["seconds"] for s in sentences)
     generation_seconds = sum(s["rtf"] * s["seconds"] for s in sentences)
     report = dict(
@@ -483,8 +513,51 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
                      rtf=generation_seconds / audio_seconds if audio_seconds else None),
         speakers=heard.speakers, sentences=sentences,
     )
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    save(out_dir, out_dir / "report.json", lambda: (out_dir / "report.json").write_text(text, encoding="utf-8"))
     return report
+
+
+def other_script_note(rates: dict, names: list, texts: list, language: str, own_text: bool) -> str:
+    """What to say when no sentence can be held to a training rate: the training text is of other rate
+    groups (another language, or another script: Chinese is read at a third of English's characters a
+    second), so the rate checks are skipped; None when some sentence can be."""
+    groups = {rate_group(text, language) for text in texts}
+    if not rates or any(listening.training_rate_for(rates, name, group) for name in names for group in groups):
+        return None
+    trained = sorted(group for group in rates if group != ALL_SPEAKERS)
+    meant = [group for group in trained if group in SENTENCES] or (
+        ["chinese", "japanese", "korean"] if any(group_script(group) == SYLLABIC for group in trained) else [])
+    sentences = "the sentences given" if own_text else f"the built-in {language} sentences"
+    return (f"the model was trained on {' and '.join(describe_group(group) for group in trained)}, and "
+            f"{sentences} are {' and '.join(describe_group(group) for group in sorted(groups))}: their speaking rate "
+            f"cannot be compared with the training rate, so the rate checks are skipped. Pass "
+            + (f"--language {' or '.join(meant)} for built-in sentences of it, or " if meant else "")
+            + "--text in the language the model was trained on")
+
+
+def remove_earlier_wavs(out_dir: Path, stems) -> None:
+    """Remove the wavs an earlier run wrote for these speakers (STEM_NN.wav, in out_dir and its base/),
+    so that what the folder holds, and the report points at, is this run's: a run with fewer sentences
+    would leave the last ones of the one before. Only files named as this script names them."""
+    written = re.compile("|".join(rf"{re.escape(stem)}_\d{{2,}}\.wav" for stem in stems))
+    for folder in (out_dir, out_dir / "base"):
+        for path in folder.glob("*.wav"):
+            if written.fullmatch(path.name):
+                save(out_dir, path, path.unlink)
+
+
+def save(out_dir: Path, path, write) -> None:
+    """Run write() (of `path` under out_dir); stop with what happened when it cannot be done: most
+    often, out_dir was a checkpoint's and the trainer deleted that checkpoint meanwhile."""
+    try:
+        write()
+    except (OSError, sf.SoundFileError) as error:
+        if not out_dir.is_dir():
+            stop(f"{out_dir} was removed while checking: cannot write {path}. A checkpoint in a running training "
+                 f"is deleted when newer ones come (the trainer's --save_total_limit): copy the checkpoint "
+                 f"elsewhere and check the copy, or pass --out_dir elsewhere")
+        stop(f"cannot write {path} ({error}): pass --out_dir a folder that can be written")
 
 
 def compare(args) -> None:
@@ -545,9 +618,10 @@ def compare_with_base(base_path, device, items, settings, vectors, sentences, en
         prompts = [VoiceClonePromptItem(ref_code=None, ref_spk_embedding=vectors[name], x_vector_only_mode=True,
                                         icl_mode=False) for name in names]
         return base.generate_voice_clone(texts, voice_clone_prompt=prompts, **options)
-    (out_dir / "base").mkdir(exist_ok=True)
+    save(out_dir, out_dir / "base", lambda: (out_dir / "base").mkdir(exist_ok=True))
     for sentence, (_, wav, sample_rate, _, _, _) in zip(sentences, listening.speak_in_batches(base, items, settings, clone)):
-        sf.write(out_dir / "base" / Path(sentence["wav"]).name, np.nan_to_num(wav), sample_rate)
+        path = out_dir / "base" / Path(sentence["wav"]).name
+        save(out_dir, path, lambda: sf.write(path, np.nan_to_num(wav), sample_rate))
         sentence["base_speaker_similarity"] = listening.speaker_similarity(*encoder_and_rate, wav, sample_rate,
                                                                            vectors[sentence["speaker"]])
 
@@ -578,6 +652,12 @@ def print_table(report: dict, out_dir: Path):
           f"{overall['generation_seconds']:.1f} s (real-time factor {overall['rtf'] or 0:.2f})")
     for check, why in report["skipped"].items():
         print(f"skipped {check}: {why}")
+    unrated = {}  # why -> the sentences not held to a training rate, where others were
+    for sentence in report["sentences"] if "rate" not in report["skipped"] else []:
+        if sentence.get("rate_not_checked"):
+            unrated.setdefault(sentence["rate_not_checked"], []).append(f"{sentence['speaker']} #{sentence['index']}")
+    for why, where in unrated.items():
+        print(f"rate not checked for {', '.join(where)}: {why}")
     for failure in report["failures"]:
         where = failure["speaker"] + ("" if failure["sentence"] is None else f" #{failure['sentence']}")
         print(f"FAIL {failure['check']} ({where}): {failure['message']}")

@@ -11,6 +11,7 @@ import it without the model code.
 import hashlib
 import math
 import struct
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import soundfile as sf
 import soxr
 
 from qwen3_tts_sft import quiet
+from qwen3_tts_sft.languages import AUTO_LANGUAGE
 
 FRAMES_PER_SECOND = 12.5  # the 12 Hz codec: one frame of 16 codes every 80 ms
 # A sample at or beyond this magnitude counts as clipped: 16-bit full scale reads as 0.99997,
@@ -225,23 +227,65 @@ def content_hash(samples: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
 
 
-class SpeakingRates:
-    """Characters of text (as written: spaces and punctuation count) per second of audio, per speaker
-    and over all clips. prepare_codes reports it; infer_test compares generated speech against it."""
+# A Chinese character, a kana or a hangul block is about a syllable (read at 5-10 a second), a letter a
+# fraction of one (English is read at 12-20 characters a second): rates of the two kinds of text differ
+# about 3x, so a clip's rate is only compared with clips of its own language, or, where a row names none
+# (auto), of its own kind of script.
+SYLLABIC_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "HANGUL")
+SYLLABIC_LANGUAGES = {"chinese", "japanese", "korean"}
+SYLLABIC, ALPHABETIC = "cjk", "other"  # the scripts text_script tells apart
 
-    ALL = "*"  # key of the rate over every clip
+
+def text_script(text: str) -> str:
+    """SYLLABIC when most of the text's letters are Chinese characters, kana or hangul, else ALPHABETIC."""
+    letters = [character for character in text if character.isalpha()]
+    syllabic = sum(unicodedata.name(character, "").startswith(SYLLABIC_SCRIPTS) for character in letters)
+    return SYLLABIC if letters and 2 * syllabic > len(letters) else ALPHABETIC
+
+
+def rate_group(text: str, language: str = None) -> str:
+    """The group a clip's speaking rate is compared within (per speaker): its language, lower-cased, or
+    for a row that names none (auto) its script: "auto/cjk" or "auto/other". The one owner of this key:
+    prepare_codes' checks and summary, the trainer's listening evaluations and infer_test all use it."""
+    name = (language or "").strip().lower()
+    return name if name and name != AUTO_LANGUAGE else f"{AUTO_LANGUAGE}/{text_script(text)}"
+
+
+def group_script(group: str) -> str:
+    """The script (SYLLABIC or ALPHABETIC) of a rate_group's text."""
+    syllabic = group in SYLLABIC_LANGUAGES or group == f"{AUTO_LANGUAGE}/{SYLLABIC}"
+    return SYLLABIC if syllabic else ALPHABETIC
+
+
+def describe_group(group: str) -> str:
+    """A rate group in words, for messages."""
+    if group.startswith(f"{AUTO_LANGUAGE}/"):
+        script = "Chinese, Japanese or Korean script" if group_script(group) == SYLLABIC else "alphabetic script"
+        return f"{script} text (language auto)"
+    return f"{group} text"
+
+
+class SpeakingRates:
+    """Characters of text (as written: spaces and punctuation count) per second of audio, per rate group
+    (rate_group: the language, else the script) and speaker, and over all clips. prepare_codes reports
+    it; infer_test and the trainer's evaluations compare generated speech against its own group's."""
+
+    ALL = "*"  # key of the rate over every clip (of every group, of every speaker)
 
     def __init__(self):
-        self.totals = {}  # key -> [characters, seconds]
+        self.totals = {}  # group -> key -> [characters, seconds]
 
-    def add(self, text: str, frames: int, speaker: str = None) -> None:
-        for key in {self.ALL, speaker.strip().lower() if speaker else self.ALL}:
-            total = self.totals.setdefault(key, [0, 0.0])
-            total[0] += len(text)
-            total[1] += frames / FRAMES_PER_SECOND
+    def add(self, text: str, frames: int, speaker: str = None, language: str = None) -> None:
+        for group in (self.ALL, rate_group(text, language)):
+            for key in {self.ALL, speaker.strip().lower() if speaker else self.ALL}:
+                total = self.totals.setdefault(group, {}).setdefault(key, [0, 0.0])
+                total[0] += len(text)
+                total[1] += frames / FRAMES_PER_SECOND
 
     def rates(self) -> dict:
-        return {key: characters / seconds for key, (characters, seconds) in self.totals.items() if seconds > 0}
+        """{group: {speaker: chars/s, ALL: chars/s}}; group ALL holds the rates over every group."""
+        return {group: {key: characters / seconds for key, (characters, seconds) in totals.items() if seconds > 0}
+                for group, totals in self.totals.items()}
 
 
 @dataclass

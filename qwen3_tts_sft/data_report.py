@@ -3,8 +3,10 @@ clips, and the quality report (OUTPUT.report.json and its plot, OUTPUT.report.pn
 
 First, per clip: a clip faster than MAX_CHARACTERS_PER_SECOND is rejected whatever its speaker (no
 language is spoken that fast: the text is not what the clip says). Then across clips, per speaker:
-    speaking rate   characters per second against the speaker's median (over at least
-                    MIN_CLIPS_FOR_MEDIAN clips): beyond --flag_rate_ratio (either way) the clip is
+    speaking rate   characters per second against the median of the speaker's clips of its rate
+                    group (audio.rate_group: its language, else its script; a bilingual speaker's
+                    Chinese and English differ 3x), over at least MIN_CLIPS_FOR_MEDIAN clips
+                    of the group: beyond --flag_rate_ratio (either way) the clip is
                     flagged, beyond --reject_rate_ratio rejected. A transcript that belongs to another
                     clip, or a clip cut short, is far off its speaker's rate; natural variation is not
     duplicates      the same samples as a kept clip: rejected (it would count twice), the first
@@ -53,10 +55,16 @@ class ClipInfo:
     ref_audio: str       # given in the row, or None (chosen here)
     quality: dict
     flags: dict
+    language: str = None  # as the row names it; None: auto
 
     @property
     def rate(self) -> float:
         return len(self.text) / self.seconds if self.seconds else 0.0
+
+    @property
+    def rate_key(self) -> tuple:
+        """(speaker, rate group): the clips whose rates are compared with each other."""
+        return self.speaker, audio.rate_group(self.text, self.language)
 
     @staticmethod
     def of(row: dict, position: tuple, order: tuple) -> "ClipInfo":
@@ -64,7 +72,7 @@ class ClipInfo:
         speaker = row["speaker"].strip().lower() if row.get("speaker") else NO_SPEAKER
         return ClipInfo(position, order, row["source"], speaker, row["text"], frames / audio.FRAMES_PER_SECOND,
                         row["audio"], row.get("segment"), row.get("ref_audio"), row.get("quality", {}),
-                        dict(row.get("flags", {})))
+                        dict(row.get("flags", {})), row.get("language"))
 
 
 @dataclass
@@ -74,7 +82,8 @@ class DatasetChecks:
     references_per_speaker: int
 
     def run(self, clips: list) -> tuple:
-        """(rejects {source: (reason, problem)}, median rate per speaker); flags are added to the clips."""
+        """(rejects {source: (reason, problem)}, median rate {ClipInfo.rate_key: chars/s}); flags are added
+        to the clips."""
         rejects = {}
         for clip in clips:  # first: a clip that no speaker could say must not count as anyone's audio or rate
             if clip.rate > MAX_CHARACTERS_PER_SECOND:
@@ -83,8 +92,8 @@ class DatasetChecks:
         for clip in clips:
             if clip.source not in rejects:
                 copies.setdefault(clip.quality.get("sha1") or clip.source, []).append(clip)
-        medians = {speaker: float(np.median([clip.rate for clip in group]))
-                   for speaker, group in by_speaker(group[0] for group in copies.values()).items()
+        medians = {key: float(np.median([clip.rate for clip in group]))
+                   for key, group in by_rate_key(group[0] for group in copies.values()).items()
                    if len(group) >= MIN_CLIPS_FOR_MEDIAN}
         for group in copies.values():
             # The first copy whose text fits the speaker's rate is kept, the others are its duplicates: a
@@ -94,7 +103,7 @@ class DatasetChecks:
                 if kept is not None:
                     rejects[clip.source] = ("duplicate_audio", duplicate_problem(clip, kept))
                     continue
-                verdict, what = self.rate_check(clip, medians.get(clip.speaker))
+                verdict, what = self.rate_check(clip, medians.get(clip.rate_key))
                 if verdict == "reject":
                     rejects[clip.source] = ("speaking_rate", what)
                     continue
@@ -113,12 +122,14 @@ class DatasetChecks:
         return rejects, medians
 
     def rate_check(self, clip: ClipInfo, median: float) -> tuple:
-        """("reject" or "flag", why) when the clip's rate is far off its speaker's median, else (None, None)."""
+        """("reject" or "flag", why) when the clip's rate is far off the median of its speaker's clips of its
+        rate group, else (None, None)."""
         if median is None:  # too few clips for a median
             return None, None
         ratio = clip.rate / median
         off = max(ratio, 1 / ratio) if ratio > 0 else math.inf
-        what = (f"{clip.rate:.1f} characters/s, {ratio:.2f}x the speaker's median {median:.1f}: "
+        what = (f"{clip.rate:.1f} characters/s, {ratio:.2f}x the speaker's median {median:.1f} (of its "
+                f"{clip.rate_key[1]} clips): "
                 f"the text may not be what is said, or the audio is cut")
         if off > self.reject_rate_ratio:
             return "reject", f"{what} (--reject_rate_ratio {self.reject_rate_ratio:g})"
@@ -151,6 +162,13 @@ def by_speaker(clips) -> dict:
     groups = {}
     for clip in clips:
         groups.setdefault(clip.speaker, []).append(clip)
+    return groups
+
+
+def by_rate_key(clips) -> dict:
+    groups = {}
+    for clip in clips:
+        groups.setdefault(clip.rate_key, []).append(clip)
     return groups
 
 
@@ -205,10 +223,10 @@ def spread(values) -> dict:
 
 
 def clip_entry(clip: ClipInfo, medians: dict, text_from: str = None) -> dict:
-    median = medians.get(clip.speaker)
+    median = medians.get(clip.rate_key)
     quality = clip.quality
     return dict(source=clip.source, speaker=clip.speaker, seconds=round(clip.seconds, 3),
-                characters_per_second=round(clip.rate, 2),
+                characters_per_second=round(clip.rate, 2), rate_group=clip.rate_key[1],
                 rate_ratio=round(clip.rate / median, 3) if median else None,
                 loudness_lufs=quality.get("loudness_lufs"), gain_db=quality.get("gain_db"),
                 snr_db=quality.get("snr_db"), file_sample_rate=quality.get("file_sample_rate"),
@@ -227,7 +245,12 @@ def speaker_entries(kept: list, medians: dict, references: dict) -> dict:
         entries[speaker] = dict(
             clips=len(group), hours=round(sum(clip.seconds for clip in group) / 3600, 4),
             seconds=spread(clip.seconds for clip in group),
-            characters_per_second=spread(clip.rate for clip in group), median_rate_checked=speaker in medians,
+            characters_per_second=spread(clip.rate for clip in group),
+            # Per rate group (a language, else a script) where the speaker's clips fall in several.
+            characters_per_second_by_group={key[1]: spread(clip.rate for clip in clips)
+                                            for key, clips in sorted(by_rate_key(group).items())}
+            if len({clip.rate_key for clip in group}) > 1 else None,
+            median_rate_checked=sorted(key[1] for key in medians if key[0] == speaker),
             loudness_lufs=spread(clip.quality.get("loudness_lufs") for clip in group),
             snr_db=spread(clip.quality.get("snr_db") for clip in group), flags=flags,
             references=[dict(source=clip.source, audio=path, seconds=round(clip.seconds, 2),

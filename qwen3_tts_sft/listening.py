@@ -3,7 +3,8 @@
 The one home of these measures: infer_test.py calls it on a saved checkpoint, and the trainer
 can call it on the weights as they stand. Per sentence: duration, finiteness, DC offset, RMS
 level and silent fraction (both after the DC offset is removed), clipping, whether codec_eos came
-before the frame cap, speaking rate against the training data's, speaker similarity to the
+before the frame cap, speaking rate against the training data's of the same rate group (the
+language, else the script: audio.rate_group; none of that group: not checked), speaker similarity to the
 speaker's vector, and the character error rate when a transcriber is given. Per speaker: the same
 measures over all its sentences, the checks that fail, and one combined score.
 
@@ -236,9 +237,29 @@ def speaker_similarity(encoder, encoder_rate: int, wav: np.ndarray, sample_rate:
 # Sentences and speakers
 # ---------------------------------------------------------------------------------------------
 
-def training_rate_for(rates: dict, name: str):
-    """The speaker's own training rate, else the whole training set's, else None."""
-    return (rates or {}).get(name, (rates or {}).get(ALL_SPEAKERS))
+def group_rates(rates: dict, group: str) -> dict:
+    """{speaker: chars/s, ALL_SPEAKERS: chars/s} of the training clips of a rate group (audio.rate_group),
+    from `rates` (SpeakingRates.rates()); empty when training had no clips of that group: their rates
+    differ from other groups' (a Chinese character is read about 3x as slowly as an English letter).
+    Rates that name no group (a data summary written before groups) hold for every group."""
+    rates = rates or {}
+    return rates.get(group) or (rates.get(ALL_SPEAKERS, {}) if set(rates) == {ALL_SPEAKERS} else {})
+
+
+def training_rate_for(rates: dict, name: str, group: str):
+    """The speaker's own training rate of the group, else the whole training set's of it, else None."""
+    table = group_rates(rates, group)
+    return table.get(name, table.get(ALL_SPEAKERS))
+
+
+def unrated_group(rates: dict, group: str) -> str:
+    """Why a sentence of `group` has no training rate to be held to, or None where it has one (or no
+    rates were given: the rate checks are skipped as a whole then)."""
+    if rates is None or group_rates(rates, group):
+        return None
+    trained = ", ".join(sorted(g for g in rates if g != ALL_SPEAKERS))
+    return (f"the training data has no clips of {audio.describe_group(group)} (it has {trained}): characters per "
+            f"second differ by script, so this text's rate cannot be compared with the training rate")
 
 
 def measure_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate) -> dict:
@@ -249,6 +270,7 @@ def measure_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate) ->
     rate = len(text) / measured["seconds"] if measured["seconds"] else None
     return dict(speaker=name, index=index, text=text, frames=frames, max_new_tokens=cap,
                 stopped=stopped_before_cap(frames, cap), **measured, rtf=rtf, characters_per_second=rate,
+                training_characters_per_second=training_rate,
                 rate_ratio=rate / training_rate if rate and training_rate else None)
 
 
@@ -258,20 +280,31 @@ def mean_of(values) -> float:
 
 
 def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
-    """A speaker's measures over its sentences: rate (total characters over total seconds), mean
-    similarity (and the base model's, with the gain, where measured), mean CER."""
+    """A speaker's measures over its sentences: rate (total characters over total seconds) and its
+    ratio to the training rate over the sentences of a rate group training had (rate_group: the
+    sentence's, else the group of its text as auto), mean similarity (and the base model's, with the
+    gain, where measured), mean CER."""
     characters = sum(len(s["text"]) for s in sentences)
     seconds = sum(s["seconds"] for s in sentences)
     rate = characters / seconds if seconds > 0 else None
-    training_rate = training_rate_for(rates, name)
+    groups = [s.get("rate_group") or audio.rate_group(s["text"]) for s in sentences]
+    rated = [(s, training_rate_for(rates, name, group)) for s, group in zip(sentences, groups)
+             if training_rate_for(rates, name, group)]
+    # Each sentence against its own group's training rate: the seconds the training pace would take.
+    expected_seconds = sum(len(s["text"]) / training for s, training in rated)
+    rated_seconds = sum(s["seconds"] for s, _ in rated)
+    rated_characters = sum(len(s["text"]) for s, _ in rated)
+    training_rate = rated_characters / expected_seconds if expected_seconds else None
+    own = all(name in group_rates(rates, group) for group in groups if group_rates(rates, group))
     similarity = mean_of(s["speaker_similarity"] for s in sentences)
     base_similarity = mean_of(s.get("base_speaker_similarity") for s in sentences)
     return dict(
         speaker=name, sentences=len(sentences), seconds=seconds, characters_per_second=rate,
         training_characters_per_second=training_rate,
         # A speaker without training rows (one the starting model had) is held to the whole set's rate.
-        training_rate_of=None if training_rate is None else "speaker" if name in (rates or {}) else "all speakers",
-        rate_ratio=rate / training_rate if rate and training_rate else None,
+        training_rate_of=None if training_rate is None else "speaker" if own else "all speakers",
+        rate_ratio=expected_seconds / rated_seconds if expected_seconds and rated_seconds else None,
+        rate_checked_sentences=len(rated),
         speaker_similarity=similarity, base_speaker_similarity=base_similarity,
         similarity_gain=similarity - base_similarity if None not in (similarity, base_similarity) else None,
         cer=mean_of(s.get("cer") for s in sentences),
@@ -323,7 +356,8 @@ def speaker_failures(summary: dict, limits: Thresholds) -> list:
         whose = (", the whole training set's: no rows of this speaker"
                  if summary.get("training_rate_of") == "all speakers" else "")
         fail("rate", ratio, limits.max_rate_ratio,
-             f"speaks {ratio:.2f}x the training rate ({summary['characters_per_second']:.1f} vs "
+             # The rate of the sentences held to a training rate: those of a group training had.
+             f"speaks {ratio:.2f}x the training rate ({ratio * summary['training_characters_per_second']:.1f} vs "
              f"{summary['training_characters_per_second']:.1f} chars/s{whose}; allowed "
              f"{1 / limits.max_rate_ratio:.2f}x to {limits.max_rate_ratio:.2f}x)")
     similarity = summary["speaker_similarity"]
@@ -370,6 +404,9 @@ def assess(sentences: list, rates: dict, limits: Thresholds, wavs: list = ()) ->
         failures += own_sentence_failures + speaker_failures(summary, limits)
         summaries.append(summary)
     skipped = dict.fromkeys(["sentence_rate", "rate"], "no training rate given") if rates is None else {}
+    unrated = [s["rate_not_checked"] for s in sentences if s.get("rate_not_checked")]
+    if sentences and len(unrated) == len(sentences):  # else the sentences say which were left out
+        skipped = dict.fromkeys(["sentence_rate", "rate"], "; ".join(dict.fromkeys(unrated)))
     if not any("cer" in s for s in sentences):
         skipped["cer"] = "no speech recognizer given"
     score = min((summary["score"] for summary in summaries), default=None)
@@ -493,8 +530,12 @@ def speak_and_measure(tts, items: list, vectors: dict, speaker_encoder, rates: d
     encoder_rate = encoder_rate or tts.model.config.speaker_encoder_config.sample_rate
     sentences, wavs = [], []
     for item, wav, sample_rate, frames, cap, rtf in speak_in_batches(tts, items, settings, generate):
-        name = item[0]
-        sentence = measure_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate_for(rates, name))
+        name, _, text = item
+        group = audio.rate_group(text, settings.language)
+        sentence = measure_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate_for(rates, name, group))
+        sentence["rate_group"] = group
+        if unrated_group(rates, group):
+            sentence["rate_not_checked"] = unrated_group(rates, group)
         sentence["speaker_similarity"] = speaker_similarity(speaker_encoder, encoder_rate, wav, sample_rate,
                                                             vectors[name])
         sentences.append(sentence)
@@ -518,8 +559,9 @@ def listen(tts, vectors: dict, items: list, speaker_encoder, rates: dict = None,
     vectors: {speaker: its reference vector (a tensor)}, for speaker similarity.
     items: [(speaker, text)]; speakers lower-cased, as the model's spk_id holds them.
     speaker_encoder: the Qwen3TTSSpeakerEncoder module (kept as it is; its sample rate is the model's).
-    rates: the training data's speaking rates, SpeakingRates.rates(): {speaker: chars/s, ALL_SPEAKERS:
-        chars/s}; None skips the rate checks.
+    rates: the training data's speaking rates, SpeakingRates.rates(): {rate group: {speaker: chars/s,
+        ALL_SPEAKERS: chars/s}}; None skips the rate checks; a sentence of a group training had no
+        clips of is not rate-checked (its rate_not_checked says why).
     limits: Thresholds (default: Thresholds()); settings: SpeakSettings (default: greedy, batches of 4).
     transcribe: optional (wav, sample_rate) -> text, for the CER check.
     generate: optional generate(texts, speakers, options) -> (wavs, sample_rate); default custom_voice(tts).

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qwen3_tts_sft import listening
-from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates, rate_group
 from qwen3_tts_sft.listening import FLOOR_CHECKS, SCORING_SENTENCES, SpeakSettings, Thresholds
 from qwen3_tts_sft.sequence_layout import NON_STREAMING
 
@@ -72,7 +72,7 @@ def make_listener(args, settings, tts, prompter, speaker_table, train_clips, dev
     own = read_sentences(args.eval_sentences) if args.eval_sentences else None
     rates = SpeakingRates()
     for clip in train_clips:
-        rates.add(clip.text, clip.num_frames, clip.speaker)
+        rates.add(clip.text, clip.num_frames, clip.speaker, clip.language)
     items = {}
     for speaker in speaker_table:
         if speaker.kept:
@@ -115,7 +115,7 @@ def listen(run) -> tuple:
             for layout in listener.layouts:
                 sentences, layout_wavs = [], []
                 for language, items in listener.items.items():
-                    cap = listener.max_new_tokens or frame_cap(items, listener.rates)
+                    cap = listener.max_new_tokens or frame_cap(items, listener.rates, language)
                     settings = SpeakSettings(language=language, non_streaming_mode=layout == NON_STREAMING,
                                              greedy=True, max_new_tokens=cap, batch_size=GENERATE_BATCH)
                     spoken, spoken_wavs = listening.speak_and_measure(
@@ -133,12 +133,13 @@ def listen(run) -> tuple:
     return entry_of(layouts, time.perf_counter() - started), wavs
 
 
-def frame_cap(items: list, rates: dict) -> int:
+def frame_cap(items: list, rates: dict, language: str = None) -> int:
     """The default frame cap of (speaker, index, text) items: the longest text spoken by the slowest
     of their speakers at 1/max_sentence_rate_ratio of its training rate (slower fails that check
     anyway), plus CAP_MARGIN_SECONDS. It bounds what a model that never stops costs at each
-    evaluation: a third of infer_test.py's cap (5 s + 0.5 s a character) for the built-in long lines."""
-    slowest = min(listening.training_rate_for(rates, name) or 0 for name, _, _ in items)
+    evaluation: a third of infer_test.py's cap (5 s + 0.5 s a character) for the built-in long lines.
+    `language`: what they are spoken in; each text's rate is its rate group's (audio.rate_group)."""
+    slowest = min(listening.training_rate_for(rates, name, rate_group(text, language)) or 0 for name, _, text in items)
     if not slowest:
         return listening.auto_frame_cap([text for _, _, text in items])
     longest = max(len(text) for _, _, text in items)

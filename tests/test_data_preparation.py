@@ -892,6 +892,44 @@ def test_duplicate_text_names_only_a_clip_that_is_kept():
     assert clips[1].flags == {} and clips[2].flags == dict(duplicate_text="the same text as raw.jsonl:2")
 
 
+CHINESE = ["你好，这是一个简短的测试。", "今天天气很好，我们去公园散步吧。", "请把窗户关上，外面有点冷。",
+           "这本书非常有意思，我推荐给你。", "我们明天早上八点在学校门口见面。", "他每天晚上都会给家里打一个电话。",
+           "这个问题比我想象的要复杂得多。", "周末我打算和朋友一起去看电影。"]
+
+
+def bilingual_clips(language_of) -> list:
+    """A speaker's 8 Chinese clips at 5 characters/s and 5 English ones at 15 (normal reading of each);
+    language_of(english) is the row's language. The English are 3x the Chinese rate."""
+    texts = [(text, 5.0, False) for text in CHINESE] + [(text, 15.0, True) for text in SENTENCES[:5]]
+    return [ClipInfo(("raw.jsonl", line, None), ("raw.jsonl", line, 0), f"raw.jsonl:{line}", "anna", text,
+                     len(text) / rate, f"/data/{line}.wav", None, None, dict(sha1=str(line)), {}, language_of(english))
+            for line, (text, rate, english) in enumerate(texts, start=1)]
+
+
+@pytest.mark.parametrize("language_of", [lambda english: "english" if english else "chinese",
+                                         lambda english: None], ids=["languages named", "auto: by script"])
+def test_a_bilingual_speakers_rates_are_compared_within_each_language(language_of):
+    """English is read at about 3x the characters a second of Chinese: each clip is held to the median of
+    the speaker's clips of its own language, or of its own script where the rows name none."""
+    clips = bilingual_clips(language_of)
+    slow = clips[9]  # one English clip read at 1/3 the English rate: 5 characters/s, as the Chinese
+    slow.seconds *= 3
+    rejects, medians = DatasetChecks(1.5, 2.5, 4).run(clips)
+    assert list(rejects) == ["raw.jsonl:10"] and "of its" in rejects["raw.jsonl:10"][1]
+    groups = ("english", "chinese") if language_of(True) else ("auto/other", "auto/cjk")
+    assert medians == pytest.approx({("anna", groups[0]): 15.0, ("anna", groups[1]): 5.0})
+    entry = data_report.speaker_entries([c for c in clips if c is not slow], medians, {})["anna"]
+    assert entry["median_rate_checked"] == sorted(groups)
+    assert entry["characters_per_second_by_group"][groups[0]]["median"] == pytest.approx(15.0)
+    summary = prepare_codes.DatasetSummary()
+    for clip in clips:
+        summary.add(clip, dict(speaker="Anna"))
+    report = summary.report(Path("train.jsonl"), [], {}, prepare_codes.new_throughput(), False)
+    english = clips[8:]  # the slow clip counts in its own group's rate only
+    assert report["speakers"]["anna"]["characters_per_second_by_group"] == pytest.approx(
+        {groups[0]: sum(len(c.text) for c in english) / sum(c.seconds for c in english), groups[1]: 5.0}, rel=2e-2)
+
+
 def test_a_recording_listed_twice_keeps_the_row_whose_text_fits(tmp_path):
     """The same take listed first with another sentence's longer text, then with its own: the row that
     fits the speaker's rate is kept and the other rejected for its rate, not the right one as a copy."""

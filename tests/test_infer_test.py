@@ -98,10 +98,12 @@ def test_a_sentence_cut_short_or_drawn_out_fails_on_its_own():
 def summary(rate_ratio=1.0, similarity=0.9, cer=None):
     """A speaker's summary of one 1 s sentence of 20 characters, the training rate set to give `rate_ratio`."""
     sentences = [dict(text="x" * 20, seconds=1.0, speaker_similarity=similarity, cer=cer)]
-    return listening.summarize_speaker("alice", sentences, {"alice": 20.0 / rate_ratio} if rate_ratio else None)
+    rates = {listening.ALL_SPEAKERS: {"alice": 20.0 / rate_ratio}} if rate_ratio else None
+    return listening.summarize_speaker("alice", sentences, rates)
 
 
 def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
+    ALL = listening.ALL_SPEAKERS
     def failures(**values):
         return {f.check: f for f in listening.speaker_failures(summary(**values), Thresholds())}
 
@@ -110,7 +112,7 @@ def test_speaker_checks_catch_rate_similarity_and_cer_by_how_much():
     assert "speaks 2.00x the training rate (20.0 vs 10.0 chars/s;" in failures(rate_ratio=2.0)["rate"].message
     # A voice the starting model had, with no training rows: held to the whole set's rate, and told so.
     kept_voice = listening.summarize_speaker("alice", [dict(text="x" * 20, seconds=1.0, speaker_similarity=0.9,
-                                                            cer=None)], {listening.ALL_SPEAKERS: 10.0})
+                                                            cer=None)], {ALL: {ALL: 10.0}})
     assert kept_voice["training_rate_of"] == "all speakers"
     assert ("(20.0 vs 10.0 chars/s, the whole training set's: no rows of this speaker;" in
             listening.speaker_failures(kept_voice, Thresholds())[0].message)
@@ -132,13 +134,42 @@ def test_training_rate_per_speaker_from_codes_rows(tiny_model, tmp_path, capsys)
     path = write_jsonl(tmp_path / "codes.jsonl", [dict(row, ref_audio="elsewhere.wav") for row in rows])
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes() + b'{"text": "caf\xe9"}\n')
     rates, languages = infer_test.training_data(path, tiny_model, default_speaker="Bob")
-    assert rates == pytest.approx({"alice": 7.5, "bob": 7.5, listening.ALL_SPEAKERS: 7.5})
+    ALL = listening.ALL_SPEAKERS
+    assert rates == {ALL: pytest.approx({"alice": 7.5, "bob": 7.5, ALL: 7.5}),
+                     "german": pytest.approx({"alice": 7.5, ALL: 7.5}), "auto/other": pytest.approx({"bob": 7.5, ALL: 7.5})}
     assert languages == {"alice": {"german"}, "bob": {"auto"}}  # a row without a language is auto, as trained
     assert "skipping 2 bad rows of 5" in capsys.readouterr().out
     summary_file = tmp_path / "summary.json"
     summary = dict(characters_per_second=12.5, speakers=dict(Alice=dict(characters_per_second=10)))
     summary_file.write_text(json.dumps(summary))
-    assert infer_test.summary_rate(summary_file) == {listening.ALL_SPEAKERS: 12.5, "alice": 10.0}
+    assert infer_test.summary_rate(summary_file) == {ALL: {ALL: 12.5, "alice": 10.0}}  # before rate groups
+    summary.update(characters_per_second_by_group={"chinese": 5.0, "english": 15.0},
+                   speakers=dict(Alice=dict(characters_per_second=10, characters_per_second_by_group={"chinese": 4.0})))
+    summary_file.write_text(json.dumps(summary))
+    assert infer_test.summary_rate(summary_file) == {ALL: {ALL: 12.5, "alice": 10.0}, "chinese": {ALL: 5.0, "alice": 4.0},
+                                                     "english": {ALL: 15.0}}
+
+
+def test_each_sentence_is_held_to_the_training_rate_of_its_own_language_or_script():
+    """A speaker trained on Chinese (5 chars/s) and English (15): each sentence against its own group's rate;
+    a sentence of a group training lacks is left out of the rate (not passed, not failed), and said so."""
+    ALL = listening.ALL_SPEAKERS
+    rates = {ALL: {"alice": 10.0, ALL: 10.0}, "chinese": {"alice": 5.0, ALL: 5.0}, "english": {"alice": 15.0, ALL: 15.0}}
+    sentences = [dict(text="x" * 30, seconds=2.0, rate_group="english", speaker_similarity=0.9, cer=None),
+                 dict(text="字" * 10, seconds=2.0, rate_group="chinese", speaker_similarity=0.9, cer=None),
+                 dict(text="y" * 30, seconds=0.5, rate_group="german", speaker_similarity=0.9, cer=None)]
+    summary = listening.summarize_speaker("alice", sentences, rates)
+    assert summary["rate_ratio"] == pytest.approx(1.0) and summary["rate_checked_sentences"] == 2
+    assert listening.speaker_failures(summary, Thresholds()) == []  # the whole set's 10 chars/s would fail both
+    assert listening.training_rate_for(rates, "alice", "german") is None
+    assert "no clips of german text" in listening.unrated_group(rates, "german")
+    # Trained on Chinese rows of language auto, checked with the built-in English sentences: said so.
+    chinese_only = {ALL: {"alice": 5.0, ALL: 5.0}, "auto/cjk": {"alice": 5.0, ALL: 5.0}}
+    note = infer_test.other_script_note(chinese_only, ["alice"], infer_test.SENTENCES["auto"], "auto", own_text=False)
+    assert ("trained on Chinese, Japanese or Korean script text (language auto), and the built-in auto sentences are "
+            "alphabetic script text (language auto)") in note
+    assert "--language chinese or japanese or korean" in note and "--text" in note
+    assert infer_test.other_script_note(chinese_only, ["alice"], ["你好。"], "auto", own_text=True) is None
 
 
 def test_character_error_rate():
@@ -350,6 +381,74 @@ def test_problems_that_stop_the_check_exit_2(trained, tmp_path):
     with pytest.raises(SystemExit) as stopped:
         infer_test.main(["--model_path", str(trained), "--speaker", "carol", "--out_dir", str(tmp_path)])
     assert stopped.value.code == 2
+
+
+def test_english_sentences_of_a_voice_trained_on_chinese_are_not_rate_checked(trained, alice_clip, monkeypatch,
+                                                                               tmp_path, capsys):
+    """Trained on Chinese rows (language auto) at a third of the characters a second of English: an English
+    sentence is neither failed as 3x too fast nor passed: its rate checks are skipped, and the note says why."""
+    frames = len(alice_clip["audio_codes"])
+    chinese = dict(alice_clip, text="字" * round(len(alice_clip["text"]) / 3))
+    del chinese["language"]
+    code, report = run_checker(monkeypatch, trained, tmp_path / "check", [
+        "--speaker", "alice", "--text", alice_clip["text"], "--max_new_tokens", str(frames + 4),
+        "--train_jsonl", str(write_jsonl(tmp_path / "clip.jsonl", [chinese]))], alice_clip["audio_codes"])
+
+    assert code == 0, report["failures"]
+    assert report["checks"]["rate"] == report["checks"]["sentence_rate"] == "skipped"
+    assert "no clips of alphabetic script text (language auto)" in report["skipped"]["rate"]
+    assert report["sentences"][0]["rate_ratio"] is None and report["speakers"][0]["rate_ratio"] is None
+    printed = capsys.readouterr().out
+    assert "note: the model was trained on Chinese, Japanese or Korean script text" in printed
+    assert "skipped rate: the training data has no clips of alphabetic script text" in printed
+
+
+def test_a_truncated_weights_file_is_named(trained, tmp_path, capsys):
+    """A checkpoint whose model.safetensors was cut short (an interrupted copy): exit 2 naming the file."""
+    damaged = tmp_path / "checkpoint-copy"
+    shutil.copytree(trained, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(damaged), "--text", "Hello.", "--max_new_tokens", "4"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{weights} is incomplete or damaged" in error and "Copy it again, or check another checkpoint" in error
+
+
+def test_a_checkpoint_deleted_while_checked_stops_with_why(trained, tmp_path, monkeypatch, capsys):
+    """The trainer's --save_total_limit deletes the checkpoint (and its infer_test/ folder) while it is
+    spoken: exit 2 saying so, not a soundfile traceback."""
+    doomed = tmp_path / "checkpoint-copy"
+    shutil.copytree(trained, doomed)
+    speak = listening.speak_and_measure
+
+    def speak_then_deleted(*args, **options):
+        spoken = speak(*args, **options)
+        shutil.rmtree(doomed)
+        return spoken
+    monkeypatch.setattr(listening, "speak_and_measure", speak_then_deleted)
+    with pytest.raises(SystemExit) as stopped:
+        infer_test.main(["--model_path", str(doomed), "--speaker", "bob", "--text", "Hello.", "--greedy",
+                         "--max_new_tokens", "4"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{doomed / 'infer_test'} was removed while checking" in error and "--save_total_limit" in error
+
+
+def test_wavs_of_an_earlier_run_are_removed(trained, tmp_path, capsys):
+    """Four sentences, then one: bob_01..03.wav of the first run go, so the report's bob_*.wav are this
+    run's; files infer_test does not write stay."""
+    out = tmp_path / "check"
+    out.mkdir()
+    (out / "bob_take.wav").write_bytes(b"mine")
+    (out / "alice_00.wav").write_bytes(b"another speaker's")
+    common = ["--model_path", str(trained), "--out_dir", str(out), "--speaker", "bob", "--greedy",
+              "--max_new_tokens", "4", "--report_only"]
+    infer_test.main([*common, *[option for index in range(4) for option in ("--text", f"Sentence {index}.")]])
+    assert sorted(path.name for path in out.glob("bob_0*.wav")) == [f"bob_0{index}.wav" for index in range(4)]
+    infer_test.main([*common, "--text", "Only one sentence now."])
+    assert sorted(path.name for path in out.glob("*.wav")) == ["alice_00.wav", "bob_00.wav", "bob_take.wav"]
 
 
 class ModelLoading(Exception):

@@ -252,5 +252,6 @@ def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_lower_e
     assert "every sentence stopped" in scoring.why_best(stops, "speaker_similarity")
     # The default frame cap: the longest text at a third of the slowest voice's training rate, plus 2 s.
     items = [("alice", 0, "x" * 30), ("bob", 0, "y" * 15)]
-    assert scoring.frame_cap(items, {"alice": 15.0, "bob": 10.0}) == 138  # 12.5/s x (2 s + 3 x 30 chars / 10 a s)
+    rates = {listening.ALL_SPEAKERS: {"alice": 15.0, "bob": 10.0}}
+    assert scoring.frame_cap(items, rates) == 138  # 12.5/s x (2 s + 3 x 30 chars / 10 a s)
     assert scoring.frame_cap(items, None) == listening.auto_frame_cap(["x" * 30])
