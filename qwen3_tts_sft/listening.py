@@ -241,9 +241,19 @@ def group_rates(rates: dict, group: str) -> dict:
     """{speaker: chars/s, ALL_SPEAKERS: chars/s} of the training clips of a rate group (audio.rate_group),
     from `rates` (SpeakingRates.rates()); empty when training had no clips of that group: their rates
     differ from other groups' (a Chinese character is read about 3x as slowly as an English letter).
-    Rates that name no group (a data summary written before groups) hold for every group."""
+    Rates that name no group (a data summary written before groups) hold for every group; without the
+    group itself, the groups of its script stand in (rows named english, a sentence spoken as auto)."""
     rates = rates or {}
-    return rates.get(group) or (rates.get(ALL_SPEAKERS, {}) if set(rates) == {ALL_SPEAKERS} else {})
+    if rates.get(group):
+        return rates[group]
+    if set(rates) == {ALL_SPEAKERS}:
+        return rates[ALL_SPEAKERS]
+    # None of its own (English rows, a sentence spoken as auto): the groups of the same script, averaged.
+    script = audio.group_script(group)
+    alike = [table for name, table in rates.items()
+             if name != ALL_SPEAKERS and table and audio.group_script(name) == script]
+    speakers = {speaker for table in alike for speaker in table}
+    return {speaker: float(np.mean([table[speaker] for table in alike if speaker in table])) for speaker in speakers}
 
 
 def training_rate_for(rates: dict, name: str, group: str):

@@ -151,18 +151,21 @@ def test_training_rate_per_speaker_from_codes_rows(tiny_model, tmp_path, capsys)
 
 
 def test_each_sentence_is_held_to_the_training_rate_of_its_own_language_or_script():
-    """A speaker trained on Chinese (5 chars/s) and English (15): each sentence against its own group's rate;
-    a sentence of a group training lacks is left out of the rate (not passed, not failed), and said so."""
+    """A speaker trained on Chinese (5 chars/s) and English (15): each sentence against its own group's rate,
+    else that of the groups of its script (German and auto English text against the English rows); a
+    sentence of a script training lacks is left out of the rate (not passed, not failed), and said so."""
     ALL = listening.ALL_SPEAKERS
     rates = {ALL: {"alice": 10.0, ALL: 10.0}, "chinese": {"alice": 5.0, ALL: 5.0}, "english": {"alice": 15.0, ALL: 15.0}}
     sentences = [dict(text="x" * 30, seconds=2.0, rate_group="english", speaker_similarity=0.9, cer=None),
                  dict(text="字" * 10, seconds=2.0, rate_group="chinese", speaker_similarity=0.9, cer=None),
-                 dict(text="y" * 30, seconds=0.5, rate_group="german", speaker_similarity=0.9, cer=None)]
+                 dict(text="y" * 30, seconds=2.0, rate_group="german", speaker_similarity=0.9, cer=None),
+                 dict(text="z" * 30, seconds=2.0, rate_group="auto/other", speaker_similarity=0.9, cer=None)]
     summary = listening.summarize_speaker("alice", sentences, rates)
-    assert summary["rate_ratio"] == pytest.approx(1.0) and summary["rate_checked_sentences"] == 2
-    assert listening.speaker_failures(summary, Thresholds()) == []  # the whole set's 10 chars/s would fail both
-    assert listening.training_rate_for(rates, "alice", "german") is None
-    assert "no clips of german text" in listening.unrated_group(rates, "german")
+    assert summary["rate_ratio"] == pytest.approx(1.0) and summary["rate_checked_sentences"] == 4
+    assert listening.speaker_failures(summary, Thresholds()) == []  # the whole set's 10 chars/s would fail them
+    english_only = {ALL: {"alice": 15.0, ALL: 15.0}, "english": {"alice": 15.0, ALL: 15.0}}
+    assert listening.training_rate_for(english_only, "alice", "auto/cjk") is None
+    assert "no clips of Chinese, Japanese or Korean script text" in listening.unrated_group(english_only, "auto/cjk")
     # Trained on Chinese rows of language auto, checked with the built-in English sentences: said so.
     chinese_only = {ALL: {"alice": 5.0, ALL: 5.0}, "auto/cjk": {"alice": 5.0, ALL: 5.0}}
     note = infer_test.other_script_note(chinese_only, ["alice"], infer_test.SENTENCES["auto"], "auto", own_text=False)
