@@ -17,8 +17,10 @@ import signal
 import sys
 from pathlib import Path
 
-# torch, accelerate and the model code are imported in main(), after the flags are read: --help
-# and a mistyped flag answer at once.
+from qwen3_tts_sft.stop_signals import STOP_SIGNALS  # imports nothing heavy
+
+# torch, accelerate and the model code are imported in main(), after the flags are read and the stop
+# signals taken over: --help and a mistyped flag answer at once, and Ctrl-C while they load is no traceback.
 
 LR_SCHEDULERS = ["linear", "cosine", "constant_with_warmup"]
 
@@ -322,17 +324,17 @@ def missing_model_problem(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = check_args(parse_args(argv))
-    from qwen3_tts_sft.training_setup import AlreadyFinished, build_run, free_memory  # quietly imports qwen_tts
+    with StopAtOnce():  # first: the imports below take seconds
+        args = check_args(parse_args(argv))
+        from qwen3_tts_sft.training_setup import AlreadyFinished, build_run, free_memory  # quietly imports qwen_tts
 
-    try:
-        with StopAtOnce():
+        try:
             run = build_run(args)
-    except AlreadyFinished:  # a resume of a run that has nothing left to train (it said so)
-        return
+        except AlreadyFinished:  # a resume of a run that has nothing left to train (it said so)
+            return
     try:
         run.accelerator.print(run.banner())
-        with StopRequest() as stop_request:
+        with StopRequest(Path(args.output_model_path)) as stop_request:
             finished = train(run, stop_request)
         if finished:
             run.finish()
@@ -381,12 +383,10 @@ def train(run, stop_request) -> bool:
 class StopSignals:
     """Inside a `with` block, SIGTERM and SIGINT (what schedulers send before preemption, and Ctrl-C)
     go to self.handle, whether they are sent to this process or to the whole job (the data workers
-    leave them to this process: training_run.STOP_SIGNALS). The earlier handlers are back
-    afterwards, for whatever else runs in this process (tests, a notebook)."""
+    leave them to this process: training_run.leave_stop_signals_to_main). The earlier handlers are
+    back afterwards, for whatever else runs in this process (tests, a notebook)."""
 
     def __init__(self):
-        from qwen3_tts_sft.training_run import STOP_SIGNALS
-
         self.earlier_handlers = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
 
     def __enter__(self):
@@ -411,15 +411,22 @@ class StopAtOnce(StopSignals):
 
 
 class StopRequest(StopSignals):
-    """Turns a stop signal into a save-and-exit at the next step."""
+    """Turns a stop signal into a save-and-exit at the next step. A second one stops at once, in one
+    line naming the checkpoint the run can resume from (found in `output_dir`), with 128 + the signal."""
 
-    def __init__(self):
-        self.signal_name = None
+    def __init__(self, output_dir: Path):
+        self.signal_name, self.output_dir = None, output_dir
         super().__init__()
 
     def handle(self, signum, frame):
         if self.signal_name is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            from qwen3_tts_sft import checkpoint  # imported already: costs nothing here
+
+            latest = checkpoint.latest_checkpoint(self.output_dir)
+            print(f"stopped at once by a second {signal.Signals(signum).name}: nothing was saved beyond "
+                  + (f"the last checkpoint, {latest}" if latest else "the start (no checkpoint yet)")
+                  + ". Continue with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
         self.signal_name = signal.Signals(signum).name
 
     @property

@@ -19,15 +19,19 @@ A folder is written under a temporary name and renamed into place, so a crash (o
 never leaves a half-written checkpoint under a checkpoint's name, and the previous one stays.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MODEL_WEIGHTS = "model.safetensors"
@@ -295,17 +299,22 @@ def list_training_state(state_dir: Path) -> None:
 
 
 def training_state_problem(folder: Path):
-    """Why a run cannot resume from this checkpoint, or None: no trainer_state.json, no training_state/
-    (deleted from a checkpoint kept for listening), or files it listed missing or of another size (a
-    copy cut short). Checkpoints written before the list was kept are taken as they are."""
+    """Why a run cannot resume from this checkpoint, or None: no trainer_state.json or a damaged one, no
+    training_state/ (deleted from a checkpoint kept for listening), or files it listed missing or of
+    another size (a copy cut short). Checkpoints written before the list was kept are taken as they are."""
     state_dir = Path(folder) / TRAINING_STATE_DIR
     if not has_trainer_state(folder):
         return f"no {TRAINER_STATE}"
+    if checkpoint_step(folder) is None:
+        return f"its {TRAINER_STATE} is damaged (not readable JSON with a step)"
     if not state_dir.is_dir():
         return f"no {TRAINING_STATE_DIR}/"
     if not (state_dir / TRAINING_STATE_FILES).is_file():
         return None
-    sizes = json.loads((state_dir / TRAINING_STATE_FILES).read_text(encoding="utf-8"))
+    try:
+        sizes = json.loads((state_dir / TRAINING_STATE_FILES).read_text(encoding="utf-8"))
+    except ValueError:
+        return f"{TRAINING_STATE_DIR}/{TRAINING_STATE_FILES} is damaged (not readable JSON)"
     wrong = [name for name, size in sizes.items()
              if not (state_dir / name).is_file() or (state_dir / name).stat().st_size != size]
     if wrong:
@@ -319,9 +328,11 @@ def resumable(folder: Path) -> bool:
 
 def load_training_state(folder: Path, accelerator) -> TrainerState:
     """Load accelerate's state (weights, optimizer, scheduler, random streams) into the prepared objects.
-    Raises SystemExit, naming the checkpoint, where its state does not fit the model being trained."""
+    Raises SystemExit, naming the checkpoint, where its state does not fit the model being trained or
+    a file of it is damaged."""
     try:
-        accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
+        with damaged_files_named(folder):
+            accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
     except FileNotFoundError as error:
         raise SystemExit(f"error: cannot resume from {folder}: {error.filename} is missing (an interrupted copy?). "
                          f"Copy the checkpoint again, or resume from an earlier one") from None
@@ -337,7 +348,46 @@ def load_training_state(folder: Path, accelerator) -> TrainerState:
 
 
 def load_speaker_vectors(folder: Path) -> torch.Tensor:
-    return load_file(str(Path(folder) / TRAINING_STATE_DIR / SPEAKER_VECTORS))["speaker_vectors"]
+    with damaged_files_named(folder):
+        return load_file(str(Path(folder) / TRAINING_STATE_DIR / SPEAKER_VECTORS))["speaker_vectors"]
+
+
+@contextlib.contextmanager
+def damaged_files_named(folder: Path):
+    """Loading a checkpoint's training state: a file of it that does not read (garbage of the right size,
+    which files.json cannot tell from a whole copy) stops the run with a SystemExit naming it, instead
+    of the reader's traceback."""
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise  # not a damaged torch file: someone else's problem (a size mismatch is load_training_state's)
+        damaged = unreadable_files(Path(folder) / TRAINING_STATE_DIR)
+        what = ", ".join(f"{TRAINING_STATE_DIR}/{name}" for name in damaged) or f"a file of {TRAINING_STATE_DIR}/"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"error: cannot resume from {folder}: {what} is damaged ({reason}). Copy the checkpoint "
+                         f"again if it was copied; else resume from the one before it: move {Path(folder).name} "
+                         f"out of {Path(folder).parent} and pass --resume_from_checkpoint latest") from None
+
+
+def unreadable_files(state_dir: Path) -> list:
+    """The files of a training state that do not read: torch's zip files whose entries fail their
+    checksums, safetensors files whose header does not parse."""
+    from safetensors import safe_open
+
+    unreadable = []
+    for path in sorted(Path(state_dir).rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as tensors:
+                    tensors.keys()
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                with zipfile.ZipFile(path) as archive:
+                    if archive.testzip() is not None:
+                        unreadable.append(str(path.relative_to(state_dir)))
+        except (SafetensorError, zipfile.BadZipFile, OSError, ValueError, EOFError):
+            unreadable.append(str(path.relative_to(state_dir)))
+    return unreadable
 
 
 def speaker_encoder_weights(checkpoint_dir: Path, base_dir=None) -> tuple:
@@ -371,8 +421,10 @@ def list_checkpoints(output_dir: Path, with_training_state: bool = True) -> list
     found = []
     for folder in Path(output_dir).glob("checkpoint-*"):
         if resumable(folder) if with_training_state else has_trainer_state(folder):
-            found.append((checkpoint_step(folder), folder.stat().st_mtime, folder))
-    return [folder for _, _, folder in sorted(found)]
+            step = checkpoint_step(folder)
+            # One whose step cannot be read (a damaged trainer_state.json) sorts last: it may be the newest.
+            found.append((step is None, step or 0, folder.stat().st_mtime, folder))
+    return [folder for *_, folder in sorted(found)]
 
 
 def hub_download_hint(path) -> str:
@@ -385,9 +437,14 @@ def hub_download_hint(path) -> str:
             f"(huggingface-cli download {name} --local-dir {name.split('/')[1]}) and pass that folder")
 
 
-def checkpoint_step(folder: Path) -> int:
-    """The optimizer steps a resumable checkpoint holds."""
-    return json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))["step"]  # TrainingProgress.step
+def checkpoint_step(folder: Path):
+    """The optimizer steps a checkpoint holds; None where its trainer_state.json is damaged (garbage,
+    cut short) or missing."""
+    try:
+        step = json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))["step"]  # TrainingProgress.step
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def latest_checkpoint(output_dir: Path):

@@ -24,12 +24,9 @@ from qwen3_tts_sft.bf16_adamw import Bf16WeightsAdamW
 from qwen3_tts_sft.checkpoint import TrainerState
 from qwen3_tts_sft.cuda_graphs import MicroBatchGraphs, forward_backward
 from qwen3_tts_sft.sequence_layout import collate
+from qwen3_tts_sft.stop_signals import STOP_SIGNALS
 from qwen3_tts_sft.training_data import EpochPlan, StepTargets, plan_epoch
 
-# What a scheduler (Slurm preemption, `timeout`) or Ctrl-C sends to stop a job. They are the main
-# process's to handle (sft_12hz_chatterbox.StopRequest: finish the step, save, exit), also when they
-# are sent to every process of the job, the data workers included (leave_stop_signals_to_main).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What that takes is on Linux; elsewhere (macOS, Windows) the workers keep torch's own handling.
 WORKERS_CAN_LEAVE_STOPS = hasattr(signal, "sigwaitinfo")
 

@@ -40,9 +40,20 @@ from qwen3_tts_sft.training_run import LOSS_CURVE, TrainingRun, hear_it
 CUDA_ALLOCATOR_SETTINGS = "expandable_segments:True"
 
 # Flags that decide which clips go into which step, or what the saved state holds: a resume with
-# other values would not continue the same run.
-DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout")
+# other values would not continue the same run. --eval_split moves clips between the train and eval
+# sets: clips already trained on would join the eval set.
+DATA_ORDER_FLAGS = ("batch_size", "gradient_accumulation_steps", "seed", "group_by_length", "text_layout",
+                    "eval_split")
 STATE_FLAGS = ("low_memory", "lora_rank")
+# Flags that decide which weights train: the optimizer's saved state holds moments for exactly those
+# (another set fails to load into it). Another set is a new run: --init_model_path the checkpoint.
+TRAINED_WEIGHTS_FLAGS = ("train_text_embedding", "train_speaker_encoder", "lora_target_modules")
+# Flags that decide what each update does, refused on a resume too (no escape flag: none is a schedule):
+# AdamW's saved param groups keep the old --weight_decay (a new one would be silently ignored), and
+# --lora_alpha (the adapters' scale) and --code_predictor_loss_weight change the trained function or
+# the loss under a run half done.
+UPDATE_FLAGS = ("weight_decay", "lora_alpha", "code_predictor_loss_weight")
+LORA_ONLY_FLAGS = ("lora_alpha", "lora_target_modules")  # mean nothing without LoRA (--lora_rank 0)
 # Flags that shape the learning-rate schedule: a resume with other values moves the rate from where
 # the run is, so it needs --allow_schedule_change.
 SCHEDULE_FLAGS = ("num_epochs", "max_steps", "warmup_steps", "lr", "lr_scheduler")
@@ -190,7 +201,7 @@ def resolve_settings(args, accelerator) -> Settings:
     resumed = None
     if resume_dir is not None and not problems:
         resumed = checkpoint.read_trainer_state(resume_dir)
-        problems += resume_problems(args, resumed, train_data, weights, accelerator)
+        problems += resume_problems(args, resumed, resume_dir, train_data, weights, accelerator)
     problems += voices.flag_problems(args, resumed)  # the starting model's speakers, encoder, replay
     listening, listen_steps = listening_choice(args, fsdp, problems, accelerator.print)
     if problems:
@@ -307,20 +318,20 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
         resumable = [found for found in finished if state_problems[found] is None]
         start = resumable[-1] if resumable else None
         start_step = checkpoint.checkpoint_step(start) if start else 0
-        later = [found for found in finished
-                 if state_problems[found] and checkpoint.checkpoint_step(found) > start_step]
+        later = [found for found in finished if state_problems[found] and saved_after(found, start_step)]
         kept = [found.name for found in later if not (found / checkpoint.TRAINING_STATE_DIR).is_dir()]
         cut = [f"{found.name}: {state_problems[found]}" for found in later if found.name not in kept]
-        past = f"past {start.name if start else 'the start'}, the newest it can resume from"
+        newer = (f"newer than {start.name}, the newest checkpoint it can resume from" if start else
+                 "and none it can resume from")
         if kept:  # the run would save over them under the same names
             problems.append(
                 f"--resume_from_checkpoint latest: {output_dir} holds checkpoints without their training state "
-                f"({', '.join(kept)}) {past}; resuming would write over them. Move them out of {output_dir}, or "
+                f"({', '.join(kept)}), {newer}; resuming would write over them. Move them out of {output_dir}, or "
                 f"pass another --output_model_path")
         if cut:
             problems.append(
-                f"--resume_from_checkpoint latest: {output_dir} holds checkpoints {past} that cannot be resumed "
-                f"from ({'; '.join(cut)}). Copy them again whole, or delete them to resume from "
+                f"--resume_from_checkpoint latest: {output_dir} holds checkpoints that cannot be resumed from "
+                f"({'; '.join(cut)}), {newer}. Copy them again whole, or delete them to resume from "
                 f"{start.name if start else 'the start'}")
         if start is None and not later:
             # A job's first start, or a requeue of one stopped before its first save: one command serves both.
@@ -339,7 +350,7 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
             problems.append(f"--resume_from_checkpoint {path}: cannot be resumed from: {problem}")
             return path
         step = checkpoint.checkpoint_step(path)
-        later = [found.name for found in finished if checkpoint.checkpoint_step(found) > step]
+        later = [found.name for found in finished if saved_after(found, step)]
         if later:  # they would be written again from here: the run they came from would be lost
             problems.append(
                 f"--resume_from_checkpoint {path} (step {step}): {output_dir} holds later checkpoints of that run "
@@ -351,6 +362,13 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
             f"{output_dir} already holds checkpoints ({finished[-1].name} ...). Continue that run with "
             f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir.")
     return None
+
+
+def saved_after(folder: Path, step: int) -> bool:
+    """Whether checkpoint `folder` is past `step`; one of no known step (a damaged trainer_state.json) may be,
+    so a resume must not save over it unasked either."""
+    folder_step = checkpoint.checkpoint_step(folder)
+    return folder_step is None or folder_step > step
 
 
 def note_checkpoint_start(model_dir: Path, log) -> None:
@@ -369,11 +387,23 @@ def schedule_changes(args, state) -> tuple:
     return tuple(name for name in SCHEDULE_FLAGS if name in state.flags and state.flags[name] != getattr(args, name))
 
 
-def resume_problems(args, state, train_data: DataFingerprint, weights: WeightStorage, accelerator) -> list:
+def resume_problems(args, state, resume_dir: Path, train_data: DataFingerprint, weights: WeightStorage,
+                    accelerator) -> list:
     """Why this checkpoint cannot be continued with these flags (and, printed, which flags changed)."""
     saved = state.flags
-    problems = [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
-                for name in DATA_ORDER_FLAGS + STATE_FLAGS if saved.get(name, False) != getattr(args, name)]
+
+    def changed(names) -> list:
+        return [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
+                for name in names if saved.get(name, False) != getattr(args, name)
+                and not (name in LORA_ONLY_FLAGS and not args.lora_rank)]
+
+    problems = changed(DATA_ORDER_FLAGS + STATE_FLAGS + UPDATE_FLAGS)
+    trained_weights_changes = changed(TRAINED_WEIGHTS_FLAGS)
+    if trained_weights_changes:
+        problems += trained_weights_changes + [
+            f"({', '.join('--' + name for name in TRAINED_WEIGHTS_FLAGS)} decide which weights train, and the "
+            f"checkpoint's optimizer state holds those it trained. To train others, start a new run from the "
+            f"checkpoint: --init_model_path {resume_dir} and another --output_model_path)"]
     # Checkpoints from before TrainerState.weights held fp32 weights, or bf16 ones with --low_memory.
     saved_weights = state.weights or (BF16_WEIGHTS if saved.get("low_memory") else FP32_WEIGHTS).name
     if saved_weights != weights.name and not problems:

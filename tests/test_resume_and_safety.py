@@ -205,7 +205,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_model, twelve_clips
         return stop
 
     run.optimizer_step = step_with_a_nan_weight
-    with pytest.raises(SystemExit) as raised, sft_12hz_chatterbox.StopRequest() as stop_request:
+    with pytest.raises(SystemExit) as raised, sft_12hz_chatterbox.StopRequest(tmp_path / "out") as stop_request:
         sft_12hz_chatterbox.train(run, stop_request)
     printed = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient; update skipped" in printed
@@ -396,10 +396,10 @@ def test_latest_never_writes_over_checkpoints_kept_without_their_training_state(
     with pytest.raises(SystemExit) as raised:
         train(tiny_model, twelve_clips, output, max_steps=3, save_steps=1, save_total_limit=0,
               resume_from_checkpoint="latest", allow_schedule_change=True)
-    assert ("holds checkpoints without their training state (checkpoint-step-2) past checkpoint-step-1"
-            in str(raised.value))
+    assert ("holds checkpoints without their training state (checkpoint-step-2), newer than checkpoint-step-1, "
+            "the newest checkpoint it can resume from; resuming would write over them" in str(raised.value))
     shutil.rmtree(output / "checkpoint-step-1" / checkpoint.TRAINING_STATE_DIR)
-    with pytest.raises(SystemExit, match=r"\(checkpoint-step-1, checkpoint-step-2\) past the start"):
+    with pytest.raises(SystemExit, match=r"\(checkpoint-step-1, checkpoint-step-2\), and none it can resume from;"):
         train(tiny_model, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest")
     with pytest.raises(SystemExit, match="already holds checkpoints"):  # a fresh start into it, likewise
         train(tiny_model, twelve_clips, output, max_steps=1)
@@ -465,3 +465,87 @@ def test_a_starting_model_and_the_output_folder_must_not_hold_each_other(tiny_mo
                            (["--num_workers", "-1"], "--num_workers must not be negative")):
         assert problem in refusal(tiny_model, tmp_path / "out2", *flags)
     assert inner.is_dir()
+
+
+def test_a_resume_refuses_flags_that_would_change_the_run_by_name(tiny_model, twelve_clips, tmp_path):
+    """Each refused before the model loads: --eval_split would move trained clips into the eval set,
+    AdamW's saved state keeps the old --weight_decay, the others change the loss, the adapters' scale
+    or which weights train (the optimizer state would not load)."""
+    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=1, save_steps=1)
+    lora_output = train(tiny_model, twelve_clips, tmp_path / "lora", max_steps=1, save_steps=1, lora_rank=2)
+    for folder, flags, refusal in [
+            (output, dict(eval_split=0.25), "--eval_split is 0.25 but the checkpoint was made with 0.0"),
+            (output, dict(weight_decay=0.1), "--weight_decay is 0.1 but the checkpoint was made with 0.01"),
+            (output, dict(code_predictor_loss_weight=0.5),
+             "--code_predictor_loss_weight is 0.5 but the checkpoint was made with 0.3"),
+            (output, dict(train_text_embedding=True), "--train_text_embedding is True but the checkpoint was made with False"),
+            (output, dict(train_speaker_encoder=True),
+             "--train_speaker_encoder is True but the checkpoint was made with False"),
+            (lora_output, dict(lora_rank=2, lora_alpha=8), "--lora_alpha is 8.0 but the checkpoint was made with None"),
+            (lora_output, dict(lora_rank=2, lora_target_modules="q_proj"),
+             "--lora_target_modules is q_proj but the checkpoint was made with None")]:
+        with pytest.raises(SystemExit) as raised:
+            train(tiny_model, twelve_clips, folder, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
+                  allow_schedule_change=True, **flags)
+        assert refusal in str(raised.value) and "Traceback" not in str(raised.value)
+        if "train_" in refusal or "target_modules" in refusal:
+            assert f"start a new run from the checkpoint: --init_model_path {folder / 'checkpoint-step-1'}" in str(
+                raised.value)
+
+
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tiny_model, twelve_clips, tmp_path):
+    """Garbage in trainer_state.json: `latest` names the checkpoint, as it names one copied in part.
+    A training-state file of the right size but damaged (which files.json cannot tell): named, with
+    what to do."""
+    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=2, save_steps=1, save_total_limit=0)
+    state_file = output / "checkpoint-step-2" / checkpoint.TRAINER_STATE
+    whole = state_file.read_bytes()
+    state_file.write_bytes(b"\x00garbage" * 10)
+    assert [folder.name for folder in checkpoint.list_checkpoints(output)] == ["checkpoint-step-1"]
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest", allow_schedule_change=True)
+    assert ("holds checkpoints that cannot be resumed from (checkpoint-step-2: its trainer_state.json is damaged "
+            "(not readable JSON with a step)), newer than checkpoint-step-1, the newest checkpoint it can resume "
+            "from. Copy them again whole, or delete them to resume from checkpoint-step-1") in str(raised.value)
+
+    state_file.write_bytes(whole)
+    optimizer_state = output / "checkpoint-step-2" / checkpoint.TRAINING_STATE_DIR / "optimizer.bin"
+    optimizer_state.write_bytes(os.urandom(optimizer_state.stat().st_size))
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest", allow_schedule_change=True)
+    message = str(raised.value)
+    assert f"cannot resume from {output / 'checkpoint-step-2'}: training_state/optimizer.bin is damaged (" in message
+    assert f"move checkpoint-step-2 out of {output} and pass --resume_from_checkpoint latest" in message
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_libraries_load_says_nothing_was_saved(tiny_model, twelve_clips, tmp_path,
+                                                                       stop_signal):
+    """The first seconds go to importing torch and the model code: the signals are handled before."""
+    process = subprocess.Popen(trainer_command(tiny_model, twelve_clips, tmp_path / "out"), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():  # importing torch
+        assert process.poll() is None and time.monotonic() < deadline, "the trainer never imported torch"
+        time.sleep(0.002)
+    process.send_signal(stop_signal)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 128 + stop_signal, errors[-3000:]
+    assert f"stopped by {stop_signal.name} while setting up, before the first step: nothing was trained" in errors
+    assert "Traceback" not in errors
+
+
+def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tiny_model, twelve_clips, tmp_path):
+    output = tmp_path / "out"
+    process = start_and_wait_for(trainer_command(tiny_model, twelve_clips, output), "train step 3/",
+                                 stderr=subprocess.PIPE)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, errors[-3000:]
+    assert "Traceback" not in errors
+    latest = checkpoint.latest_checkpoint(output)
+    assert errors.strip().splitlines()[-1] == (
+        f"stopped at once by a second SIGINT: nothing was saved beyond the last checkpoint, {latest}. Continue "
+        f"with --resume_from_checkpoint latest")
