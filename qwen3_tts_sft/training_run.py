@@ -494,6 +494,9 @@ class TrainingRun:
         if settings.resume_dir is not None:
             lines.append(f"  resumed from {settings.resume_dir} at step {self.progress.step} (epoch "
                          f"{self.progress.epoch}, step {self.progress.steps_done_in_epoch} of it)")
+        elif args.resume_from_checkpoint == "latest":  # in the banner: a mistyped folder starts over unseen
+            lines.append(f"  resume: no checkpoint in {self.output_dir}, so a new run from step 0; to continue "
+                         f"one, give its --output_model_path")
         lines += voices.banner_lines(self)
         return "\n".join(lines)
 

@@ -323,7 +323,11 @@ def test_latest_with_no_checkpoint_yet_starts_from_the_beginning(tiny_model, twe
     output = tmp_path / "out"
     command = dict(RUN, resume_from_checkpoint="latest", save_steps=0, max_steps=1)
     train(tiny_model, twelve_clips, output, **command)
-    assert f"no checkpoint in {output} yet, starting from the beginning" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"no checkpoint in {output} yet, starting from the beginning" in said
+    # Said again in the banner, where a mistyped --output_model_path would be seen.
+    assert f"  resume: no checkpoint in {output}, so a new run from step 0; to continue one, give its " \
+           f"--output_model_path" in said.split("***** Running training *****")[1]
     assert checkpoint.read_trainer_state(output / "checkpoint-step-1").progress.step == 1
     # The requeue of a job that then finished: the same command reads that checkpoint and stops there.
     train(tiny_model, twelve_clips, output, **command)
