@@ -332,15 +332,18 @@ def main(argv=None):
             run = build_run(args)
         except AlreadyFinished:  # a resume of a run that has nothing left to train (it said so)
             return
+    output_dir = Path(args.output_model_path)
     try:
         run.accelerator.print(run.banner())
-        with StopRequest(Path(args.output_model_path)) as stop_request:
+        with StopRequest(output_dir) as stop_request:
             finished = train(run, stop_request)
-        if finished:
-            run.finish()
+        with StopNow(output_dir):  # the state is saved: a signal now stops at once, without a traceback
+            if finished:
+                run.finish()
     finally:
-        del run
-        free_memory()
+        with StopNow(output_dir):
+            del run
+            free_memory()
 
 
 def train(run, stop_request) -> bool:
@@ -410,23 +413,35 @@ class StopAtOnce(StopSignals):
         raise SystemExit(128 + signum)
 
 
-class StopRequest(StopSignals):
-    """Turns a stop signal into a save-and-exit at the next step. A second one stops at once, in one
-    line naming the checkpoint the run can resume from (found in `output_dir`), with 128 + the signal."""
+class StopNow(StopSignals):
+    """Stop at once, in one line naming the checkpoint the run can resume from (found in `output_dir`),
+    with 128 + the signal: after the training loop (its state is saved), and for StopRequest's second
+    signal."""
 
     def __init__(self, output_dir: Path):
-        self.signal_name, self.output_dir = None, output_dir
+        self.output_dir = output_dir
         super().__init__()
 
     def handle(self, signum, frame):
-        if self.signal_name is not None:  # a second signal: stop now
-            from qwen3_tts_sft import checkpoint  # imported already: costs nothing here
+        from qwen3_tts_sft import checkpoint  # imported already: costs nothing here
 
-            latest = checkpoint.latest_checkpoint(self.output_dir)
-            print(f"stopped at once by a second {signal.Signals(signum).name}: nothing was saved beyond "
-                  + (f"the last checkpoint, {latest}" if latest else "the start (no checkpoint yet)")
-                  + ". Continue with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
+        latest = checkpoint.latest_checkpoint(self.output_dir)
+        print(f"stopped at once by {signal.Signals(signum).name}: nothing was saved beyond "
+              + (f"the last checkpoint, {latest}" if latest else "the start (no checkpoint yet)")
+              + ". Continue with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+
+class StopRequest(StopNow):
+    """Turns a stop signal into a save-and-exit at the next step; a second one stops at once."""
+
+    def __init__(self, output_dir: Path):
+        self.signal_name = None
+        super().__init__(output_dir)
+
+    def handle(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: stop now
+            super().handle(signum, frame)
         self.signal_name = signal.Signals(signum).name
 
     @property

@@ -22,10 +22,15 @@ ADAPTER = "default"          # peft's name for a single adapter
 TALKER_PREFIX = "talker."    # the adapters live in model.talker
 
 
+def target_module_names(target_modules) -> list:
+    """--lora_target_modules as the sorted layer names it means: "v_proj, q_proj" and "q_proj,v_proj"
+    are one choice, and no value means the defaults."""
+    return sorted({name.strip() for name in (target_modules or DEFAULT_TARGET_MODULES).split(",") if name.strip()})
+
+
 def add_adapters(model, rank: int, alpha: float, dropout: float, target_modules: str) -> LoraConfig:
     """Put LoRA adapters into model.talker and make them the only trainable weights."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=[name.strip() for name in target_modules.split(",") if name.strip()])
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_module_names(target_modules))
     try:
         inject_adapter_in_model(config, model.talker, adapter_name=ADAPTER)
     except ValueError as error:  # no layer of that name, or one that is not a linear layer

@@ -392,9 +392,17 @@ def resume_problems(args, state, resume_dir: Path, train_data: DataFingerprint, 
     """Why this checkpoint cannot be continued with these flags (and, printed, which flags changed)."""
     saved = state.flags
 
+    def meaning(name, value):
+        """A flag's value as what it does: the target modules in any order are one choice."""
+        if name == "lora_target_modules" and args.lora_rank:
+            from qwen3_tts_sft import lora  # peft loads only for LoRA runs
+
+            return lora.target_module_names(value)
+        return value
+
     def changed(names) -> list:
         return [f"--{name} is {getattr(args, name)} but the checkpoint was made with {saved.get(name)}"
-                for name in names if saved.get(name, False) != getattr(args, name)
+                for name in names if meaning(name, saved.get(name, False)) != meaning(name, getattr(args, name))
                 and not (name in LORA_ONLY_FLAGS and not args.lora_rank)]
 
     problems = changed(DATA_ORDER_FLAGS + STATE_FLAGS + UPDATE_FLAGS)

@@ -495,6 +495,13 @@ def test_a_resume_refuses_flags_that_would_change_the_run_by_name(tiny_model, tw
         if "train_" in refusal or "target_modules" in refusal:
             assert f"start a new run from the checkpoint: --init_model_path {folder / 'checkpoint-step-1'}" in str(
                 raised.value)
+    # The same choice spelt otherwise is no change: the default modules, in another order, with spaces.
+    from qwen3_tts_sft.lora import DEFAULT_TARGET_MODULES
+
+    same_modules = ", ".join(reversed(DEFAULT_TARGET_MODULES.split(",")))
+    train(tiny_model, twelve_clips, lora_output, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
+          allow_schedule_change=True, lora_rank=2, lora_target_modules=same_modules)
+    assert checkpoint.latest_checkpoint(lora_output).name == "checkpoint-step-2"
 
 
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tiny_model, twelve_clips, tmp_path):
@@ -551,5 +558,21 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tiny_model, tw
     assert "Traceback" not in errors
     latest = checkpoint.latest_checkpoint(output)
     assert errors.strip().splitlines()[-1] == (
-        f"stopped at once by a second SIGINT: nothing was saved beyond the last checkpoint, {latest}. Continue "
+        f"stopped at once by SIGINT: nothing was saved beyond the last checkpoint, {latest}. Continue "
         f"with --resume_from_checkpoint latest")
+
+
+def test_a_signal_once_the_training_loop_is_over_stops_at_once_without_a_traceback(tmp_path, capsys):
+    """After the loop (its state saved: the end summary, freeing memory) a stop signal has nothing left
+    to save: it stops at once, in the one line a second Ctrl-C gives, not with a KeyboardInterrupt."""
+    import os
+
+    from sft_12hz_chatterbox import StopNow
+
+    with pytest.raises(SystemExit) as stopped:
+        with StopNow(tmp_path):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs at once; this is never reached
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == ("stopped at once by SIGINT: nothing was saved beyond the start (no "
+                                               "checkpoint yet). Continue with --resume_from_checkpoint latest")
