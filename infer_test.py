@@ -109,7 +109,7 @@ def summary_rate(path: Path) -> dict:
     """Rates from a prepare_codes summary JSON, as training_data gives them: the top-level
     `characters_per_second` and `characters_per_second_by_group`, and each speaker's there are
     (`speakers.NAME.characters_per_second`...). A summary written before rate groups has none: its
-    rates hold for every group (listening.group_rates)."""
+    rates hold for every group (listening.rate_of)."""
     try:
         summary = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -541,10 +541,13 @@ def remove_earlier_wavs(out_dir: Path, stems) -> None:
     so that what the folder holds, and the report points at, is this run's: a run with fewer sentences
     would leave the last ones of the one before. Only files named as this script names them."""
     written = re.compile("|".join(rf"{re.escape(stem)}_\d{{2,}}\.wav" for stem in stems))
-    for folder in (out_dir, out_dir / "base"):
-        for path in folder.glob("*.wav"):
-            if written.fullmatch(path.name):
-                save(out_dir, path, path.unlink)
+    removed = [path for folder in (out_dir, out_dir / "base") for path in sorted(folder.glob("*.wav"))
+               if written.fullmatch(path.name)]
+    for path in removed:
+        save(out_dir, path, path.unlink)
+    if removed:  # said, since a file of the user's own could bear such a name
+        print(f"removed {len(removed)} wavs an earlier run wrote in {out_dir} ({', '.join(p.name for p in removed[:3])}"
+              f"{', ...' if len(removed) > 3 else ''})")
 
 
 def save(out_dir: Path, path, write) -> None:

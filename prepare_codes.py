@@ -475,8 +475,15 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
             (rejects if isinstance(checked, Reject) else planned).append(checked)
         if len(planned) + len(rejects) == found:
             raise SystemExit(f"error: {input_path}: no rows found (read as the {layout} layout)")
-        if layout == "folder" and not args.speaker_from_folder and args.shard_index == 0:
-            say_if_speakers_may_be_folders(input_path, planned[found:] + rejects)
+        if layout == "folder" and args.shard_index == 0:
+            if args.speaker_from_folder:
+                say_if_folders_share_a_speaker(planned[found:])
+                loose = sum("speaker" not in clip.row for clip in planned[found:])
+                if loose:  # the trainer refuses rows without a speaker unless --speaker_name names one
+                    print(f"note: {loose} clips lie directly in {input_path}, in no speaker's folder, and have no "
+                          f"speaker: pass --speaker NAME for them, or the trainer's --speaker_name applies")
+            else:
+                say_if_speakers_may_be_folders(input_path, planned[found:] + rejects)
     for field_name, count in checker.own_values.items():
         if count and args.shard_index == 0:  # the flag is a default: a row's own value wins
             print(f"note: {count} rows name their own {field_name}, which --{field_name} "
@@ -537,6 +544,19 @@ def say_if_speakers_may_be_folders(folder: Path, rows: list):
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         print(f"note: the recordings lie in {len(names)} folders below {folder} ({shown}), read as one voice: if "
               f"each folder is a speaker, run again with --speaker_from_folder")
+
+
+def say_if_folders_share_a_speaker(clips: list):
+    """Speaker folders whose names differ only in case or spaces ("Anna", "anna") are one speaker: the
+    trainer and generation look names up lower-cased. Say so, naming them."""
+    folders = {}  # the speaker as the trainer reads it -> the folder names that give it
+    for clip in clips:
+        if clip.row.get("speaker"):
+            folders.setdefault(clip.row["speaker"].strip().lower(), set()).add(clip.row["speaker"])
+    for speaker, names in sorted(folders.items()):
+        if len(names) > 1:
+            print(f"note: the folders {' and '.join(map(repr, sorted(names)))} are one speaker, {speaker!r}: "
+                  f"speaker names are compared lower-cased. Rename one to keep them apart")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,19 +236,30 @@ SYLLABIC_LANGUAGES = {"chinese", "japanese", "korean"}
 SYLLABIC, ALPHABETIC = "cjk", "other"  # the scripts text_script tells apart
 
 
+# Letters of an alphabet read in the time of one syllable: a Latin word inside Chinese text
+# ("iPhone") takes far fewer syllables than letters.
+LETTERS_PER_SYLLABLE = 3
+
+
 def text_script(text: str) -> str:
-    """SYLLABIC when most of the text's letters are Chinese characters, kana or hangul, else ALPHABETIC."""
+    """SYLLABIC when most of the text's speaking time is Chinese characters, kana or hangul (each a
+    syllable, against LETTERS_PER_SYLLABLE letters of an alphabet), else ALPHABETIC: "今天发布了iPhone"
+    is Chinese text with a brand name in it."""
     letters = [character for character in text if character.isalpha()]
     syllabic = sum(unicodedata.name(character, "").startswith(SYLLABIC_SCRIPTS) for character in letters)
-    return SYLLABIC if letters and 2 * syllabic > len(letters) else ALPHABETIC
+    return SYLLABIC if letters and LETTERS_PER_SYLLABLE * syllabic > len(letters) - syllabic else ALPHABETIC
 
 
 def rate_group(text: str, language: str = None) -> str:
     """The group a clip's speaking rate is compared within (per speaker): its language, lower-cased, or
-    for a row that names none (auto) its script: "auto/cjk" or "auto/other". The one owner of this key:
+    for a row that names none (auto), or a language of another script than the text's, its script:
+    "auto/cjk" or "auto/other". The one owner of this key:
     prepare_codes' checks and summary, the trainer's listening evaluations and infer_test all use it."""
     name = (language or "").strip().lower()
-    return name if name and name != AUTO_LANGUAGE else f"{AUTO_LANGUAGE}/{text_script(text)}"
+    script = text_script(text)
+    # A language whose script the text is not in (Chinese text spoken with --language english) says
+    # nothing of its rate: the text's script does.
+    return name if name and name != AUTO_LANGUAGE and group_script(name) == script else f"{AUTO_LANGUAGE}/{script}"
 
 
 def group_script(group: str) -> str:

@@ -237,35 +237,33 @@ def speaker_similarity(encoder, encoder_rate: int, wav: np.ndarray, sample_rate:
 # Sentences and speakers
 # ---------------------------------------------------------------------------------------------
 
-def group_rates(rates: dict, group: str) -> dict:
-    """{speaker: chars/s, ALL_SPEAKERS: chars/s} of the training clips of a rate group (audio.rate_group),
-    from `rates` (SpeakingRates.rates()); empty when training had no clips of that group: their rates
-    differ from other groups' (a Chinese character is read about 3x as slowly as an English letter).
-    Rates that name no group (a data summary written before groups) hold for every group; without the
-    group itself, the groups of its script stand in (rows named english, a sentence spoken as auto)."""
+def rate_of(rates: dict, key: str, group: str):
+    """The training rate (chars/s) of `key` (a speaker, or ALL_SPEAKERS) for a sentence of a rate group
+    (audio.rate_group), from `rates` (SpeakingRates.rates()): of the group itself, else the mean over
+    the groups of its script (rows named english, a sentence spoken as auto), else None: rates of
+    another script differ (a Chinese character is read about 3x as slowly as an English letter).
+    Rates that name no group (a data summary written before groups) hold for every group."""
     rates = rates or {}
-    if rates.get(group):
-        return rates[group]
     if set(rates) == {ALL_SPEAKERS}:
-        return rates[ALL_SPEAKERS]
-    # None of its own (English rows, a sentence spoken as auto): the groups of the same script, averaged.
-    script = audio.group_script(group)
-    alike = [table for name, table in rates.items()
-             if name != ALL_SPEAKERS and table and audio.group_script(name) == script]
-    speakers = {speaker for table in alike for speaker in table}
-    return {speaker: float(np.mean([table[speaker] for table in alike if speaker in table])) for speaker in speakers}
+        return rates[ALL_SPEAKERS].get(key)
+    if key in rates.get(group, {}):
+        return rates[group][key]
+    alike = [table[key] for name, table in rates.items() if name != ALL_SPEAKERS and key in table
+             and audio.group_script(name) == audio.group_script(group)]
+    return float(np.mean(alike)) if alike else None
 
 
 def training_rate_for(rates: dict, name: str, group: str):
-    """The speaker's own training rate of the group, else the whole training set's of it, else None."""
-    table = group_rates(rates, group)
-    return table.get(name, table.get(ALL_SPEAKERS))
+    """The speaker's own training rate for a sentence of the group (rate_of), else the whole training
+    set's, else None."""
+    own = rate_of(rates, name, group)
+    return own if own is not None else rate_of(rates, ALL_SPEAKERS, group)
 
 
 def unrated_group(rates: dict, group: str) -> str:
     """Why a sentence of `group` has no training rate to be held to, or None where it has one (or no
     rates were given: the rate checks are skipped as a whole then)."""
-    if rates is None or group_rates(rates, group):
+    if rates is None or rate_of(rates, ALL_SPEAKERS, group) is not None:
         return None
     trained = ", ".join(sorted(g for g in rates if g != ALL_SPEAKERS))
     return (f"the training data has no clips of {audio.describe_group(group)} (it has {trained}): characters per "
@@ -305,7 +303,7 @@ def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
     rated_seconds = sum(s["seconds"] for s, _ in rated)
     rated_characters = sum(len(s["text"]) for s, _ in rated)
     training_rate = rated_characters / expected_seconds if expected_seconds else None
-    own = all(name in group_rates(rates, group) for group in groups if group_rates(rates, group))
+    own = all(rate_of(rates, name, group) is not None for group in groups if rate_of(rates, ALL_SPEAKERS, group))
     similarity = mean_of(s["speaker_similarity"] for s in sentences)
     base_similarity = mean_of(s.get("base_speaker_similarity") for s in sentences)
     return dict(

@@ -788,6 +788,15 @@ def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tm
     summary = validate(data, tmp_path / "by_folder" / "train.jsonl", "--speaker_from_folder")
     assert "note: the recordings lie" not in capsys.readouterr().out
     assert sorted(summary["speakers"]) == ["anna müller", "bob", "carol"]
+    write(data / "Bob" / "b2.wav", speech(1.0, seed=7))  # another person's folder, or the same one's?
+    (data / "Bob" / "b2.txt").write_text("Clip number seven of this voice.")
+    validate(data, tmp_path / "cased" / "train.jsonl", "--speaker_from_folder")
+    assert "note: the folders 'Bob' and 'bob' are one speaker, 'bob'" in capsys.readouterr().out
+    write(data / "loose.wav", speech(1.0, seed=8))
+    (data / "loose.txt").write_text("A clip in no speaker's folder.")
+    validate(data, tmp_path / "loose" / "train.jsonl", "--speaker_from_folder")
+    assert f"note: 1 clips lie directly in {data}, in no speaker's folder, and have no speaker" in \
+        capsys.readouterr().out
 
 
 def test_folders_behind_links_are_read_and_broken_or_unreadable_transcripts_named(tmp_path):
@@ -904,6 +913,16 @@ def bilingual_clips(language_of) -> list:
     return [ClipInfo(("raw.jsonl", line, None), ("raw.jsonl", line, 0), f"raw.jsonl:{line}", "anna", text,
                      len(text) / rate, f"/data/{line}.wav", None, None, dict(sha1=str(line)), {}, language_of(english))
             for line, (text, rate, english) in enumerate(texts, start=1)]
+
+
+def test_a_rate_group_is_the_script_of_the_text_where_the_language_says_otherwise():
+    """Chinese with a brand name in it is Chinese text; a language whose script the text is not in
+    (Chinese spoken with --language english) gives way to the text's script."""
+    assert audio.rate_group("今天发布了iPhone 15 Pro Max。") == "auto/cjk"
+    assert audio.rate_group("iPhone 15 发布了") == "auto/cjk"
+    assert audio.rate_group("The new iPhone is out.") == "auto/other"
+    assert audio.rate_group("今天天气很好。", "english") == "auto/cjk"
+    assert (audio.rate_group("Hello.", "English"), audio.rate_group("こんにちは。", "japanese")) == ("english", "japanese")
 
 
 @pytest.mark.parametrize("language_of", [lambda english: "english" if english else "chinese",

@@ -163,6 +163,12 @@ def test_each_sentence_is_held_to_the_training_rate_of_its_own_language_or_scrip
     summary = listening.summarize_speaker("alice", sentences, rates)
     assert summary["rate_ratio"] == pytest.approx(1.0) and summary["rate_checked_sentences"] == 4
     assert listening.speaker_failures(summary, Thresholds()) == []  # the whole set's 10 chars/s would fail them
+    # A speaker's own rows of the script come before another speaker's rows of the very group.
+    two = {ALL: {"bi": 5.0, "bi_auto": 4.0, ALL: 4.5}, "chinese": {"bi": 5.0, ALL: 5.0},
+           "auto/cjk": {"bi_auto": 4.0, ALL: 4.0}}
+    assert listening.training_rate_for(two, "bi_auto", "chinese") == 4.0
+    assert listening.training_rate_for(two, "bi", "auto/cjk") == 5.0
+    assert listening.training_rate_for(two, "nobody", "chinese") == 5.0
     english_only = {ALL: {"alice": 15.0, ALL: 15.0}, "english": {"alice": 15.0, ALL: 15.0}}
     assert listening.training_rate_for(english_only, "alice", "auto/cjk") is None
     assert "no clips of Chinese, Japanese or Korean script text" in listening.unrated_group(english_only, "auto/cjk")
@@ -450,8 +456,11 @@ def test_wavs_of_an_earlier_run_are_removed(trained, tmp_path, capsys):
               "--max_new_tokens", "4", "--report_only"]
     infer_test.main([*common, *[option for index in range(4) for option in ("--text", f"Sentence {index}.")]])
     assert sorted(path.name for path in out.glob("bob_0*.wav")) == [f"bob_0{index}.wav" for index in range(4)]
+    capsys.readouterr()
     infer_test.main([*common, "--text", "Only one sentence now."])
     assert sorted(path.name for path in out.glob("*.wav")) == ["alice_00.wav", "bob_00.wav", "bob_take.wav"]
+    assert f"removed 4 wavs an earlier run wrote in {out} (bob_00.wav, bob_01.wav, bob_02.wav, ...)" in \
+        capsys.readouterr().out
 
 
 class ModelLoading(Exception):
