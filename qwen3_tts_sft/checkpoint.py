@@ -356,26 +356,34 @@ def damaged_files_named(folder: Path):
     """Loading a checkpoint's training state: a file of it that does not read (garbage of the right size,
     which files.json cannot tell from a whole copy) stops the run with a SystemExit naming it, instead
     of the reader's traceback."""
+    # accelerate passes over random streams it cannot read, and the resume would not be the run's: checked
+    # first (small files).
+    damaged = unreadable_files(Path(folder) / TRAINING_STATE_DIR, suffixes=(".pkl",))
+    if damaged:
+        raise damaged_state(folder, damaged, "the random streams do not read")
     try:
         yield
     except Exception as error:  # garbage fails a reader in any of a dozen ways (an unpickler's IndexError, too)
         damaged = unreadable_files(Path(folder) / TRAINING_STATE_DIR)
         if not damaged:
             raise  # every file reads: someone else's problem (a size mismatch is load_training_state's)
-        what = ", ".join(f"{TRAINING_STATE_DIR}/{name}" for name in damaged)
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise SystemExit(f"error: cannot resume from {folder}: {what} is damaged ({reason}). Copy the checkpoint "
-                         f"again if it was copied; else resume from the one before it: move {Path(folder).name} "
-                         f"out of {Path(folder).parent} and pass --resume_from_checkpoint latest") from None
+        raise damaged_state(folder, damaged, (str(error).strip().splitlines() or [type(error).__name__])[0]) from None
 
 
-def unreadable_files(state_dir: Path) -> list:
-    """The files of a training state that do not read: torch's zip files whose entries fail their
-    checksums, safetensors files whose header does not parse."""
+def damaged_state(folder: Path, damaged: list, reason: str) -> SystemExit:
+    what = ", ".join(f"{TRAINING_STATE_DIR}/{name}" for name in damaged)
+    return SystemExit(f"error: cannot resume from {folder}: {what} is damaged ({reason}). Copy the checkpoint "
+                      f"again if it was copied; else resume from the one before it: move {Path(folder).name} "
+                      f"out of {Path(folder).parent} and pass --resume_from_checkpoint latest")
+
+
+def unreadable_files(state_dir: Path, suffixes=(".safetensors", ".bin", ".pkl", ".pt")) -> list:
+    """The files of a training state (of these suffixes) that do not read: torch's zip files whose
+    entries fail their checksums, safetensors files whose header does not parse."""
     from safetensors import safe_open
 
     unreadable = []
-    for path in sorted(Path(state_dir).rglob("*")):
+    for path in sorted(path for path in Path(state_dir).rglob("*") if path.suffix in suffixes):
         try:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as tensors:

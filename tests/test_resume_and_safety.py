@@ -521,12 +521,21 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(tiny_model, twelve_clips,
 
     state_file.write_bytes(whole)
     optimizer_state = output / "checkpoint-step-2" / checkpoint.TRAINING_STATE_DIR / "optimizer.bin"
+    whole_optimizer_state = optimizer_state.read_bytes()
     optimizer_state.write_bytes(os.urandom(optimizer_state.stat().st_size))
     with pytest.raises(SystemExit) as raised:
         train(tiny_model, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest", allow_schedule_change=True)
     message = str(raised.value)
     assert f"cannot resume from {output / 'checkpoint-step-2'}: training_state/optimizer.bin is damaged (" in message
     assert f"move checkpoint-step-2 out of {output} and pass --resume_from_checkpoint latest" in message
+
+    # accelerate itself passes over random streams it cannot read: the resume would not be the run's.
+    optimizer_state.write_bytes(whole_optimizer_state)
+    [random_states] = (output / "checkpoint-step-2" / checkpoint.TRAINING_STATE_DIR).glob("random_states_*.pkl")
+    random_states.write_bytes(os.urandom(random_states.stat().st_size))
+    with pytest.raises(SystemExit, match=f"training_state/{random_states.name} is damaged \\(the random streams do "
+                                         f"not read\\)"):
+        train(tiny_model, twelve_clips, output, max_steps=3, resume_from_checkpoint="latest", allow_schedule_change=True)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
