@@ -538,8 +538,8 @@ def say_if_speakers_may_be_folders(folder: Path, rows: list):
     """A folder input's recordings in several folders directly below it are one voice unless
     --speaker_from_folder says otherwise: say so, naming the folders, since a folder per speaker
     (VCTK, LibriTTS) read as one voice trains a blend of them all."""
-    names = sorted({Path(row.source).relative_to(folder).parts[0] for row in rows
-                    if Path(row.source).is_relative_to(folder) and len(Path(row.source).relative_to(folder).parts) > 1})
+    inner = [Path(row.source).relative_to(folder).parts for row in rows if Path(row.source).is_relative_to(folder)]
+    names = sorted({parts[0] for parts in inner if len(parts) > 1})
     if len(names) > 1:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         print(f"note: the recordings lie in {len(names)} folders below {folder} ({shown}), read as one voice: if "

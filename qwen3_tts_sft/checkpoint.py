@@ -329,6 +329,10 @@ def load_training_state(folder: Path, accelerator) -> TrainerState:
     """Load accelerate's state (weights, optimizer, scheduler, random streams) into the prepared objects.
     Raises SystemExit, naming the checkpoint, where its state does not fit the model being trained or
     a file of it is damaged."""
+    # accelerate passes over random streams it cannot read, and the resume would not be the run's.
+    damaged = unreadable_files(Path(folder) / TRAINING_STATE_DIR, suffixes=(".pkl",))
+    if damaged:
+        raise damaged_state(folder, damaged, "the random streams do not read")
     try:
         with damaged_files_named(folder):
             accelerator.load_state(str(Path(folder) / TRAINING_STATE_DIR))
@@ -356,11 +360,6 @@ def damaged_files_named(folder: Path):
     """Loading a checkpoint's training state: a file of it that does not read (garbage of the right size,
     which files.json cannot tell from a whole copy) stops the run with a SystemExit naming it, instead
     of the reader's traceback."""
-    # accelerate passes over random streams it cannot read, and the resume would not be the run's: checked
-    # first (small files).
-    damaged = unreadable_files(Path(folder) / TRAINING_STATE_DIR, suffixes=(".pkl",))
-    if damaged:
-        raise damaged_state(folder, damaged, "the random streams do not read")
     try:
         yield
     except Exception as error:  # garbage fails a reader in any of a dozen ways (an unpickler's IndexError, too)

@@ -222,16 +222,17 @@ def ljspeech_rows(metadata: Path, speaker: str = None):
     """The rows of an LJSpeech metadata.csv; `speaker`, when given, is every row's."""
     # The LJSpeech layout keeps its clips in wavs/; a metadata.csv among its clips is common too.
     clips = metadata.parent / "wavs" if (metadata.parent / "wavs").is_dir() else metadata.parent
-    lines = list(numbered_lines(metadata))
+    lines = [(source, line, problem, None if problem else metadata_columns(line))
+             for source, line, problem in numbered_lines(metadata)]
     # In a file of mostly id|text lines, a line of three columns is more likely a "|" in its text.
-    column_counts = [len(metadata_columns(line)) for _, line, problem in lines if not problem]
+    column_counts = [len(columns) for *_, columns in lines if columns is not None]
     two_column_file = column_counts.count(2) > column_counts.count(3)
     audio_files = AudioFiles((clips, metadata.parent))
-    for source, line, problem in lines:
+    for source, line, problem, columns in lines:
         if problem:
             yield Reject(source, "bad_row", "(encoding)", problem, line)
             continue
-        clip_id, *texts = metadata_columns(line)
+        clip_id, *texts = columns
         if not texts:
             separated = ("; it looks tab-separated: LJSpeech separates its columns with |" if "\t" in line else
                          "; it looks comma-separated (a Hugging Face audiofolder metadata.csv?): give it as a JSONL "

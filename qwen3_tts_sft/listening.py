@@ -296,8 +296,8 @@ def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
     seconds = sum(s["seconds"] for s in sentences)
     rate = characters / seconds if seconds > 0 else None
     groups = [s.get("rate_group") or audio.rate_group(s["text"]) for s in sentences]
-    rated = [(s, training_rate_for(rates, name, group)) for s, group in zip(sentences, groups)
-             if training_rate_for(rates, name, group)]
+    rated = [(s, training) for s, group in zip(sentences, groups)
+             if (training := training_rate_for(rates, name, group))]
     # Each sentence against its own group's training rate: the seconds the training pace would take.
     expected_seconds = sum(len(s["text"]) / training for s, training in rated)
     rated_seconds = sum(s["seconds"] for s, _ in rated)
