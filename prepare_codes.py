@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "flagged in its row and counted in the summary (default: %(default)s)")
     filters.add_argument("--reject_clipped", action="store_true",
                          help="reject clipped clips too (default: off: mild clipping still teaches the voice)")
+    filters.add_argument("--max_clipped_fraction", type=float, default=audio.HEAVILY_CLIPPED_FRACTION,
+                         help="a clip with more than this share of samples at full scale is rejected: distorted "
+                              "throughout, it would teach the distortion; 1 keeps them all (default: %(default)s)")
     filters.add_argument("--flag_rate_ratio", type=float, default=1.5,
                          help="flag a clip whose characters per second are more than this many times above or "
                               "below its speaker's median: its text may not match its audio (default: %(default)s)")
@@ -192,8 +195,10 @@ def parse_args(argv=None):
         parser.error("need --min_seconds <= --max_segment_seconds <= --max_seconds")
     if not 1 <= args.flag_rate_ratio <= args.reject_rate_ratio or args.references_per_speaker < 1:
         parser.error("need 1 <= --flag_rate_ratio <= --reject_rate_ratio and --references_per_speaker >= 1")
-    if args.trim_padding_seconds < 0 or args.min_pause_seconds <= 0 or not 0 <= args.clipped_fraction <= 1:
-        parser.error("need --trim_padding_seconds >= 0, --min_pause_seconds > 0 and --clipped_fraction in [0, 1]")
+    if (args.trim_padding_seconds < 0 or args.min_pause_seconds <= 0 or not 0 <= args.clipped_fraction <= 1
+            or not 0 <= args.max_clipped_fraction <= 1):
+        parser.error("need --trim_padding_seconds >= 0, --min_pause_seconds > 0, and --clipped_fraction and "
+                     "--max_clipped_fraction in [0, 1]")
     if args.loudness_lufs >= 0 or args.silence_dbfs >= 0:
         parser.error("--loudness_lufs and --silence_dbfs are levels below full scale: negative numbers")
     if args.validate_only and args.num_shards > 1:
@@ -266,6 +271,7 @@ def run_settings(args, inputs: list) -> dict:
                 speaker_from_folder=args.speaker_from_folder,
                 min_seconds=args.min_seconds, max_seconds=args.max_seconds, silence_dbfs=args.silence_dbfs,
                 clipped_fraction=args.clipped_fraction, reject_clipped=args.reject_clipped,
+                max_clipped_fraction=args.max_clipped_fraction,
                 flag_rate_ratio=args.flag_rate_ratio, reject_rate_ratio=args.reject_rate_ratio,
                 trim=args.trim, trim_padding_seconds=args.trim_padding_seconds,
                 loudness_lufs=args.loudness_lufs if args.normalise_loudness else None,
@@ -458,7 +464,8 @@ def prepare(args, inputs: list, output: Path, settings: dict, languages: list) -
     limits = Limits(args.min_seconds, args.max_seconds)
     checks = AudioChecks(limits, args.silence_dbfs, args.clipped_fraction, args.reject_clipped,
                          Processing(args.trim, args.trim_padding_seconds, args.max_segment_seconds,
-                                    args.min_pause_seconds, settings["loudness_lufs"]))
+                                    args.min_pause_seconds, settings["loudness_lufs"]),
+                         max_clipped_fraction=args.max_clipped_fraction)
     if args.ref_audio:
         problem = audio.probe(settings["ref_audio"])[1]
         problem = problem[1] if problem else checks.reference_problem(settings["ref_audio"], audio.TOKENIZER_SAMPLE_RATE)

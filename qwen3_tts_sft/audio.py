@@ -26,6 +26,10 @@ FRAMES_PER_SECOND = 12.5  # the 12 Hz codec: one frame of 16 codes every 80 ms
 # A sample at or beyond this magnitude counts as clipped: 16-bit full scale reads as 0.99997,
 # and the speech decoder's output is clamped to [-1, 1].
 CLIP_LEVEL = 0.999
+# A clip with more than this share of its samples at full scale is distorted throughout (every loud
+# syllable flattened, ~10 ms of crackle a second): the model would learn the distortion, so
+# prepare_codes.py rejects it whatever --reject_clipped says (its --max_clipped_fraction).
+HEAVILY_CLIPPED_FRACTION = 0.01
 # Files that store float samples (soundfile's subtypes): these may go past full scale unharmed, to be
 # scaled down later, so a sample beyond CLIP_LEVEL is clipped only where it sits on a flat top.
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")

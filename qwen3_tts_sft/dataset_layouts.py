@@ -61,7 +61,8 @@ REJECT_REASONS = (
                            # within --max_segment_seconds (voice_activity.speech_pieces)
     "silent",              # quieter than --silence_dbfs
     "channels_cancel",     # its channels cancel when mixed to mono (one the other inverted): audio.CANCELLED_MIX_DB
-    "clipped",             # more than --clipped_fraction at full scale, with --reject_clipped
+    "clipped",             # more than --max_clipped_fraction at full scale (audio.HEAVILY_CLIPPED_FRACTION),
+                           # or more than --clipped_fraction with --reject_clipped
     "bad_ref_audio",       # the reference clip is missing, unreadable, silent, of a low rate or out of bounds
     "speaking_rate",       # characters per second beyond --reject_rate_ratio of the speaker's median,
                            # or beyond data_report.MAX_CHARACTERS_PER_SECOND (any speaker)
@@ -622,6 +623,7 @@ class AudioChecks:
     clipped_fraction: float
     reject_clipped: bool
     processing: Processing
+    max_clipped_fraction: float = audio.HEAVILY_CLIPPED_FRACTION
     references: dict = field(default_factory=dict, repr=False)  # path -> problem or None, per process
 
     def process(self, clips: list, sample_rate: int, frame_samples: int) -> list:
@@ -765,9 +767,12 @@ class AudioChecks:
                            f"{where}: {audio.silence_problem(piece.samples, sample_rate, self.silence_dbfs)}")
             return
         clipped = piece.clipped_fraction > self.clipped_fraction
-        if clipped and self.reject_clipped:
-            piece.rejected("clipped", "audio", f"{piece.clipped_fraction:.2%} of its samples are at full scale "
-                                               f"(--clipped_fraction {self.clipped_fraction:g}, --reject_clipped)")
+        distorted = piece.clipped_fraction > self.max_clipped_fraction
+        if distorted or (clipped and self.reject_clipped):
+            limit = (f"--max_clipped_fraction {self.max_clipped_fraction:g}: distorted throughout, it would teach "
+                     f"the distortion" if distorted else f"--clipped_fraction {self.clipped_fraction:g}, --reject_clipped")
+            piece.rejected("clipped", "audio", f"{where}: {piece.clipped_fraction:.2%} of its samples are at full "
+                                               f"scale ({limit})")
             return
         if clipped:
             piece.flags["clipped"] = f"{piece.clipped_fraction:.2%} of its samples are at full scale"

@@ -99,10 +99,14 @@ def test_a_float_file_past_full_scale_is_clipped_only_where_it_is_flattened(tmp_
     assert audio.decode(peaks, 24000).clipped_fraction == 0
     assert audio.decode(flattened, 24000).clipped_fraction > 0.05 and audio.decode(integer, 24000).clipped_fraction > 0.05
 
-    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, None))
+    # More than 1 % of the samples flattened is distorted throughout: rejected unless --max_clipped_fraction 1.
     clips = [PlannedClip(str(path), dict(audio=str(path), text="Loud."), None, 0.6) for path in (peaks, flattened)]
-    [[kept_whole], [flagged]] = checks.process(clips, 24000, 1920)
+    processing = Processing(False, 0.2, 15, 0.4, None)
+    [[kept_whole], [rejected]] = AudioChecks(Limits(0.5, 30), -50, 0.001, False, processing).process(clips, 24000, 1920)
     assert kept_whole.reject is None and "clipped" not in kept_whole.flags and kept_whole.clipped_fraction is None
+    assert rejected.reject.reason == "clipped" and "--max_clipped_fraction 0.01" in rejected.reject.problem
+    keep_all = AudioChecks(Limits(0.5, 30), -50, 0.001, False, processing, max_clipped_fraction=1.0)
+    [_, [flagged]] = keep_all.process(clips, 24000, 1920)
     assert "full scale" in flagged.flags["clipped"] and flagged.clipped_fraction > 0.05
 
 
@@ -142,7 +146,8 @@ def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer,
     write_audio(data / "stereo48k.flac", np.stack([voice(0.8, 48000, 1), 0.5 * voice(0.8, 48000, 1)], axis=1), 48000)
     write_audio(data / "narrow8k.wav", voice(0.7, 8000, 2), 8000)
     write_audio(data / "vorbis.ogg", voice(0.6, 24000, 3), 24000)
-    write_audio(data / "clipped.wav", np.clip(4 * voice(0.6, 24000, 4), -1, 1), 24000, subtype="PCM_16")
+    # Mildly clipped: 0.3 % of its samples at full scale, flagged and kept.
+    write_audio(data / "clipped.wav", np.clip(2.15 * voice(0.6, 24000, 4), -1, 1), 24000, subtype="PCM_16")
     write_audio(data / "ref.wav", voice(2.0, 24000, 5), 24000)
     write_audio(data / "silent.wav", np.zeros(24000), 24000)
     write_audio(data / "hiss.wav", 1e-4 * np.random.default_rng(6).standard_normal(24000), 24000)
@@ -184,7 +189,7 @@ def test_jsonl_layout_keeps_good_rows_and_rejects_each_bad_one(speech_tokenizer,
     assert rows[0]["ref_audio"] == str(data / "ref.wav") and rows[0]["speaker"] == "alice"
     assert rows[1]["speaker"] == "narrator" and rows[1]["language"] == "english" and "language" not in rows[0]
     assert rows[2]["text"] == "Vorbis."
-    assert rows[3]["clipped_fraction"] > 0.05 and "clipped_fraction" not in rows[0]
+    assert 0.001 < rows[3]["clipped_fraction"] < 0.01 and "clipped_fraction" not in rows[0]
 
     expected = {7: "too_long", 8: "too_short", 9: "empty_audio", 10: "unreadable_audio", 11: "empty_audio",
                 12: "missing_transcript", 13: "empty_transcript", 14: "missing_audio", 15: "bad_ref_audio",
