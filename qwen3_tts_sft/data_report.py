@@ -267,14 +267,21 @@ def plot(path: Path, kept: list, rate_rejected: list):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (durations, rates) = plt.subplots(1, 2, figsize=(12, 4.5))
     groups = by_speaker(kept)
+    speakers = sorted(groups)
+    families, labels = fonts_and_labels(speakers)
+    with plt.rc_context({"font.family": families}):
+        draw(path, plt, groups, dict(zip(speakers, labels)), kept, rate_rejected)
+
+
+def draw(path: Path, plt, groups: dict, labels: dict, kept: list, rate_rejected: list):
+    figure, (durations, rates) = plt.subplots(1, 2, figsize=(12, 4.5))
     bins = np.linspace(0, max([clip.seconds for clip in kept] + [1.0]), 30)
     for speaker, group in sorted(groups.items()):
-        durations.hist([clip.seconds for clip in group], bins=bins, alpha=0.6, label=speaker)
+        durations.hist([clip.seconds for clip in group], bins=bins, alpha=0.6, label=labels[speaker])
         clean = [clip for clip in group if not clip.flags]
         flagged = [clip for clip in group if clip.flags]
-        dots = rates.scatter([c.seconds for c in clean], [c.rate for c in clean], s=12, label=speaker)
+        dots = rates.scatter([c.seconds for c in clean], [c.rate for c in clean], s=12, label=labels[speaker])
         rates.scatter([c.seconds for c in flagged], [c.rate for c in flagged], s=30, marker="x",
                       color=dots.get_facecolor()[0])
     if rate_rejected:
@@ -288,3 +295,36 @@ def plot(path: Path, kept: list, rate_rejected: list):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def fonts_and_labels(names: list) -> tuple:
+    """The font families the plot asks for, and each name's legend label.
+
+    matplotlib's default font draws Latin, Greek and Cyrillic but not Chinese, Japanese or Korean,
+    and warns once per missing character. Fonts installed here that draw a name's other characters
+    follow the default (matplotlib falls back glyph by glyph); a name that no font here draws whole
+    is labelled by its place among the speakers ("speaker 2"), the order of report.json's "speakers".
+    """
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    default_file = font_manager.findfont(font_manager.FontProperties())
+    drawn = set(FT2Font(default_file).get_charmap())
+    families = [font_manager.FontProperties(fname=default_file).get_name()]
+    missing = {ord(character) for name in names for character in str(name) if not character.isspace()} - drawn
+    for font in font_manager.fontManager.ttflist if missing else []:
+        if font.name.startswith("Last Resort"):  # matplotlib's own: a box for every character, not a glyph
+            continue
+        try:
+            characters = set(FT2Font(font.fname).get_charmap())
+        except (OSError, RuntimeError):  # a font file matplotlib listed but cannot open
+            continue
+        if missing & characters:
+            families.append(font.name)
+            drawn |= characters
+            missing -= characters
+        if not missing:
+            break
+    labels = [str(name) if all(ord(c) in drawn or c.isspace() for c in str(name)) else f"speaker {place}"
+              for place, name in enumerate(names, 1)]
+    return families, labels

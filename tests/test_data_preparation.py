@@ -1052,3 +1052,25 @@ def test_a_long_take_whose_own_text_cannot_be_used_is_said_once(tmp_path, capsys
     printed = capsys.readouterr().out
     assert printed.count("note: 1 takes too long to keep whole have a text of their own (e.g. ") == 1
     assert all(clip["text_from"] == "asr" for clip in clips_of(tmp_path / "out.jsonl").values())
+
+
+def test_the_report_plot_labels_names_no_font_here_draws_without_warnings(tmp_path):
+    """A Chinese speaker name on a machine without a Chinese font: no warning per missing glyph, and the
+    legend names it by its place among the speakers; names the fonts draw keep their names."""
+    import warnings
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    drawable = set().union(*(FT2Font(font.fname).get_charmap() for font in font_manager.fontManager.ttflist
+                             if not font.name.startswith("Last Resort")))
+    undrawable = next(chr(code) for code in range(0x4E00, 0xA000) if code not in drawable)
+    names = ["Анна", f"{undrawable}{undrawable}", "bert"]
+    families, labels = data_report.fonts_and_labels(sorted(names))
+    assert labels == ["bert", "Анна", "speaker 3"]
+    kept = [ClipInfo(position=None, order=(n,), source=f"c{n}", speaker=name, text="Thirty letters of text, or so.",
+                     seconds=2.0 + n, row_audio=f"c{n}.wav", segment=None, ref_audio=None, quality={}, flags={})
+            for n, name in enumerate(names)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font(s)" would fail the test
+        data_report.plot(tmp_path / "report.png", kept, [])
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
