@@ -6,6 +6,7 @@ loads), the accelerator, the checkpoint to resume, the base model, the data and 
 module that trains, the optimizer and schedule, then either the checkpoint's state or a fresh start.
 """
 
+import difflib
 import functools
 import gc
 import os
@@ -335,7 +336,8 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
                 f"{start.name if start else 'the start'}")
         if start is None and not later:
             # A job's first start, or a requeue of one stopped before its first save: one command serves both.
-            log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet, starting from the beginning")
+            log(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet, starting from the beginning"
+                + runs_of_a_similar_name(output_dir))
         return start
     if args.resume_from_checkpoint:
         path = Path(args.resume_from_checkpoint)
@@ -362,6 +364,21 @@ def find_resume_checkpoint(args, output_dir: Path, problems: list, log=print):
             f"{output_dir} already holds checkpoints ({finished[-1].name} ...). Continue that run with "
             f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir.")
     return None
+
+
+def runs_of_a_similar_name(output_dir: Path) -> str:
+    """A note naming folders beside `output_dir` with a close name that hold resumable checkpoints:
+    `latest` must start a job's first run quietly, so a mistyped --output_model_path would too."""
+    parent = output_dir.parent
+    if not parent.is_dir():
+        return ""
+    names = [folder.name for folder in parent.iterdir() if folder != output_dir and folder.is_dir()]
+    close = [parent / name for name in difflib.get_close_matches(output_dir.name, names, n=3, cutoff=0.8)]
+    runs = [str(folder) for folder in close if checkpoint.list_checkpoints(folder)]
+    if not runs:
+        return ""
+    return (f". Note: {', '.join(runs)} beside it {'holds' if len(runs) == 1 else 'hold'} checkpoints; to continue "
+            f"that run, stop this one and pass it as --output_model_path")
 
 
 def saved_after(folder: Path, step: int) -> bool:

@@ -3,6 +3,7 @@ the whole job, data workers included), no half-written checkpoint (a crash or a 
 work on non-finite steps, eval at the right steps, one command for a job and its requeues, runs of
 any precision one after another in one process, and only safe file loading."""
 
+import argparse
 import errno
 import gc
 import json
@@ -23,6 +24,7 @@ from qwen_tts import Qwen3TTSModel
 from safetensors.torch import load_file
 
 from qwen3_tts_sft import checkpoint
+from qwen3_tts_sft.training_setup import find_resume_checkpoint
 from helpers import GPU_DEFAULT_PATH, ROOT, build_run, read_jsonl, train, trainer_argv, write_jsonl
 
 # 12 clips, 2 per step: 6 steps an epoch; saving every step lets a run resume from any point.
@@ -329,6 +331,14 @@ def test_latest_with_no_checkpoint_yet_starts_from_the_beginning(tiny_model, twe
     assert f"  resume: no checkpoint in {output}, so a new run from step 0; to continue one, give its " \
            f"--output_model_path" in said.split("***** Running training *****")[1]
     assert checkpoint.read_trainer_state(output / "checkpoint-step-1").progress.step == 1
+    # A mistyped --output_model_path starts anew too (it may be a job's first start), and names the run meant.
+    said, problems = [], []
+    assert find_resume_checkpoint(argparse.Namespace(resume_from_checkpoint="latest"), tmp_path / "outt", problems,
+                                  log=said.append) is None
+    assert not problems and f"{output} beside it holds checkpoints; to continue that run" in said[0]
+    find_resume_checkpoint(argparse.Namespace(resume_from_checkpoint="latest"), tmp_path / "elsewhere", problems,
+                           log=said.append)
+    assert "beside it" not in said[1]
     # The requeue of a job that then finished: the same command reads that checkpoint and stops there.
     train(tiny_model, twelve_clips, output, **command)
     assert f"already finished: {output / 'checkpoint-step-1'} is at step 1" in capsys.readouterr().out
