@@ -691,11 +691,12 @@ def resume_or_start(args, settings: Settings, accelerator) -> TrainingProgress:
         if accelerator.is_main_process:
             if args.overwrite_output_dir and output_dir.is_dir():
                 remove_earlier_runs(output_dir, accelerator.print)
-            output_dir.mkdir(parents=True, exist_ok=True)
         progress = TrainingProgress(seed=args.seed)
     else:
         progress = checkpoint.load_training_state(resume_dir, accelerator).progress
     if accelerator.is_main_process:
+        # A resume may branch off into a new folder (a checkpoint given by path): scores.jsonl goes there first.
+        output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partials(output_dir)
     if args.report_to != "none":
         progress.tracker_run = progress.tracker_run or new_tracker_run(output_dir / TRACKER_DIR)
