@@ -87,9 +87,7 @@ class TrainingRun:
         self.clips_this_run = 0
         self.reset_interval()
         if progress.evaluations:  # a resume: its checkpoint's history, ranked by this run's metric
-            best = self.best_evaluation()
-            if best is not None:
-                progress.best_step, progress.best_checkpoint = best["step"], best["checkpoint"] or progress.best_checkpoint
+            self.rank_evaluations()
             if self.accelerator.is_main_process:
                 scoring.write_scores(self.output_dir, progress.evaluations)
 
@@ -325,20 +323,26 @@ class TrainingRun:
         if self.listening_due(last_step):
             entry.update(self.listen())
         progress.evaluations.append(entry)
-        best = self.best_evaluation()
-        if best is not None:
-            progress.best_step = best["step"]
-            progress.best_checkpoint = best["checkpoint"] or progress.best_checkpoint
+        self.rank_evaluations()
         if self.accelerator.is_main_process:
             scoring.write_scores(self.output_dir, progress.evaluations)
 
-    def best_evaluation(self):
-        """The best evaluation by --metric_for_best_model whose weights can still be had: a resume
-        under another metric may favour one whose checkpoint --save_total_limit removed under the old
-        one (evaluations between saves have none, and rank as before)."""
-        on_hand = [entry for entry in self.progress.evaluations
-                   if not entry["checkpoint"] or (self.output_dir / entry["checkpoint"]).is_dir()]
-        return scoring.choose_best(on_hand, self.args.metric_for_best_model)
+    def rank_evaluations(self, saving: str = None):
+        """progress.best_step: the best evaluation by --metric_for_best_model whose weights can still be
+        had (a resume under another metric may favour one whose checkpoint --save_total_limit removed
+        under the old one; evaluations between saves have none, and rank as before).
+        progress.best_checkpoint, which --save_total_limit keeps: the best of the saved ones. When the
+        best evaluation fell between saves, that is the best saved since, not an older one it beat.
+        `saving`: the checkpoint being written, counted as on hand."""
+        progress, metric = self.progress, self.args.metric_for_best_model
+        on_hand = [entry for entry in progress.evaluations if not entry["checkpoint"] or entry["checkpoint"] == saving
+                   or (self.output_dir / entry["checkpoint"]).is_dir()]
+        best = scoring.choose_best(on_hand, metric)
+        if best is not None:
+            progress.best_step = best["step"]
+        best_saved = scoring.choose_best([entry for entry in on_hand if entry["checkpoint"]], metric)
+        if best_saved is not None:
+            progress.best_checkpoint = best_saved["checkpoint"]
 
     def listen(self) -> dict:
         """Speak and measure with the weights as they stand (scoring.listen) on the main process, log
@@ -409,8 +413,8 @@ class TrainingRun:
         for entry in progress.evaluations:
             if entry["step"] == progress.step:
                 entry["checkpoint"] = name
-        if progress.best_step == progress.step:
-            progress.best_checkpoint = name
+        if progress.evaluations:
+            self.rank_evaluations(saving=name)
         state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps,
                              flags=checkpoint.recorded_flags(self.args), versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes, weights=self.settings.weights.name,
@@ -567,7 +571,8 @@ class TrainingRun:
                 " (--metric_for_best_model listening_score ranks them by what they sound like)"
                 if metric == "eval_loss" else ""))
         else:
-            kept = best["checkpoint"] or "not saved (an evaluation between saves)"
+            kept = best["checkpoint"] or "not saved (an evaluation between saves)" + (
+                f"; the best saved one, kept: {progress.best_checkpoint}" if progress.best_checkpoint else "")
             lines.append(f"  best: step {best['step']}, {kept}: {scoring.why_best(best, metric)}")
         return lines
 

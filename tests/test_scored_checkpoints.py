@@ -187,6 +187,25 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
     assert torch.allclose(row, good_vectors["alice"].to(row), atol=1e-2)  # the good vector, in bf16, on its device
 
 
+def test_the_best_saved_checkpoint_is_kept_when_the_best_evaluation_fell_between_saves(
+        tiny_model, coded_clips, tmp_path, monkeypatch, capsys):
+    """--eval_steps finer than --save_steps (the defaults are 2000 and 4000): the best evaluation, at step 3,
+    has no checkpoint. --save_total_limit keeps the best saved one (step 4's, eval loss 3), not step 2's
+    (eval loss 5) that it happened to beat first."""
+    from qwen3_tts_sft.training_run import TrainingRun
+
+    planted = {1: 9.0, 2: 5.0, 3: 1.0, 4: 3.0, 5: 8.0, 6: 8.0, 7: 8.0, 8: 8.0}
+    monkeypatch.setattr(TrainingRun, "teacher_forced_losses", lambda run, dataset, indices: (planted[run.progress.step], 0.0))
+    # 8 clips, 2 a step: 4 steps an epoch, 8 in all; saved at 2, 4 (epoch 0), 6 and 8 (epoch 1).
+    output = train(tiny_model, coded_clips, tmp_path / "out", eval_jsonl=coded_clips, eval_steps=1, save_steps=2,
+                   num_epochs=2, save_total_limit=1)
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
+    state = checkpoint.read_trainer_state(output / "checkpoint-epoch-1")
+    assert (state.progress.best_step, state.progress.best_checkpoint) == (3, "checkpoint-epoch-0")
+    summary = capsys.readouterr().out.split("***** Training finished *****")[1]
+    assert "best: step 3, not saved (an evaluation between saves); the best saved one, kept: checkpoint-epoch-0" in summary
+
+
 # ---------------------------------------------------------------------------------------------
 # Flags and infer_test.py --compare
 # ---------------------------------------------------------------------------------------------
