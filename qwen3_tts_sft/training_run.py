@@ -419,6 +419,7 @@ class TrainingRun:
                              flags=checkpoint.recorded_flags(self.args), versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes, weights=self.settings.weights.name,
                              train_data_sha256=self.settings.train_data.sha256,
+                             eval_data_sha256=self.settings.eval_data,
                              speakers=[s.as_json() for s in self.speaker_table if not s.kept],
                              kept_speakers=[s.as_json() for s in self.speaker_table if s.kept])
         checkpoint.save(self.accelerator, self.train_module, final, Path(self.args.init_model_path),

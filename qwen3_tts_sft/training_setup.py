@@ -54,6 +54,9 @@ TRAINED_WEIGHTS_FLAGS = ("train_text_embedding", "train_speaker_encoder", "lora_
 # the loss under a run half done.
 UPDATE_FLAGS = ("weight_decay", "lora_alpha", "code_predictor_loss_weight")
 LORA_ONLY_FLAGS = ("lora_alpha", "lora_target_modules")  # mean nothing without LoRA (--lora_rank 0)
+# Files whose content the evaluations measure, and the measure each one feeds: a resume that changes one
+# would rank the run's earlier evaluations against measures of other clips or sentences.
+EVAL_DATA_FLAGS = {"eval_jsonl": "eval_loss", "eval_sentences": "listening_score"}
 # Flags that shape the learning-rate schedule: a resume with other values moves the rate from where
 # the run is, so it needs --allow_schedule_change.
 SCHEDULE_FLAGS = ("num_epochs", "max_steps", "warmup_steps", "lr", "lr_scheduler")
@@ -100,6 +103,7 @@ class Settings:
     layouts: tuple             # text layouts every clip is trained in
     save_dtype: torch.dtype
     train_data: DataFingerprint
+    eval_data: dict            # EVAL_DATA_FLAGS given: their files' sha256 (TrainerState.eval_data_sha256)
     resume_dir: Path           # None: a fresh start
     new_schedule: tuple        # SCHEDULE_FLAGS a resume changes (--allow_schedule_change)
     versions: dict
@@ -196,12 +200,14 @@ def resolve_settings(args, accelerator) -> Settings:
     weights = weight_storage_choice(args, accelerator.mixed_precision, device_type, accelerator.num_processes, fsdp,
                                     problems)
     train_data = DataFingerprint.of(args.train_jsonl)
+    eval_data = {name: DataFingerprint.of(getattr(args, name)).sha256 for name in EVAL_DATA_FLAGS if getattr(args, name)}
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems, log=accelerator.print)
     note_checkpoint_start(Path(args.init_model_path), accelerator.print)
     resumed = None
     if resume_dir is not None and not problems:
         resumed = checkpoint.read_trainer_state(resume_dir)
         problems += resume_problems(args, resumed, resume_dir, train_data, weights, accelerator)
+        problems += eval_data_problems(args, resumed, eval_data, resume_dir)
     problems += voices.flag_problems(args, resumed)  # the starting model's speakers, encoder, replay
     listening, listen_steps = listening_choice(args, fsdp, problems, accelerator.print)
     if problems:
@@ -219,7 +225,7 @@ def resolve_settings(args, accelerator) -> Settings:
         cuda_graphs=graphs, drop_graphs_when_short=drop_when_short,
         layouts=(NON_STREAMING, STREAMING) if args.text_layout == "both" else (args.text_layout,),
         save_dtype=getattr(torch, args.save_dtype),
-        train_data=train_data,
+        train_data=train_data, eval_data=eval_data,
         resume_dir=resume_dir,
         new_schedule=new_schedule,
         versions=library_versions(),
@@ -446,6 +452,23 @@ def resume_problems(args, state, resume_dir: Path, train_data: DataFingerprint, 
     if changed:
         accelerator.print("resuming with changed flags: " + ", ".join(changed))
     return []
+
+
+def eval_data_problems(args, state, eval_data: dict, resume_dir: Path) -> list:
+    """A resume whose --eval_jsonl or --eval_sentences holds other content than the run's evaluations so far
+    measured: the best checkpoint would be chosen by comparing measures of different clips or sentences."""
+    problems = []
+    for name, measure in EVAL_DATA_FLAGS.items():
+        saved = (state.eval_data_sha256 or {}).get(name)  # None: not given then, or a checkpoint from before the record
+        measured = any(entry.get(measure) is not None for entry in state.progress.evaluations)
+        if measured and saved and name in eval_data and eval_data[name] != saved:
+            problems.append(
+                f"--{name} {getattr(args, name)} holds other content than {state.flags.get(name)}, which the run's "
+                f"evaluations so far measured (sha256 {saved}): the best checkpoint would be chosen by comparing "
+                f"{measure} on different {'clips' if name == 'eval_jsonl' else 'sentences'}. Resume with the file as "
+                f"it was, or start a new run from the checkpoint (--init_model_path {resume_dir}, another "
+                f"--output_model_path)")
+    return problems
 
 
 def library_versions() -> dict:

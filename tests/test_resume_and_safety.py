@@ -505,6 +505,25 @@ def test_a_resume_refuses_flags_that_would_change_the_run_by_name(tiny_model, tw
     assert checkpoint.latest_checkpoint(lora_output).name == "checkpoint-step-2"
 
 
+def test_a_resume_on_other_eval_data_is_refused_by_name(tiny_model, twelve_clips, tmp_path):
+    """The best checkpoint is chosen by comparing the evaluations' eval losses: a resume that measured other
+    clips would compare losses of different data. The same clips in a copy at another path are no change."""
+    rows = read_jsonl(twelve_clips)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", rows[:4])
+    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=1, save_steps=1, eval_jsonl=held_out)
+    other = write_jsonl(tmp_path / "other.jsonl", rows[4:8])
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, output, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
+              allow_schedule_change=True, eval_jsonl=other)
+    assert f"--eval_jsonl {other} holds other content than {held_out}, which the run's evaluations" in str(raised.value)
+    assert f"--init_model_path {output / 'checkpoint-step-1'}" in str(raised.value)
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(held_out, moved)
+    train(tiny_model, twelve_clips, output, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
+          allow_schedule_change=True, eval_jsonl=moved)
+    assert [entry["step"] for entry in checkpoint.read_trainer_state(output / "checkpoint-step-2").progress.evaluations] == [1, 2]
+
+
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tiny_model, twelve_clips, tmp_path):
     """Garbage in trainer_state.json: `latest` names the checkpoint, as it names one copied in part.
     A training-state file of the right size but damaged (which files.json cannot tell): named, with
