@@ -432,7 +432,10 @@ class TrainingRun:
                     tqdm.write(f"removed old checkpoint {folder}")
             if progress.evaluations:
                 scoring.write_scores(self.output_dir, progress.evaluations)  # with the checkpoint's name
-            if self.args.load_best_model_at_end and progress.best_checkpoint:
+            # A best/ made before a resume without --load_best_model_at_end follows the kept best too: left
+            # alone, it would point at a checkpoint --save_total_limit removes once a better one comes.
+            if progress.best_checkpoint and (self.args.load_best_model_at_end
+                                             or (self.output_dir / scoring.BEST_LINK).is_symlink()):
                 scoring.link_best(self.output_dir, progress.best_checkpoint)
             tqdm.write(f"saved {final}")
         self.last_checkpoint = final

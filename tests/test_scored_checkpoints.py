@@ -206,6 +206,23 @@ def test_the_best_saved_checkpoint_is_kept_when_the_best_evaluation_fell_between
     assert "best: step 3, not saved (an evaluation between saves); the best saved one, kept: checkpoint-epoch-0" in summary
 
 
+def test_best_follows_the_best_after_a_resume_without_load_best_model_at_end(tiny_model, coded_clips, tmp_path,
+                                                                             monkeypatch):
+    """The first part of the run linked best/; its requeue forgot --load_best_model_at_end. Better checkpoints
+    come, the old best is removed by --save_total_limit: best/ moves with the best instead of dangling."""
+    from qwen3_tts_sft.training_run import TrainingRun
+
+    monkeypatch.setattr(TrainingRun, "teacher_forced_losses", lambda run, dataset, indices: (10.0 - run.progress.step, 0.0))
+    flags = dict(eval_jsonl=coded_clips, eval_steps=1, save_steps=1, save_total_limit=1)
+    output = train(tiny_model, coded_clips, tmp_path / "out", max_steps=2, load_best_model_at_end=True, **flags)
+    assert (output / scoring.BEST_LINK).resolve().name == "checkpoint-step-2"
+    train(tiny_model, coded_clips, output, max_steps=4, resume_from_checkpoint="latest", allow_schedule_change=True,
+          **flags)
+    assert not (output / "checkpoint-step-2").exists()
+    assert (output / scoring.BEST_LINK).resolve() == (output / "checkpoint-epoch-0").resolve()
+    assert Qwen3TTSModel.from_pretrained(str(output / scoring.BEST_LINK)).model.talker is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Flags and infer_test.py --compare
 # ---------------------------------------------------------------------------------------------
