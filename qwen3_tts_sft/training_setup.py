@@ -139,7 +139,7 @@ def build_run(args) -> TrainingRun:
     run.start(train_module, optimizer, scheduler, progress)
     if settings.resume_dir is not None and run.finished:  # the new schedule ends at or before the checkpoint
         accelerator.print(finished_message(settings.resume_dir, progress, run.total_steps,
-                                           [speaker.name for speaker in speaker_table]))
+                                           [speaker.name for speaker in speaker_table], args.load_best_model_at_end))
         accelerator.end_training()
         raise AlreadyFinished
     if progress.step == 0:
@@ -216,7 +216,8 @@ def resolve_settings(args, accelerator) -> Settings:
     # The same schedule flags: the saved length is this run's length too.
     if resumed and not new_schedule and resumed.progress.step >= (resumed.total_steps or float("inf")):
         accelerator.print(finished_message(resume_dir, resumed.progress, resumed.total_steps,
-                                           [speaker["name"] for speaker in resumed.speakers]))
+                                           [speaker["name"] for speaker in resumed.speakers],
+                                           args.load_best_model_at_end))
         raise AlreadyFinished
     return Settings(
         mixed_precision=accelerator.mixed_precision,
@@ -772,10 +773,17 @@ def follow_new_schedule(scheduler, lr: float, step: int, accelerator) -> None:
                       f"({before:.3g} -> {schedule.get_last_lr()[0]:.3g})")
 
 
-def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: int, speakers: list) -> str:
-    lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
-             f"left to train. Its model is the run's result",
-             f"  hear it: {hear_it(resume_dir, speakers)}"]
+def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: int, speakers: list,
+                     best_is_result: bool = False) -> str:
+    best = resume_dir.parent / progress.best_checkpoint if progress.best_checkpoint else None
+    if best_is_result and best is not None and best.is_dir():  # --load_best_model_at_end: the best is the result
+        lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
+                 f"left to train. The run's result is its best checkpoint, {best.name} (--load_best_model_at_end)",
+                 f"  hear it: {hear_it(best, speakers)}"]
+    else:
+        lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
+                 f"left to train. Its model is the run's result",
+                 f"  hear it: {hear_it(resume_dir, speakers)}"]
     if progress.best_checkpoint:
         lines.append(f"  best by --metric_for_best_model: {progress.best_checkpoint} (step "
                      f"{progress.best_step or progress.best_eval_step}; the table in {scoring.SCORES_FILE})")

@@ -158,9 +158,10 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
 
     monkeypatch.setattr(scoring, "listen", listen)
     monkeypatch.setattr(listening, "vector_voice", vector_voice)
-    output = train(tiny_model, data, tmp_path / "out", text_layout="both", eval_generate_steps=1,
-                   eval_sentences=sentences, eval_max_new_tokens=cap, metric_for_best_model="listening_score",
-                   load_best_model_at_end=True, save_total_limit=1, save_steps=0, max_steps=3)
+    flags = dict(text_layout="both", eval_generate_steps=1, eval_sentences=sentences, eval_max_new_tokens=cap,
+                 metric_for_best_model="listening_score", load_best_model_at_end=True, save_total_limit=1,
+                 save_steps=0, max_steps=3)
+    output = train(tiny_model, data, tmp_path / "out", **flags)
     monkeypatch.undo()
 
     scores = {entry["step"]: entry for entry in scoring.read_scores(output / scoring.SCORES_FILE)}
@@ -185,6 +186,12 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
     tts = Qwen3TTSModel.from_pretrained(str(output / "best"), dtype=torch.float32)
     row = tts.model.talker.get_input_embeddings().weight[tts.model.config.talker_config.spk_id["alice"]]
     assert torch.allclose(row, good_vectors["alice"].to(row), atol=1e-2)  # the good vector, in bf16, on its device
+
+    # A requeue of the finished run names the best as its result, as the summary did, not the newest.
+    train(tiny_model, data, output, resume_from_checkpoint="latest", **flags)
+    printed = capsys.readouterr().out
+    assert "The run's result is its best checkpoint, checkpoint-step-1 (--load_best_model_at_end)" in printed
+    assert f"hear it: python infer_test.py --model_path {output / 'checkpoint-step-1'} --speaker alice" in printed
 
 
 def test_the_best_saved_checkpoint_is_kept_when_the_best_evaluation_fell_between_saves(
