@@ -238,6 +238,11 @@ def check_args(args):
         problems.append("--lora_alpha must be positive: the adapters' output is scaled by alpha / rank")
     if not 0 <= args.lora_dropout < 1:
         problems.append("--lora_dropout must be in [0, 1)")
+    # Without --lora_rank they would go unused, and the run would fine-tune every weight unasked.
+    lora_only = [f"--{name}" for name in ("lora_alpha", "lora_dropout", "lora_target_modules") if getattr(args, name)]
+    if lora_only and not args.lora_rank:
+        problems.append(f"{', '.join(lora_only)} without --lora_rank, which turns LoRA on (0, the default, fine-tunes "
+                        f"every weight): give --lora_rank N (16-64 suit a voice), or drop them")
     if args.speaker_encoder_from and not Path(args.speaker_encoder_from).is_dir():
         problems.append(f"--speaker_encoder_from {args.speaker_encoder_from}: no such folder")
     if not 0 <= args.replay_ratio < 1:
