@@ -298,3 +298,14 @@ def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_lower_e
     rates = {listening.ALL_SPEAKERS: {"alice": 15.0, "bob": 10.0}}
     assert scoring.frame_cap(items, rates) == 138  # 12.5/s x (2 s + 3 x 30 chars / 10 a s)
     assert scoring.frame_cap(items, None) == listening.auto_frame_cap(["x" * 30])
+
+
+def test_the_table_keeps_a_wide_value_apart_from_the_next():
+    """A checkpoint that stops at once speaks many times the training rate: 0/9 and 32.76-39.71x must not
+    read as 0/932.76-39.71x."""
+    entry = dict(step=3, eval_loss=10.15, listening_score=-1.0, speaker_similarity=0.869, stopped=0, sentences=9,
+                 listen_seconds=0.6, checkpoint="checkpoint-step-3",
+                 layouts={"non_streaming": dict(speakers=[dict(rate_ratio=32.76), dict(rate_ratio=39.71)])})
+    header, row = scoring.table_rows([entry])
+    assert row.split() == ["checkpoint-step-3", "3", "10.1500", "-1.000", "0.869", "0/9", "32.76-39.71x", "-", "0.6"]
+    assert header.split() == ["step", "eval", "loss", "score", "similarity", "stopped", "rate", "cer", "seconds"]
