@@ -269,8 +269,13 @@ def listening_problems(args) -> list:
         path = Path(args.eval_sentences)
         if not path.is_file():
             problems.append(f"--eval_sentences {path}: file not found")
-        elif not path.read_text(encoding="utf-8", errors="replace").strip():
-            problems.append(f"--eval_sentences {path} holds no sentences")
+        else:  # read as the listening steps will, before the model loads rather than after
+            from qwen3_tts_sft.listening import sentences_in_file
+
+            try:
+                sentences_in_file(path)
+            except ValueError as problem:
+                problems.append(f"--eval_sentences {path}: {problem}")
     if args.asr_model and not Path(args.asr_model).exists():
         problems.append(f"--asr_model {args.asr_model}: not found")
     unused = [flag for flag, given in (("--eval_sentences", args.eval_sentences), ("--asr_model", args.asr_model),

@@ -249,6 +249,17 @@ def test_listening_flags_that_cannot_work_are_refused_by_name(tiny_model, coded_
         sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
 
 
+def test_eval_sentences_that_do_not_read_are_refused_before_the_model_loads(tiny_model, coded_clips, tmp_path):
+    """A file saved in Latin-1: named with its line before any model loads, not after it, at the listening setup."""
+    from helpers import trainer_argv
+
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_bytes("Hello.\nCaf\u00e9 ol\u00e9.\n".encode("latin-1"))
+    argv = trainer_argv(tiny_model, coded_clips, tmp_path / "out", eval_generate_steps=2, eval_sentences=sentences)
+    with pytest.raises(SystemExit, match=f"--eval_sentences {sentences}: line 2: not UTF-8 .* save the file as UTF-8"):
+        sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
+
+
 def test_compare_prints_checkpoints_and_scores_side_by_side(listened, capsys, tmp_path):
     on, _ = listened
     infer_test.main(["--compare", str(on), str(on / "checkpoint-step-2"), "--text", "Hi.", "--max_new_tokens", "4",
