@@ -566,7 +566,11 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
         accelerator.print(f"warning: {', '.join(untrained)} only in the eval data: no training row speaks "
                           f"{'that voice' if len(untrained) == 1 else 'those voices'}, so the checkpoint holds "
                           f"{'it' if len(untrained) == 1 else 'them'} untrained (the speaker vector of the reference "
-                          f"clips alone). A misspelt speaker name?")
+                          f"clips alone). "
+                          # The split is random, not per speaker: a voice of few clips can lose them all to it.
+                          + (f"--eval_split {args.eval_split} held out every clip of "
+                             f"{'it' if len(untrained) == 1 else 'them'}: lower it, or give held-out clips as "
+                             f"--eval_jsonl" if args.eval_split else "A misspelt speaker name?"))
     replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))
     rehearsal = replay.mixed_clips(replay_set, len(train_clips), args.replay_ratio, args.seed)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}

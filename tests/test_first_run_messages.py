@@ -295,3 +295,19 @@ def test_an_eval_only_speaker_and_a_max_steps_beyond_the_epochs_are_said(tiny_mo
     assert "warning: stranger only in the eval data: no training row speaks that voice" in printed
     assert "stranger: new (codec id" in printed and "; untrained: no training row speaks it); eval loss" in printed
     assert "; --max_steps 50 is more than 1 epochs hold: raise --num_epochs to train that long" in printed
+
+
+def test_a_voice_whose_every_clip_eval_split_held_out_is_said_so(tiny_model, coded_clips, tmp_path, capsys):
+    """A second voice of one clip: the random --eval_split can take it (seed 24 draws index 7 first). The warning
+    names the split, not a misspelt name."""
+    from helpers import build_run
+
+    rows = read_jsonl(coded_clips)
+    alice = [row for row in rows if row["speaker"] == "alice"]
+    bob = [row for row in rows if row["speaker"] == "bob"]
+    data = write_jsonl(tmp_path / "train.jsonl", (alice * 2)[:7] + bob[:1])
+    build_run(tiny_model, data, tmp_path / "out", eval_split=0.125, seed=24, eval_generate_steps=0)
+    printed = capsys.readouterr().out
+    assert "warning: bob only in the eval data" in printed
+    assert "--eval_split 0.125 held out every clip of it: lower it, or give held-out clips as --eval_jsonl" in printed
+    assert "misspelt" not in printed
