@@ -304,6 +304,9 @@ def weight_storage_choice(args, precision: str, device_type: str, num_processes:
         if args.bf16_weights == "yes":
             problems.append("--bf16_weights yes and --low_memory: --low_memory keeps bf16 weights already, without "
                             "the fp32 copy; pass one of them")
+        if args.bf16_weights == "no":  # else ignored: the weights would be bf16 all the same
+            problems.append("--bf16_weights no and --low_memory: --low_memory holds the weights in bf16; for fp32 "
+                            "weights drop --low_memory")
         return BF16_WEIGHTS
     if args.bf16_weights == "yes":
         if fsdp:
