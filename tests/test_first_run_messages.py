@@ -311,3 +311,15 @@ def test_a_voice_whose_every_clip_eval_split_held_out_is_said_so(tiny_model, cod
     assert "warning: bob only in the eval data" in printed
     assert "--eval_split 0.125 held out every clip of it: lower it, or give held-out clips as --eval_jsonl" in printed
     assert "misspelt" not in printed
+
+
+def test_the_banner_says_no_best_is_kept_when_nothing_is_evaluated(tiny_model, coded_clips, tmp_path):
+    """--eval_steps and --save_total_limit given, the eval data forgotten: the banner does not promise a best."""
+    from helpers import build_run
+
+    banner = build_run(tiny_model, coded_clips, tmp_path / "out", eval_steps=5, save_total_limit=1).banner()
+    assert "--save_total_limit 1 keeps the newest 1, and no best: nothing is evaluated without eval data" in banner
+    assert "counted among them" not in banner
+    banner = build_run(tiny_model, coded_clips, tmp_path / "out2", eval_split=0.25, eval_generate_steps=0,
+                       save_total_limit=1).banner()
+    assert "--save_total_limit 1 keeps the newest 1, the best by --metric_for_best_model counted among them" in banner
