@@ -486,10 +486,11 @@ class TrainingRun:
             + (f" and every {args.save_steps} steps" if args.save_steps else "")
             + f", about {gigabytes(self.checkpoint_bytes)} each; "
             + (f"--save_total_limit {args.save_total_limit} keeps the newest {args.save_total_limit}, "
-               + ("the best by --metric_for_best_model counted among them" if self.eval_set or settings.listening else
-                  # Said, or --eval_steps and the metric would pass unnoticed: nothing evaluates, so no best is kept.
-                  "and no best: nothing is evaluated without eval data (--eval_split or --eval_jsonl) or "
-                  "--eval_generate_steps N")
+               # Said, or --eval_steps and the metric would pass unnoticed. The listening metrics need listening
+               # (refused without it); the eval loss needs eval data.
+               + ("the best by --metric_for_best_model counted among them"
+                  if self.eval_set is not None or args.metric_for_best_model != "eval_loss" else
+                  "and no best: --metric_for_best_model eval_loss needs eval data (--eval_split or --eval_jsonl)")
                + f": up to {gigabytes(self.checkpoint_bytes * (args.save_total_limit + 1))} while the next is "
                f"written (0 keeps all)"
                if args.save_total_limit else

@@ -318,8 +318,12 @@ def test_the_banner_says_no_best_is_kept_when_nothing_is_evaluated(tiny_model, c
     from helpers import build_run
 
     banner = build_run(tiny_model, coded_clips, tmp_path / "out", eval_steps=5, save_total_limit=1).banner()
-    assert "--save_total_limit 1 keeps the newest 1, and no best: nothing is evaluated without eval data" in banner
+    no_best = ("--save_total_limit 1 keeps the newest 1, and no best: --metric_for_best_model eval_loss needs eval "
+               "data (--eval_split or --eval_jsonl)")
+    assert no_best in banner
     assert "counted among them" not in banner
+    # Listening without eval data does not measure the eval loss either.
+    assert no_best in build_run(tiny_model, coded_clips, tmp_path / "out1", eval_generate_steps=5, save_total_limit=1).banner()
     banner = build_run(tiny_model, coded_clips, tmp_path / "out2", eval_split=0.25, eval_generate_steps=0,
                        save_total_limit=1).banner()
     assert "--save_total_limit 1 keeps the newest 1, the best by --metric_for_best_model counted among them" in banner
