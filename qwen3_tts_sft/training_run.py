@@ -341,8 +341,8 @@ class TrainingRun:
         if best is not None:
             progress.best_step = best["step"]
         best_saved = scoring.choose_best([entry for entry in on_hand if entry["checkpoint"]], metric)
-        if best_saved is not None:
-            progress.best_checkpoint = best_saved["checkpoint"]
+        # None when none is on hand: a run branched off into another folder has none of the old one's checkpoints.
+        progress.best_checkpoint = best_saved["checkpoint"] if best_saved is not None else None
 
     def listen(self) -> dict:
         """Speak and measure with the weights as they stand (scoring.listen) on the main process, log
