@@ -485,16 +485,7 @@ class TrainingRun:
             f"  checkpoints: {self.output_dir}/checkpoint-epoch-N"
             + (f" and every {args.save_steps} steps" if args.save_steps else "")
             + f", about {gigabytes(self.checkpoint_bytes)} each; "
-            + (f"--save_total_limit {args.save_total_limit} keeps the newest {args.save_total_limit}, "
-               # Said, or --eval_steps and the metric would pass unnoticed. The listening metrics need listening
-               # (refused without it); the eval loss needs eval data.
-               + ("the best by --metric_for_best_model counted among them"
-                  if self.eval_set is not None or args.metric_for_best_model != "eval_loss" else
-                  "and no best: --metric_for_best_model eval_loss needs eval data (--eval_split or --eval_jsonl)")
-               + f": up to {gigabytes(self.checkpoint_bytes * (args.save_total_limit + 1))} while the next is "
-               f"written (0 keeps all)"
-               if args.save_total_limit else
-               "--save_total_limit 0 keeps them all"),
+            + self.kept_checkpoints(),
         ]
         if settings.listening:
             lines.append(self.listening_line())
@@ -511,6 +502,24 @@ class TrainingRun:
                          f"one, give its --output_model_path")
         lines += voices.banner_lines(self)
         return "\n".join(lines)
+
+    def kept_checkpoints(self) -> str:
+        """What --save_total_limit keeps, and the most the checkpoints take on disk while the next is written."""
+        args, limit = self.args, self.args.save_total_limit
+        if not limit:
+            return "--save_total_limit 0 keeps them all"
+        # Said, or --eval_steps and the metric would pass unnoticed. The listening metrics need listening
+        # (refused without it); the eval loss needs eval data.
+        if self.eval_set is None and args.metric_for_best_model == "eval_loss":
+            kept, text = limit, (f"--save_total_limit {limit} keeps the newest {limit}, and no best: "
+                                 f"--metric_for_best_model eval_loss needs eval data (--eval_split or --eval_jsonl)")
+        elif limit == 1:  # the newest always stays (a run resumes from it): an older best is kept beside it
+            kept, text = 2, ("--save_total_limit 1 keeps the newest, and the best by --metric_for_best_model beside "
+                             "it when that is an older one")
+        else:
+            kept, text = limit, (f"--save_total_limit {limit} keeps the newest {limit}, the best by "
+                                 f"--metric_for_best_model counted among them")
+        return f"{text}: up to {gigabytes(self.checkpoint_bytes * (kept + 1))} while the next is written (0 keeps all)"
 
     def listening_line(self) -> str:
         args, settings = self.args, self.settings

@@ -324,6 +324,10 @@ def test_the_banner_says_no_best_is_kept_when_nothing_is_evaluated(tiny_model, c
     assert "counted among them" not in banner
     # Listening without eval data does not measure the eval loss either.
     assert no_best in build_run(tiny_model, coded_clips, tmp_path / "out1", eval_generate_steps=5, save_total_limit=1).banner()
+    # With a best, 1 keeps two (the newest always stays, an older best beside it): three while the next is written.
     banner = build_run(tiny_model, coded_clips, tmp_path / "out2", eval_split=0.25, eval_generate_steps=0,
                        save_total_limit=1).banner()
-    assert "--save_total_limit 1 keeps the newest 1, the best by --metric_for_best_model counted among them" in banner
+    each = float(banner.split(", about ")[1].split(" MB each; ")[0])
+    kept = banner.split("--save_total_limit 1 keeps the newest, and the best by --metric_for_best_model beside it "
+                        "when that is an older one: up to ")[1]
+    assert 2.9 < float(kept.split(" MB while the next is written")[0]) / each < 3.1
