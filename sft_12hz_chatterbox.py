@@ -238,6 +238,11 @@ def check_args(args):
         problems.append("--lora_alpha must be positive: the adapters' output is scaled by alpha / rank")
     if not 0 <= args.lora_dropout < 1:
         problems.append("--lora_dropout must be in [0, 1)")
+    # Without --lora_rank they would go unused, and the run would fine-tune every weight unasked.
+    lora_only = [f"--{name}" for name in ("lora_alpha", "lora_dropout", "lora_target_modules") if getattr(args, name)]
+    if lora_only and not args.lora_rank:
+        problems.append(f"{', '.join(lora_only)} without --lora_rank, which turns LoRA on (0, the default, fine-tunes "
+                        f"every weight): give --lora_rank N (16-64 suit a voice), or drop them")
     if args.speaker_encoder_from and not Path(args.speaker_encoder_from).is_dir():
         problems.append(f"--speaker_encoder_from {args.speaker_encoder_from}: no such folder")
     if not 0 <= args.replay_ratio < 1:
@@ -264,8 +269,13 @@ def listening_problems(args) -> list:
         path = Path(args.eval_sentences)
         if not path.is_file():
             problems.append(f"--eval_sentences {path}: file not found")
-        elif not path.read_text(encoding="utf-8", errors="replace").strip():
-            problems.append(f"--eval_sentences {path} holds no sentences")
+        else:  # read as the listening steps will, before the model loads rather than after
+            from qwen3_tts_sft.listening import sentences_in_file
+
+            try:
+                sentences_in_file(path)
+            except ValueError as problem:
+                problems.append(f"--eval_sentences {path}: {problem}")
     if args.asr_model and not Path(args.asr_model).exists():
         problems.append(f"--asr_model {args.asr_model}: not found")
     unused = [flag for flag, given in (("--eval_sentences", args.eval_sentences), ("--asr_model", args.asr_model),

@@ -90,6 +90,9 @@ class TrainerState:
     num_processes: int = 1
     weights: str = None            # how training held the weights (training_setup.WeightStorage.name)
     train_data_sha256: str = None  # DataFingerprint.sha256 of --train_jsonl
+    # What the evaluations measured, {"eval_jsonl": sha256, "eval_sentences": sha256} (those given): a resume
+    # on other ones would rank measures of other clips or sentences against the run's own.
+    eval_data_sha256: dict = None
     speakers: list = field(default_factory=list)     # new ones: [{name, codec_id, reference_audio: [paths]}]
     kept_speakers: list = field(default_factory=list)  # the starting model's: [{name, codec_id, dialect}]
 

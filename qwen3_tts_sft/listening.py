@@ -145,10 +145,15 @@ class Listening:
 def sentences_in_file(path) -> list:
     """A file's sentences, one a line, blank lines skipped; ValueError saying what is wrong with it."""
     try:
+        data = Path(path).read_bytes()
         # utf-8-sig: a byte-order mark (some Windows editors write one) is no part of the first sentence.
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        lines = data.decode("utf-8-sig").splitlines()
+    except OSError as error:
         raise ValueError(str(error)) from None
+    except UnicodeDecodeError as error:  # the line to fix, and what the file should be
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"line {line}: not UTF-8 ({error.reason} at byte {data[error.start]:#04x}); save the file "
+                         f"as UTF-8") from None
     sentences = [line.strip() for line in lines if line.strip()]
     if not sentences:
         raise ValueError("holds no sentences")

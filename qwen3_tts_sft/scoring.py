@@ -288,7 +288,8 @@ def table_rows(entries: list, labels: list = None, winner=None) -> list:
     """One line a header, then one an entry (labelled, e.g. with its checkpoint; the winner starred)."""
     labels = labels or [entry.get("checkpoint") or "" for entry in entries]
     width = max([len(label) for label in labels] + [10])
-    lines = ["  " + format("", f"<{width}") + "".join(format(title, align) for title, align, _, _ in COLUMNS)]
+    # Cells joined by a space: a value wider than its column (a rate of 10x and more) stays apart from the next.
+    lines = ["  " + format("", f"<{width}") + " ".join(format(title, align) for title, align, _, _ in COLUMNS)]
     for entry, label in zip(entries, labels):
         speakers = [s for layout in (entry.get("layouts") or {}).values() for s in layout["speakers"]]
         rates = [s["rate_ratio"] for s in speakers if s.get("rate_ratio") is not None]
@@ -298,5 +299,5 @@ def table_rows(entries: list, labels: list = None, winner=None) -> list:
                      stopped=f"{entry['stopped']}/{entry['sentences']}" if entry.get("sentences") else None)
         cells = ["-" if shown.get(key) is None else format(shown[key], form) for _, _, key, form in COLUMNS]
         mark = "* " if entry is winner else "  "
-        lines.append(mark + format(label, f"<{width}") + "".join(format(c, a) for c, (_, a, _, _) in zip(cells, COLUMNS)))
+        lines.append(mark + format(label, f"<{width}") + " ".join(format(c, a) for c, (_, a, _, _) in zip(cells, COLUMNS)))
     return lines

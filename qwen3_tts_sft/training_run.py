@@ -87,9 +87,7 @@ class TrainingRun:
         self.clips_this_run = 0
         self.reset_interval()
         if progress.evaluations:  # a resume: its checkpoint's history, ranked by this run's metric
-            best = self.best_evaluation()
-            if best is not None:
-                progress.best_step, progress.best_checkpoint = best["step"], best["checkpoint"] or progress.best_checkpoint
+            self.rank_evaluations()
             if self.accelerator.is_main_process:
                 scoring.write_scores(self.output_dir, progress.evaluations)
 
@@ -325,20 +323,26 @@ class TrainingRun:
         if self.listening_due(last_step):
             entry.update(self.listen())
         progress.evaluations.append(entry)
-        best = self.best_evaluation()
-        if best is not None:
-            progress.best_step = best["step"]
-            progress.best_checkpoint = best["checkpoint"] or progress.best_checkpoint
+        self.rank_evaluations()
         if self.accelerator.is_main_process:
             scoring.write_scores(self.output_dir, progress.evaluations)
 
-    def best_evaluation(self):
-        """The best evaluation by --metric_for_best_model whose weights can still be had: a resume
-        under another metric may favour one whose checkpoint --save_total_limit removed under the old
-        one (evaluations between saves have none, and rank as before)."""
-        on_hand = [entry for entry in self.progress.evaluations
-                   if not entry["checkpoint"] or (self.output_dir / entry["checkpoint"]).is_dir()]
-        return scoring.choose_best(on_hand, self.args.metric_for_best_model)
+    def rank_evaluations(self, saving: str = None):
+        """progress.best_step: the best evaluation by --metric_for_best_model whose weights can still be
+        had (a resume under another metric may favour one whose checkpoint --save_total_limit removed
+        under the old one; evaluations between saves have none, and rank as before).
+        progress.best_checkpoint, which --save_total_limit keeps: the best of the saved ones. When the
+        best evaluation fell between saves, that is the best saved since, not an older one it beat.
+        `saving`: the checkpoint being written, counted as on hand."""
+        progress, metric = self.progress, self.args.metric_for_best_model
+        on_hand = [entry for entry in progress.evaluations if not entry["checkpoint"] or entry["checkpoint"] == saving
+                   or (self.output_dir / entry["checkpoint"]).is_dir()]
+        best = scoring.choose_best(on_hand, metric)
+        if best is not None:
+            progress.best_step = best["step"]
+        best_saved = scoring.choose_best([entry for entry in on_hand if entry["checkpoint"]], metric)
+        # None when none is on hand: a run branched off into another folder has none of the old one's checkpoints.
+        progress.best_checkpoint = best_saved["checkpoint"] if best_saved is not None else None
 
     def listen(self) -> dict:
         """Speak and measure with the weights as they stand (scoring.listen) on the main process, log
@@ -409,12 +413,13 @@ class TrainingRun:
         for entry in progress.evaluations:
             if entry["step"] == progress.step:
                 entry["checkpoint"] = name
-        if progress.best_step == progress.step:
-            progress.best_checkpoint = name
+        if progress.evaluations:
+            self.rank_evaluations(saving=name)
         state = TrainerState(progress, checkpoint=name, total_steps=self.total_steps,
                              flags=checkpoint.recorded_flags(self.args), versions=self.settings.versions,
                              num_processes=self.accelerator.num_processes, weights=self.settings.weights.name,
                              train_data_sha256=self.settings.train_data.sha256,
+                             eval_data_sha256=self.settings.eval_data,
                              speakers=[s.as_json() for s in self.speaker_table if not s.kept],
                              kept_speakers=[s.as_json() for s in self.speaker_table if s.kept])
         checkpoint.save(self.accelerator, self.train_module, final, Path(self.args.init_model_path),
@@ -427,7 +432,10 @@ class TrainingRun:
                     tqdm.write(f"removed old checkpoint {folder}")
             if progress.evaluations:
                 scoring.write_scores(self.output_dir, progress.evaluations)  # with the checkpoint's name
-            if self.args.load_best_model_at_end and progress.best_checkpoint:
+            # A best/ made before a resume without --load_best_model_at_end follows the kept best too: left
+            # alone, it would point at a checkpoint --save_total_limit removes once a better one comes.
+            if progress.best_checkpoint and (self.args.load_best_model_at_end
+                                             or (self.output_dir / scoring.BEST_LINK).is_symlink()):
                 scoring.link_best(self.output_dir, progress.best_checkpoint)
             tqdm.write(f"saved {final}")
         self.last_checkpoint = final
@@ -477,12 +485,7 @@ class TrainingRun:
             f"  checkpoints: {self.output_dir}/checkpoint-epoch-N"
             + (f" and every {args.save_steps} steps" if args.save_steps else "")
             + f", about {gigabytes(self.checkpoint_bytes)} each; "
-            + (f"--save_total_limit {args.save_total_limit} keeps the newest {args.save_total_limit}, the best by "
-               f"--metric_for_best_model counted among them: up to "
-               f"{gigabytes(self.checkpoint_bytes * (args.save_total_limit + 1))} while the next is written "
-               f"(0 keeps all)"
-               if args.save_total_limit else
-               "--save_total_limit 0 keeps them all"),
+            + self.kept_checkpoints(),
         ]
         if settings.listening:
             lines.append(self.listening_line())
@@ -499,6 +502,24 @@ class TrainingRun:
                          f"one, give its --output_model_path")
         lines += voices.banner_lines(self)
         return "\n".join(lines)
+
+    def kept_checkpoints(self) -> str:
+        """What --save_total_limit keeps, and the most the checkpoints take on disk while the next is written."""
+        args, limit = self.args, self.args.save_total_limit
+        if not limit:
+            return "--save_total_limit 0 keeps them all"
+        # Said, or --eval_steps and the metric would pass unnoticed. The listening metrics need listening
+        # (refused without it); the eval loss needs eval data.
+        if self.eval_set is None and args.metric_for_best_model == "eval_loss":
+            kept, text = limit, (f"--save_total_limit {limit} keeps the newest {limit}, and no best: "
+                                 f"--metric_for_best_model eval_loss needs eval data (--eval_split or --eval_jsonl)")
+        elif limit == 1:  # the newest always stays (a run resumes from it): an older best is kept beside it
+            kept, text = 2, ("--save_total_limit 1 keeps the newest, and the best by --metric_for_best_model beside "
+                             "it when that is an older one")
+        else:
+            kept, text = limit, (f"--save_total_limit {limit} keeps the newest {limit}, the best by "
+                                 f"--metric_for_best_model counted among them")
+        return f"{text}: up to {gigabytes(self.checkpoint_bytes * (kept + 1))} while the next is written (0 keeps all)"
 
     def listening_line(self) -> str:
         args, settings = self.args, self.settings
@@ -567,7 +588,8 @@ class TrainingRun:
                 " (--metric_for_best_model listening_score ranks them by what they sound like)"
                 if metric == "eval_loss" else ""))
         else:
-            kept = best["checkpoint"] or "not saved (an evaluation between saves)"
+            kept = best["checkpoint"] or "not saved (an evaluation between saves)" + (
+                f"; the best saved one, kept: {progress.best_checkpoint}" if progress.best_checkpoint else "")
             lines.append(f"  best: step {best['step']}, {kept}: {scoring.why_best(best, metric)}")
         return lines
 

@@ -55,6 +55,9 @@ TRAINED_WEIGHTS_FLAGS = ("train_text_embedding", "train_speaker_encoder", "lora_
 # the loss under a run half done.
 UPDATE_FLAGS = ("weight_decay", "lora_alpha", "code_predictor_loss_weight")
 LORA_ONLY_FLAGS = ("lora_alpha", "lora_target_modules")  # mean nothing without LoRA (--lora_rank 0)
+# Files whose content the evaluations measure, and the measure each one feeds: a resume that changes one
+# would rank the run's earlier evaluations against measures of other clips or sentences.
+EVAL_DATA_FLAGS = {"eval_jsonl": "eval_loss", "eval_sentences": "listening_score"}
 # Flags that shape the learning-rate schedule: a resume with other values moves the rate from where
 # the run is, so it needs --allow_schedule_change.
 SCHEDULE_FLAGS = ("num_epochs", "max_steps", "warmup_steps", "lr", "lr_scheduler")
@@ -101,6 +104,7 @@ class Settings:
     layouts: tuple             # text layouts every clip is trained in
     save_dtype: torch.dtype
     train_data: DataFingerprint
+    eval_data: dict            # EVAL_DATA_FLAGS given: their files' sha256 (TrainerState.eval_data_sha256)
     resume_dir: Path           # None: a fresh start
     new_schedule: tuple        # SCHEDULE_FLAGS a resume changes (--allow_schedule_change)
     versions: dict
@@ -136,7 +140,7 @@ def build_run(args) -> TrainingRun:
     run.start(train_module, optimizer, scheduler, progress)
     if settings.resume_dir is not None and run.finished:  # the new schedule ends at or before the checkpoint
         accelerator.print(finished_message(settings.resume_dir, progress, run.total_steps,
-                                           [speaker.name for speaker in speaker_table]))
+                                           [speaker.name for speaker in speaker_table], args.load_best_model_at_end))
         accelerator.end_training()
         raise AlreadyFinished
     if progress.step == 0:
@@ -197,12 +201,14 @@ def resolve_settings(args, accelerator) -> Settings:
     weights = weight_storage_choice(args, accelerator.mixed_precision, device_type, accelerator.num_processes, fsdp,
                                     problems)
     train_data = DataFingerprint.of(args.train_jsonl)
+    eval_data = {name: DataFingerprint.of(getattr(args, name)).sha256 for name in EVAL_DATA_FLAGS if getattr(args, name)}
     resume_dir = find_resume_checkpoint(args, Path(args.output_model_path), problems, log=accelerator.print)
     note_checkpoint_start(Path(args.init_model_path), accelerator.print)
     resumed = None
     if resume_dir is not None and not problems:
         resumed = checkpoint.read_trainer_state(resume_dir)
         problems += resume_problems(args, resumed, resume_dir, train_data, weights, accelerator)
+        problems += eval_data_problems(args, resumed, eval_data, resume_dir)
     problems += voices.flag_problems(args, resumed)  # the starting model's speakers, encoder, replay
     listening, listen_steps = listening_choice(args, fsdp, problems, accelerator.print)
     if problems:
@@ -211,7 +217,8 @@ def resolve_settings(args, accelerator) -> Settings:
     # The same schedule flags: the saved length is this run's length too.
     if resumed and not new_schedule and resumed.progress.step >= (resumed.total_steps or float("inf")):
         accelerator.print(finished_message(resume_dir, resumed.progress, resumed.total_steps,
-                                           [speaker["name"] for speaker in resumed.speakers]))
+                                           [speaker["name"] for speaker in resumed.speakers],
+                                           args.load_best_model_at_end))
         raise AlreadyFinished
     return Settings(
         mixed_precision=accelerator.mixed_precision,
@@ -220,7 +227,7 @@ def resolve_settings(args, accelerator) -> Settings:
         cuda_graphs=graphs, drop_graphs_when_short=drop_when_short,
         layouts=(NON_STREAMING, STREAMING) if args.text_layout == "both" else (args.text_layout,),
         save_dtype=getattr(torch, args.save_dtype),
-        train_data=train_data,
+        train_data=train_data, eval_data=eval_data,
         resume_dir=resume_dir,
         new_schedule=new_schedule,
         versions=library_versions(),
@@ -298,6 +305,9 @@ def weight_storage_choice(args, precision: str, device_type: str, num_processes:
         if args.bf16_weights == "yes":
             problems.append("--bf16_weights yes and --low_memory: --low_memory keeps bf16 weights already, without "
                             "the fp32 copy; pass one of them")
+        if args.bf16_weights == "no":  # else ignored: the weights would be bf16 all the same
+            problems.append("--bf16_weights no and --low_memory: --low_memory holds the weights in bf16; for fp32 "
+                            "weights drop --low_memory")
         return BF16_WEIGHTS
     if args.bf16_weights == "yes":
         if fsdp:
@@ -465,6 +475,23 @@ def resume_problems(args, state, resume_dir: Path, train_data: DataFingerprint, 
     return []
 
 
+def eval_data_problems(args, state, eval_data: dict, resume_dir: Path) -> list:
+    """A resume whose --eval_jsonl or --eval_sentences holds other content than the run's evaluations so far
+    measured: the best checkpoint would be chosen by comparing measures of different clips or sentences."""
+    problems = []
+    for name, measure in EVAL_DATA_FLAGS.items():
+        saved = (state.eval_data_sha256 or {}).get(name)  # None: not given then, or a checkpoint from before the record
+        measured = any(entry.get(measure) is not None for entry in state.progress.evaluations)
+        if measured and saved and name in eval_data and eval_data[name] != saved:
+            problems.append(
+                f"--{name} {getattr(args, name)} holds other content than {state.flags.get(name)}, which the run's "
+                f"evaluations so far measured (sha256 {saved}): the best checkpoint would be chosen by comparing "
+                f"{measure} on different {'clips' if name == 'eval_jsonl' else 'sentences'}. Resume with the file as "
+                f"it was, or start a new run from the checkpoint (--init_model_path {resume_dir}, another "
+                f"--output_model_path)")
+    return problems
+
+
 def library_versions() -> dict:
     import accelerate
     import qwen_tts
@@ -559,7 +586,11 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
         accelerator.print(f"warning: {', '.join(untrained)} only in the eval data: no training row speaks "
                           f"{'that voice' if len(untrained) == 1 else 'those voices'}, so the checkpoint holds "
                           f"{'it' if len(untrained) == 1 else 'them'} untrained (the speaker vector of the reference "
-                          f"clips alone). A misspelt speaker name?")
+                          f"clips alone). "
+                          # The split is random, not per speaker: a voice of few clips can lose them all to it.
+                          + (f"--eval_split {args.eval_split} held out every clip of "
+                             f"{'it' if len(untrained) == 1 else 'them'}: lower it, or give held-out clips as "
+                             f"--eval_jsonl" if args.eval_split else "A misspelt speaker name?"))
     replay_set = replay.build(tts, speaker_table, args, accelerator, make_prompter(processor, config))
     rehearsal = replay.mixed_clips(replay_set, len(train_clips), args.replay_ratio, args.seed)
     speaker_index = {speaker.name: index for index, speaker in enumerate(speaker_table)}
@@ -708,11 +739,12 @@ def resume_or_start(args, settings: Settings, accelerator) -> TrainingProgress:
         if accelerator.is_main_process:
             if args.overwrite_output_dir and output_dir.is_dir():
                 remove_earlier_runs(output_dir, accelerator.print)
-            output_dir.mkdir(parents=True, exist_ok=True)
         progress = TrainingProgress(seed=args.seed)
     else:
         progress = checkpoint.load_training_state(resume_dir, accelerator).progress
     if accelerator.is_main_process:
+        # A resume may branch off into a new folder (a checkpoint given by path): scores.jsonl goes there first.
+        output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partials(output_dir)
     if args.report_to != "none":
         progress.tracker_run = progress.tracker_run or new_tracker_run(output_dir / TRACKER_DIR)
@@ -765,10 +797,17 @@ def follow_new_schedule(scheduler, lr: float, step: int, accelerator) -> None:
                       f"({before:.3g} -> {schedule.get_last_lr()[0]:.3g})")
 
 
-def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: int, speakers: list) -> str:
-    lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
-             f"left to train. Its model is the run's result",
-             f"  hear it: {hear_it(resume_dir, speakers)}"]
+def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: int, speakers: list,
+                     best_is_result: bool = False) -> str:
+    best = resume_dir.parent / progress.best_checkpoint if progress.best_checkpoint else None
+    if best_is_result and best is not None and best.is_dir():  # --load_best_model_at_end: the best is the result
+        lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
+                 f"left to train. The run's result is its best checkpoint, {best.name} (--load_best_model_at_end)",
+                 f"  hear it: {hear_it(best, speakers)}"]
+    else:
+        lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
+                 f"left to train. Its model is the run's result",
+                 f"  hear it: {hear_it(resume_dir, speakers)}"]
     if progress.best_checkpoint:
         lines.append(f"  best by --metric_for_best_model: {progress.best_checkpoint} (step "
                      f"{progress.best_step or progress.best_eval_step}; the table in {scoring.SCORES_FILE})")

@@ -137,6 +137,8 @@ def test_auto_takes_bf16_weights_only_for_bf16_compute_on_one_gpu():
     assert choice(bf16_weights="yes", device_type="cpu", precision="no", num_processes=2) == (master, [])
     _, problems = choice(bf16_weights="yes", low_memory=True)
     assert len(problems) == 1 and "--low_memory" in problems[0]
+    _, problems = choice(bf16_weights="no", low_memory=True)  # not ignored: the weights would be bf16 anyway
+    assert len(problems) == 1 and "--bf16_weights no and --low_memory" in problems[0]
     _, problems = choice(bf16_weights="yes", fsdp=True)
     assert len(problems) == 1 and "FSDP" in problems[0]
 

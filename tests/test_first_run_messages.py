@@ -295,3 +295,39 @@ def test_an_eval_only_speaker_and_a_max_steps_beyond_the_epochs_are_said(tiny_mo
     assert "warning: stranger only in the eval data: no training row speaks that voice" in printed
     assert "stranger: new (codec id" in printed and "; untrained: no training row speaks it); eval loss" in printed
     assert "; --max_steps 50 is more than 1 epochs hold: raise --num_epochs to train that long" in printed
+
+
+def test_a_voice_whose_every_clip_eval_split_held_out_is_said_so(tiny_model, coded_clips, tmp_path, capsys):
+    """A second voice of one clip: the random --eval_split can take it (seed 24 draws index 7 first). The warning
+    names the split, not a misspelt name."""
+    from helpers import build_run
+
+    rows = read_jsonl(coded_clips)
+    alice = [row for row in rows if row["speaker"] == "alice"]
+    bob = [row for row in rows if row["speaker"] == "bob"]
+    data = write_jsonl(tmp_path / "train.jsonl", (alice * 2)[:7] + bob[:1])
+    build_run(tiny_model, data, tmp_path / "out", eval_split=0.125, seed=24, eval_generate_steps=0)
+    printed = capsys.readouterr().out
+    assert "warning: bob only in the eval data" in printed
+    assert "--eval_split 0.125 held out every clip of it: lower it, or give held-out clips as --eval_jsonl" in printed
+    assert "misspelt" not in printed
+
+
+def test_the_banner_says_no_best_is_kept_when_nothing_is_evaluated(tiny_model, coded_clips, tmp_path):
+    """--eval_steps and --save_total_limit given, the eval data forgotten: the banner does not promise a best."""
+    from helpers import build_run
+
+    banner = build_run(tiny_model, coded_clips, tmp_path / "out", eval_steps=5, save_total_limit=1).banner()
+    no_best = ("--save_total_limit 1 keeps the newest 1, and no best: --metric_for_best_model eval_loss needs eval "
+               "data (--eval_split or --eval_jsonl)")
+    assert no_best in banner
+    assert "counted among them" not in banner
+    # Listening without eval data does not measure the eval loss either.
+    assert no_best in build_run(tiny_model, coded_clips, tmp_path / "out1", eval_generate_steps=5, save_total_limit=1).banner()
+    # With a best, 1 keeps two (the newest always stays, an older best beside it): three while the next is written.
+    banner = build_run(tiny_model, coded_clips, tmp_path / "out2", eval_split=0.25, eval_generate_steps=0,
+                       save_total_limit=1).banner()
+    each = float(banner.split(", about ")[1].split(" MB each; ")[0])
+    kept = banner.split("--save_total_limit 1 keeps the newest, and the best by --metric_for_best_model beside it "
+                        "when that is an older one: up to ")[1]
+    assert 2.9 < float(kept.split(" MB while the next is written")[0]) / each < 3.1

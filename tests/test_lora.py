@@ -76,3 +76,14 @@ def test_target_modules_that_match_no_linear_layer_are_named(tiny_model, coded_c
     for modules in ("nonexistent", "text_projection"):
         with pytest.raises(SystemExit, match=f"(?s)--lora_target_modules {modules}: .*The defaults are q_proj"):
             train(tiny_model, coded_clips, tmp_path / modules, lora_rank=4, lora_target_modules=modules, max_steps=1)
+
+
+def test_lora_flags_without_lora_rank_are_refused_not_ignored(tiny_model, coded_clips, tmp_path):
+    """--lora_rank forgotten: the run would fine-tune every weight, the adapter flags unused."""
+    import sft_12hz_chatterbox
+    from helpers import trainer_argv
+
+    argv = trainer_argv(tiny_model, coded_clips, tmp_path, lora_alpha=32, lora_target_modules="q_proj")
+    with pytest.raises(SystemExit, match="--lora_alpha, --lora_target_modules without --lora_rank, which turns LoRA on"):
+        sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
+    sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv + ["--lora_rank", "4"]))

@@ -275,18 +275,19 @@ def test_an_existing_run_is_not_overwritten_by_accident(tiny_model, twelve_clips
 
 
 def test_resuming_from_an_older_checkpoint_never_overwrites_the_later_ones(tiny_model, twelve_clips, tmp_path):
-    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=2, save_steps=1)
+    flags = dict(max_steps=2, save_steps=1, eval_split=0.25, eval_steps=1)  # evaluations: scores.jsonl on resume
+    output = train(tiny_model, twelve_clips, tmp_path / "out", **flags)
     later = output / "checkpoint-step-2" / checkpoint.TRAINER_STATE
     before = later.read_bytes()
     with pytest.raises(SystemExit) as raised:
-        train(tiny_model, twelve_clips, output, max_steps=2, save_steps=1, lr=2e-3, allow_schedule_change=True,
-              resume_from_checkpoint=output / "checkpoint-step-1")
+        train(tiny_model, twelve_clips, output, lr=2e-3, allow_schedule_change=True,
+              resume_from_checkpoint=output / "checkpoint-step-1", **flags)
     assert "holds later checkpoints of that run (checkpoint-step-2), which resuming here would overwrite" in str(raised.value)
     assert "another --output_model_path" in str(raised.value) and later.read_bytes() == before
-    # Branching off into another folder is how to do it.
-    train(tiny_model, twelve_clips, tmp_path / "branch", max_steps=2, save_steps=1,
-          resume_from_checkpoint=output / "checkpoint-step-1")
+    # Branching off into another folder, not made yet, is how to do it (its scores.jsonl is written first).
+    train(tiny_model, twelve_clips, tmp_path / "branch", resume_from_checkpoint=output / "checkpoint-step-1", **flags)
     assert (tmp_path / "branch" / "checkpoint-step-2").is_dir()
+    assert [json.loads(line)["step"] for line in (tmp_path / "branch" / "scores.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_a_full_disk_is_reported_before_saving(tiny_model, twelve_clips, tmp_path, monkeypatch):
@@ -512,6 +513,25 @@ def test_a_resume_refuses_flags_that_would_change_the_run_by_name(tiny_model, tw
     train(tiny_model, twelve_clips, lora_output, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
           allow_schedule_change=True, lora_rank=2, lora_target_modules=same_modules)
     assert checkpoint.latest_checkpoint(lora_output).name == "checkpoint-step-2"
+
+
+def test_a_resume_on_other_eval_data_is_refused_by_name(tiny_model, twelve_clips, tmp_path):
+    """The best checkpoint is chosen by comparing the evaluations' eval losses: a resume that measured other
+    clips would compare losses of different data. The same clips in a copy at another path are no change."""
+    rows = read_jsonl(twelve_clips)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", rows[:4])
+    output = train(tiny_model, twelve_clips, tmp_path / "out", max_steps=1, save_steps=1, eval_jsonl=held_out)
+    other = write_jsonl(tmp_path / "other.jsonl", rows[4:8])
+    with pytest.raises(SystemExit) as raised:
+        train(tiny_model, twelve_clips, output, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
+              allow_schedule_change=True, eval_jsonl=other)
+    assert f"--eval_jsonl {other} holds other content than {held_out}, which the run's evaluations" in str(raised.value)
+    assert f"--init_model_path {output / 'checkpoint-step-1'}" in str(raised.value)
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(held_out, moved)
+    train(tiny_model, twelve_clips, output, max_steps=2, save_steps=1, resume_from_checkpoint="latest",
+          allow_schedule_change=True, eval_jsonl=moved)
+    assert [entry["step"] for entry in checkpoint.read_trainer_state(output / "checkpoint-step-2").progress.evaluations] == [1, 2]
 
 
 def test_a_damaged_checkpoint_is_named_not_a_traceback(tiny_model, twelve_clips, tmp_path):

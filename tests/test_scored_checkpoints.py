@@ -158,9 +158,10 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
 
     monkeypatch.setattr(scoring, "listen", listen)
     monkeypatch.setattr(listening, "vector_voice", vector_voice)
-    output = train(tiny_model, data, tmp_path / "out", text_layout="both", eval_generate_steps=1,
-                   eval_sentences=sentences, eval_max_new_tokens=cap, metric_for_best_model="listening_score",
-                   load_best_model_at_end=True, save_total_limit=1, save_steps=0, max_steps=3)
+    flags = dict(text_layout="both", eval_generate_steps=1, eval_sentences=sentences, eval_max_new_tokens=cap,
+                 metric_for_best_model="listening_score", load_best_model_at_end=True, save_total_limit=1,
+                 save_steps=0, max_steps=3)
+    output = train(tiny_model, data, tmp_path / "out", **flags)
     monkeypatch.undo()
 
     scores = {entry["step"]: entry for entry in scoring.read_scores(output / scoring.SCORES_FILE)}
@@ -186,6 +187,59 @@ def test_planted_bad_checkpoints_score_worse_and_the_best_survives_as_best(tiny_
     row = tts.model.talker.get_input_embeddings().weight[tts.model.config.talker_config.spk_id["alice"]]
     assert torch.allclose(row, good_vectors["alice"].to(row), atol=1e-2)  # the good vector, in bf16, on its device
 
+    # A requeue of the finished run names the best as its result, as the summary did, not the newest.
+    train(tiny_model, data, output, resume_from_checkpoint="latest", **flags)
+    printed = capsys.readouterr().out
+    assert "The run's result is its best checkpoint, checkpoint-step-1 (--load_best_model_at_end)" in printed
+    assert f"hear it: python infer_test.py --model_path {output / 'checkpoint-step-1'} --speaker alice" in printed
+
+
+def test_the_best_saved_checkpoint_is_kept_when_the_best_evaluation_fell_between_saves(
+        tiny_model, coded_clips, tmp_path, monkeypatch, capsys):
+    """--eval_steps finer than --save_steps (the defaults are 2000 and 4000): the best evaluation, at step 3,
+    has no checkpoint. --save_total_limit keeps the best saved one (step 4's, eval loss 3), not step 2's
+    (eval loss 5) that it happened to beat first."""
+    from qwen3_tts_sft.training_run import TrainingRun
+
+    planted = {1: 9.0, 2: 5.0, 3: 1.0, 4: 3.0, 5: 8.0, 6: 8.0, 7: 8.0, 8: 8.0}
+    monkeypatch.setattr(TrainingRun, "teacher_forced_losses", lambda run, dataset, indices: (planted[run.progress.step], 0.0))
+    # 8 clips, 2 a step: 4 steps an epoch, 8 in all; saved at 2, 4 (epoch 0), 6 and 8 (epoch 1).
+    output = train(tiny_model, coded_clips, tmp_path / "out", eval_jsonl=coded_clips, eval_steps=1, save_steps=2,
+                   num_epochs=2, save_total_limit=1)
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
+    state = checkpoint.read_trainer_state(output / "checkpoint-epoch-1")
+    assert (state.progress.best_step, state.progress.best_checkpoint) == (3, "checkpoint-epoch-0")
+    summary = capsys.readouterr().out.split("***** Training finished *****")[1]
+    assert "best: step 3, not saved (an evaluation between saves); the best saved one, kept: checkpoint-epoch-0" in summary
+
+
+def test_best_follows_the_best_after_a_resume_without_load_best_model_at_end(tiny_model, coded_clips, tmp_path,
+                                                                             monkeypatch):
+    """The first part of the run linked best/; its requeue forgot --load_best_model_at_end. Better checkpoints
+    come, the old best is removed by --save_total_limit: best/ moves with the best instead of dangling."""
+    from qwen3_tts_sft.training_run import TrainingRun
+
+    monkeypatch.setattr(TrainingRun, "teacher_forced_losses", lambda run, dataset, indices: (10.0 - run.progress.step, 0.0))
+    flags = dict(eval_jsonl=coded_clips, eval_steps=1, save_steps=1, save_total_limit=1)
+    output = train(tiny_model, coded_clips, tmp_path / "out", max_steps=2, load_best_model_at_end=True, **flags)
+    assert (output / scoring.BEST_LINK).resolve().name == "checkpoint-step-2"
+    train(tiny_model, coded_clips, output, max_steps=4, resume_from_checkpoint="latest", allow_schedule_change=True,
+          **flags)
+    assert not (output / "checkpoint-step-2").exists()
+    assert (output / scoring.BEST_LINK).resolve() == (output / "checkpoint-epoch-0").resolve()
+    assert Qwen3TTSModel.from_pretrained(str(output / scoring.BEST_LINK)).model.talker is not None
+
+
+def test_a_run_branched_off_into_another_folder_never_links_the_old_folders_best(tiny_model, coded_clips, tmp_path):
+    """The checkpoint's best lies in the folder it came from. Until the branch evaluates, it has no best: its
+    step-2 checkpoint names none and best/ is made with the first best of its own, never pointing outside it."""
+    flags = dict(eval_jsonl=coded_clips, save_steps=1, load_best_model_at_end=True)
+    first = train(tiny_model, coded_clips, tmp_path / "first", eval_steps=1, max_steps=2, **flags)
+    branch = train(tiny_model, coded_clips, tmp_path / "branch", eval_steps=3, max_steps=3, allow_schedule_change=True,
+                   resume_from_checkpoint=first / "checkpoint-step-1", **flags)
+    assert checkpoint.read_trainer_state(branch / "checkpoint-step-2").progress.best_checkpoint is None
+    assert (branch / scoring.BEST_LINK).resolve() == (branch / "checkpoint-step-3").resolve()
+
 
 # ---------------------------------------------------------------------------------------------
 # Flags and infer_test.py --compare
@@ -203,6 +257,17 @@ def test_listening_flags_that_cannot_work_are_refused_by_name(tiny_model, coded_
 
     argv = trainer_argv(tiny_model, coded_clips, tmp_path, **flags)
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
+
+
+def test_eval_sentences_that_do_not_read_are_refused_before_the_model_loads(tiny_model, coded_clips, tmp_path):
+    """A file saved in Latin-1: named with its line before any model loads, not after it, at the listening setup."""
+    from helpers import trainer_argv
+
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_bytes("Hello.\nCaf\u00e9 ol\u00e9.\n".encode("latin-1"))
+    argv = trainer_argv(tiny_model, coded_clips, tmp_path / "out", eval_generate_steps=2, eval_sentences=sentences)
+    with pytest.raises(SystemExit, match=f"--eval_sentences {sentences}: line 2: not UTF-8 .* save the file as UTF-8"):
         sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
 
 
@@ -255,3 +320,14 @@ def test_ranking_puts_every_stopping_evaluation_first_and_ties_go_to_the_lower_e
     rates = {listening.ALL_SPEAKERS: {"alice": 15.0, "bob": 10.0}}
     assert scoring.frame_cap(items, rates) == 138  # 12.5/s x (2 s + 3 x 30 chars / 10 a s)
     assert scoring.frame_cap(items, None) == listening.auto_frame_cap(["x" * 30])
+
+
+def test_the_table_keeps_a_wide_value_apart_from_the_next():
+    """A checkpoint that stops at once speaks many times the training rate: 0/9 and 32.76-39.71x must not
+    read as 0/932.76-39.71x."""
+    entry = dict(step=3, eval_loss=10.15, listening_score=-1.0, speaker_similarity=0.869, stopped=0, sentences=9,
+                 listen_seconds=0.6, checkpoint="checkpoint-step-3",
+                 layouts={"non_streaming": dict(speakers=[dict(rate_ratio=32.76), dict(rate_ratio=39.71)])})
+    header, row = scoring.table_rows([entry])
+    assert row.split() == ["checkpoint-step-3", "3", "10.1500", "-1.000", "0.869", "0/9", "32.76-39.71x", "-", "0.6"]
+    assert header.split() == ["step", "eval", "loss", "score", "similarity", "stopped", "rate", "cer", "seconds"]
