@@ -67,27 +67,38 @@ def read_sentences(path) -> list:
 
 
 def make_listener(args, settings, tts, prompter, speaker_table, train_clips, device) -> Listener:
-    """The run's Listener: each new speaker speaks --eval_sentences (else the built-in set of the
-    language most of its training clips are in) in every trained layout."""
+    """The run's Listener: each voice the run trains speaks --eval_sentences (else the built-in set
+    of the language most of its training clips are in) in every trained layout."""
     own = read_sentences(args.eval_sentences) if args.eval_sentences else None
     rates = SpeakingRates()
     for clip in train_clips:
         rates.add(clip.text, clip.num_frames, clip.speaker, clip.language)
-    items = {}
-    for speaker in speaker_table:
-        if speaker.kept:
-            continue  # a kept voice is watched by its replay loss (voices.py)
-        languages = Counter(clip.language for clip in train_clips if clip.speaker == speaker.name)
-        language = languages.most_common(1)[0][0] if languages else "auto"
-        if own is None and language not in SCORING_SENTENCES:
-            language = "auto"  # a dialect or another language without a built-in set
-        texts = own or SCORING_SENTENCES[language]
-        items.setdefault(language, []).extend((speaker.name, index, text) for index, text in enumerate(texts))
+    items = items_to_speak(speaker_table, train_clips, own)
     tokenizer = tts.model.speech_tokenizer
     tokenizer.model.to(device).eval()  # the speech decoder, on the training device
     tokenizer.device = device
     transcribe = listening.speech_recognizer(args.asr_model, device) if args.asr_model else None
     return Listener(tts, prompter, items, rates.rates(), settings.layouts, args.eval_max_new_tokens, transcribe)
+
+
+def items_to_speak(speaker_table: list, train_clips: list, own_sentences: list = None) -> dict:
+    """{language: [(speaker, index, text)]}: the sentences each trained voice speaks at a listening step.
+
+    Left out: a kept voice (watched by its replay loss, voices.py), and a voice only the eval data
+    speaks: training never touches it, and as a run's score is its worst voice's, it would choose the
+    best checkpoint by a voice the run does not train.
+    """
+    items = {}
+    for speaker in speaker_table:
+        languages = Counter(clip.language for clip in train_clips if clip.speaker == speaker.name)
+        if speaker.kept or not languages:
+            continue
+        language = languages.most_common(1)[0][0]
+        if own_sentences is None and language not in SCORING_SENTENCES:
+            language = "auto"  # a dialect or another language without a built-in set
+        texts = own_sentences or SCORING_SENTENCES[language]
+        items.setdefault(language, []).extend((speaker.name, index, text) for index, text in enumerate(texts))
+    return items
 
 
 # ---------------------------------------------------------------------------------------------

@@ -586,7 +586,7 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
         accelerator.print(f"warning: {', '.join(untrained)} only in the eval data: no training row speaks "
                           f"{'that voice' if len(untrained) == 1 else 'those voices'}, so the checkpoint holds "
                           f"{'it' if len(untrained) == 1 else 'them'} untrained (the speaker vector of the reference "
-                          f"clips alone). "
+                          f"clips alone), and listening leaves it out. "
                           # The split is random, not per speaker: a voice of few clips can lose them all to it.
                           + (f"--eval_split {args.eval_split} held out every clip of "
                              f"{'it' if len(untrained) == 1 else 'them'}: lower it, or give held-out clips as "

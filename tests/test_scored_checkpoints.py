@@ -331,3 +331,19 @@ def test_the_table_keeps_a_wide_value_apart_from_the_next():
     header, row = scoring.table_rows([entry])
     assert row.split() == ["checkpoint-step-3", "3", "10.1500", "-1.000", "0.869", "0/9", "32.76-39.71x", "-", "0.6"]
     assert header.split() == ["step", "eval", "loss", "score", "similarity", "stopped", "rate", "cer", "seconds"]
+
+
+def test_listening_speaks_the_voices_the_run_trains_and_no_others():
+    """A voice only the eval data speaks is untrained: as a run's score is its worst voice's, listening to
+    it would choose the best checkpoint by a voice training never touches. Kept voices have their replay loss."""
+    from types import SimpleNamespace
+
+    from qwen3_tts_sft.speakers import Speaker
+
+    table = [Speaker("anna", 3000), Speaker("bert", 3001), Speaker("stranger", 3002), Speaker("vivian", 3003, kept=True)]
+    clips = [SimpleNamespace(speaker="anna", language="english")] * 3 + [SimpleNamespace(speaker="bert", language="chinese")]
+    items = scoring.items_to_speak(table, clips)
+    assert {speaker for spoken in items.values() for speaker, _, _ in spoken} == {"anna", "bert"}
+    assert [speaker for speaker, _, _ in items["english"]] == ["anna"] * len(listening.SCORING_SENTENCES["english"])
+    own = scoring.items_to_speak(table, clips, ["One.", "Two."])
+    assert own == {"english": [("anna", 0, "One."), ("anna", 1, "Two.")], "chinese": [("bert", 0, "One."), ("bert", 1, "Two.")]}
