@@ -445,8 +445,12 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
     require_model_folder(model_path, flag)
     talker_config = require_speakers(model_path)["talker_config"]
     require_whole(model_path, flag)
-    if args.asr_model and not Path(args.asr_model).exists():
-        stop(f"--asr_model {args.asr_model}: not found")
+    if args.asr_model:  # before anything is spoken
+        from qwen3_tts_sft.transcription import model_problem
+
+        problem = model_problem(args.asr_model)
+        if problem:
+            stop(f"--asr_model {args.asr_model}: {problem}")
     state = checkpoint.read_trainer_state(model_path) if checkpoint.has_trainer_state(model_path) else None
     flags = state.flags if state else {}
     base_path = args.base_model_path or flags.get("init_model_path")

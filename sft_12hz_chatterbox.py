@@ -266,8 +266,12 @@ def listening_problems(args) -> list:
             problems.append(f"--eval_sentences {path}: file not found")
         elif not path.read_text(encoding="utf-8", errors="replace").strip():
             problems.append(f"--eval_sentences {path} holds no sentences")
-    if args.asr_model and not Path(args.asr_model).exists():
-        problems.append(f"--asr_model {args.asr_model}: not found")
+    if args.asr_model:  # before the model loads, not at the first evaluation's load of the recogniser
+        from qwen3_tts_sft.transcription import model_problem
+
+        problem = model_problem(args.asr_model)
+        if problem:
+            problems.append(f"--asr_model {args.asr_model}: {problem}")
     unused = [flag for flag, given in (("--eval_sentences", args.eval_sentences), ("--asr_model", args.asr_model),
                                        ("--eval_max_new_tokens", args.eval_max_new_tokens)) if given]
     why_not = ("--eval_generate_steps 0" if every == 0 else

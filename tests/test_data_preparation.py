@@ -608,6 +608,19 @@ def test_speech_recognition_transcribes_cuts_and_checks(tmp_path):
     assert summary["transcribed_clips"] == 3 and summary["settings"]["asr_model"] == str(whisper)
 
 
+def test_a_folder_that_is_not_a_speech_recogniser_is_refused_before_any_work(tiny_model, tmp_path, capsys):
+    """The Qwen3-TTS model or its speech tokenizer passed as --asr_model (both have a config.json and a
+    preprocessor_config.json) is named with what it is, before a row is read: not a transformers
+    traceback once every recording is decoded."""
+    write(tmp_path / "clips" / "a.wav", speech(2.0, seed=1))
+    for folder in (tiny_model, tiny_model / "speech_tokenizer"):
+        with pytest.raises(SystemExit):
+            validate(tmp_path / "clips", tmp_path / "out.jsonl", "--asr_model", folder)
+        error = capsys.readouterr().err
+        assert f"--asr_model {folder}: a 'qwen3_tts" in error and "not a speech-recognition one" in error
+    assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
+
+
 def test_help_imports_no_torch_and_shows_every_default():
     check = ("import runpy, sys; sys.argv = ['prepare_codes.py', '--help']\n"
              "try:\n    runpy.run_path('prepare_codes.py', run_name='__main__')\n"
