@@ -184,6 +184,11 @@ def parse_args(argv=None):
         parser.error("--tokenizer_model_path is required (unless --validate_only or --merge_shards)")
     if args.asr_check and not args.asr_model:
         parser.error("--asr_check needs --asr_model")
+    if args.max_cer != parser.get_default("max_cer") and not args.asr_check:  # else no clip is held to it
+        parser.error("--max_cer is the limit of --asr_check, which compares your transcripts with what speech "
+                     "recognition hears: pass --asr_check (and --asr_model) too")
+    if args.max_cer < 0:
+        parser.error("--max_cer is a character error rate: 0 or more")
     if args.asr_model:  # before any row is read, not once the recordings are decoded
         from qwen3_tts_sft.transcription import model_problem
 

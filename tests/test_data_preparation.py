@@ -621,6 +621,17 @@ def test_a_folder_that_is_not_a_speech_recogniser_is_refused_before_any_work(tin
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
 
 
+def test_max_cer_without_asr_check_is_refused_rather_than_ignored(tmp_path, capsys):
+    """--max_cer limits --asr_check's comparison: without it no clip would be held to the limit given."""
+    whisper = write_tiny_whisper(tmp_path / "whisper")
+    write(tmp_path / "clips" / "a.wav", speech(2.0, seed=1))
+    (tmp_path / "clips" / "a.txt").write_text("Some words.")
+    for flags in (["--max_cer", "0.1"], ["--asr_model", whisper, "--max_cer", "0.1"]):
+        with pytest.raises(SystemExit):
+            validate(tmp_path / "clips", tmp_path / "out.jsonl", *flags)
+        assert "--max_cer is the limit of --asr_check" in capsys.readouterr().err
+
+
 def test_help_imports_no_torch_and_shows_every_default():
     check = ("import runpy, sys; sys.argv = ['prepare_codes.py', '--help']\n"
              "try:\n    runpy.run_path('prepare_codes.py', run_name='__main__')\n"
