@@ -201,7 +201,14 @@ def parse_args(argv=None):
     data.add_argument("--max_text_tokens", type=int, default=0, help="drop clips whose prompt is longer (0 = no limit)")
     data.add_argument("--max_nonfinite_steps", type=int, default=5,
                       help="stop after this many optimizer steps in a row with a non-finite loss or gradient")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # The replay flags shape the replay set, which only --replay_speakers makes: alone they would be ignored.
+    ignored = [f"--{name} {getattr(args, name)}" for name in ("replay_ratio", "replay_languages", "replay_max_seconds")
+               if getattr(args, name) != parser.get_default(name)]
+    if ignored and not args.replay_speakers:
+        parser.error(f"{', '.join(ignored)}: nothing is rehearsed without --replay_speakers NAMES|all (the kept "
+                     f"speakers to rehearse)")
+    return args
 
 
 def check_args(args):

@@ -118,6 +118,20 @@ def test_a_fourth_voice_joins_and_the_banner_says_where_the_encoder_comes_from(a
     assert "--replay_speakers all rehearses them" not in printed
 
 
+@pytest.mark.parametrize("flags", [["--replay_ratio", "0.5"], ["--replay_languages", "german"],
+                                   ["--replay_max_seconds", "5.5"]])
+def test_replay_settings_without_replay_speakers_are_refused_not_ignored(flags, capsys):
+    """Without --replay_speakers there is no replay set: a ratio, languages or a cap given alone would
+    change nothing, and the user would believe the kept voices rehearsed at that ratio."""
+    import sft_12hz_chatterbox
+
+    needed = ["--init_model_path", "model", "--train_jsonl", "train.jsonl"]
+    with pytest.raises(SystemExit):
+        sft_12hz_chatterbox.parse_args(needed + flags)
+    assert f"{flags[0]} {flags[1]}: nothing is rehearsed without --replay_speakers" in capsys.readouterr().err
+    assert sft_12hz_chatterbox.parse_args(needed + flags + ["--replay_speakers", "all"]).replay_speakers == "all"
+
+
 def test_a_built_in_name_is_refused_unless_overwritten(custom_voice, tiny_model, coded_clips, tmp_path):
     data = write_jsonl(tmp_path / "eric.jsonl", new_voice_rows(coded_clips, "Eric", count=2))
     with pytest.raises(SystemExit, match=r"eric.jsonl:1: speaker: 'eric' is already a speaker.*--overwrite_speaker"):
