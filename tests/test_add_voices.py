@@ -100,6 +100,22 @@ def test_a_custom_voice_model_keeps_its_speakers_dialects_and_rows_and_gains_one
         "speaker_encoder_config"]
 
 
+def test_infer_test_names_the_kept_voices_it_does_not_check(added_voice, tmp_path, capsys):
+    """infer_test.py without --speaker speaks the voices the run trained; the ones the checkpoint kept
+    are named as not checked, with the flag that checks them, not passed over in silence."""
+    import infer_test
+
+    capsys.readouterr()
+    infer_test.main(["--model_path", str(added_voice), "--out_dir", str(tmp_path), "--text", "Hi.", "--greedy",
+                     "--max_new_tokens", "4", "--device", "cpu", "--report_only"])
+    printed = capsys.readouterr().out
+    assert ("note: checking newvoice, the voices this checkpoint's run trained; not checked: serena, eric, kept from "
+            "the model it started from: add --speaker NAME for each to hear them") in printed
+    infer_test.main(["--model_path", str(added_voice), "--out_dir", str(tmp_path), "--text", "Hi.", "--greedy",
+                     "--max_new_tokens", "4", "--device", "cpu", "--report_only", "--speaker", "serena"])
+    assert "not checked" not in capsys.readouterr().out
+
+
 def test_a_fourth_voice_joins_and_the_banner_says_where_the_encoder_comes_from(added_voice, coded_clips,
                                                                              tmp_path, capsys):
     """A second voice added to a checkpoint of this trainer: the encoder is the one it kept. The random
