@@ -261,11 +261,13 @@ def test_reader_numbers_lines_as_an_editor_does(tmp_path):
 @pytest.mark.parametrize("name, options", [
     ("clip.wav", dict(subtype="PCM_16")), ("clip.wav", dict(subtype="PCM_24")), ("clip.wav", dict(subtype="IMA_ADPCM")),
     ("clip.rf64", dict(format="RF64")), ("clip.w64", dict(format="W64")), ("clip.flac", {}), ("clip.ogg", {}),
-    ("clip.opus", dict(format="OGG", subtype="OPUS")), ("clip.mp3", {})])
+    ("clip.opus", dict(format="OGG", subtype="OPUS")), ("clip.mp3", {}), ("clip.aiff", {}),
+    ("clip.aiff", dict(subtype="IMA_ADPCM")), ("clip.au", {}), ("clip.au", dict(subtype="ULAW"))])
 @pytest.mark.parametrize("keep", [0.4, 0.97])
 def test_cut_files_are_found_out(tmp_path, name, options, keep, capfd):
     """Whatever the container: WAVs (ADPCM's frames come in blocks), the 64-bit WAVs (RF64, Wave64),
-    Ogg cut inside a page, and cut near the end as well as in the middle. Quietly: libmpg123's own
+    AIFF (AIFF-C's ima4 counts packets of 64 frames) and AU, whose cut files libsndfile reads in part
+    without a word, Ogg cut inside a page, and cut near the end as well as in the middle. Quietly: libmpg123's own
     notice about a cut MP3 would break the progress bar."""
     path = write(tmp_path / name, speech(3.12), **options)
     assert audio.decode(path, 24000).truncated is None
