@@ -11,6 +11,7 @@ with the report, before any GPU work.
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class ClipReader:
         if problems:
             return None, problems
         clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
-                    speaker=speaker.strip().lower(), language=language.strip().lower())
+                    speaker=speaker_name(speaker), language=language.strip().lower())
         if self.prompter is not None:
             try:
                 clip.prompt = self.prompter(text)
@@ -200,6 +201,13 @@ class ClipReader:
                 _, problem = audio.probe(path)
                 self.readable[path] = problem[1] if problem else None
         return self.readable[path]
+
+
+def speaker_name(name: str) -> str:
+    """A speaker's name as the run knows it: lower-cased, as generate() looks it up, and in Unicode's
+    composed form (NFC), as it is typed: a name taken from a macOS folder comes decomposed ("zoe" and
+    a combining diaeresis), and would otherwise be another voice than the "zoë" a user asks for."""
+    return unicodedata.normalize("NFC", name.strip()).lower()
 
 
 def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict: bool = False,

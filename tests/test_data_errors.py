@@ -217,6 +217,15 @@ def test_default_speaker_name_and_language_case(good_row, tmp_path):
     assert (clips[0].speaker, clips[0].language) == ("my_voice", "auto")
 
 
+def test_a_speaker_name_in_decomposed_unicode_is_the_name_as_typed(good_row, tmp_path):
+    """"zoë" from a macOS folder name is "zoe" + U+0308; typed, it is one character. Both are one voice,
+    known by the typed form: else a voice added so would be a second "zoë" beside an existing one, and
+    generate_custom_voice(speaker="zoë") would speak the other."""
+    rows = [json.dumps(dict(good_row, speaker=name)) for name in ("Zoe\u0308", "zo\u00eb")]
+    clips = read_clips(write_lines(tmp_path / "z.jsonl", rows), IDS)
+    assert [clip.speaker for clip in clips] == ["zo\u00eb", "zo\u00eb"]
+
+
 def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_path):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps(good_row), json.dumps(dict(good_row, audio_codes="x"))])
     with pytest.raises(SystemExit) as raised:
