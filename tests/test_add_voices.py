@@ -164,6 +164,15 @@ def test_a_built_in_name_is_refused_unless_overwritten(custom_voice, tiny_model,
     assert torch.allclose(row.float(), expected.to(torch.bfloat16).float(), atol=1e-6)
 
 
+def test_overwrite_speaker_that_replaces_no_voice_is_refused(custom_voice, tiny_model, coded_clips, tmp_path):
+    """--overwrite_speaker with rows of a name the model lacks ("erik" for eric): the voice meant to be
+    replaced would stay, and a new one join, unsaid."""
+    data = write_jsonl(tmp_path / "erik.jsonl", new_voice_rows(coded_clips, "erik", count=2))
+    with pytest.raises(SystemExit, match=r"--overwrite_speaker: no speaker of this run is one the starting model "
+                                         r"has, so none is replaced \(this run trains erik; the model has serena, eric\)"):
+        train(custom_voice, data, tmp_path / "out", speaker_encoder_from=tiny_model, overwrite_speaker=True)
+
+
 @pytest.mark.parametrize("speaker, language", [("eric", "chinese"), ("eric", "auto"), ("serena", "chinese")])
 def test_replay_clips_are_laid_out_as_generation_speaks_them(custom_voice, coded_clips, speaker, language):
     """A dialect speaker speaks its dialect for chinese and auto (generate() swaps the language id):
