@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,7 +329,8 @@ def folder_rows(folder: Path, speaker_from_folder: bool = False):
 
     def speaker_of(path: Path):
         inner = path.relative_to(folder).parts
-        return inner[0] if speaker_from_folder and len(inner) > 1 else None
+        # Composed (NFC), as the name is typed: macOS stores "zoë" as "zoe" and a combining diaeresis.
+        return unicodedata.normalize("NFC", inner[0]) if speaker_from_folder and len(inner) > 1 else None
 
     metadata_folders = sorted({path.parent for path in files if path.name == "metadata.csv"})
     for metadata_folder in metadata_folders:

@@ -823,6 +823,11 @@ def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tm
     validate(data, tmp_path / "loose" / "train.jsonl", "--speaker_from_folder")
     assert f"note: 1 clips lie directly in {data}, in no speaker's folder, and have no speaker" in \
         capsys.readouterr().out
+    # A folder named on macOS holds its name decomposed ("u" + U+0308): the speaker is the name as typed.
+    write(data / "Anna Mu\u0308ller" / "a3.wav", speech(1.0, seed=9))
+    (data / "Anna Mu\u0308ller" / "a3.txt").write_text("Clip number nine of this voice.")
+    rows = {Path(row.row["audio"]).name: row.row for row in read_input("folder", data, speaker_from_folder=True)}
+    assert rows["a3.wav"]["speaker"] == rows["a1.wav"]["speaker"] == "Anna M\u00fcller"
 
 
 def test_folders_behind_links_are_read_and_broken_or_unreadable_transcripts_named(tmp_path):
