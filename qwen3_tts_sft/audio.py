@@ -397,7 +397,48 @@ def truncation(path, decoded_frames: int, file_rate: int):
     if joined_mp3s:
         return (f"the MP3 holds more than its header (Xing frame) counts, and only {found / per_second:.2f} s of "
                 f"it decode: MP3s joined end to end? Re-encode the whole (e.g. ffmpeg -i in.mp3 out.flac)")
+    if data is not None and data.au and data.present_bytes - data.declared_bytes > tolerance:
+        joined = "AU files"  # an AU file is its header and its data: nothing may follow
+    else:
+        joined = joined_streams(path)
+    if joined:
+        return (f"the file holds more than its first part, and only its {decoded_frames / file_rate:.2f} s decode: "
+                f"{joined} joined end to end? Keep the parts as files of their own, or join them by decoding "
+                f"(sox part1.flac part2.flac whole.flac)")
     return ogg_truncation(path)
+
+
+def joined_streams(path):
+    """Which kind of stream a file holds several of, one after another (`cat a.ogg b.ogg`), or None:
+    libsndfile decodes the first and says nothing of the rest. An Ogg stream that begins after one
+    has ended (a chained Ogg), or a second FLAC stream header (fLaC, then a STREAMINFO block)."""
+    import mmap
+
+    with open(path, "rb") as handle:
+        if handle.seek(0, 2) == 0:
+            return None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] == b"OggS":
+                ended, at = False, 0
+                while data[at:at + 4] == b"OggS" and at + 27 <= len(data):  # page by page, by their headers
+                    flags, segments = data[at + 5], data[at + 26]
+                    if flags & 0x02 and ended:  # a beginning of stream after an end of stream
+                        return "Ogg files"
+                    ended = ended or bool(flags & 0x04)
+                    at += 27 + segments + sum(data[at + 27:at + 27 + segments])
+                return None
+            start = data.find(b"fLaC", 0, 1 << 16)  # after an ID3 tag, if any
+            if start >= 0 and any(data[found + 4] & 0x7F == 0 and data[found + 5:found + 8] == b"\0\0\x22"
+                                  for found in occurrences(data, b"fLaC", start + 4)):
+                return "FLAC files"
+    return None
+
+
+def occurrences(data, pattern: bytes, start: int):
+    """Where `pattern` occurs in `data` from `start` on (each followed by at least 4 bytes)."""
+    while (found := data.find(pattern, start)) >= 0 and found + 8 <= len(data):
+        yield found
+        start = found + 1
 
 
 @dataclass
@@ -406,6 +447,7 @@ class WavData:
     declared_bytes: int     # None: unknown (a recorder streaming the audio left the size open)
     present_bytes: int      # the bytes from the chunk's start to the end of the file
     bytes_per_second: int   # the format chunk's average byte rate (0 if there was none before the data)
+    au: bool = False        # an AU file, whose data runs to the end: more bytes than declared were joined on
 
 
 def wav_data(path):
@@ -461,7 +503,8 @@ def au_data(head: bytes, file_size: int):
     offset, size, encoding, rate, channels = (int.from_bytes(head[at:at + 4], "big") for at in range(4, 24, 4))
     if encoding not in AU_SAMPLE_BYTES:
         return None
-    return WavData(None if size == 0xFFFFFFFF else size, file_size - offset, AU_SAMPLE_BYTES[encoding] * rate * channels)
+    return WavData(None if size == 0xFFFFFFFF else size, file_size - offset, AU_SAMPLE_BYTES[encoding] * rate * channels,
+                   au=True)
 
 
 def riff_data(handle, file_size: int, offset: int, id_size: int, size_bytes: int, align: int):

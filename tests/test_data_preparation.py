@@ -301,6 +301,25 @@ def test_mp3s_joined_end_to_end_are_not_kept_in_part(tmp_path, name, capfd):
     assert audio.MPG123_SIZE_NOTICE not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("name, options", [("whole.ogg", {}), ("whole.opus", dict(format="OGG", subtype="OPUS")),
+                                           ("whole.flac", {}), ("whole.au", {})])
+def test_files_joined_end_to_end_are_not_kept_in_part(tmp_path, name, options):
+    """`cat part1.ogg part2.ogg > whole.ogg` (a chained Ogg), and FLAC or AU files joined so: libsndfile
+    decodes the first part and says nothing of the rest, so the clip would keep 2 s of its 5 s and the
+    whole transcript. Rejected as truncated_audio, naming what decodes; each part alone passes."""
+    suffix = Path(name).suffix
+    parts = [write(tmp_path / f"part{index}{suffix}", speech(seconds, seed=index), **options)
+             for index, seconds in enumerate((2.0, 3.0))]
+    assert all(audio.decode(part, 24000).truncated is None for part in parts)
+    whole = tmp_path / name
+    whole.write_bytes(b"".join(part.read_bytes() for part in parts))
+    planned = RowChecker(Limits(0.5, 30)).check(InputRow(str(whole), dict(audio=str(whole), text="Two parts."), ""))
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, None))
+    [take] = checks.decode_take(planned, 24000)
+    assert take.reject.reason == "truncated_audio"
+    assert "only its 2.00 s decode" in take.reject.problem and "joined end to end?" in take.reject.problem
+
+
 def test_an_ogg_cut_between_pages_or_inside_its_last_page_is_found_out(tmp_path):
     whole = write(tmp_path / "clip.ogg", speech(3.12)).read_bytes()
     pages = [index for index in range(len(whole)) if whole.startswith(b"OggS", index)]
