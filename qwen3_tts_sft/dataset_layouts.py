@@ -369,6 +369,9 @@ def folder_rows(folder: Path, speaker_from_folder: bool = False):
         elif len(texts) > 1:  # which one is right is not ours to guess
             differing = " and ".join(map(str, texts.values()))
             yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {differing}; keep the right one")
+        elif not next(iter(texts)):  # named here: the row checks would name only the audio file
+            yield Reject(audio_file, "empty_transcript", "text", f"{next(iter(texts.values()))} is empty: write what "
+                         f"is said in the clip, or delete the file to have --asr_model transcribe it")
         else:
             [text] = texts
             yield InputRow(audio_file, dict(row, text=text), text, layout="folder")

@@ -849,6 +849,20 @@ def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tm
     assert rows["a3.wav"]["speaker"] == rows["a1.wav"]["speaker"] == "Anna M\u00fcller"
 
 
+def test_an_empty_transcript_file_is_named_with_what_to_do(tmp_path):
+    """A clip whose .txt is empty (a placeholder a tool wrote) is rejected naming that file, and how to
+    have speech recognition write its text instead; the clip beside it is read."""
+    for name in ("a", "b"):
+        write(tmp_path / f"{name}.wav", speech(1.0))
+    (tmp_path / "a.txt").write_text(" \n")
+    (tmp_path / "b.txt").write_text("Some words.")
+    rows = {Path(row.source).name: row for row in read_input("folder", tmp_path)}
+    assert isinstance(rows["a.wav"], Reject) and rows["a.wav"].reason == "empty_transcript"
+    assert rows["a.wav"].problem == (f"{tmp_path / 'a.txt'} is empty: write what is said in the clip, or delete the "
+                                     f"file to have --asr_model transcribe it")
+    assert rows["b.wav"].row["text"] == "Some words."
+
+
 def test_folders_behind_links_are_read_and_broken_or_unreadable_transcripts_named(tmp_path):
     """A session folder that is a symbolic link is read like any other (a link back up is read once);
     a transcript that is a link to nowhere rejects its clip, naming it, and the rest goes on."""
