@@ -463,7 +463,7 @@ class RowChecker:
                 row.pop(field_name, None)
                 continue
             if not isinstance(value, str) or not value.strip():
-                return reject("bad_row", field_name, "is not a name")
+                return reject("bad_row", field_name, not_a_name(value))
             if field_name == "language":
                 problem = language_problem(value, self.languages)
                 if problem:
@@ -506,6 +506,14 @@ class RowChecker:
         if path not in self.probes:
             self.probes[path] = audio.probe(path)
         return self.probes[path]
+
+
+def not_a_name(value) -> str:
+    """Why a speaker (or language) value is no name; a number (LibriTTS's speaker ids, as pandas writes
+    them) is named with the fix, as a bare "is not a name" leaves a user wondering why 1088 is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"is the number {value!r}, not a name: write it as a string (\"{value!r}\")"
+    return "is not a name" if isinstance(value, str) else f"is not a name: {value!r}"
 
 
 def transcript_problem(text: str):

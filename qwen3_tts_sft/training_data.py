@@ -21,7 +21,8 @@ import torch
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
 from qwen3_tts_sft.data_report import MAX_CHARACTERS_PER_SECOND
-from qwen3_tts_sft.dataset_layouts import input_file_problem, json_problem, markup_problem, transcript_problem
+from qwen3_tts_sft.dataset_layouts import (input_file_problem, json_problem, markup_problem, not_a_name,
+                                           transcript_problem)
 from qwen3_tts_sft.languages import language_problem
 from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
                                            check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
@@ -144,7 +145,7 @@ class ClipReader:
             problems.append(("speaker", "missing, and no --speaker_name was given (pass --speaker_name NAME, "
                                         "or give the row a \"speaker\")"))
         elif not isinstance(speaker, str) or not speaker.strip():
-            problems.append(("speaker", "is not a name"))
+            problems.append(("speaker", not_a_name(speaker)))
 
         if not problems and len(text.strip()) / (len(codes) / FRAMES_PER_SECOND) > MAX_CHARACTERS_PER_SECOND:
             rate = len(text.strip()) / (len(codes) / FRAMES_PER_SECOND)

@@ -758,6 +758,8 @@ def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path)
     (tmp_path / "folder.wav").mkdir()
     checker = RowChecker(Limits(0.5, 30))
     assert checker.check(InputRow("raw.jsonl:1", dict(audio=123, text="t"), "")).problem.startswith("is not a string")
+    reject = checker.check(InputRow("raw.jsonl:1", dict(audio="a.wav", text="t", speaker=1088), ""))
+    assert (reject.field, reject.problem) == ("speaker", 'is the number 1088, not a name: write it as a string ("1088")')
     reject = checker.check(InputRow("raw.jsonl:2", dict(audio=str(tmp_path / "folder.wav"), text="t"), ""))
     assert "is a folder, not an audio file" in reject.problem
     clips = tmp_path / "clips"
