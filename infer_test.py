@@ -290,7 +290,8 @@ def parse_args(argv=None):
                              "would be (wavs in each one's infer_test/, or --out_dir/NAME), or a training output "
                              "folder's scores.jsonl (or the folder), printed side by side, one row each")
     parser.add_argument("--speaker", action="append",
-                        help="speaker to test (repeatable); default: every speaker the checkpoint was trained on")
+                        help="speaker to test (repeatable); default: every speaker the checkpoint's run trained; "
+                             "the voices it kept from its starting model are named as not checked")
     parser.add_argument("--language", help="passed to generation; picks the built-in sentences (default: the "
                                            "language the checked speakers' training rows name, when it is one "
                                            "with built-in sentences, else auto)")
@@ -445,8 +446,12 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
     require_model_folder(model_path, flag)
     talker_config = require_speakers(model_path)["talker_config"]
     require_whole(model_path, flag)
-    if args.asr_model and not Path(args.asr_model).exists():
-        stop(f"--asr_model {args.asr_model}: not found")
+    if args.asr_model:  # before anything is spoken
+        from qwen3_tts_sft.transcription import model_problem
+
+        problem = model_problem(args.asr_model)
+        if problem:
+            stop(f"--asr_model {args.asr_model}: {problem}")
     state = checkpoint.read_trainer_state(model_path) if checkpoint.has_trainer_state(model_path) else None
     flags = state.flags if state else {}
     base_path = args.base_model_path or flags.get("init_model_path")
@@ -463,6 +468,12 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
                                                                    want_languages=args.language is None)
     # Not written back to args: --compare checks each checkpoint with the flags as given.
     names = speakers_to_test(args.speaker, state, talker_config["spk_id"])
+    # By default only the run's own voices speak: after voices were added, the ones kept are named, or a
+    # user checking that every voice still speaks would take silence about them for a pass.
+    unchecked = [] if args.speaker else [name for name in talker_config["spk_id"] if name.lower() not in names]
+    if unchecked:
+        print(f"note: checking {', '.join(names)}, the voices this checkpoint's run trained; not checked: "
+              f"{', '.join(unchecked)}, kept from the model it started from: add --speaker NAME for each to hear them")
     language = (args.language.strip().lower() if args.language is not None else
                 default_language(names, trained_in, data_path))
     texts = read_sentences(args, language)

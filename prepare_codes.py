@@ -187,6 +187,17 @@ def parse_args(argv=None):
         parser.error("--tokenizer_model_path is required (unless --validate_only or --merge_shards)")
     if args.asr_check and not args.asr_model:
         parser.error("--asr_check needs --asr_model")
+    if args.max_cer != parser.get_default("max_cer") and not args.asr_check:  # else no clip is held to it
+        parser.error("--max_cer is the limit of --asr_check, which compares your transcripts with what speech "
+                     "recognition hears: pass --asr_check (and --asr_model) too")
+    if args.max_cer < 0:
+        parser.error("--max_cer is a character error rate: 0 or more")
+    if args.asr_model:  # before any row is read, not once the recordings are decoded
+        from qwen3_tts_sft.transcription import model_problem
+
+        problem = model_problem(args.asr_model)
+        if problem:
+            parser.error(f"--asr_model {args.asr_model}: {problem}")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index {args.shard_index} is not in 0..{args.num_shards - 1}")
     if args.batch_size < 1 or args.num_workers < 0 or args.min_seconds > args.max_seconds:

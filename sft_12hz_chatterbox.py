@@ -201,7 +201,14 @@ def parse_args(argv=None):
     data.add_argument("--max_text_tokens", type=int, default=0, help="drop clips whose prompt is longer (0 = no limit)")
     data.add_argument("--max_nonfinite_steps", type=int, default=5,
                       help="stop after this many optimizer steps in a row with a non-finite loss or gradient")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # The replay flags shape the replay set, which only --replay_speakers makes: alone they would be ignored.
+    ignored = [f"--{name} {getattr(args, name)}" for name in ("replay_ratio", "replay_languages", "replay_max_seconds")
+               if getattr(args, name) != parser.get_default(name)]
+    if ignored and not args.replay_speakers:
+        parser.error(f"{', '.join(ignored)}: nothing is rehearsed without --replay_speakers NAMES|all (the kept "
+                     f"speakers to rehearse)")
+    return args
 
 
 def check_args(args):
@@ -276,8 +283,12 @@ def listening_problems(args) -> list:
                 sentences_in_file(path)
             except ValueError as problem:
                 problems.append(f"--eval_sentences {path}: {problem}")
-    if args.asr_model and not Path(args.asr_model).exists():
-        problems.append(f"--asr_model {args.asr_model}: not found")
+    if args.asr_model:  # before the model loads, not at the first evaluation's load of the recogniser
+        from qwen3_tts_sft.transcription import model_problem
+
+        problem = model_problem(args.asr_model)
+        if problem:
+            problems.append(f"--asr_model {args.asr_model}: {problem}")
     unused = [flag for flag, given in (("--eval_sentences", args.eval_sentences), ("--asr_model", args.asr_model),
                                        ("--eval_max_new_tokens", args.eval_max_new_tokens)) if given]
     why_not = ("--eval_generate_steps 0" if every == 0 else

@@ -380,8 +380,8 @@ def decode(path, sample_rate: int) -> DecodedAudio:
 
 def truncation(path, decoded_frames: int, file_rate: int):
     """Why a file counts as cut short, or None. libsndfile reads what is there and says nothing:
-    it takes a WAV's length from the file's size, not from its data chunk, and a cut Ogg simply
-    ends; so the data size a WAV-family header declares, and the Ogg pages, are read here."""
+    it takes a WAV's (an AIFF's, an AU's) length from the file's size, not from its header, and a cut
+    Ogg simply ends; so the data size those headers declare, and the Ogg pages, are read here."""
     data, joined_mp3s = wav_data(path), False
     if data is None:  # FLAC and MP3 headers give the full frame count
         with libsndfile(path) as size_notices:
@@ -401,7 +401,48 @@ def truncation(path, decoded_frames: int, file_rate: int):
     if joined_mp3s:
         return (f"the MP3 holds more than its header (Xing frame) counts, and only {found / per_second:.2f} s of "
                 f"it decode: MP3s joined end to end? Re-encode the whole (e.g. ffmpeg -i in.mp3 out.flac)")
+    if data is not None and data.au and data.present_bytes - data.declared_bytes > tolerance:
+        joined = "AU files"  # an AU file is its header and its data: nothing may follow
+    else:
+        joined = joined_streams(path)
+    if joined:
+        return (f"the file holds more than its first part, and only its {decoded_frames / file_rate:.2f} s decode: "
+                f"{joined} joined end to end? Keep the parts as files of their own, or join them by decoding "
+                f"(sox part1.flac part2.flac whole.flac)")
     return ogg_truncation(path)
+
+
+def joined_streams(path):
+    """Which kind of stream a file holds several of, one after another (`cat a.ogg b.ogg`), or None:
+    libsndfile decodes the first and says nothing of the rest. An Ogg stream that begins after one
+    has ended (a chained Ogg), or a second FLAC stream header (fLaC, then a STREAMINFO block)."""
+    import mmap
+
+    with open(path, "rb") as handle:
+        if handle.seek(0, 2) == 0:
+            return None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] == b"OggS":
+                ended, at = False, 0
+                while data[at:at + 4] == b"OggS" and at + 27 <= len(data):  # page by page, by their headers
+                    flags, segments = data[at + 5], data[at + 26]
+                    if flags & 0x02 and ended:  # a beginning of stream after an end of stream
+                        return "Ogg files"
+                    ended = ended or bool(flags & 0x04)
+                    at += 27 + segments + sum(data[at + 27:at + 27 + segments])
+                return None
+            start = data.find(b"fLaC", 0, 1 << 16)  # after an ID3 tag, if any
+            if start >= 0 and any(data[found + 4] & 0x7F == 0 and data[found + 5:found + 8] == b"\0\0\x22"
+                                  for found in occurrences(data, b"fLaC", start + 4)):
+                return "FLAC files"
+    return None
+
+
+def occurrences(data, pattern: bytes, start: int):
+    """Where `pattern` occurs in `data` from `start` on (each followed by at least 4 bytes)."""
+    while (found := data.find(pattern, start)) >= 0 and found + 8 <= len(data):
+        yield found
+        start = found + 1
 
 
 @dataclass
@@ -410,11 +451,12 @@ class WavData:
     declared_bytes: int     # None: unknown (a recorder streaming the audio left the size open)
     present_bytes: int      # the bytes from the chunk's start to the end of the file
     bytes_per_second: int   # the format chunk's average byte rate (0 if there was none before the data)
+    au: bool = False        # an AU file, whose data runs to the end: more bytes than declared were joined on
 
 
 def wav_data(path):
-    """WavData of a RIFF WAV, an RF64 or BW64 (WAVs over 4 GB: 64-bit sizes in a ds64 chunk) or a
-    Sony Wave64 file; None for other files (or an unusual WAV)."""
+    """WavData of a RIFF WAV, an RF64 or BW64 (WAVs over 4 GB: 64-bit sizes in a ds64 chunk), a
+    Sony Wave64, an AIFF or AIFF-C, or an AU file; None for other files (or an unusual one)."""
     with open(path, "rb") as handle:
         head = handle.read(40)
         file_size = handle.seek(0, 2)
@@ -422,7 +464,51 @@ def wav_data(path):
             return riff_data(handle, file_size, 12, id_size=4, size_bytes=4, align=2)
         if head[:4] == b"riff" and head[24:28] == b"wave":  # Wave64: 16-byte ids, 64-bit sizes counting the header
             return riff_data(handle, file_size, 40, id_size=16, size_bytes=8, align=8)
+        if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+            return aiff_data(handle, file_size)
+        if head[:4] == b".snd" and len(head) >= 24:
+            return au_data(head, file_size)
     return None
+
+
+def aiff_data(handle, file_size: int):
+    """An AIFF's sound data (SSND chunk), big-endian chunks padded to even sizes; its byte rate from the
+    COMM chunk's frame count and rate (right for AIFF-C's compressed data too)."""
+    declared = present = seconds = None
+    handle.seek(12)
+    while len(header := handle.read(8)) == 8:
+        chunk, size = header[:4], int.from_bytes(header[4:], "big")
+        start = handle.tell()
+        if chunk == b"COMM":
+            body = handle.read(min(size, 22))  # AIFF-C adds the compression type
+            if len(body) >= 18:
+                exponent, mantissa = int.from_bytes(body[8:10], "big") & 0x7FFF, int.from_bytes(body[10:18], "big")
+                rate = mantissa * 2.0 ** (exponent - 16383 - 63)  # an 80-bit extended float
+                frames = int.from_bytes(body[2:6], "big") * (64 if body[18:22] == b"ima4" else 1)  # ima4: packets
+                seconds = frames / rate if rate > 0 else None
+        elif chunk == b"SSND":
+            offset = int.from_bytes(handle.read(4), "big")
+            declared, present = size - 8 - offset, file_size - (start + 8 + offset)
+        handle.seek(start + size + size % 2)
+        if declared is not None and seconds is not None:
+            break
+    if declared is None:
+        return None
+    return WavData(declared, present, round(declared / seconds) if seconds else 0)
+
+
+# Bytes a sample of each AU encoding takes (mu-law, 8/16/24/32-bit linear, float, double, A-law).
+AU_SAMPLE_BYTES = {1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 4, 7: 8, 27: 1}
+
+
+def au_data(head: bytes, file_size: int):
+    """An AU (.au, .snd) file's data: big-endian offset, size (all ones: unknown), encoding, rate,
+    channels. None for an encoding whose byte rate is not fixed here."""
+    offset, size, encoding, rate, channels = (int.from_bytes(head[at:at + 4], "big") for at in range(4, 24, 4))
+    if encoding not in AU_SAMPLE_BYTES:
+        return None
+    return WavData(None if size == 0xFFFFFFFF else size, file_size - offset, AU_SAMPLE_BYTES[encoding] * rate * channels,
+                   au=True)
 
 
 def riff_data(handle, file_size: int, offset: int, id_size: int, size_bytes: int, align: int):

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,7 +330,8 @@ def folder_rows(folder: Path, speaker_from_folder: bool = False):
 
     def speaker_of(path: Path):
         inner = path.relative_to(folder).parts
-        return inner[0] if speaker_from_folder and len(inner) > 1 else None
+        # Composed (NFC), as the name is typed: macOS stores "zoë" as "zoe" and a combining diaeresis.
+        return unicodedata.normalize("NFC", inner[0]) if speaker_from_folder and len(inner) > 1 else None
 
     metadata_folders = sorted({path.parent for path in files if path.name == "metadata.csv"})
     for metadata_folder in metadata_folders:
@@ -368,6 +370,9 @@ def folder_rows(folder: Path, speaker_from_folder: bool = False):
         elif len(texts) > 1:  # which one is right is not ours to guess
             differing = " and ".join(map(str, texts.values()))
             yield Reject(audio_file, "bad_row", "text", f"its transcripts differ: {differing}; keep the right one")
+        elif not next(iter(texts)):  # named here: the row checks would name only the audio file
+            yield Reject(audio_file, "empty_transcript", "text", f"{next(iter(texts.values()))} is empty: write what "
+                         f"is said in the clip, or delete the file to have --asr_model transcribe it")
         else:
             [text] = texts
             yield InputRow(audio_file, dict(row, text=text), text, layout="folder")
@@ -459,7 +464,7 @@ class RowChecker:
                 row.pop(field_name, None)
                 continue
             if not isinstance(value, str) or not value.strip():
-                return reject("bad_row", field_name, "is not a name")
+                return reject("bad_row", field_name, not_a_name(value))
             if field_name == "language":
                 problem = language_problem(value, self.languages)
                 if problem:
@@ -502,6 +507,14 @@ class RowChecker:
         if path not in self.probes:
             self.probes[path] = audio.probe(path)
         return self.probes[path]
+
+
+def not_a_name(value) -> str:
+    """Why a speaker (or language) value is no name; a number (LibriTTS's speaker ids, as pandas writes
+    them) is named with the fix, as a bare "is not a name" leaves a user wondering why 1088 is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"is the number {value!r}, not a name: write it as a string (\"{value!r}\")"
+    return "is not a name" if isinstance(value, str) else f"is not a name: {value!r}"
 
 
 def transcript_problem(text: str):

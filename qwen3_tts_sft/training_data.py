@@ -11,6 +11,7 @@ with the report, before any GPU work.
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND
 from qwen3_tts_sft.data_report import MAX_CHARACTERS_PER_SECOND
-from qwen3_tts_sft.dataset_layouts import input_file_problem, json_problem, markup_problem, transcript_problem
+from qwen3_tts_sft.dataset_layouts import (input_file_problem, json_problem, markup_problem, not_a_name,
+                                           transcript_problem)
 from qwen3_tts_sft.languages import language_problem
 from qwen3_tts_sft.sequence_layout import (AUTO_LANGUAGE, NON_STREAMING, BatchShapes, SpecialIds, build_example,
                                            check_prompt_ids, example_length, num_targets, padded_cost, padded_sizes,
@@ -143,7 +145,7 @@ class ClipReader:
             problems.append(("speaker", "missing, and no --speaker_name was given (pass --speaker_name NAME, "
                                         "or give the row a \"speaker\")"))
         elif not isinstance(speaker, str) or not speaker.strip():
-            problems.append(("speaker", "is not a name"))
+            problems.append(("speaker", not_a_name(speaker)))
 
         if not problems and len(text.strip()) / (len(codes) / FRAMES_PER_SECOND) > MAX_CHARACTERS_PER_SECOND:
             rate = len(text.strip()) / (len(codes) / FRAMES_PER_SECOND)
@@ -153,7 +155,7 @@ class ClipReader:
         if problems:
             return None, problems
         clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
-                    speaker=speaker.strip().lower(), language=language.strip().lower())
+                    speaker=speaker_name(speaker), language=language.strip().lower())
         if self.prompter is not None:
             try:
                 clip.prompt = self.prompter(text)
@@ -200,6 +202,13 @@ class ClipReader:
                 _, problem = audio.probe(path)
                 self.readable[path] = problem[1] if problem else None
         return self.readable[path]
+
+
+def speaker_name(name: str) -> str:
+    """A speaker's name as the run knows it: lower-cased, as generate() looks it up, and in Unicode's
+    composed form (NFC), as it is typed: a name taken from a macOS folder comes decomposed ("zoe" and
+    a combining diaeresis), and would otherwise be another voice than the "zoë" a user asks for."""
+    return unicodedata.normalize("NFC", name.strip()).lower()
 
 
 def read_clips(jsonl_path, ids: SpecialIds, default_speaker: str = None, strict: bool = False,

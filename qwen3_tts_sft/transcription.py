@@ -9,6 +9,7 @@ The check compares texts by character error rate (edit distance over the referen
 normalise(): case, punctuation and spacing are not what a transcript mismatch is about.
 """
 
+import json
 import re
 import unicodedata
 from pathlib import Path
@@ -24,9 +25,9 @@ class Transcriber:
         from transformers import pipeline
 
         folder = Path(model_path)
-        if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
-            raise SystemExit(f"error: --asr_model {model_path}: not a transformers speech-recognition folder (it needs "
-                             f"config.json, preprocessor_config.json and the weights, as a Whisper download has)")
+        problem = model_problem(folder)
+        if problem:
+            raise SystemExit(f"error: --asr_model {model_path}: {problem}")
         with quiet_transformers():
             self.pipeline = pipeline("automatic-speech-recognition", model=str(folder), device=device)
         self.sample_rate = self.pipeline.feature_extractor.sampling_rate
@@ -50,6 +51,30 @@ class Transcriber:
                 return printable(self.pipeline(clip)["text"])
         except Exception as error:
             return Failure(f"{type(error).__name__}: {error}")
+
+
+def model_problem(model_path) -> str:
+    """Why `model_path` is not a folder transformers' speech-recognition pipeline loads, or None. The
+    commands check it before any work: the pipeline itself says so late, in a traceback about AutoModel
+    classes (the Qwen3-TTS model folder, say, has a config.json and a preprocessor_config.json too)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES, MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return "no such folder" if not folder.exists() else "a file, not the model's folder"
+    needed = [name for name in ("config.json", "preprocessor_config.json") if not (folder / name).is_file()]
+    if needed:
+        return (f"not a transformers speech-recognition folder: no {' or '.join(needed)} there (it needs "
+                f"config.json, preprocessor_config.json and the weights, as a Whisper download has)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        return f"its config.json does not read as a model's ({type(error).__name__}: {error})"
+    known = {**MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, **MODEL_FOR_CTC_MAPPING_NAMES}
+    if model_type not in known:
+        return (f"a {model_type!r} model, not a speech-recognition one (transformers transcribes with whisper, "
+                f"wav2vec2, hubert and {len(known) - 3} other types): pass a Whisper download")
+    return None
 
 
 class Failure(str):

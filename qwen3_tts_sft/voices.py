@@ -159,10 +159,16 @@ def speaker_table(clips: list, model, overwrite_existing: bool, max_audio_second
     for speaker in new:
         for source, path, why in speaker.unusable_references:
             log(f"{source}: ref_audio: {path}: {why}; left out of {speaker.name}'s voice vector")
+    existing = existing_speaker_ids(talker_config.spk_id)
     replaced = {speaker.name for speaker in new}
+    if overwrite_existing and not replaced & existing.keys():  # else the voice meant to go would stay, unsaid
+        raise SystemExit(f"error: --overwrite_speaker: no speaker of this run is one the starting model has, so none "
+                         f"is replaced (this run trains {', '.join(sorted(replaced))}; the model has "
+                         f"{', '.join(existing) or 'none'}): name the rows' speaker as the voice to replace, or "
+                         f"leave the flag out to add them as new voices")
     dialects = {name.lower(): dialect for name, dialect in (talker_config.spk_is_dialect or {}).items()}
     kept = [Speaker(name, codec_id, dialect=dialects.get(name, False), kept=True)
-            for name, codec_id in existing_speaker_ids(talker_config.spk_id).items() if name not in replaced]
+            for name, codec_id in existing.items() if name not in replaced]
     return new + kept
 
 

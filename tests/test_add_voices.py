@@ -100,6 +100,22 @@ def test_a_custom_voice_model_keeps_its_speakers_dialects_and_rows_and_gains_one
         "speaker_encoder_config"]
 
 
+def test_infer_test_names_the_kept_voices_it_does_not_check(added_voice, tmp_path, capsys):
+    """infer_test.py without --speaker speaks the voices the run trained; the ones the checkpoint kept
+    are named as not checked, with the flag that checks them, not passed over in silence."""
+    import infer_test
+
+    capsys.readouterr()
+    infer_test.main(["--model_path", str(added_voice), "--out_dir", str(tmp_path), "--text", "Hi.", "--greedy",
+                     "--max_new_tokens", "4", "--device", "cpu", "--report_only"])
+    printed = capsys.readouterr().out
+    assert ("note: checking newvoice, the voices this checkpoint's run trained; not checked: serena, eric, kept from "
+            "the model it started from: add --speaker NAME for each to hear them") in printed
+    infer_test.main(["--model_path", str(added_voice), "--out_dir", str(tmp_path), "--text", "Hi.", "--greedy",
+                     "--max_new_tokens", "4", "--device", "cpu", "--report_only", "--speaker", "serena"])
+    assert "not checked" not in capsys.readouterr().out
+
+
 def test_a_fourth_voice_joins_and_the_banner_says_where_the_encoder_comes_from(added_voice, coded_clips,
                                                                              tmp_path, capsys):
     """A second voice added to a checkpoint of this trainer: the encoder is the one it kept. The random
@@ -118,6 +134,20 @@ def test_a_fourth_voice_joins_and_the_banner_says_where_the_encoder_comes_from(a
     assert "--replay_speakers all rehearses them" not in printed
 
 
+@pytest.mark.parametrize("flags", [["--replay_ratio", "0.5"], ["--replay_languages", "german"],
+                                   ["--replay_max_seconds", "5.5"]])
+def test_replay_settings_without_replay_speakers_are_refused_not_ignored(flags, capsys):
+    """Without --replay_speakers there is no replay set: a ratio, languages or a cap given alone would
+    change nothing, and the user would believe the kept voices rehearsed at that ratio."""
+    import sft_12hz_chatterbox
+
+    needed = ["--init_model_path", "model", "--train_jsonl", "train.jsonl"]
+    with pytest.raises(SystemExit):
+        sft_12hz_chatterbox.parse_args(needed + flags)
+    assert f"{flags[0]} {flags[1]}: nothing is rehearsed without --replay_speakers" in capsys.readouterr().err
+    assert sft_12hz_chatterbox.parse_args(needed + flags + ["--replay_speakers", "all"]).replay_speakers == "all"
+
+
 def test_a_built_in_name_is_refused_unless_overwritten(custom_voice, tiny_model, coded_clips, tmp_path):
     data = write_jsonl(tmp_path / "eric.jsonl", new_voice_rows(coded_clips, "Eric", count=2))
     with pytest.raises(SystemExit, match=r"eric.jsonl:1: speaker: 'eric' is already a speaker.*--overwrite_speaker"):
@@ -132,6 +162,15 @@ def test_a_built_in_name_is_refused_unless_overwritten(custom_voice, tiny_model,
     row = load_file(folder / checkpoint.MODEL_WEIGHTS)[CODEC_EMBEDDING][BUILT_IN["eric"]]
     expected = reference_xvector(tiny_model, state.speakers[0]["reference_audio"][0])
     assert torch.allclose(row.float(), expected.to(torch.bfloat16).float(), atol=1e-6)
+
+
+def test_overwrite_speaker_that_replaces_no_voice_is_refused(custom_voice, tiny_model, coded_clips, tmp_path):
+    """--overwrite_speaker with rows of a name the model lacks ("erik" for eric): the voice meant to be
+    replaced would stay, and a new one join, unsaid."""
+    data = write_jsonl(tmp_path / "erik.jsonl", new_voice_rows(coded_clips, "erik", count=2))
+    with pytest.raises(SystemExit, match=r"--overwrite_speaker: no speaker of this run is one the starting model "
+                                         r"has, so none is replaced \(this run trains erik; the model has serena, eric\)"):
+        train(custom_voice, data, tmp_path / "out", speaker_encoder_from=tiny_model, overwrite_speaker=True)
 
 
 @pytest.mark.parametrize("speaker, language", [("eric", "chinese"), ("eric", "auto"), ("serena", "chinese")])

@@ -86,7 +86,8 @@ def test_rows_made_by_hand_say_what_to_fix(good_row, tmp_path):
             dict(good_row, audio_codes=json.dumps(codes)),
             dict(good_row, text="word " * (13 * len(codes))),
             {key: value for key, value in good_row.items() if key != "ref_audio"},
-            dict(good_row, ref_audio="/home/someone/elsewhere/ref.wav")]
+            dict(good_row, ref_audio="/home/someone/elsewhere/ref.wav"),
+            dict(good_row, speaker=1088)]  # LibriTTS's speaker ids, as pandas writes them
     path = write_lines(tmp_path / "by_hand.jsonl", [json.dumps(row) for row in rows])
     with pytest.raises(DataError) as raised:
         read_clips(path, IDS)
@@ -96,6 +97,7 @@ def test_rows_made_by_hand_say_what_to_fix(good_row, tmp_path):
     assert f"{path}:3: text: " in report and "characters/s, faster than anyone speaks (60)" in report
     assert f"{path}:4: ref_audio: missing (the row has " in report and "prepare_codes.py writes" in report
     assert "nor its folder /home/someone/elsewhere: was the JSONL written on another machine?" in report
+    assert f'{path}:6: speaker: is the number 1088, not a name: write it as a string ("1088")' in report
 
 
 def test_fields_the_trainer_does_not_read_are_named_once(good_row, tmp_path):
@@ -215,6 +217,15 @@ def test_default_speaker_name_and_language_case(good_row, tmp_path):
     clips = read_clips(write_lines(tmp_path / "null.jsonl", [json.dumps(dict(row, speaker=None, language=None))]),
                        IDS, default_speaker="My_Voice")
     assert (clips[0].speaker, clips[0].language) == ("my_voice", "auto")
+
+
+def test_a_speaker_name_in_decomposed_unicode_is_the_name_as_typed(good_row, tmp_path):
+    """"zoë" from a macOS folder name is "zoe" + U+0308; typed, it is one character. Both are one voice,
+    known by the typed form: else a voice added so would be a second "zoë" beside an existing one, and
+    generate_custom_voice(speaker="zoë") would speak the other."""
+    rows = [json.dumps(dict(good_row, speaker=name)) for name in ("Zoe\u0308", "zo\u00eb")]
+    clips = read_clips(write_lines(tmp_path / "z.jsonl", rows), IDS)
+    assert [clip.speaker for clip in clips] == ["zo\u00eb", "zo\u00eb"]
 
 
 def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_path):

@@ -261,11 +261,13 @@ def test_reader_numbers_lines_as_an_editor_does(tmp_path):
 @pytest.mark.parametrize("name, options", [
     ("clip.wav", dict(subtype="PCM_16")), ("clip.wav", dict(subtype="PCM_24")), ("clip.wav", dict(subtype="IMA_ADPCM")),
     ("clip.rf64", dict(format="RF64")), ("clip.w64", dict(format="W64")), ("clip.flac", {}), ("clip.ogg", {}),
-    ("clip.opus", dict(format="OGG", subtype="OPUS")), ("clip.mp3", {})])
+    ("clip.opus", dict(format="OGG", subtype="OPUS")), ("clip.mp3", {}), ("clip.aiff", {}),
+    ("clip.aiff", dict(subtype="IMA_ADPCM")), ("clip.au", {}), ("clip.au", dict(subtype="ULAW"))])
 @pytest.mark.parametrize("keep", [0.4, 0.97])
 def test_cut_files_are_found_out(tmp_path, name, options, keep, capfd):
     """Whatever the container: WAVs (ADPCM's frames come in blocks), the 64-bit WAVs (RF64, Wave64),
-    Ogg cut inside a page, and cut near the end as well as in the middle. Quietly: libmpg123's own
+    AIFF (AIFF-C's ima4 counts packets of 64 frames) and AU, whose cut files libsndfile reads in part
+    without a word, Ogg cut inside a page, and cut near the end as well as in the middle. Quietly: libmpg123's own
     notice about a cut MP3 would break the progress bar."""
     path = write(tmp_path / name, speech(3.12), **options)
     assert audio.decode(path, 24000).truncated is None
@@ -297,6 +299,25 @@ def test_mp3s_joined_end_to_end_are_not_kept_in_part(tmp_path, name, capfd):
     [take] = checks.decode_take(planned, 24000)
     assert take.reject.reason == "truncated_audio" and "MP3s joined end to end?" in take.reject.problem
     assert audio.MPG123_SIZE_NOTICE not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("name, options", [("whole.ogg", {}), ("whole.opus", dict(format="OGG", subtype="OPUS")),
+                                           ("whole.flac", {}), ("whole.au", {})])
+def test_files_joined_end_to_end_are_not_kept_in_part(tmp_path, name, options):
+    """`cat part1.ogg part2.ogg > whole.ogg` (a chained Ogg), and FLAC or AU files joined so: libsndfile
+    decodes the first part and says nothing of the rest, so the clip would keep 2 s of its 5 s and the
+    whole transcript. Rejected as truncated_audio, naming what decodes; each part alone passes."""
+    suffix = Path(name).suffix
+    parts = [write(tmp_path / f"part{index}{suffix}", speech(seconds, seed=index), **options)
+             for index, seconds in enumerate((2.0, 3.0))]
+    assert all(audio.decode(part, 24000).truncated is None for part in parts)
+    whole = tmp_path / name
+    whole.write_bytes(b"".join(part.read_bytes() for part in parts))
+    planned = RowChecker(Limits(0.5, 30)).check(InputRow(str(whole), dict(audio=str(whole), text="Two parts."), ""))
+    checks = AudioChecks(Limits(0.5, 30), -50, 0.001, False, Processing(False, 0.2, 15, 0.4, None))
+    [take] = checks.decode_take(planned, 24000)
+    assert take.reject.reason == "truncated_audio"
+    assert "only its 2.00 s decode" in take.reject.problem and "joined end to end?" in take.reject.problem
 
 
 def test_an_ogg_cut_between_pages_or_inside_its_last_page_is_found_out(tmp_path):
@@ -608,6 +629,30 @@ def test_speech_recognition_transcribes_cuts_and_checks(tmp_path):
     assert summary["transcribed_clips"] == 3 and summary["settings"]["asr_model"] == str(whisper)
 
 
+def test_a_folder_that_is_not_a_speech_recogniser_is_refused_before_any_work(tiny_model, tmp_path, capsys):
+    """The Qwen3-TTS model or its speech tokenizer passed as --asr_model (both have a config.json and a
+    preprocessor_config.json) is named with what it is, before a row is read: not a transformers
+    traceback once every recording is decoded."""
+    write(tmp_path / "clips" / "a.wav", speech(2.0, seed=1))
+    for folder in (tiny_model, tiny_model / "speech_tokenizer"):
+        with pytest.raises(SystemExit):
+            validate(tmp_path / "clips", tmp_path / "out.jsonl", "--asr_model", folder)
+        error = capsys.readouterr().err
+        assert f"--asr_model {folder}: a 'qwen3_tts" in error and "not a speech-recognition one" in error
+    assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
+
+
+def test_max_cer_without_asr_check_is_refused_rather_than_ignored(tmp_path, capsys):
+    """--max_cer limits --asr_check's comparison: without it no clip would be held to the limit given."""
+    whisper = write_tiny_whisper(tmp_path / "whisper")
+    write(tmp_path / "clips" / "a.wav", speech(2.0, seed=1))
+    (tmp_path / "clips" / "a.txt").write_text("Some words.")
+    for flags in (["--max_cer", "0.1"], ["--asr_model", whisper, "--max_cer", "0.1"]):
+        with pytest.raises(SystemExit):
+            validate(tmp_path / "clips", tmp_path / "out.jsonl", *flags)
+        assert "--max_cer is the limit of --asr_check" in capsys.readouterr().err
+
+
 def test_help_imports_no_torch_and_shows_every_default():
     check = ("import runpy, sys; sys.argv = ['prepare_codes.py', '--help']\n"
              "try:\n    runpy.run_path('prepare_codes.py', run_name='__main__')\n"
@@ -713,6 +758,8 @@ def test_rows_and_transcripts_that_do_not_say_what_they_mean_are_named(tmp_path)
     (tmp_path / "folder.wav").mkdir()
     checker = RowChecker(Limits(0.5, 30))
     assert checker.check(InputRow("raw.jsonl:1", dict(audio=123, text="t"), "")).problem.startswith("is not a string")
+    reject = checker.check(InputRow("raw.jsonl:1", dict(audio="a.wav", text="t", speaker=1088), ""))
+    assert (reject.field, reject.problem) == ("speaker", 'is the number 1088, not a name: write it as a string ("1088")')
     reject = checker.check(InputRow("raw.jsonl:2", dict(audio=str(tmp_path / "folder.wav"), text="t"), ""))
     assert "is a folder, not an audio file" in reject.problem
     clips = tmp_path / "clips"
@@ -797,6 +844,25 @@ def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tm
     validate(data, tmp_path / "loose" / "train.jsonl", "--speaker_from_folder")
     assert f"note: 1 clips lie directly in {data}, in no speaker's folder, and have no speaker" in \
         capsys.readouterr().out
+    # A folder named on macOS holds its name decomposed ("u" + U+0308): the speaker is the name as typed.
+    write(data / "Anna Mu\u0308ller" / "a3.wav", speech(1.0, seed=9))
+    (data / "Anna Mu\u0308ller" / "a3.txt").write_text("Clip number nine of this voice.")
+    rows = {Path(row.row["audio"]).name: row.row for row in read_input("folder", data, speaker_from_folder=True)}
+    assert rows["a3.wav"]["speaker"] == rows["a1.wav"]["speaker"] == "Anna M\u00fcller"
+
+
+def test_an_empty_transcript_file_is_named_with_what_to_do(tmp_path):
+    """A clip whose .txt is empty (a placeholder a tool wrote) is rejected naming that file, and how to
+    have speech recognition write its text instead; the clip beside it is read."""
+    for name in ("a", "b"):
+        write(tmp_path / f"{name}.wav", speech(1.0))
+    (tmp_path / "a.txt").write_text(" \n")
+    (tmp_path / "b.txt").write_text("Some words.")
+    rows = {Path(row.source).name: row for row in read_input("folder", tmp_path)}
+    assert isinstance(rows["a.wav"], Reject) and rows["a.wav"].reason == "empty_transcript"
+    assert rows["a.wav"].problem == (f"{tmp_path / 'a.txt'} is empty: write what is said in the clip, or delete the "
+                                     f"file to have --asr_model transcribe it")
+    assert rows["b.wav"].row["text"] == "Some words."
 
 
 def test_folders_behind_links_are_read_and_broken_or_unreadable_transcripts_named(tmp_path):

@@ -276,7 +276,11 @@ def run_checker(monkeypatch, checkpoint_dir, out_dir, argv, codes, voiced=True, 
     real_load = infer_test.load_model
     if transcript is not None:
         monkeypatch.setattr(infer_test, "load_asr", lambda path, device: lambda wav, sample_rate: transcript)
-        argv = [*argv, "--asr_model", str(out_dir.parent)]
+        stand_in = out_dir.parent / "asr"  # a folder that names a speech-recognition model, as --asr_model checks
+        stand_in.mkdir(exist_ok=True)
+        (stand_in / "config.json").write_text('{"model_type": "whisper"}')
+        (stand_in / "preprocessor_config.json").write_text("{}")
+        argv = [*argv, "--asr_model", str(stand_in)]
     with contextlib.ExitStack() as stack:
         def load(path, device):
             tts = real_load(path, device)
@@ -606,6 +610,8 @@ def test_arguments_that_cannot_work_stop_with_a_message_not_a_traceback(trained,
              (["--model_path", str(bad_config)], "config.json is not valid JSON"),
              (["--model_path", str(cut_copy)], "an incomplete model folder: no model.safetensors (an interrupted"),
              (["--model_path", str(trained / "speech_tokenizer")], "is not a Qwen3-TTS model folder"),
+             # the TTS model passed for the recogniser: named before anything is spoken, not a traceback after
+             (["--asr_model", str(trained)], "a 'qwen3_tts' model, not a speech-recognition one"),
              (["--compare", str(tmp_path / "nowhere")], "--compare " + str(tmp_path / "nowhere") + ": not found")]
     for flags, message in cases:
         model = [] if "--model_path" in flags or "--compare" in flags else ["--model_path", str(trained)]

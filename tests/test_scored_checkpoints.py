@@ -271,6 +271,17 @@ def test_eval_sentences_that_do_not_read_are_refused_before_the_model_loads(tiny
         sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
 
 
+def test_a_model_that_does_not_transcribe_is_refused_as_the_recogniser_before_the_run(tiny_model, coded_clips,
+                                                                                      tmp_path):
+    """The Qwen3-TTS model given as --asr_model: named at the flags, not a transformers traceback at the
+    first evaluation that speaks."""
+    from helpers import trainer_argv
+
+    argv = trainer_argv(tiny_model, coded_clips, tmp_path, eval_split=0.25, eval_generate_steps=2, asr_model=tiny_model)
+    with pytest.raises(SystemExit, match="--asr_model .*: a 'qwen3_tts' model, not a speech-recognition one"):
+        sft_12hz_chatterbox.check_args(sft_12hz_chatterbox.parse_args(argv))
+
+
 def test_compare_prints_checkpoints_and_scores_side_by_side(listened, capsys, tmp_path):
     on, _ = listened
     infer_test.main(["--compare", str(on), str(on / "checkpoint-step-2"), "--text", "Hi.", "--max_new_tokens", "4",
