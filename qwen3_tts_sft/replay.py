@@ -9,7 +9,8 @@ and --replay_ratio of each epoch's clips are drawn from them. The same clips mea
 their teacher-forced loss at the start and at the end of the run (voices.report).
 
 A sentence whose speech runs past --replay_max_seconds is dropped: speech that does not stop is
-not a voice worth keeping, and training on it would teach codec_eos in the wrong place.
+not a voice worth keeping, and training on it would teach codec_eos in the wrong place. So is one
+that ends before any speech (codec_eos first): there is nothing to rehearse.
 
 Generating the set takes minutes for a real model, so it is cached in --output_model_path/replay/
 with the settings that made it (the model's files, speakers, languages, sentences, frame cap,
@@ -20,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -38,6 +40,9 @@ REPLAY_DIR = "replay"   # under --output_model_path
 ALL = "all"
 # The flags that decide the replay clips and how many of them each epoch trains on.
 REPLAY_FLAGS = ("replay_speakers", "replay_ratio", "replay_languages", "replay_max_seconds")
+# Why a generated sentence is left out of the replay set, at the end of its `dropped` entry.
+RAN_PAST = "ran past --replay_max_seconds"
+NO_SPEECH = "no speech: it ended at once"
 
 
 def sentences() -> dict:
@@ -109,7 +114,7 @@ def rehearsed(args, table: list) -> list:
 class ReplaySet:
     speakers: list   # the rehearsed speakers.Speaker
     clips: list      # training_data.Clip per speaker, language and sentence that stopped in time
-    dropped: list    # "speaker, language: sentence" of those that ran past the frame cap
+    dropped: list    # "speaker, language: sentence (why)" of those left out: past the frame cap, or no speech
     path: Path       # the cache file
     reused: bool     # read from the cache rather than generated
 
@@ -184,15 +189,24 @@ def generate(tts, speakers: list, chosen: list, max_frames: int, options: dict, 
                                       speakers=[speaker.name] * len(texts), non_streaming_mode=True, **options)
         for index, (text, frames) in enumerate(zip(texts, codes)):
             if not 0 < len(frames) <= max_frames:
-                dropped.append(f"{speaker.name}, {language}: {text}")
+                why = RAN_PAST if len(frames) else NO_SPEECH
+                dropped.append(f"{speaker.name}, {language}: {text} ({why})")
                 continue
             rows.append(dict(speaker=speaker.name, language=language, index=index, text=text,
                              audio_codes=frames.cpu().tolist()))
     model.train()
     if dropped:
-        tqdm.write(f"replay set: {len(dropped)} sentences ran past {max_frames} frames (--replay_max_seconds) "
-                   f"and are left out")
+        tqdm.write(f"replay set: {dropped_count(dropped)} left out")
     return rows, dropped
+
+
+
+def dropped_count(dropped: list) -> str:
+    """'3 sentences (2 ran past --replay_max_seconds, 1 no speech: it ended at once)'."""
+    # A cache written before the reasons were recorded dropped only speech that ran past the cap.
+    reasons = Counter(next((why for why in (RAN_PAST, NO_SPEECH) if entry.endswith(f"({why})")), RAN_PAST)
+                      for entry in dropped)
+    return f"{len(dropped)} sentences ({', '.join(f'{count} {why}' for why, count in reasons.items())})"
 
 
 def model_fingerprint(folder) -> dict:

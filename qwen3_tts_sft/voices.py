@@ -214,8 +214,8 @@ def banner_lines(run) -> list:
                      f"({'reused' if replay_set.reused else 'generated'}: {replay_set.path}); {mixed} of the "
                      f"{len(run.train_set.clips)} clips of each epoch (--replay_ratio {run.args.replay_ratio})")
         if replay_set.dropped:
-            lines.append(f"  replay set: {len(replay_set.dropped)} sentences left out, their speech ran past "
-                         f"--replay_max_seconds {run.args.replay_max_seconds}")
+            lines.append(f"  replay set: {replay.dropped_count(replay_set.dropped)} left out "
+                         f"(--replay_max_seconds {run.args.replay_max_seconds})")
     idle = [speaker.name for speaker in kept if speaker.name not in rehearsed]
     asked = {speaker.name for speaker in replay_set.speakers} if replay_set is not None else set()
     with_clips = {clip.speaker for clip in replay_set.clips} if replay_set is not None else set()

@@ -7,6 +7,7 @@ speaker), and no speaker encoder.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,6 +133,29 @@ def test_a_fourth_voice_joins_and_the_banner_says_where_the_encoder_comes_from(a
     assert f"speaker encoder for the new voices: the one this trainer kept beside {added_voice}" in printed
     assert "warning: serena, eric, newvoice: asked to be rehearsed, but the replay set holds none of their speech" in printed
     assert "--replay_speakers all rehearses them" not in printed
+    assert re.search(r"replay set: (\d+) sentences \(\1 ran past --replay_max_seconds\) left out", printed)
+
+
+def test_replay_sentences_left_out_say_why():
+    """Speech that runs past the cap and speech that ends at once are both left out, each named as what it is."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from qwen3_tts_sft import replay
+    from qwen3_tts_sft.speakers import Speaker
+
+    class Speaking(torch.nn.Module):  # per sentence in turn: no frames, 3 frames, 99 frames
+        def generate(self, input_ids, **options):
+            return [torch.zeros((0, 3, 16, 99)[index % 3], 16) for index in range(len(input_ids))], None
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext)
+    rows, dropped = replay.generate(SimpleNamespace(model=Speaking()), [Speaker("serena", 3000)], ["english"], 12, {},
+                                    lambda text: [1, 2], accelerator)
+    sentences = len(replay.sentences()["english"])
+    assert len(rows) == sentences // 3 and all(len(row["audio_codes"]) == 3 for row in rows)
+    assert dropped[0].endswith("(no speech: it ended at once)") and dropped[1].endswith("(ran past --replay_max_seconds)")
+    assert replay.dropped_count(dropped) == (f"{len(dropped)} sentences ({(sentences + 2) // 3} no speech: it ended at "
+                                             f"once, {(sentences + 1) // 3} ran past --replay_max_seconds)")
 
 
 @pytest.mark.parametrize("flags", [["--replay_ratio", "0.5"], ["--replay_languages", "german"],
