@@ -235,11 +235,11 @@ def ljspeech_rows(metadata: Path, speaker: str = None):
             yield Reject(source, "bad_row", "(encoding)", problem, line)
             continue
         clip_id, *texts = columns
-        if not texts:
-            separated = ("; it looks tab-separated: LJSpeech separates its columns with |" if "\t" in line else
-                         "; it looks comma-separated (a Hugging Face audiofolder metadata.csv?): give it as a JSONL "
-                         "instead" if "," in line else "")
-            yield Reject(source, "missing_transcript", "text", f"the line has no text column (id|text){separated}",
+        if not texts and ("\t" in line or "," in line):  # another separator: the "id" would hold the text too
+            separated = ("it looks tab-separated: LJSpeech separates its columns with |" if "\t" in line else
+                         "it looks comma-separated (a Hugging Face audiofolder metadata.csv?): give it as a JSONL "
+                         "instead")
+            yield Reject(source, "missing_transcript", "text", f"the line has no text column (id|text); {separated}",
                          line)
             continue
         # Which column is the text is anyone's guess: keep no wrong transcript.
@@ -248,10 +248,13 @@ def ljspeech_rows(metadata: Path, speaker: str = None):
             yield Reject(source, "bad_row", "text", f"the line has {len(texts) + 1} columns where {usual} "
                          f"(id|text|normalized text): is there a \"|\" inside the text?", line)
             continue
-        text = texts[1] if len(texts) > 1 and texts[1] else texts[0]
-        row = dict(audio=str(audio_files.find(clip_id).resolve()), text=text)
+        row = dict(audio=str(audio_files.find(clip_id).resolve()))
         if speaker is not None:
             row["speaker"] = speaker
+        if not any(text.strip() for text in texts):  # an id alone, or id|: --asr_model writes the text, if given
+            yield InputRow(source, row, line, missing_text="the line has no text (id|text)", layout="ljspeech")
+            continue
+        row["text"] = texts[1] if len(texts) > 1 and texts[1] else texts[0]
         yield InputRow(source, row, line, layout="ljspeech")
 
 

@@ -1108,6 +1108,25 @@ def test_segments_without_text_are_transcribed_with_speech_recognition(tmp_path)
     assert set(report) == {"raw.jsonl:1#1", "raw.jsonl:1#2"}
 
 
+def test_metadata_lines_without_text_are_transcribed_with_speech_recognition(tmp_path):
+    """An LJSpeech metadata.csv of ids alone (or id|): --asr_model writes their text, as for a folder's
+    clips without a .txt; without it each line is named with the flag to pass."""
+    for clip_id in ("a1", "a2", "a3"):
+        write(tmp_path / "wavs" / f"{clip_id}.wav", speech(2.0, seed=len(clip_id) + int(clip_id[1])))
+    (tmp_path / "metadata.csv").write_text("a1|\na2\na3|Its own text.\n")
+    assert validate(tmp_path, tmp_path / "no_asr.jsonl")["clips"] == 1
+    rejects = rejects_of(tmp_path / "no_asr.jsonl")
+    for line in ("metadata.csv:1", "metadata.csv:2"):
+        reject = next(r for source, r in rejects.items() if source.endswith(line))
+        assert reject["reason"] == "missing_transcript"
+        assert reject["problem"] == "the line has no text (id|text) (or pass --asr_model to transcribe it)"
+
+    summary = validate(tmp_path, tmp_path / "out.jsonl", "--asr_model", write_tiny_whisper(tmp_path / "whisper"))
+    clips = clips_of(tmp_path / "out.jsonl")
+    assert summary["clips"] == 3 and summary["transcribed_clips"] == 2
+    assert [clip.get("text_from") for _, clip in sorted(clips.items())] == ["asr", "asr", None]
+
+
 def test_a_long_take_whose_own_text_cannot_be_used_is_said_once(tmp_path, capsys):
     pauses = [part for seed in range(5) for part in (speech(6, seed=seed), room_tone(1, seed=seed))]
     take = write(tmp_path / "chapter.wav", np.concatenate(pauses))  # 35 s: longer than --max_seconds 30
