@@ -258,7 +258,7 @@ def test_ljspeech_layout(speech_tokenizer, tmp_path):
     for row, seconds in zip(rows, (0.6, 0.8, 0.7, 0.6)):
         check_codes(row, seconds)
         assert (row["ref_audio"], row["speaker"], row["language"]) == (str(ref), "Linda", "english")
-    assert rejects_by_source(output) == {f"{metadata}:5": "empty_transcript", f"{metadata}:6": "missing_transcript",
+    assert rejects_by_source(output) == {f"{metadata}:5": "missing_transcript", f"{metadata}:6": "missing_transcript",
                                          f"{metadata}:7": "missing_audio", f"{metadata}:8": "bad_row"}
     assert list(summary["speakers"]) == ["linda"]  # grouped as the trainer does and summary["clips"] == 4
 
