@@ -380,11 +380,13 @@ def runs_of_a_similar_name(output_dir: Path) -> str:
     """A note naming folders beside `output_dir` with a close name that hold resumable checkpoints:
     `latest` must start a job's first run quietly, so a mistyped --output_model_path would too."""
     parent = output_dir.parent
-    if not parent.is_dir():
+    try:
+        names = [entry.name for entry in os.scandir(parent) if entry.name != output_dir.name]
+    except OSError:  # no such folder, or not ours to list
         return ""
-    names = [folder.name for folder in parent.iterdir() if folder != output_dir and folder.is_dir()]
+    # Names first, then the few close ones looked into: a cluster's scratch folder may hold thousands.
     close = [parent / name for name in difflib.get_close_matches(output_dir.name, names, n=3, cutoff=0.8)]
-    runs = [str(folder) for folder in close if checkpoint.list_checkpoints(folder)]
+    runs = [str(folder) for folder in close if folder.is_dir() and checkpoint.list_checkpoints(folder)]
     if not runs:
         return ""
     return (f". Note: {', '.join(runs)} beside it {'holds' if len(runs) == 1 else 'hold'} checkpoints; to continue "
