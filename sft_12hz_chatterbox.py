@@ -208,6 +208,10 @@ def parse_args(argv=None):
     if ignored and not args.replay_speakers:
         parser.error(f"{', '.join(ignored)}: nothing is rehearsed without --replay_speakers NAMES|all (the kept "
                      f"speakers to rehearse)")
+    # Likewise --eval_steps without eval data: nothing would be evaluated, and nothing said.
+    if args.eval_steps != parser.get_default("eval_steps") and not (args.eval_split or args.eval_jsonl):
+        parser.error(f"--eval_steps {args.eval_steps}: there is no eval data to evaluate: give --eval_split (0.05 "
+                     f"holds out 5% of the clips) or --eval_jsonl FILE")
     return args
 
 

@@ -313,11 +313,15 @@ def test_a_voice_whose_every_clip_eval_split_held_out_is_said_so(tiny_model, cod
     assert "misspelt" not in printed
 
 
-def test_the_banner_says_no_best_is_kept_when_nothing_is_evaluated(tiny_model, coded_clips, tmp_path):
-    """--eval_steps and --save_total_limit given, the eval data forgotten: the banner does not promise a best."""
+def test_the_banner_says_no_best_is_kept_when_nothing_is_evaluated(tiny_model, coded_clips, tmp_path, capsys):
+    """--save_total_limit given, the eval data forgotten: the banner does not promise a best, and an
+    --eval_steps given without eval data, which would evaluate nothing, is refused."""
     from helpers import build_run
 
-    banner = build_run(tiny_model, coded_clips, tmp_path / "out", eval_steps=5, save_total_limit=1).banner()
+    with pytest.raises(SystemExit):
+        build_run(tiny_model, coded_clips, tmp_path / "out", eval_steps=5)
+    assert "--eval_steps 5: there is no eval data to evaluate: give --eval_split" in capsys.readouterr().err
+    banner = build_run(tiny_model, coded_clips, tmp_path / "out", save_total_limit=1).banner()
     no_best = ("--save_total_limit 1 keeps the newest 1, and no best: --metric_for_best_model eval_loss needs eval "
                "data (--eval_split or --eval_jsonl)")
     assert no_best in banner
