@@ -46,7 +46,11 @@ def language_problem(value, known: list):
         return None
     guess = ISO_CODES.get(name.replace("_", "-").split("-")[0]) or next(
         iter(difflib.get_close_matches(name, known, n=1)), None)
-    hint = f"; did you mean {guess!r}?" if guess in known else ""
+    if guess in known:
+        hint = f"; did you mean {guess!r}?"
+    else:  # likely a language the model was not trained on: it has no id for it, only auto
+        hint = (f"; a language the model does not have trains and speaks as {AUTO_LANGUAGE!r} (no language id: "
+                f"generate_custom_voice(..., language={AUTO_LANGUAGE!r}))")
     return f"{value!r} is not one of {known}{hint}"
 
 

@@ -572,6 +572,9 @@ def test_languages_are_checked_before_encoding_with_what_was_meant(speech_tokeni
     assert [row["language"] for row in read_jsonl(output)] == ["english"]
     problems = [reject["problem"] for reject in read_jsonl(f"{output}.rejects.jsonl")]
     assert problems[0].endswith("did you mean 'german'?") and "'klingon' is not one of" in problems[1]
+    # A language the model was not trained on, with nothing close: what to pass instead.
+    assert problems[1].endswith("a language the model does not have trains and speaks as 'auto' (no language id: "
+                                "generate_custom_voice(..., language='auto'))")
 
 
 def test_shards_merge_into_the_same_dataset(speech_tokenizer, clip_set, reference_run, tmp_path):
