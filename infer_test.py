@@ -477,7 +477,9 @@ def check(args, model_path: Path, out_dir: Path, flag: str = "--model_path") -> 
     language = (args.language.strip().lower() if args.language is not None else
                 default_language(names, trained_in, data_path))
     texts = read_sentences(args, language)
-    note = other_script_note(rates, names, texts, language, own_text=bool(args.text or args.text_file))
+    own_text = bool(args.text or args.text_file)
+    note = other_script_note(rates, names, texts, language, own_text) or unknown_language_note(
+        names, trained_in, language, own_text, data_path)
     if note:
         print(f"note: {note}")
     try:
@@ -545,6 +547,18 @@ def other_script_note(rates: dict, names: list, texts: list, language: str, own_
             f"cannot be compared with the training rate, so the rate checks are skipped. Pass "
             + (f"--language {' or '.join(meant)} for built-in sentences of it, or " if meant else "")
             + "--text in the language the model was trained on")
+
+
+def unknown_language_note(names: list, trained_in: dict, language: str, own_text: bool, data_path) -> str:
+    """What to say when the built-in sentences stand in for a language the training rows never named
+    (a language the model does not have trains as auto): they are English, the voice may be another."""
+    if own_text or language != AUTO_LANGUAGE or not trained_in or not names:
+        return None
+    if any(trained_in.get(name) != {AUTO_LANGUAGE} for name in names):
+        return None
+    return (f"the rows of {data_path} name no language for {', '.join(names)} (auto), so the built-in sentences "
+            f"spoken are English; a voice of another language is checked in it with --text_file FILE (a sentence "
+            f"a line)")
 
 
 def remove_earlier_wavs(out_dir: Path, stems) -> None:

@@ -525,8 +525,13 @@ def test_without_language_a_voice_is_checked_in_the_language_it_was_trained_in(
     capsys.readouterr()
     # No single language to pick: alice's rows are auto; alice and bob together are auto and german.
     assert settled_language(monkeypatch, [*base, "--speaker", "alice"]) == ("auto", infer_test.SENTENCES["english"])
+    # Rows that name no language may be of one the model lacks: said, with how to check it in its own.
+    said = capsys.readouterr().out
+    assert "name no language for alice (auto), so the built-in sentences spoken are English; a voice of another " \
+           "language is checked in it with --text_file FILE" in said and "--language not given" not in said
     assert settled_language(monkeypatch, base)[0] == "auto"
-    assert "--language not given" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "--language not given" not in said and "name no language" not in said
 
 
 @pytest.mark.parametrize("given, meant, text", [("de", "german", []), ("germna", "german", ["--text", "Hallo."]),
