@@ -57,6 +57,7 @@ class TrainingRun:
         self.replay_set = replay_set        # replay.ReplaySet, or None
         self.listener = listener            # scoring.Listener on the main process of a listening run, else None
         self.output_dir = Path(args.output_model_path)
+        self.output_lock = None             # the main process's hold on output_dir (checkpoint.lock_output_dir)
         self.first_plan = self.plan(epoch=0)
         self.steps_per_epoch = len(self.first_plan.steps)
         self.total_steps = min(args.max_steps or math.inf, self.steps_per_epoch * args.num_epochs)

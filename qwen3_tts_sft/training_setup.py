@@ -134,6 +134,9 @@ def build_run(args) -> TrainingRun:
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=run.total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
+    # Before the output folder is first written to (not before the data is checked: a refused run leaves
+    # nothing): a second job there would remove this one's partial save and prune its checkpoints.
+    run.output_lock = checkpoint.lock_output_dir(Path(args.output_model_path)) if accelerator.is_main_process else None
     progress = resume_or_start(args, settings, accelerator)
     if settings.new_schedule:
         follow_new_schedule(scheduler, args.lr, progress.step, accelerator)
