@@ -611,7 +611,7 @@ def stop_signals_held():
 
 
 def leave_stop_signals_to_main(main_pid: int, worker_id: int) -> None:
-    """A data worker's worker_init_fn: leave SIGTERM and SIGINT to the main process.
+    """A data worker's worker_init_fn: leave the stop signals (SIGTERM, SIGINT, SIGUSR1) to the main process.
 
     Sent to the whole job, they would otherwise end the workers first, and the trainer with
     "DataLoader worker ... killed by signal". A worker still ends when the main process shuts the

@@ -122,6 +122,13 @@ def test_ctrl_c_in_a_terminal_also_stops_the_whole_job_cleanly(tiny_model, twelv
     assert saved.name.startswith("checkpoint-step-")
 
 
+def test_slurm_s_warning_signal_sigusr1_also_saves_and_stops_cleanly(tiny_model, twelve_clips, tmp_path):
+    """`sbatch --signal=USR1@120` warns every process of the job before its time limit: by default
+    SIGUSR1 kills a process at once, and the steps since the last save were lost."""
+    saved = stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGUSR1)
+    assert saved.name.startswith("checkpoint-step-")
+
+
 def test_a_second_job_on_the_same_output_folder_is_refused_naming_the_first(tiny_model, twelve_clips, tmp_path):
     """Two jobs of one command started at once (a job array, a requeue while the first still runs): the
     second would delete the first one's half-written save and prune its checkpoints; it stops, naming it."""
