@@ -35,6 +35,7 @@ launcher's ranks are the shards and process 0 merges when all are done. The chec
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -434,7 +435,9 @@ def lock_output(output: Path):
         return handle
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks (Lustre, some NFS)
+            return handle
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         raise SystemExit(f"error: another prepare_codes.py run ({holder}) is writing {output}; wait for it to end, "

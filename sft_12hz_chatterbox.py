@@ -409,9 +409,10 @@ def train(run, stop_request) -> bool:
 
 
 class StopSignals:
-    """Inside a `with` block, SIGTERM and SIGINT (what schedulers send before preemption, and Ctrl-C)
-    go to self.handle, whether they are sent to this process or to the whole job (the data workers
-    leave them to this process: training_run.leave_stop_signals_to_main). The earlier handlers are
+    """Inside a `with` block, the stop signals (SIGTERM and SIGUSR1, which schedulers send before
+    preemption or a time limit, and Ctrl-C's SIGINT) go to self.handle, whether they are sent to this
+    process or to the whole job (the data workers leave them to this process:
+    training_run.leave_stop_signals_to_main). The earlier handlers are
     back afterwards, for whatever else runs in this process (tests, a notebook)."""
 
     def __init__(self):

@@ -25,6 +25,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,6 +43,9 @@ TRAINING_STATE_DIR = "training_state"
 TRAINING_STATE_FILES = "files.json"
 SPEAKER_VECTORS = "speaker_vectors.safetensors"
 PARTIAL_SUFFIX = ".partial"
+# In the output folder: held (flock) by the run writing its checkpoints, so a second job on the same folder
+# is refused instead of deleting the first one's half-written save and pruning its checkpoints.
+OUTPUT_LOCK = ".trainer.lock"
 # Base-model files that are not copied: they are rewritten, or they are another run's state.
 NOT_COPIED = {"config.json", MODEL_WEIGHTS, SPEAKER_ENCODER_WEIGHTS, TRAINER_STATE, "model.safetensors.index.json"}
 # The one folder of a model that loading reads. Other folders in a starting checkpoint are what was
@@ -472,6 +477,33 @@ def remove_old_checkpoints(output_dir: Path, keep: int, protect=()) -> list:
     for folder in doomed:
         shutil.rmtree(folder)
     return doomed
+
+
+def lock_output_dir(output_dir: Path):
+    """Make `output_dir` and hold its OUTPUT_LOCK for as long as the returned open file lives (the lock
+    goes when the process ends, even killed); another run holding it stops this one, naming it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / OUTPUT_LOCK, "a+", encoding="utf-8")
+    try:
+        import fcntl
+    except ImportError:  # not on Linux or macOS: no lock
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: run unlocked
+            return handle
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SystemExit(f"error: another training run ({holder}) is writing checkpoints to {output_dir}: two runs "
+                         f"there would delete each other's saves. Wait for it to end (a requeue of this job after it "
+                         f"ends resumes with --resume_from_checkpoint latest), or give another --output_model_path"
+                         ) from None
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 def remove_partials(output_dir: Path) -> None:

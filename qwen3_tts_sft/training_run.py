@@ -57,6 +57,7 @@ class TrainingRun:
         self.replay_set = replay_set        # replay.ReplaySet, or None
         self.listener = listener            # scoring.Listener on the main process of a listening run, else None
         self.output_dir = Path(args.output_model_path)
+        self.output_lock = None             # the main process's hold on output_dir (checkpoint.lock_output_dir)
         self.first_plan = self.plan(epoch=0)
         self.steps_per_epoch = len(self.first_plan.steps)
         self.total_steps = min(args.max_steps or math.inf, self.steps_per_epoch * args.num_epochs)
@@ -610,7 +611,7 @@ def stop_signals_held():
 
 
 def leave_stop_signals_to_main(main_pid: int, worker_id: int) -> None:
-    """A data worker's worker_init_fn: leave SIGTERM and SIGINT to the main process.
+    """A data worker's worker_init_fn: leave the stop signals (SIGTERM, SIGINT, SIGUSR1) to the main process.
 
     Sent to the whole job, they would otherwise end the workers first, and the trainer with
     "DataLoader worker ... killed by signal". A worker still ends when the main process shuts the

@@ -134,6 +134,9 @@ def build_run(args) -> TrainingRun:
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=run.total_steps)
     train_module, optimizer, scheduler = accelerator.prepare(train_module, optimizer, scheduler)
+    # Before the output folder is first written to (not before the data is checked: a refused run leaves
+    # nothing): a second job there would remove this one's partial save and prune its checkpoints.
+    run.output_lock = checkpoint.lock_output_dir(Path(args.output_model_path)) if accelerator.is_main_process else None
     progress = resume_or_start(args, settings, accelerator)
     if settings.new_schedule:
         follow_new_schedule(scheduler, args.lr, progress.step, accelerator)
@@ -454,7 +457,13 @@ def resume_problems(args, state, resume_dir: Path, train_data: DataFingerprint, 
         problems.append(f"--init_model_path is {starting_from} but the checkpoint was made from {started_from}, "
                         f"another model (their config.json differ): resume with the model the run started with")
     if state.num_processes != accelerator.num_processes:
-        problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}")
+        # A requeue onto a node with another GPU count: each process saved its own random streams and
+        # data position, so the run continues only with as many.
+        launch = ("python, or accelerate launch --num_processes 1" if state.num_processes == 1 else
+                  f"accelerate launch --num_processes {state.num_processes}")
+        problems.append(f"{accelerator.num_processes} processes but the checkpoint was made with {state.num_processes}"
+                        f" (each process saved its own data position and random state): resume with {launch}, or "
+                        f"start a new run from it: --init_model_path {resume_dir} and another --output_model_path")
     if state.train_data_sha256 != train_data.sha256:
         problems.append(f"{args.train_jsonl} differs from the file the checkpoint was trained on "
                         f"({saved.get('train_jsonl')}, sha256 {state.train_data_sha256[:12]}...)")
@@ -467,7 +476,7 @@ def resume_problems(args, state, resume_dir: Path, train_data: DataFingerprint, 
                         f"Keep the checkpoint's values, or pass --allow_schedule_change to follow the new schedule "
                         f"from there)")
     if problems:
-        return ["cannot resume this checkpoint:\n  " + "\n  ".join(problems)]
+        return [f"cannot resume {resume_dir}:\n  " + "\n  ".join(problems)]
     now = checkpoint.recorded_flags(args)  # paths absolute, as they were recorded: ./x and /abs/x are one
     changed = [f"--{name} {saved.get(name)} -> {value}" for name, value in sorted(now.items())
                if name in saved and saved[name] != value

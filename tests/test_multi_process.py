@@ -68,3 +68,17 @@ def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, 
     exported_two = load_file(tmp_path / "two" / "checkpoint-epoch-1" / checkpoint.MODEL_WEIGHTS)
     assert exported_one.keys() == exported_two.keys()
     assert all(torch.allclose(exported_one[n].float(), exported_two[n].float(), rtol=1e-2, atol=1e-3) for n in exported_one)
+
+
+def test_a_requeue_with_another_number_of_processes_says_how_to_launch_it(tiny_model, coded_clips, one_process_run):
+    """A job requeued onto a node with another GPU count: refused before the model loads, naming the
+    checkpoint and the launch that resumes it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft_12hz_chatterbox.py",
+               *trainer_argv(tiny_model, coded_clips, one_process_run, **FLAGS, batch_size=2,
+                             gradient_accumulation_steps=2, resume_from_checkpoint="latest")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert f"cannot resume {one_process_run / 'checkpoint-epoch-1'}:" in result.stderr, result.stderr[-3000:]
+    assert ("2 processes but the checkpoint was made with 1 (each process saved its own data position and random "
+            "state): resume with python, or accelerate launch --num_processes 1") in result.stderr

@@ -1,6 +1,7 @@
 """prepare_codes.py on the tiny speech tokenizer: every input layout, bad audio of each kind, a kill
 and a rerun, sharding and merging. Clips are under a second, so each run encodes in a second or two."""
 
+import errno
 import json
 import math
 import os
@@ -426,6 +427,19 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(speech_
         holder.wait()
     prepare(speech_tokenizer, clip_set, output)  # the lock goes with its process
     assert output.exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked(speech_tokenizer, clip_set, tmp_path, monkeypatch):
+    """Lustre mounted without `flock` (ENOSYS) or NFS without its lock service (ENOLCK): nobody holds the
+    lock, so the run is not refused as if another one wrote the output."""
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    prepare(speech_tokenizer, clip_set, tmp_path / "train.jsonl")
+    assert (tmp_path / "train.jsonl").exists()
 
 
 def test_an_output_folder_that_cannot_be_written_or_is_a_folder_is_named_first(speech_tokenizer, clip_set,

@@ -122,6 +122,34 @@ def test_ctrl_c_in_a_terminal_also_stops_the_whole_job_cleanly(tiny_model, twelv
     assert saved.name.startswith("checkpoint-step-")
 
 
+def test_slurm_s_warning_signal_sigusr1_also_saves_and_stops_cleanly(tiny_model, twelve_clips, tmp_path):
+    """`sbatch --signal=USR1@120` warns every process of the job before its time limit: by default
+    SIGUSR1 kills a process at once, and the steps since the last save were lost."""
+    saved = stop_the_whole_job(tiny_model, twelve_clips, tmp_path / "out", signal.SIGUSR1)
+    assert saved.name.startswith("checkpoint-step-")
+
+
+def test_a_second_job_on_the_same_output_folder_is_refused_naming_the_first(tiny_model, twelve_clips, tmp_path):
+    """Two jobs of one command started at once (a job array, a requeue while the first still runs): the
+    second would delete the first one's half-written save and prune its checkpoints; it stops, naming it."""
+    job = dict(RUN, num_epochs=100, save_steps=2, resume_from_checkpoint="latest")  # one command for both
+    first = start_and_wait_for(trainer_command(tiny_model, twelve_clips, tmp_path / "out", **job), "train step 2/")
+    try:
+        with pytest.raises(SystemExit) as refused:
+            train(tiny_model, twelve_clips, tmp_path / "out", **job)
+        assert first.poll() is None  # still training, its checkpoints untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert f"another training run (process {first.pid} on " in str(refused.value)
+    assert f"is writing checkpoints to {tmp_path / 'out'}" in str(refused.value)
+    assert first.returncode == 0  # it saved and stopped as usual
+    # Once it has ended, the same command (a requeue) resumes its run.
+    run = build_run(tiny_model, twelve_clips, tmp_path / "out", **job)
+    assert run.progress.step >= 2
+    del run
+
+
 def stop_the_whole_job(model_dir, data, output, stop_signal):
     """Start the trainer with data workers as a job of its own, signal all its processes after step 2,
     check that it said so and exited 0; return the checkpoint it saved."""
