@@ -36,18 +36,28 @@ def model_languages(codec_language_id: dict) -> list:
     return [AUTO_LANGUAGE] + sorted(name.lower() for name in (codec_language_id or {}) if "dialect" not in name.lower())
 
 
+# How alike a name must be to one of the model's to be taken for its misspelling: "englsh" is 0.92,
+# "germna" 0.83, while other languages' names sit at 0.6-0.77 ("danish"/"spanish", "persian"/"russian").
+TYPO_SIMILARITY = 0.8
+# Other languages that a spelling check would still take for a typo (one letter from "japanese").
+NOT_TYPOS = {"javanese"}
+
+
 def language_problem(value, known: list):
     """None where `value` names one of `known` (any case, spaces around), else what is wrong, with the
-    language it most likely means."""
+    language it most likely means, or, for another language, that `auto` speaks it."""
     if not isinstance(value, str):
         return f"{value!r} is not a language name"
     name = value.strip().lower()
     if name in known:
         return None
     guess = ISO_CODES.get(name.replace("_", "-").split("-")[0]) or next(
-        iter(difflib.get_close_matches(name, known, n=1)), None)
-    hint = f"; did you mean {guess!r}?" if guess in known else ""
-    return f"{value!r} is not one of {known}{hint}"
+        iter(difflib.get_close_matches(name, known, n=1, cutoff=TYPO_SIMILARITY)), None)
+    if guess in known and name not in NOT_TYPOS:
+        return f"{value!r} is not one of {known}; did you mean {guess!r}?"
+    # Another language's id would teach the voice that language's accent: auto has none.
+    return (f"{value!r} is not one of {known}; for a language the model has no id for, use {AUTO_LANGUAGE!r} "
+            f"(no language id, as generate_custom_voice(language={AUTO_LANGUAGE!r}) speaks)")
 
 
 def languages_of_tokenizer_folder(tokenizer_folder) -> list:
