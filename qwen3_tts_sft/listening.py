@@ -280,7 +280,7 @@ def measure_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate) ->
     returned under the cap; training_rate is chars/s or None."""
     name, index, text = item
     measured = measure_waveform(wav, sample_rate)
-    rate = len(text) / measured["seconds"] if measured["seconds"] else None
+    rate = audio.spoken_characters(text) / measured["seconds"] if measured["seconds"] else None
     return dict(speaker=name, index=index, text=text, frames=frames, max_new_tokens=cap,
                 stopped=stopped_before_cap(frames, cap), **measured, rtf=rtf, characters_per_second=rate,
                 training_characters_per_second=training_rate,
@@ -297,16 +297,16 @@ def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
     ratio to the training rate over the sentences of a rate group training had (rate_group: the
     sentence's, else the group of its text as auto), mean similarity (and the base model's, with the
     gain, where measured), mean CER."""
-    characters = sum(len(s["text"]) for s in sentences)
+    characters = sum(audio.spoken_characters(s["text"]) for s in sentences)
     seconds = sum(s["seconds"] for s in sentences)
     rate = characters / seconds if seconds > 0 else None
     groups = [s.get("rate_group") or audio.rate_group(s["text"]) for s in sentences]
     rated = [(s, training) for s, group in zip(sentences, groups)
              if (training := training_rate_for(rates, name, group))]
     # Each sentence against its own group's training rate: the seconds the training pace would take.
-    expected_seconds = sum(len(s["text"]) / training for s, training in rated)
+    expected_seconds = sum(audio.spoken_characters(s["text"]) / training for s, training in rated)
     rated_seconds = sum(s["seconds"] for s, _ in rated)
-    rated_characters = sum(len(s["text"]) for s, _ in rated)
+    rated_characters = sum(audio.spoken_characters(s["text"]) for s, _ in rated)
     training_rate = rated_characters / expected_seconds if expected_seconds else None
     own = all(rate_of(rates, name, group) is not None for group in groups if rate_of(rates, ALL_SPEAKERS, group))
     similarity = mean_of(s["speaker_similarity"] for s in sentences)
