@@ -18,7 +18,6 @@ its command line (and answer --help) without loading them.
 
 import math
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft.transcription import character_error_rate
 
 SILENT_WINDOW_SECONDS = 0.05
 SILENT_WINDOW_DBFS = -50.0   # a 50 ms window quieter than this is silence (pauses, not soft consonants)
@@ -198,23 +198,6 @@ def stopped_before_cap(frames: int, max_new_tokens: int) -> bool:
 def auto_frame_cap(texts: list) -> int:
     """Default max_new_tokens: 5 s plus 0.5 s a character, several times any natural reading."""
     return math.ceil(FRAMES_PER_SECOND * (5 + max(len(text) for text in texts) / 2))
-
-
-def normalize_for_cer(text: str) -> str:
-    """Lower case, no punctuation or symbols, single spaces: ASR punctuation is not an error."""
-    return " ".join("".join(c for c in text.lower() if unicodedata.category(c)[0] not in "PS").split())
-
-
-def character_error_rate(reference: str, hypothesis: str) -> float:
-    """Edit distance (insertions, deletions, substitutions) over the reference length, normalized."""
-    reference, hypothesis = normalize_for_cer(reference), normalize_for_cer(hypothesis)
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_char in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp_char in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_char != hyp_char)))
-        previous = current
-    return previous[-1] / max(1, len(reference))
 
 
 def finite_at_rate(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
