@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,7 +330,9 @@ def folder_rows(folder: Path, speaker_from_folder: bool = False):
 
     def speaker_of(path: Path):
         inner = path.relative_to(folder).parts
-        return inner[0] if speaker_from_folder and len(inner) > 1 else None
+        # NFC: the name as typed. macOS file systems store "ü" decomposed, and generate_custom_voice
+        # looks a speaker up by the very string given.
+        return unicodedata.normalize("NFC", inner[0]) if speaker_from_folder and len(inner) > 1 else None
 
     metadata_folders = sorted({path.parent for path in files if path.name == "metadata.csv"})
     for metadata_folder in metadata_folders:

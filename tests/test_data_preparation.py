@@ -769,9 +769,13 @@ def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tm
     """VCTK-like folders (one per speaker, sessions below), one holding an LJSpeech metadata.csv of its
     own: without --speaker_from_folder the run says the folders are read as one voice; with it, each
     clip's speaker is its top folder, and the metadata.csv's transcripts are used, not looked for in
-    .txt files."""
+    .txt files. A folder name stored decomposed (NFD, as macOS file systems write "ü") is the speaker's
+    name as a keyboard types it (NFC): generate_custom_voice(speaker="Anna Müller") finds it."""
+    import unicodedata
+
     data = tmp_path / "data"
-    for number, name in enumerate(("Anna Müller/session 1/a1.wav", "Anna Müller/a2.wav", "bob/b1.wav")):
+    anna = unicodedata.normalize("NFD", "Anna Müller")
+    for number, name in enumerate((f"{anna}/session 1/a1.wav", f"{anna}/a2.wav", "bob/b1.wav")):
         write(data / name, speech(1.0, seed=number))
         (data / name).with_suffix(".txt").write_text(f"Clip number {number} of this voice.")
     write(data / "carol" / "wavs" / "c1.wav", speech(1.0, seed=5))
