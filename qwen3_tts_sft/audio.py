@@ -245,13 +245,20 @@ SYLLABIC, ALPHABETIC = "cjk", "other"  # the scripts text_script tells apart
 LETTERS_PER_SYLLABLE = 3
 
 
+def optional_mark(character: str) -> bool:
+    """An Arabic or Hebrew vowel point (a combining mark of U+0590-U+06FF): optional in writing, so text
+    with it says what text without it says, and a recogniser seldom writes it."""
+    return "\u0590" <= character <= "\u06ff" and unicodedata.category(character).startswith("M")
+
+
 def spoken_characters(text: str) -> int:
     """The characters of a transcript that speaking rates count: of its NFC form, as the tokenizer reads
     it (text typed decomposed, as macOS writes it, holds a Vietnamese letter and its accents apart and a
     hangul syllable as 2-3 jamo: twice the code points for the same speech), less invisible format
-    characters (zero-width spaces and joiners, direction marks) and white space at its ends."""
+    characters (zero-width spaces and joiners, direction marks), optional vowel points and white space
+    at its ends."""
     text = unicodedata.normalize("NFC", text).strip()
-    return sum(unicodedata.category(character) != "Cf" for character in text)
+    return sum(unicodedata.category(character) != "Cf" and not optional_mark(character) for character in text)
 
 
 def text_script(text: str) -> str:

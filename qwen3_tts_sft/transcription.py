@@ -61,17 +61,13 @@ def printable(text: str) -> str:
     return " ".join(text.replace("\ufffd", " ").split())
 
 
-# Arabic and Hebrew vowel points lie in this range: optional in writing, seldom written by a recogniser.
-OPTIONAL_MARKS = ("\u0590", "\u06ff")
-
-
 def normalise(text: str) -> str:
     """Lower-case letters and digits with their marks, single-spaced: what the character error rate compares."""
     characters = []
     for character in unicodedata.normalize("NFKC", text).lower():
-        mark = unicodedata.category(character).startswith("M")
-        if mark and OPTIONAL_MARKS[0] <= character <= OPTIONAL_MARKS[1]:
+        if audio.optional_mark(character):
             continue
+        mark = unicodedata.category(character).startswith("M")
         # A combining mark is part of its word (a Hindi vowel sign, a Thai tone mark); punctuation is not.
         characters.append(character if character.isalnum() or character.isspace() or mark else " ")
     return " ".join("".join(characters).split())

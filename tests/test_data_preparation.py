@@ -979,6 +979,8 @@ def test_text_typed_in_decomposed_unicode_or_with_invisible_characters_is_read_a
     for clip in clips:
         rates.add(clip.text, round(clip.seconds * audio.FRAMES_PER_SECOND), "minji", "korean")
     assert rates.rates()["korean"]["minji"] == pytest.approx(7.0, rel=2e-2)
+    # Arabic written with its optional vowel points is the same speech as without them.
+    assert audio.spoken_characters("مَرْحَبًا بِكُمْ") == audio.spoken_characters("مرحبا بكم") == 9
 
 
 def test_a_recording_listed_twice_keeps_the_row_whose_text_fits(tmp_path):
