@@ -11,6 +11,7 @@ with the report, before any GPU work.
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def resolve_path(value: str, jsonl_dir: Path) -> Path:
     if path.is_absolute() or (jsonl_dir / path).exists() or not path.exists():
         return jsonl_dir / path
     return path
+
+
+def speaker_key(name: str) -> str:
+    """A speaker's name as stored in spk_id: lower-cased, as generate() looks it up, and in Unicode NFC, as
+    a keyboard types it (a name read from a macOS file name is decomposed, and generate() compares strings)."""
+    return unicodedata.normalize("NFC", name.strip()).lower()
 
 
 def make_prompter(processor, config):
@@ -154,7 +161,7 @@ class ClipReader:
         if problems:
             return None, problems
         clip = Clip(source="", text=text, codes=codes, ref_audio=ref_path,
-                    speaker=speaker.strip().lower(), language=language.strip().lower())
+                    speaker=speaker_key(speaker), language=language.strip().lower())
         if self.prompter is not None:
             try:
                 clip.prompt = self.prompter(text)

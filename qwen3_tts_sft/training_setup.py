@@ -30,7 +30,7 @@ from qwen3_tts_sft.sequence_layout import NON_STREAMING, STREAMING, SpecialIds
 from qwen3_tts_sft.speakers import reference_mels, speaker_vectors
 from qwen3_tts_sft.talker_step import TalkerTrainingModel
 from qwen3_tts_sft.training_data import (DataError, TalkerDataset, apply_length_limits, make_prompter, read_clips,
-                                         split_off_eval)
+                                         speaker_key, split_off_eval)
 from qwen3_tts_sft.training_run import LOSS_CURVE, TrainingRun, hear_it
 
 # The CUDA caching allocator's setting for training: expandable segments grow one mapped range of
@@ -570,7 +570,7 @@ def load_datasets(args, settings: Settings, ids, tts, accelerator) -> tuple:
     train_clips = read(args.train_jsonl, "training data (--train_jsonl)")
     eval_clips = read(args.eval_jsonl, "eval data (--eval_jsonl)") if args.eval_jsonl else None
     names = sorted({clip.speaker for clip in train_clips})
-    if args.speaker_name and args.speaker_name.strip().lower() not in names:
+    if args.speaker_name and speaker_key(args.speaker_name) not in names:
         accelerator.print(f"note: --speaker_name {args.speaker_name} names no voice of this run: every row names its "
                           f"own speaker ({', '.join(names)}), and the flag only names rows without one. Pass those "
                           f"names to generate_custom_voice(speaker=...)")

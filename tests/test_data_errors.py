@@ -1,6 +1,7 @@
 """Bad training data is named by file, line and field, before any training starts."""
 
 import json
+import unicodedata
 
 import pytest
 
@@ -215,6 +216,11 @@ def test_default_speaker_name_and_language_case(good_row, tmp_path):
     clips = read_clips(write_lines(tmp_path / "null.jsonl", [json.dumps(dict(row, speaker=None, language=None))]),
                        IDS, default_speaker="My_Voice")
     assert (clips[0].speaker, clips[0].language) == ("my_voice", "auto")
+    # A name decomposed (NFD, as a macOS file name holds it) is stored as typed (NFC): generate() compares
+    # strings, and generate_custom_voice(speaker="Nguyễn") must find it.
+    decomposed = unicodedata.normalize("NFD", "Nguyễn")
+    clips = read_clips(write_lines(tmp_path / "nfd.jsonl", [json.dumps(dict(row, speaker=decomposed))]), IDS)
+    assert clips[0].speaker == "nguyễn" == unicodedata.normalize("NFC", "Nguyễn").lower()
 
 
 def test_the_trainer_refuses_bad_data_before_training(tiny_model, good_row, tmp_path):
