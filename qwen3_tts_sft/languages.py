@@ -39,8 +39,9 @@ def model_languages(codec_language_id: dict) -> list:
 # How alike a name must be to one of the model's to be taken for its misspelling: "englsh" is 0.92,
 # "germna" 0.83, while other languages' names sit at 0.6-0.77 ("danish"/"spanish", "persian"/"russian").
 TYPO_SIMILARITY = 0.8
-# Other languages that a spelling check would still take for a typo (one letter from "japanese").
-NOT_TYPOS = {"javanese"}
+# Other languages that a spelling check or an ISO prefix would take for one of the model's: Javanese is
+# one letter from "japanese"; Cantonese (zh-yue, zh-HK) is no Mandarin, which "chinese" speaks.
+NOT_TYPOS = {"javanese", "zh-yue", "zh-hk", "zh-mo"}
 
 
 def language_problem(value, known: list):
@@ -53,7 +54,7 @@ def language_problem(value, known: list):
         return None
     guess = ISO_CODES.get(name.replace("_", "-").split("-")[0]) or next(
         iter(difflib.get_close_matches(name, known, n=1, cutoff=TYPO_SIMILARITY)), None)
-    if guess in known and name not in NOT_TYPOS:
+    if guess in known and name.replace("_", "-") not in NOT_TYPOS:
         return f"{value!r} is not one of {known}; did you mean {guess!r}?"
     # Another language's id would teach the voice that language's accent: auto has none.
     return (f"{value!r} is not one of {known}; for a language the model has no id for, use {AUTO_LANGUAGE!r} "
