@@ -56,6 +56,9 @@ def language_problem(value, known: list):
         iter(difflib.get_close_matches(name, known, n=1, cutoff=TYPO_SIMILARITY)), None)
     if guess in known and name.replace("_", "-") not in NOT_TYPOS:
         return f"{value!r} is not one of {known}; did you mean {guess!r}?"
+    if "dialect" in name:  # a CustomVoice model's sichuan_dialect: an id generate() uses for dialect speakers only
+        return (f"{value!r} is not one of {known}: a dialect is spoken by a built-in dialect speaker (for chinese "
+                f"and auto), and generate_custom_voice refuses it as a language; use {AUTO_LANGUAGE!r}")
     # Another language's id would teach the voice that language's accent: auto has none.
     return (f"{value!r} is not one of {known}; for a language the model has no id for, use {AUTO_LANGUAGE!r} "
             f"(no language id, as generate_custom_voice(language={AUTO_LANGUAGE!r}) speaks)")

@@ -207,6 +207,17 @@ def test_a_byte_order_mark_does_not_spoil_the_first_row(good_row, tmp_path):
     assert len(read_clips(path, IDS, strict=True)) == 2
 
 
+def test_a_dialect_is_no_language_a_row_can_name(good_row, tmp_path):
+    """A CustomVoice model's dialects (sichuan_dialect) have language ids, but generate_custom_voice
+    refuses them as languages: the row is told so, not that the model has no id for it."""
+    path = write_lines(tmp_path / "dialect.jsonl", [json.dumps(dict(good_row, language="sichuan_dialect"))])
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS)
+    assert (f"{path}:1: language: 'sichuan_dialect' is not one of ['auto', 'chinese', 'english']: a dialect is "
+            f"spoken by a built-in dialect speaker") in str(raised.value)
+    assert "has no id for" not in str(raised.value)
+
+
 def test_default_speaker_name_and_language_case(good_row, tmp_path):
     row = {key: value for key, value in good_row.items() if key != "speaker"}
     clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(dict(row, language="English"))]), IDS,
