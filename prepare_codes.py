@@ -983,7 +983,7 @@ class DatasetSummary:
     def add(self, clip: ClipInfo, row: dict):
         self.seconds.append(clip.seconds)
         self.own_seconds.append(clip.quality.get("seconds", clip.seconds))
-        self.characters.append(len(clip.text))
+        self.characters.append(audio.spoken_characters(clip.text))
         self.speakers.append(clip.speaker)
         self.rates.add(clip.text, round(clip.seconds * FRAMES_PER_SECOND), row.get("speaker") or NO_SPEAKER,
                        clip.language)

@@ -7,7 +7,8 @@
 
 Runs with `python` (one GPU, or CPU) or `accelerate launch` (several GPUs). Each checkpoint
 folder loads with `Qwen3TTSModel.from_pretrained(folder)` and speaks with
-`generate_custom_voice(text, language="auto", speaker=NAME)`. Start from a Base model, or add
+`generate_custom_voice(text, language=LANGUAGE, speaker=NAME)`, LANGUAGE being the one its rows
+name ("auto" where they name none; the summary says it per voice). Start from a Base model, or add
 voices to a CustomVoice model (or to a checkpoint of this trainer): its own speakers are kept, and
 --replay_speakers rehearses them. README_CHATTERBOX_STYLE.md explains every setting.
 """

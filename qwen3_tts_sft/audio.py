@@ -245,6 +245,22 @@ SYLLABIC, ALPHABETIC = "cjk", "other"  # the scripts text_script tells apart
 LETTERS_PER_SYLLABLE = 3
 
 
+def optional_mark(character: str) -> bool:
+    """An Arabic or Hebrew vowel point (a combining mark of U+0590-U+06FF): optional in writing, so text
+    with it says what text without it says, and a recogniser seldom writes it."""
+    return "\u0590" <= character <= "\u06ff" and unicodedata.category(character).startswith("M")
+
+
+def spoken_characters(text: str) -> int:
+    """The characters of a transcript that speaking rates count: of its NFC form, as the tokenizer reads
+    it (text typed decomposed, as macOS writes it, holds a Vietnamese letter and its accents apart and a
+    hangul syllable as 2-3 jamo: twice the code points for the same speech), less invisible format
+    characters (zero-width spaces and joiners, direction marks), optional vowel points and white space
+    at its ends."""
+    text = unicodedata.normalize("NFC", text).strip()
+    return sum(unicodedata.category(character) != "Cf" and not optional_mark(character) for character in text)
+
+
 def text_script(text: str) -> str:
     """SYLLABIC when most of the text's speaking time is Chinese characters, kana or hangul (each a
     syllable, against LETTERS_PER_SYLLABLE letters of an alphabet), else ALPHABETIC: "今天发布了iPhone"
@@ -294,7 +310,7 @@ class SpeakingRates:
         for group in (self.ALL, rate_group(text, language)):
             for key in {self.ALL, speaker.strip().lower() if speaker else self.ALL}:
                 total = self.totals.setdefault(group, {}).setdefault(key, [0, 0.0])
-                total[0] += len(text)
+                total[0] += spoken_characters(text)
                 total[1] += frames / FRAMES_PER_SECOND
 
     def rates(self) -> dict:

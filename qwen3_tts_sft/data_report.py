@@ -59,7 +59,7 @@ class ClipInfo:
 
     @property
     def rate(self) -> float:
-        return len(self.text) / self.seconds if self.seconds else 0.0
+        return audio.spoken_characters(self.text) / self.seconds if self.seconds else 0.0
 
     @property
     def rate_key(self) -> tuple:
@@ -153,7 +153,7 @@ def duplicate_problem(clip: ClipInfo, kept: ClipInfo) -> str:
 
 def impossible_rate(clip: ClipInfo) -> str:
     where = clip.row_audio + (f" from {clip.quality['start']:.2f} s" if clip.segment else "")
-    return (f"{where}: {len(clip.text)} characters in {clip.seconds:.2f} s is {clip.rate:.1f} characters/s, beyond "
+    return (f"{where}: {audio.spoken_characters(clip.text)} characters in {clip.seconds:.2f} s is {clip.rate:.1f} characters/s, beyond "
             f"the {MAX_CHARACTERS_PER_SECOND:g} that any language is spoken at: the text is not what this clip says, "
             f"or the audio is cut")
 

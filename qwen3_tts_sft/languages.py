@@ -36,22 +36,32 @@ def model_languages(codec_language_id: dict) -> list:
     return [AUTO_LANGUAGE] + sorted(name.lower() for name in (codec_language_id or {}) if "dialect" not in name.lower())
 
 
+# How alike a name must be to one of the model's to be taken for its misspelling: "englsh" is 0.92,
+# "germna" 0.83, while other languages' names sit at 0.6-0.77 ("danish"/"spanish", "persian"/"russian").
+TYPO_SIMILARITY = 0.8
+# Other languages that a spelling check or an ISO prefix would take for one of the model's: Javanese is
+# one letter from "japanese"; Cantonese (zh-yue, zh-HK) is no Mandarin, which "chinese" speaks.
+NOT_TYPOS = {"javanese", "zh-yue", "zh-hk", "zh-mo"}
+
+
 def language_problem(value, known: list):
     """None where `value` names one of `known` (any case, spaces around), else what is wrong, with the
-    language it most likely means."""
+    language it most likely means, or, for another language, that `auto` speaks it."""
     if not isinstance(value, str):
         return f"{value!r} is not a language name"
     name = value.strip().lower()
     if name in known:
         return None
     guess = ISO_CODES.get(name.replace("_", "-").split("-")[0]) or next(
-        iter(difflib.get_close_matches(name, known, n=1)), None)
-    if guess in known:
-        hint = f"; did you mean {guess!r}?"
-    else:  # likely a language the model was not trained on: it has no id for it, only auto
-        hint = (f"; a language the model does not have trains and speaks as {AUTO_LANGUAGE!r} (no language id: "
-                f"generate_custom_voice(..., language={AUTO_LANGUAGE!r}))")
-    return f"{value!r} is not one of {known}{hint}"
+        iter(difflib.get_close_matches(name, known, n=1, cutoff=TYPO_SIMILARITY)), None)
+    if guess in known and name.replace("_", "-") not in NOT_TYPOS:
+        return f"{value!r} is not one of {known}; did you mean {guess!r}?"
+    if "dialect" in name:  # a CustomVoice model's sichuan_dialect: an id generate() uses for dialect speakers only
+        return (f"{value!r} is not one of {known}: a dialect is spoken by a built-in dialect speaker (for chinese "
+                f"and auto), and generate_custom_voice refuses it as a language; use {AUTO_LANGUAGE!r}")
+    # Another language's id would teach the voice that language's accent: auto has none.
+    return (f"{value!r} is not one of {known}; for a language the model has no id for, use {AUTO_LANGUAGE!r} "
+            f"(no language id, as generate_custom_voice(language={AUTO_LANGUAGE!r}) speaks)")
 
 
 def languages_of_tokenizer_folder(tokenizer_folder) -> list:

@@ -18,7 +18,6 @@ its command line (and answer --help) without loading them.
 
 import math
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from qwen3_tts_sft import audio
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
+from qwen3_tts_sft.transcription import character_error_rate
 
 SILENT_WINDOW_SECONDS = 0.05
 SILENT_WINDOW_DBFS = -50.0   # a 50 ms window quieter than this is silence (pauses, not soft consonants)
@@ -200,23 +200,6 @@ def auto_frame_cap(texts: list) -> int:
     return math.ceil(FRAMES_PER_SECOND * (5 + max(len(text) for text in texts) / 2))
 
 
-def normalize_for_cer(text: str) -> str:
-    """Lower case, no punctuation or symbols, single spaces: ASR punctuation is not an error."""
-    return " ".join("".join(c for c in text.lower() if unicodedata.category(c)[0] not in "PS").split())
-
-
-def character_error_rate(reference: str, hypothesis: str) -> float:
-    """Edit distance (insertions, deletions, substitutions) over the reference length, normalized."""
-    reference, hypothesis = normalize_for_cer(reference), normalize_for_cer(hypothesis)
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_char in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp_char in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_char != hyp_char)))
-        previous = current
-    return previous[-1] / max(1, len(reference))
-
-
 def finite_at_rate(wav: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
     """float32 samples at `target_rate`, NaN and infinities zeroed (models need finite input)."""
     samples = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -280,7 +263,7 @@ def measure_sentence(item, wav, sample_rate, frames, cap, rtf, training_rate) ->
     returned under the cap; training_rate is chars/s or None."""
     name, index, text = item
     measured = measure_waveform(wav, sample_rate)
-    rate = len(text) / measured["seconds"] if measured["seconds"] else None
+    rate = audio.spoken_characters(text) / measured["seconds"] if measured["seconds"] else None
     return dict(speaker=name, index=index, text=text, frames=frames, max_new_tokens=cap,
                 stopped=stopped_before_cap(frames, cap), **measured, rtf=rtf, characters_per_second=rate,
                 training_characters_per_second=training_rate,
@@ -297,16 +280,16 @@ def summarize_speaker(name: str, sentences: list, rates: dict) -> dict:
     ratio to the training rate over the sentences of a rate group training had (rate_group: the
     sentence's, else the group of its text as auto), mean similarity (and the base model's, with the
     gain, where measured), mean CER."""
-    characters = sum(len(s["text"]) for s in sentences)
+    characters = sum(audio.spoken_characters(s["text"]) for s in sentences)
     seconds = sum(s["seconds"] for s in sentences)
     rate = characters / seconds if seconds > 0 else None
     groups = [s.get("rate_group") or audio.rate_group(s["text"]) for s in sentences]
     rated = [(s, training) for s, group in zip(sentences, groups)
              if (training := training_rate_for(rates, name, group))]
     # Each sentence against its own group's training rate: the seconds the training pace would take.
-    expected_seconds = sum(len(s["text"]) / training for s, training in rated)
+    expected_seconds = sum(audio.spoken_characters(s["text"]) / training for s, training in rated)
     rated_seconds = sum(s["seconds"] for s, _ in rated)
-    rated_characters = sum(len(s["text"]) for s, _ in rated)
+    rated_characters = sum(audio.spoken_characters(s["text"]) for s, _ in rated)
     training_rate = rated_characters / expected_seconds if expected_seconds else None
     own = all(rate_of(rates, name, group) is not None for group in groups if rate_of(rates, ALL_SPEAKERS, group))
     similarity = mean_of(s["speaker_similarity"] for s in sentences)

@@ -147,9 +147,10 @@ class ClipReader:
         elif not isinstance(speaker, str) or not speaker.strip():
             problems.append(("speaker", not_a_name(speaker)))
 
-        if not problems and len(text.strip()) / (len(codes) / FRAMES_PER_SECOND) > MAX_CHARACTERS_PER_SECOND:
-            rate = len(text.strip()) / (len(codes) / FRAMES_PER_SECOND)
-            problems.append(("text", f"{len(text.strip())} characters in {len(codes) / FRAMES_PER_SECOND:.2f} s of "
+        characters = audio.spoken_characters(text) if not problems else None
+        if characters and characters / (len(codes) / FRAMES_PER_SECOND) > MAX_CHARACTERS_PER_SECOND:
+            rate = characters / (len(codes) / FRAMES_PER_SECOND)
+            problems.append(("text", f"{characters} characters in {len(codes) / FRAMES_PER_SECOND:.2f} s of "
                                      f"audio is {rate:.0f} characters/s, faster than anyone speaks "
                                      f"({MAX_CHARACTERS_PER_SECOND:g}): is it this clip's text?"))
         if problems:

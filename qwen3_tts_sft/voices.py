@@ -279,7 +279,9 @@ def measure(run) -> dict:
                                                  replay_clips=clips, replay_loss_start=started.get(speaker.name),
                                                  replay_loss_end=now.get(speaker.name))
             continue
-        entry = summary["new"][speaker.name] = dict(codec_id=speaker.codec_id)
+        # The prefix a voice learnt is its rows' language's: generation should be asked for that one.
+        languages = sorted({clip.language for clip in run.train_set.clips if clip.speaker == speaker.name})
+        entry = summary["new"][speaker.name] = dict(codec_id=speaker.codec_id, languages=languages)
         for split, dataset in (("train", run.train_set), ("eval", run.eval_set)):
             indices = [i for i, clip in enumerate(dataset.clips) if clip.speaker == speaker.name] if dataset else []
             entry[f"{split}_clips_in_data"] = len(indices)
@@ -323,5 +325,7 @@ def report(run) -> list:
                      if entry[f"{split}_clips"] < entry[f"{split}_clips_in_data"] else "")
                   for split in ("train", "eval") if entry[f"{split}_loss"] is not None]
         untrained = "; untrained: no training row speaks it" if entry["train_clips"] == 0 else ""
-        lines.append(f"    {name}: new (codec id {entry['codec_id']}{untrained}); " + ", ".join(losses))
+        speak = (f"; generate_custom_voice(language={' or '.join(map(repr, entry['languages']))})"
+                 if entry["languages"] else "")
+        lines.append(f"    {name}: new (codec id {entry['codec_id']}{untrained}); " + ", ".join(losses) + speak)
     return lines

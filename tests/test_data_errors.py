@@ -1,6 +1,7 @@
 """Bad training data is named by file, line and field, before any training starts."""
 
 import json
+import unicodedata
 
 import pytest
 
@@ -208,6 +209,17 @@ def test_a_byte_order_mark_does_not_spoil_the_first_row(good_row, tmp_path):
     assert len(read_clips(path, IDS, strict=True)) == 2
 
 
+def test_a_dialect_is_no_language_a_row_can_name(good_row, tmp_path):
+    """A CustomVoice model's dialects (sichuan_dialect) have language ids, but generate_custom_voice
+    refuses them as languages: the row is told so, not that the model has no id for it."""
+    path = write_lines(tmp_path / "dialect.jsonl", [json.dumps(dict(good_row, language="sichuan_dialect"))])
+    with pytest.raises(DataError) as raised:
+        read_clips(path, IDS)
+    assert (f"{path}:1: language: 'sichuan_dialect' is not one of ['auto', 'chinese', 'english']: a dialect is "
+            f"spoken by a built-in dialect speaker") in str(raised.value)
+    assert "has no id for" not in str(raised.value)
+
+
 def test_default_speaker_name_and_language_case(good_row, tmp_path):
     row = {key: value for key, value in good_row.items() if key != "speaker"}
     clips = read_clips(write_lines(tmp_path / "d.jsonl", [json.dumps(dict(row, language="English"))]), IDS,
@@ -217,6 +229,11 @@ def test_default_speaker_name_and_language_case(good_row, tmp_path):
     clips = read_clips(write_lines(tmp_path / "null.jsonl", [json.dumps(dict(row, speaker=None, language=None))]),
                        IDS, default_speaker="My_Voice")
     assert (clips[0].speaker, clips[0].language) == ("my_voice", "auto")
+    # A name decomposed (NFD, as a macOS file name holds it) is stored as typed (NFC): generate() compares
+    # strings, and generate_custom_voice(speaker="Nguyễn") must find it.
+    decomposed = unicodedata.normalize("NFD", "Nguyễn")
+    clips = read_clips(write_lines(tmp_path / "nfd.jsonl", [json.dumps(dict(row, speaker=decomposed))]), IDS)
+    assert clips[0].speaker == "nguyễn" == unicodedata.normalize("NFC", "Nguyễn").lower()
 
 
 def test_a_speaker_name_in_decomposed_unicode_is_the_name_as_typed(good_row, tmp_path):

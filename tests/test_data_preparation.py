@@ -816,9 +816,13 @@ def test_a_folder_per_speaker_is_one_voice_unless_speaker_from_folder_says_so(tm
     """VCTK-like folders (one per speaker, sessions below), one holding an LJSpeech metadata.csv of its
     own: without --speaker_from_folder the run says the folders are read as one voice; with it, each
     clip's speaker is its top folder, and the metadata.csv's transcripts are used, not looked for in
-    .txt files."""
+    .txt files. A folder name stored decomposed (NFD, as macOS file systems write "ü") is the speaker's
+    name as a keyboard types it (NFC): generate_custom_voice(speaker="Anna Müller") finds it."""
+    import unicodedata
+
     data = tmp_path / "data"
-    for number, name in enumerate(("Anna Müller/session 1/a1.wav", "Anna Müller/a2.wav", "bob/b1.wav")):
+    anna = unicodedata.normalize("NFD", "Anna Müller")
+    for number, name in enumerate((f"{anna}/session 1/a1.wav", f"{anna}/a2.wav", "bob/b1.wav")):
         write(data / name, speech(1.0, seed=number))
         (data / name).with_suffix(".txt").write_text(f"Clip number {number} of this voice.")
     write(data / "carol" / "wavs" / "c1.wav", speech(1.0, seed=5))
@@ -1013,6 +1017,36 @@ def test_a_bilingual_speakers_rates_are_compared_within_each_language(language_o
     english = clips[8:]  # the slow clip counts in its own group's rate only
     assert report["speakers"]["anna"]["characters_per_second_by_group"] == pytest.approx(
         {groups[0]: sum(len(c.text) for c in english) / sum(c.seconds for c in english), groups[1]: 5.0}, rel=2e-2)
+
+
+KOREAN = ["안녕하세요, 만나서 반갑습니다.", "오늘은 날씨가 정말 좋네요.", "내일 아침에 다시 전화할게요.",
+          "이 책은 아주 재미있어요.", "주말에 친구와 영화를 봤어요.", "공원에서 산책을 하고 싶어요.",
+          "저녁으로 김치찌개를 먹었어요.", "회의는 세 시에 시작합니다."]
+
+
+def test_text_typed_in_decomposed_unicode_or_with_invisible_characters_is_read_at_its_spoken_rate():
+    """A speaker's transcripts from two sources, some decomposed (NFD, as macOS and some keyboards
+    write: a hangul syllable as 2-3 jamo, a Vietnamese letter and its accents apart) or holding
+    zero-width characters: the same speech is the same rate, not 2x faster. The tokenizer reads NFC,
+    so does the rate."""
+    import unicodedata
+
+    texts = KOREAN[:5] + [unicodedata.normalize("NFD", text) for text in KOREAN[5:]]
+    texts[1] = texts[1].replace(" ", " \u200b")  # zero-width spaces, as web pages hold them
+    seconds = [len(text) / 7.0 for text in KOREAN]  # all read at 7 syllables (and spaces) a second
+    clips = [ClipInfo(("raw.jsonl", line, None), ("raw.jsonl", line, 0), f"raw.jsonl:{line}", "minji", text,
+                      length, f"/data/{line}.wav", None, None, dict(sha1=str(line)), {}, "korean")
+             for line, (text, length) in enumerate(zip(texts, seconds), start=1)]
+    assert len(texts[6]) > 2 * len(KOREAN[6])  # decomposed: over twice the code points
+    rejects, medians = DatasetChecks(1.5, 2.5, 4).run(clips)
+    assert rejects == {} and [clip.flags for clip in clips] == [{}] * len(clips)
+    assert medians == pytest.approx({("minji", "korean"): 7.0})
+    rates = audio.SpeakingRates()
+    for clip in clips:
+        rates.add(clip.text, round(clip.seconds * audio.FRAMES_PER_SECOND), "minji", "korean")
+    assert rates.rates()["korean"]["minji"] == pytest.approx(7.0, rel=2e-2)
+    # Arabic written with its optional vowel points is the same speech as without them.
+    assert audio.spoken_characters("مَرْحَبًا بِكُمْ") == audio.spoken_characters("مرحبا بكم") == 9
 
 
 def test_a_recording_listed_twice_keeps_the_row_whose_text_fits(tmp_path):

@@ -5,6 +5,7 @@ re-shaped resume, the common mistakes with their fixes, and no noise from option
 import contextlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -294,6 +295,10 @@ def test_an_eval_only_speaker_and_a_max_steps_beyond_the_epochs_are_said(tiny_mo
     printed = capsys.readouterr().out
     assert "warning: stranger only in the eval data: no training row speaks that voice" in printed
     assert "stranger: new (codec id" in printed and "; untrained: no training row speaks it); eval loss" in printed
+    # Each voice is to be asked for in the language its rows trained (alice's rows are auto, bob's english):
+    # another language argument gives generation a prefix the voice never trained with.
+    assert re.search(r"alice: new \(codec id \d+\); train loss .*; generate_custom_voice\(language='auto'\)\n", printed)
+    assert re.search(r"bob: new \(codec id \d+\); train loss .*; generate_custom_voice\(language='english'\)\n", printed)
     assert "; --max_steps 50 is more than 1 epochs hold: raise --num_epochs to train that long" in printed
 
 

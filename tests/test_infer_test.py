@@ -8,6 +8,7 @@ voice (or silence) of the clip's length at the speaker's pitch.
 import contextlib
 import json
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -186,6 +187,16 @@ def test_character_error_rate():
     assert listening.character_error_rate("abcd", "abxd") == 0.25
     assert listening.character_error_rate("abcd", "") == 1
     assert listening.character_error_rate("你好，世界。", "你好世") == pytest.approx(0.25)
+    assert listening.character_error_rate("你好，世界。", "你好世界") == 0  # spacing aside, as punctuation
+    # Vowel signs and tone marks are letters' parts, not punctuation: Hindi "मैं ठीक हूँ" heard as
+    # "में ठिक हु", Thai ไม่ ("not") heard as ไม้ ("wood"), are other words.
+    assert listening.character_error_rate("मैं ठीक हूँ", "में ठिक हु") > 0.3
+    assert listening.character_error_rate("ไม่", "ไม้") > 0
+    # Arabic and Hebrew vowel points are optional in writing, and a recogniser seldom writes them.
+    assert listening.character_error_rate("مَرْحَبًا بِكُمْ", "مرحبا بكم") == 0
+    assert listening.character_error_rate("שָׁלוֹם", "שלום") == 0
+    # A letter and its accent typed apart (NFD) are the letter with its accent.
+    assert listening.character_error_rate("Tiếng Việt", unicodedata.normalize("NFD", "tiếng việt")) == 0
 
 
 # ---------------------------------------------------------------------------------------------
