@@ -3,7 +3,7 @@
 # synthetic clips, one per sentence. The same four commands as the real recipe
 # (README_CHATTERBOX_STYLE.md). The tiny model is trained until it has learned the clips (their
 # JSONL repeated, one clip per step's slot, a high learning rate), so that asked to say those
-# sentences it speaks them back and infer_test.py's checks pass. About 1.5 minutes on 2 CPU cores.
+# sentences it speaks them back and infer_test.py's checks pass. README.md says how long it takes.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-.venv/bin/python}

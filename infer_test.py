@@ -281,7 +281,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model_path",
                         help="a checkpoint folder written by sft_12hz_chatterbox.py (output/checkpoint-*)")
@@ -338,6 +338,11 @@ def parse_args(argv=None):
                         help="a speaker's mean x-vector cosine to its checkpoint vector at least this")
     limits.add_argument("--max_cer", type=float, default=Thresholds.max_cer,
                         help="a speaker's mean character error rate (with --asr_model) at most this")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.model_path) == bool(args.compare):
         parser.error("give --model_path (one checkpoint) or --compare (several, or a scores.jsonl)")

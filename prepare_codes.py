@@ -23,6 +23,10 @@ Rows are in input order. Beside OUTPUT:
     OUTPUT.summary.json    clips, hours, speakers, durations, characters per second, rejects, speed
     OUTPUT.report.json     per speaker and per clip: durations, rates, loudness, flags, references;
     OUTPUT.report.png      with a plot of the durations and speaking rates
+    OUTPUT.references/     reference clips as encoded, where a chosen one is a piece of a take or
+                           lost more than a second of edge silence
+    OUTPUT.lock            the process writing OUTPUT: a second run on it stops (the file stays;
+                           its lock ends with its process)
     OUTPUT                 written last, under a temporary name and then renamed: it exists only
                            when complete (and when it holds at least one clip)
 
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "throughout, it would teach the distortion; 1 keeps them all (default: %(default)s)")
     filters.add_argument("--flag_rate_ratio", type=float, default=1.5,
                          help="flag a clip whose characters per second are more than this many times above or "
-                              "below its speaker's median: its text may not match its audio (default: %(default)s)")
+                              "below the median of its speaker's clips of the same language (else script): its text may "
+                              "not match its audio (default: %(default)s)")
     filters.add_argument("--reject_rate_ratio", type=float, default=2.5,
                          help="reject such a clip beyond this ratio: read speech varies by well under 2x, a wrong "
                               "or cut transcript by more (default: %(default)s)")

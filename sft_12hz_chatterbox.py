@@ -26,11 +26,18 @@ from qwen3_tts_sft.stop_signals import STOP_SIGNALS  # imports nothing heavy
 LR_SCHEDULERS = ["linear", "cosine", "constant_with_warmup"]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default after its help, unless the help says it
+    already (a required flag has none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.required or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     paths = parser.add_argument_group("data and model")
     paths.add_argument("--init_model_path", required=True,
@@ -95,7 +102,7 @@ def parse_args(argv=None):
                             "computed once from its reference clips). Trained with few voices it tends to pull "
                             "their vectors together until the voices mix (README_CHATTERBOX_STYLE.md)")
     optim.add_argument("--freeze_speaker_encoder", action="store_false", dest="train_speaker_encoder",
-                       help="keep the speaker encoder fixed: the default, accepted because the recipe names it")
+                       help="keep the speaker encoder fixed (default: on; accepted because the recipe names it)")
     optim.add_argument("--train_text_embedding", action="store_true",
                        help="also train the 151936-row text embedding table (about 4 GB more GPU memory on 1.7B); "
                             "off by default: a new voice needs no new word vectors, and text_projection still trains")
@@ -121,8 +128,10 @@ def parse_args(argv=None):
     lora_group = parser.add_argument_group("LoRA (train small adapters instead of every weight)")
     lora_group.add_argument("--lora_rank", type=int, default=0,
                             help="rank of LoRA adapters on the linear layers; 0 = full fine-tuning. 16-64 suit a voice")
-    lora_group.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default 2 x rank)")
-    lora_group.add_argument("--lora_dropout", type=float, default=0.0)
+    lora_group.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: 2 x rank)")
+    lora_group.add_argument("--lora_dropout", type=float, default=0.0,
+                            help="dropout on the adapters' input; 0 = none, as in peft. Above 0, --low_memory keeps the "
+                                 "code predictor's activations instead of recomputing them")
     lora_group.add_argument("--lora_target_modules", default=None,
                             help="comma-separated linear layer names to adapt (default: every attention and MLP "
                                  "projection of the talker and code predictor)")
@@ -131,7 +140,9 @@ def parse_args(argv=None):
     run.add_argument("--mixed_precision", default="auto", choices=["auto", "bf16", "no"],
                      help="auto: bf16 autocast on a GPU that supports it (AdamW's weights and state stay fp32 unless --low_memory), "
                           "fp32 otherwise")
-    run.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    run.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"],
+                     help="attention kernels the model is loaded with; sdpa is PyTorch's own and needs no extra "
+                          "package (flash_attention_2 needs flash-attn)")
     run.add_argument("--torch_compile", default="auto", choices=["auto", "layers", "no"],
                      help="torch.compile each transformer layer (fused kernels, less Python a step); auto = "
                           "layers on a GPU, except under FSDP (no). The first steps take about a minute longer")
@@ -167,7 +178,7 @@ def parse_args(argv=None):
     run.add_argument("--group_by_length", action="store_true", default=True,
                      help="put clips of similar length in the same micro-batch (less padding, same randomness per step)")
     run.add_argument("--no_group_by_length", action="store_false", dest="group_by_length",
-                     help="micro-batches of clips in plain random order")
+                     help="micro-batches of clips in plain random order (default: off: grouped)")
 
     listen = parser.add_argument_group("listening (checkpoints chosen by what they sound like; README_CHATTERBOX_STYLE.md)")
     listen.add_argument("--eval_generate_steps", type=int, default=None, metavar="N",
@@ -202,6 +213,11 @@ def parse_args(argv=None):
     data.add_argument("--max_text_tokens", type=int, default=0, help="drop clips whose prompt is longer (0 = no limit)")
     data.add_argument("--max_nonfinite_steps", type=int, default=5,
                       help="stop after this many optimizer steps in a row with a non-finite loss or gradient")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     # The replay flags shape the replay set, which only --replay_speakers makes: alone they would be ignored.
     ignored = [f"--{name} {getattr(args, name)}" for name in ("replay_ratio", "replay_languages", "replay_max_seconds")

@@ -180,7 +180,7 @@ def code_predictor_graphs_over_frame_counts(model, frame_counts) -> int:
         torch._dynamo.reset()  # the model is the caller's own: its compiled layers go with it
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU fusion choices")
+@pytest.mark.gpu  # inductor's GPU fusion choices
 def test_a_layer_compiles_once_for_few_and_many_frames(tiny_model):
     """Inductor fuses a norm's backward sums only above 5 Mi elements, a guard on the batch size by
     default: on 1.7B the code predictor's layer compiled again whenever a micro-batch crossed 320

@@ -7,6 +7,7 @@ voice (or silence) of the clip's length at the speaker's pitch.
 
 import contextlib
 import json
+import re
 import shutil
 import unicodedata
 
@@ -19,7 +20,7 @@ import infer_test
 from qwen3_tts_sft import checkpoint, listening, tiny_model
 from qwen3_tts_sft.audio import SpeakingRates
 from qwen3_tts_sft.listening import Thresholds
-from helpers import forced_heads, read_jsonl, run_script, train, write_jsonl
+from helpers import ROOT, forced_heads, read_jsonl, run_script, train, write_jsonl
 
 ALICE_PITCH_HZ = 110.0  # tiny_model.write_synthetic_clips voices its first speaker at 110 Hz
 RATE = tiny_model.SAMPLE_RATE
@@ -384,6 +385,34 @@ def test_each_check_catches_its_planted_failure(trained, alice_clip, monkeypatch
         assert failure["value"] == pytest.approx(0.5, abs=0.1) and report["sentences"][0]["transcript"]
 
 
+def documented_report() -> dict:
+    """The report.json the recipe shows (README_CHATTERBOX_STYLE.md, "#### report.json")."""
+    recipe = (ROOT / "README_CHATTERBOX_STYLE.md").read_text()
+    return json.loads(re.search(r"#### report\.json\n+```json\n(.*?)\n```", recipe, re.S).group(1))
+
+
+def kind(value) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def assert_shaped_like(shown, real, where="report"):
+    """Every field the recipe shows is in the real report, holding the same kind of value (null aside);
+    the `checks` and `thresholds` it shows are all there are."""
+    if where == "report.training_rate.characters_per_second":  # keyed by the data's rate groups and speakers
+        assert {kind(rate) for rates in [*shown.values(), *real.values()] for rate in rates.values()} == {"number"}
+    elif isinstance(shown, dict):
+        assert isinstance(real, dict), where
+        assert set(shown) <= set(real), f"{where}: {sorted(set(shown) - set(real))} not in the real report"
+        if where in ("report.checks", "report.thresholds"):
+            assert set(shown) == set(real), f"{where}: the real report has {sorted(real)}"
+        for key, value in shown.items():
+            assert_shaped_like(value, real[key], f"{where}.{key}")
+    elif isinstance(shown, list) and shown and real:
+        assert_shaped_like(shown[0], real[0], f"{where}[0]")
+    elif shown is not None and real is not None:
+        assert kind(shown) == kind(real), f"{where}: shown as {kind(shown)}, is {kind(real)}"
+
+
 def test_the_command_line_exits_1_on_a_failing_check(trained, tmp_path):
     """The real script in a child process, on the checkpoint as it is: barely trained, it does not stop."""
     out = tmp_path / "check"
@@ -393,6 +422,7 @@ def test_the_command_line_exits_1_on_a_failing_check(trained, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert "stop" in {f["check"] for f in report["failures"]}
     assert "FAIL stop (bob #0): no codec_eos within max_new_tokens 4" in result.stdout
+    assert_shaped_like(documented_report(), report)
     # transformers' notices about generate's settings (the pad id it picks, sampling flags unused
     # when greedy) are not the user's business
     assert "pad_token_id" not in result.stdout + result.stderr and "not valid" not in result.stdout + result.stderr
