@@ -39,13 +39,11 @@ launcher's ranks are the shards and process 0 merges when all are done. The chec
 """
 
 import argparse
-import errno
 import hashlib
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -54,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from qwen3_tts_sft import audio, data_report
+from qwen3_tts_sft import audio, data_report, output_lock
 from qwen3_tts_sft.audio import FRAMES_PER_SECOND, SpeakingRates
 from qwen3_tts_sft.data_report import NO_SPEAKER, ClipInfo, DatasetChecks
 from qwen3_tts_sft.languages import language_problem, languages_of_tokenizer_folder
@@ -430,26 +428,13 @@ def lock_output(output: Path):
     and a folder this user cannot write to is named before any work is done."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(beside(output, ".lock"), "a+", encoding="utf-8")
+        handle, holder = output_lock.hold(beside(output, ".lock"))
     except OSError as error:
         raise SystemExit(f"error: --output_jsonl {output}: cannot write in {error.filename or output.parent} "
                          f"({error.strerror}); choose a folder you can write to") from None
-    try:
-        import fcntl
-    except ImportError:  # not on Linux or macOS: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks (Lustre, some NFS)
-            return handle
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+    if holder:
         raise SystemExit(f"error: another prepare_codes.py run ({holder}) is writing {output}; wait for it to end, "
-                         f"or give another --output_jsonl") from None
-    handle.truncate(0)
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+                         f"or give another --output_jsonl")
     return handle
 
 

@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import time
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +32,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from qwen3_tts_sft import output_lock
 
 MODEL_WEIGHTS = "model.safetensors"
 SPEAKER_ENCODER_WEIGHTS = "speaker_encoder.safetensors"
@@ -483,26 +483,11 @@ def lock_output_dir(output_dir: Path):
     """Make `output_dir` and hold its OUTPUT_LOCK for as long as the returned open file lives (the lock
     goes when the process ends, even killed); another run holding it stops this one, naming it."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(output_dir / OUTPUT_LOCK, "a+", encoding="utf-8")
-    try:
-        import fcntl
-    except ImportError:  # not on Linux or macOS: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: run unlocked
-            return handle
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+    handle, holder = output_lock.hold(output_dir / OUTPUT_LOCK)
+    if holder:
         raise SystemExit(f"error: another training run ({holder}) is writing checkpoints to {output_dir}: two runs "
                          f"there would delete each other's saves. Wait for it to end (a requeue of this job after it "
-                         f"ends resumes with --resume_from_checkpoint latest), or give another --output_model_path"
-                         ) from None
-    handle.truncate(0)
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+                         f"ends resumes with --resume_from_checkpoint latest), or give another --output_model_path")
     return handle
 
 
