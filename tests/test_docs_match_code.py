@@ -96,3 +96,12 @@ def test_every_module_is_in_the_readme_file_table():
     readme = (ROOT / "README.md").read_text()
     modules = [path.name for path in (ROOT / "qwen3_tts_sft").glob("*.py") if path.name != "__init__.py"]
     assert [name for name in modules if f"`{name}`" not in readme and f"`qwen3_tts_sft/{name}`" not in readme] == []
+
+
+def test_every_flag_a_resume_must_keep_is_named_where_resuming_is_explained():
+    from qwen3_tts_sft import training_setup
+
+    kept = (training_setup.DATA_ORDER_FLAGS + training_setup.STATE_FLAGS + training_setup.UPDATE_FLAGS
+            + training_setup.TRAINED_WEIGHTS_FLAGS + training_setup.SCHEDULE_FLAGS + tuple(training_setup.EVAL_DATA_FLAGS))
+    long_runs = RECIPE[RECIPE.index("### Long runs"):RECIPE.index("### Add voices")]
+    assert [name for name in kept if f"`--{name}`" not in long_runs] == []
