@@ -102,6 +102,7 @@ def test_every_flag_a_resume_must_keep_is_named_where_resuming_is_explained():
     from qwen3_tts_sft import training_setup
 
     kept = (training_setup.DATA_ORDER_FLAGS + training_setup.STATE_FLAGS + training_setup.UPDATE_FLAGS
-            + training_setup.TRAINED_WEIGHTS_FLAGS + training_setup.SCHEDULE_FLAGS + tuple(training_setup.EVAL_DATA_FLAGS))
+            + training_setup.TRAINED_WEIGHTS_FLAGS + training_setup.SCHEDULE_FLAGS
+            + tuple(training_setup.EVAL_DATA_FLAGS))
     long_runs = RECIPE[RECIPE.index("### Long runs"):RECIPE.index("### Add voices")]
     assert [name for name in kept if f"`--{name}`" not in long_runs] == []
