@@ -290,9 +290,14 @@ COLUMNS = [("step", ">6", "step", ""), ("eval loss", ">10", "eval_loss", ".4f"),
            ("rate", ">11", "rate", ""), ("cer", ">6", "cer", ".0%"), ("seconds", ">8", "listen_seconds", ".1f")]
 
 
-def checkpoint_label(output_dir: Path, name: str) -> str:
-    """An evaluation's checkpoint as a table names it: marked when --save_total_limit removed it since."""
-    return name or "" if not name or (Path(output_dir) / name).is_dir() else f"{name} (removed)"
+def checkpoint_label(output_dir: Path, name: str, branched_from: Path = None) -> str:
+    """An evaluation's checkpoint as a table names it: marked when it lies in the folder a run branched off
+    from (its history came with the resumed checkpoint), or when --save_total_limit removed it since."""
+    if not name or (Path(output_dir) / name).is_dir():
+        return name or ""
+    if branched_from is not None and (Path(branched_from) / name).is_dir():
+        return f"{name} (in {Path(branched_from).name}/)"
+    return f"{name} (removed)"
 
 
 def table_rows(entries: list, labels: list = None, winner=None) -> list:

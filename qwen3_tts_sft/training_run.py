@@ -582,7 +582,10 @@ class TrainingRun:
         best = scoring.choose_best(evaluations, metric)
         lines = [f"  evaluations (also in {self.output_dir / scoring.SCORES_FILE}; * the best by "
                  f"--metric_for_best_model {metric}):"]
-        labels = [scoring.checkpoint_label(self.output_dir, entry["checkpoint"]) for entry in evaluations]
+        resumed_in = self.settings.resume_dir.parent if self.settings.resume_dir is not None else None
+        branched_from = None if resumed_in is None or resumed_in.resolve() == self.output_dir.resolve() else resumed_in
+        labels = [scoring.checkpoint_label(self.output_dir, entry["checkpoint"], branched_from)
+                  for entry in evaluations]
         lines += ["  " + line for line in scoring.table_rows(evaluations, labels, winner=best)]
         if best is None:
             lines.append(f"  best: none of the evaluations measured {metric}" + (

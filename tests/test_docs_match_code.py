@@ -79,16 +79,30 @@ def test_every_default_the_recipe_states_is_the_commands_own():
     assert not wrong, "\n".join(wrong)
 
 
-def test_every_trainer_flag_says_its_default_in_help():
-    """The recipe says `--help` lists every flag with its default."""
-    parser = sft_12hz_chatterbox.build_parser()
-    formatter = parser._get_formatter()
-    for name, action in options(parser).items():
-        shown = formatter._expand_help(action) if action.help else ""
-        assert "default" in shown or action.required, f"{name}: its help does not say its default"
+def test_every_flag_with_a_default_says_it_in_help():
+    """The recipe says the trainer's `--help` lists every flag with its default; infer_test.py's shows
+    each default that is a value (0 included), not what an unset flag or a switch does."""
+    for build in (sft_12hz_chatterbox.build_parser, infer_test.build_parser):
+        parser = build()
+        formatter = parser._get_formatter()
+        for name, action in options(parser).items():
+            shown = formatter._expand_help(action) if action.help else ""
+            unstated = action.required or (build is infer_test.build_parser
+                                           and (action.default is None or action.default is False))
+            assert "default" in shown or unstated, f"{name}: its help does not say its default"
 
 
 def test_every_module_is_in_the_readme_file_table():
     readme = (ROOT / "README.md").read_text()
     modules = [path.name for path in (ROOT / "qwen3_tts_sft").glob("*.py") if path.name != "__init__.py"]
     assert [name for name in modules if f"`{name}`" not in readme and f"`qwen3_tts_sft/{name}`" not in readme] == []
+
+
+def test_every_flag_a_resume_must_keep_is_named_where_resuming_is_explained():
+    from qwen3_tts_sft import training_setup
+
+    kept = (training_setup.DATA_ORDER_FLAGS + training_setup.STATE_FLAGS + training_setup.UPDATE_FLAGS
+            + training_setup.TRAINED_WEIGHTS_FLAGS + training_setup.SCHEDULE_FLAGS
+            + tuple(training_setup.EVAL_DATA_FLAGS))
+    long_runs = RECIPE[RECIPE.index("### Long runs"):RECIPE.index("### Add voices")]
+    assert [name for name in kept if f"`--{name}`" not in long_runs] == []

@@ -230,15 +230,20 @@ def test_best_follows_the_best_after_a_resume_without_load_best_model_at_end(tin
     assert Qwen3TTSModel.from_pretrained(str(output / scoring.BEST_LINK)).model.talker is not None
 
 
-def test_a_run_branched_off_into_another_folder_never_links_the_old_folders_best(tiny_model, coded_clips, tmp_path):
+def test_a_run_branched_off_into_another_folder_never_links_the_old_folders_best(tiny_model, coded_clips, tmp_path,
+                                                                                  capsys):
     """The checkpoint's best lies in the folder it came from. Until the branch evaluates, it has no best: its
-    step-2 checkpoint names none and best/ is made with the first best of its own, never pointing outside it."""
+    step-2 checkpoint names none and best/ is made with the first best of its own, never pointing outside it.
+    The summary's table says where the inherited evaluation's checkpoint lies, not that it was removed."""
     flags = dict(eval_jsonl=coded_clips, save_steps=1, load_best_model_at_end=True)
     first = train(tiny_model, coded_clips, tmp_path / "first", eval_steps=1, max_steps=2, **flags)
+    capsys.readouterr()
     branch = train(tiny_model, coded_clips, tmp_path / "branch", eval_steps=3, max_steps=3, allow_schedule_change=True,
                    resume_from_checkpoint=first / "checkpoint-step-1", **flags)
     assert checkpoint.read_trainer_state(branch / "checkpoint-step-2").progress.best_checkpoint is None
     assert (branch / scoring.BEST_LINK).resolve() == (branch / "checkpoint-step-3").resolve()
+    summary = capsys.readouterr().out
+    assert "checkpoint-step-1 (in first/)" in summary and "(removed)" not in summary
 
 
 # ---------------------------------------------------------------------------------------------
