@@ -150,6 +150,21 @@ def test_a_second_job_on_the_same_output_folder_is_refused_naming_the_first(tiny
     del run
 
 
+def test_an_output_folder_on_a_file_system_without_locks_trains_unlocked(tiny_model, twelve_clips, tmp_path,
+                                                                          monkeypatch):
+    """Lustre mounted without `flock` (ENOSYS), NFS without its lock service (ENOLCK): nobody holds the
+    lock, so the run is not refused as if another one did."""
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = build_run(tiny_model, twelve_clips, tmp_path / "out", **RUN)
+    assert run.progress.step == 0
+    del run
+
+
 def stop_the_whole_job(model_dir, data, output, stop_signal):
     """Start the trainer with data workers as a job of its own, signal all its processes after step 2,
     check that it said so and exited 0; return the checkpoint it saved."""
