@@ -1132,10 +1132,15 @@ def merge_shards(output: Path, count: int) -> dict:
     reports = [json.loads(beside(path, ".summary.json").read_text()) for path in shards]
     settings = dict(reports[0]["settings"], shard_index=None)
     for path, report in zip(shards, reports):
-        differences = settings_differences(dict(report["settings"], shard_index=None), settings)
+        other = dict(report["settings"], shard_index=None)
+        differences = [f"--{key} {other.get(key)} there, {settings.get(key)} in {shards[0].name}" for key in settings
+                       if key != "input_fingerprint" and other.get(key) != settings.get(key)]
         if differences:
+            # A shard's rows would be cut, trimmed or filtered unlike the rest: one dataset, one set of flags.
             raise SystemExit(f"error: {path} was written with other settings than {shards[0]}: "
-                             f"{', '.join(differences)}")
+                             f"{', '.join(differences)}. Every shard needs the same flags: delete the one made with "
+                             f"the flags you did not mean (its .jsonl, .jsonl.partial and .jsonl.encoded), run it "
+                             f"again, then merge")
     stale = stale_shards(shards, [report["settings"] for report in reports])
     if stale:
         raise SystemExit(f"error: shards {', '.join(map(str, stale))} were made from the input as it was before it "

@@ -633,6 +633,20 @@ def test_shards_of_an_input_fixed_between_their_runs_are_not_merged(speech_token
     assert "A fixed transcript." in {row["text"] for row in read_jsonl(output)}
 
 
+def test_shards_made_with_other_flags_are_not_merged(speech_tokenizer, clip_set, tmp_path):
+    """One shard job given --no_trim: its clips would be cut unlike the rest. The merge names the flag, which
+    shard has which value, and what to run."""
+    output = tmp_path / "train.jsonl"
+    prepare(speech_tokenizer, clip_set, output, "--shard_index", 0, "--num_shards", 2)
+    prepare(speech_tokenizer, clip_set, output, "--shard_index", 1, "--num_shards", 2, "--no_trim")
+    with pytest.raises(SystemExit) as refused:
+        prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(output)])
+    assert (f"{tmp_path}/train.shard-1-of-2.jsonl was written with other settings than "
+            f"{tmp_path}/train.shard-0-of-2.jsonl: --trim False there, True in train.shard-0-of-2.jsonl. Every shard "
+            f"needs the same flags: delete the one made with the flags you did not mean") in str(refused.value)
+    assert not output.exists()
+
+
 def test_merge_refuses_incomplete_shards(tmp_path):
     with pytest.raises(SystemExit, match="shard-1-of-2"):
         prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(tmp_path / "train.jsonl")])
