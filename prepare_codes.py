@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -1091,21 +1092,45 @@ def stale_shards(shards: list, settings: list) -> list:
     return [index for index, fingerprint in enumerate(fingerprints) if fingerprint != now]
 
 
+def missing_shards(output: Path, count: int, missing: list) -> str:
+    """What became of each missing shard, what to run, and shards of another --num_shards lying beside
+    them (jobs started with different counts share out the rows differently: none of them merge)."""
+    states = []
+    for path in [shard_output(output, index, count) for index in missing]:
+        partial = beside(path, ".partial")
+        states.append(f"{path} (" + (f"stopped before it finished; its run carries on from {partial.name}"
+                                     if partial.exists() else "not made") + ")")
+    text = (f"missing {'; '.join(states)}. Run the same command with --shard_index "
+            f"{' / '.join(map(str, missing))} --num_shards {count}, then merge")
+    pattern = re.compile(re.escape(output.stem) + r"\.shard-\d+-of-(\d+)" + re.escape(output.suffix) + "$")
+    others = sorted({int(found.group(1)) for path in output.parent.glob(f"{output.stem}.shard-*")
+                     if (found := pattern.match(path.name)) and int(found.group(1)) != count})
+    if others:
+        text += (f". {output.parent} also holds shards made with --num_shards {', '.join(map(str, others))}: every "
+                 f"shard job of one dataset needs the same --num_shards (and the merge too)")
+    return text
+
+
 def merge_shards(output: Path, count: int) -> dict:
     """Merge complete shard outputs into OUTPUT, in input order, with their rejects and a summary of the whole."""
     if count < 2:
         raise SystemExit("error: --merge_shards needs --num_shards, the count the shards were made with (>= 2)")
     shards = [shard_output(output, index, count) for index in range(count)]
-    missing = [str(path) for path in shards if not path.exists()]
+    missing = [index for index, path in enumerate(shards) if not path.exists()]
     if missing:
-        raise SystemExit(f"error: every shard must be complete to merge; missing: {', '.join(missing)}")
+        raise SystemExit(f"error: every shard must be complete to merge; " + missing_shards(output, count, missing))
     reports = [json.loads(beside(path, ".summary.json").read_text()) for path in shards]
     settings = dict(reports[0]["settings"], shard_index=None)
     for path, report in zip(shards, reports):
-        differences = settings_differences(dict(report["settings"], shard_index=None), settings)
+        other = dict(report["settings"], shard_index=None)
+        differences = [f"--{key} {other.get(key)} there, {settings.get(key)} in {shards[0].name}" for key in settings
+                       if key != "input_fingerprint" and other.get(key) != settings.get(key)]
         if differences:
+            # A shard's rows would be cut, trimmed or filtered unlike the rest: one dataset, one set of flags.
             raise SystemExit(f"error: {path} was written with other settings than {shards[0]}: "
-                             f"{', '.join(differences)}")
+                             f"{', '.join(differences)}. Every shard needs the same flags: delete the one made with "
+                             f"the flags you did not mean (its .jsonl, .jsonl.partial and .jsonl.encoded), run it "
+                             f"again, then merge")
     stale = stale_shards(shards, [report["settings"] for report in reports])
     if stale:
         raise SystemExit(f"error: shards {', '.join(map(str, stale))} were made from the input as it was before it "

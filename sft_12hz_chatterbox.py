@@ -386,6 +386,10 @@ def main(argv=None):
         with StopNow(output_dir):
             del run
             free_memory()
+    if not finished:
+        # Saved but not done: exit as a job killed by the signal would, so that whatever retries failed
+        # jobs (a requeue script, Kubernetes, AWS Batch, `set -e`) runs it again; 0 reads as finished.
+        raise SystemExit(stop_request.exit_status)
 
 
 def train(run, stop_request) -> bool:
@@ -418,7 +422,8 @@ def train(run, stop_request) -> bool:
         if stop_asked:
             bar.close()
             accelerator.print(f"stopped by {stop_request.signal_name} at step {number}; the state is saved. "
-                              f"Continue with --resume_from_checkpoint latest")
+                              f"Continue with --resume_from_checkpoint latest (exit status "
+                              f"{stop_request.exit_status}: not finished)")
             accelerator.end_training()
             return False
     bar.close()
@@ -479,17 +484,23 @@ class StopRequest(StopNow):
     """Turns a stop signal into a save-and-exit at the next step; a second one stops at once."""
 
     def __init__(self, output_dir: Path):
-        self.signal_name = None
+        self.signal_name = self.signum = None
         super().__init__(output_dir)
 
     def handle(self, signum, frame):
         if self.signal_name is not None:  # a second signal: stop now
             super().handle(signum, frame)
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name, self.signum = signal.Signals(signum).name, signum
 
     @property
     def asked(self) -> bool:
         return self.signal_name is not None
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal, as a job killed by it; SIGTERM's where another process got it (the stop is
+        agreed by all processes at each step)."""
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 if __name__ == "__main__":

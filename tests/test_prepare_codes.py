@@ -639,9 +639,38 @@ def test_shards_of_an_input_fixed_between_their_runs_are_not_merged(speech_token
     assert "A fixed transcript." in {row["text"] for row in read_jsonl(output)}
 
 
+def test_shards_made_with_other_flags_are_not_merged(speech_tokenizer, clip_set, tmp_path):
+    """One shard job given --no_trim: its clips would be cut unlike the rest. The merge names the flag, which
+    shard has which value, and what to run."""
+    output = tmp_path / "train.jsonl"
+    prepare(speech_tokenizer, clip_set, output, "--shard_index", 0, "--num_shards", 2)
+    prepare(speech_tokenizer, clip_set, output, "--shard_index", 1, "--num_shards", 2, "--no_trim")
+    with pytest.raises(SystemExit) as refused:
+        prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(output)])
+    assert (f"{tmp_path}/train.shard-1-of-2.jsonl was written with other settings than "
+            f"{tmp_path}/train.shard-0-of-2.jsonl: --trim False there, True in train.shard-0-of-2.jsonl. Every shard "
+            f"needs the same flags: delete the one made with the flags you did not mean") in str(refused.value)
+    assert not output.exists()
+
+
 def test_merge_refuses_incomplete_shards(tmp_path):
     with pytest.raises(SystemExit, match="shard-1-of-2"):
         prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(tmp_path / "train.jsonl")])
+
+
+def test_merge_says_which_shards_to_run_and_names_shards_of_another_count(tmp_path):
+    """A shard job killed (its progress file left), another never run, and a job that was given another
+    --num_shards: the merge says what became of each and the command that finishes them."""
+    (tmp_path / "train.shard-0-of-3.jsonl").write_text("")  # a job started with --num_shards 3
+    (tmp_path / "train.shard-1-of-3.jsonl").write_text("")  # a job started with --num_shards 3
+    (tmp_path / "train.shard-0-of-2.jsonl.partial").write_text("")  # killed mid-run
+    with pytest.raises(SystemExit) as refused:
+        prepare_codes.main(["--merge_shards", "--num_shards", "2", "--output_jsonl", str(tmp_path / "train.jsonl")])
+    message = str(refused.value)
+    assert (f"missing {tmp_path}/train.shard-0-of-2.jsonl (stopped before it finished; its run carries on from "
+            f"train.shard-0-of-2.jsonl.partial); {tmp_path}/train.shard-1-of-2.jsonl (not made)") in message
+    assert "Run the same command with --shard_index 0 / 1 --num_shards 2, then merge" in message
+    assert f"{tmp_path} also holds shards made with --num_shards 3: every shard job" in message
 
 
 def test_launcher_ranks_are_shards_and_rank_0_merges(speech_tokenizer, clip_set, reference_run, tmp_path):
