@@ -9,9 +9,18 @@ import time
 from pathlib import Path
 
 
+# The lock files this process holds, by path. A run in this process that ended with an exception (a
+# notebook's, a test's) may leave its open file behind; the next run here is the only one, so it takes
+# the lock over rather than be refused by its own process.
+held = {}
+
+
 def hold(lock_path: Path) -> tuple:
     """(the open lock file, None) when this process now holds it: it stays held while the file is open.
     (None, who holds it) when another process does. OSError when the file cannot be made."""
+    key = str(Path(lock_path).resolve())
+    if key in held:
+        held.pop(key).close()
     handle = open(lock_path, "a+", encoding="utf-8")
     try:
         import fcntl
@@ -29,4 +38,5 @@ def hold(lock_path: Path) -> tuple:
     handle.truncate(0)
     handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
+    held[key] = handle
     return handle, None
