@@ -1118,7 +1118,7 @@ def merge_shards(output: Path, count: int) -> dict:
     shards = [shard_output(output, index, count) for index in range(count)]
     missing = [index for index, path in enumerate(shards) if not path.exists()]
     if missing:
-        raise SystemExit(f"error: every shard must be complete to merge; " + missing_shards(output, count, missing))
+        raise SystemExit("error: every shard must be complete to merge; " + missing_shards(output, count, missing))
     reports = [json.loads(beside(path, ".summary.json").read_text()) for path in shards]
     settings = dict(reports[0]["settings"], shard_index=None)
     for path, report in zip(shards, reports):
