@@ -53,7 +53,8 @@ def test_two_processes_match_one_process_and_save_once(tiny_model, coded_clips, 
     assert [entry["step"] for entry in scoring.read_scores(tmp_path / "two" / scoring.SCORES_FILE)] == [2, 4]
     assert "flash-attn" not in result.stdout + result.stderr and "SoX" not in result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
-    assert not list((tmp_path / "two").glob(".*"))  # no partial or duplicate folders
+    # No partial or duplicate folders; the run lock (checkpoint.OUTPUT_LOCK) stays, as lock files do.
+    assert [path.name for path in (tmp_path / "two").glob(".*")] == [checkpoint.OUTPUT_LOCK]
 
     one = load_file(one_process_run / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint-epoch-1" / checkpoint.TRAINING_STATE_DIR / "model.safetensors")
