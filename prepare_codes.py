@@ -298,11 +298,14 @@ def run_settings(args, inputs: list) -> dict:
                 input_fingerprint=input_fingerprint(inputs, absolute(args.ref_audio)))
 
 
-def settings_differences(earlier: dict, now: dict) -> list:
-    """The flags that differ. The input's contents are not a flag: a resumed run checks them row by
-    row (ProgressFile.todo), a finished one encodes again (already_complete)."""
-    return [f"--{key} {earlier.get(key)} (now {now.get(key)})" for key in now
-            if key != "input_fingerprint" and earlier.get(key) != now.get(key)]
+def settings_differences(earlier: dict, now: dict, where: tuple = None) -> list:
+    """The flags that differ, as "--flag EARLIER (now NOW)", or with `where` (what earlier is, what now
+    is) as "--flag EARLIER there, NOW in x". The input's contents are not a flag: a resumed run checks
+    them row by row (ProgressFile.todo), a finished one encodes again (already_complete)."""
+    keys = [key for key in now if key != "input_fingerprint" and earlier.get(key) != now.get(key)]
+    if where is None:
+        return [f"--{key} {earlier.get(key)} (now {now.get(key)})" for key in keys]
+    return [f"--{key} {earlier.get(key)} {where[0]}, {now.get(key)} {where[1]}" for key in keys]
 
 
 def input_fingerprint(inputs: list, ref_audio: str = None) -> str:
@@ -1122,9 +1125,8 @@ def merge_shards(output: Path, count: int) -> dict:
     reports = [json.loads(beside(path, ".summary.json").read_text()) for path in shards]
     settings = dict(reports[0]["settings"], shard_index=None)
     for path, report in zip(shards, reports):
-        other = dict(report["settings"], shard_index=None)
-        differences = [f"--{key} {other.get(key)} there, {settings.get(key)} in {shards[0].name}" for key in settings
-                       if key != "input_fingerprint" and other.get(key) != settings.get(key)]
+        differences = settings_differences(dict(report["settings"], shard_index=None), settings,
+                                           ("there", f"in {shards[0].name}"))
         if differences:
             # A shard's rows would be cut, trimmed or filtered unlike the rest: one dataset, one set of flags.
             raise SystemExit(f"error: {path} was written with other settings than {shards[0]}: "

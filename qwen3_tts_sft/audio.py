@@ -417,9 +417,9 @@ def truncation(path, decoded_frames: int, file_rate: int):
     if joined_mp3s:
         return (f"the MP3 holds more than its header (Xing frame) counts, and only {found / per_second:.2f} s of "
                 f"it decode: MP3s joined end to end? Re-encode the whole (e.g. ffmpeg -i in.mp3 out.flac)")
-    if data is not None and data.au and data.present_bytes - data.declared_bytes > tolerance:
-        joined = "AU files"  # an AU file is its header and its data: nothing may follow
-    else:
+    if data is not None:  # a WAV-family header gives the data's size: only an AU file may hold more
+        joined = "AU files" if data.au and data.present_bytes - data.declared_bytes > tolerance else None
+    else:  # Ogg and FLAC streams chained one after another
         joined = joined_streams(path)
     if joined:
         return (f"the file holds more than its first part, and only its {decoded_frames / file_rate:.2f} s decode: "

@@ -811,14 +811,13 @@ def follow_new_schedule(scheduler, lr: float, step: int, accelerator) -> None:
 def finished_message(resume_dir: Path, progress: TrainingProgress, total_steps: int, speakers: list,
                      best_is_result: bool = False) -> str:
     best = resume_dir.parent / progress.best_checkpoint if progress.best_checkpoint else None
-    if best_is_result and best is not None and best.is_dir():  # --load_best_model_at_end: the best is the result
-        lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
-                 f"left to train. The run's result is its best checkpoint, {best.name} (--load_best_model_at_end)",
-                 f"  hear it: {hear_it(best, speakers)}"]
-    else:
-        lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
-                 f"left to train. Its model is the run's result",
-                 f"  hear it: {hear_it(resume_dir, speakers)}"]
+    # With --load_best_model_at_end the best checkpoint is the run's result.
+    result = best if best_is_result and best is not None and best.is_dir() else resume_dir
+    said = (f"The run's result is its best checkpoint, {best.name} (--load_best_model_at_end)" if result != resume_dir
+            else "Its model is the run's result")
+    lines = [f"already finished: {resume_dir} is at step {progress.step} of the run's {total_steps}; nothing is "
+             f"left to train. {said}",
+             f"  hear it: {hear_it(result, speakers)}"]
     if progress.best_checkpoint:
         lines.append(f"  best by --metric_for_best_model: {progress.best_checkpoint} (step "
                      f"{progress.best_step or progress.best_eval_step}; the table in {scoring.SCORES_FILE})")
